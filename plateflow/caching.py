@@ -1,0 +1,33 @@
+"""Cache keys: content hash + a step's parameters + that step's code version."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+
+from prefect.tasks import exponential_backoff  # noqa: F401  (re-exported for task definitions)
+
+from plateflow.errors import is_transient
+
+
+def code_version(*module_names: str) -> str:
+    """A short hash of the source of the modules that implement a step.
+
+    Any edit to those modules changes the key, so outputs computed by old code are not reused.
+    """
+    digest = hashlib.sha256()
+    for name in module_names:
+        digest.update(inspect.getsource(importlib.import_module(name)).encode())
+    return digest.hexdigest()[:12]
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry I/O trouble, never bad input."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            state.result(raise_on_failure=True)
+        except BaseException as raised:  # noqa: BLE001 - we only classify it
+            exc = raised
+    return exc is not None and is_transient(exc)

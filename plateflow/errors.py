@@ -1,0 +1,45 @@
+"""One exception root; each subclass also inherits the builtin it behaves like.
+
+Three tiers: ``ConfigError`` is raised before any work starts; ``PlateError`` subclasses fail one
+plate (recorded in the corpus table, never retried); anything else (``OSError`` from storage, a
+lost worker) is treated as transient and retried by the Prefect task.
+"""
+
+
+class PlateflowError(Exception):
+    """Root of every error plateflow raises on purpose."""
+
+
+class ConfigError(PlateflowError, ValueError):
+    """A setting or parameter is wrong; the message says what to change."""
+
+
+class PlateError(PlateflowError, ValueError):
+    """Something about one plate's input is wrong. Deterministic: retrying will not help."""
+
+
+class ManifestError(PlateError):
+    """manifest.json is missing, not JSON, or lacks the required keys."""
+
+
+class UnsafePathError(PlateError):
+    """A manifest points at a file outside its plate folder; it is refused, never read."""
+
+
+class DuplicatePlateError(PlateError):
+    """Two plate folders claim the same plate_id."""
+
+
+class ImageDecodeError(PlateError):
+    """The source is empty, not an image, truncated or otherwise undecodable."""
+
+
+class TooManyPixelsError(PlateError):
+    """The image has more pixels than the configured limit allows."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures worth retrying: I/O trouble, not bad input."""
+    if isinstance(exc, PlateflowError):
+        return False
+    return isinstance(exc, (OSError, TimeoutError, ConnectionError, MemoryError))

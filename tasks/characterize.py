@@ -1,0 +1,83 @@
+"""The CPU characterisation step: one decode per plate feeds metadata, histograms and the preview.
+
+``characterize_image`` is the plain function; ``characterize`` is its Prefect task, cached on the
+source's content hash, the step's parameters and the code version of the modules it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import task
+
+from plateflow.caching import code_version, exponential_backoff, retry_transient
+from plateflow.config import CharacterizeParams
+from plateflow.corpus import sha256_file
+from tasks.histograms import compute_histograms, histogram_record
+from tasks.image import decode_image
+from tasks.metadata import image_metadata
+from tasks.viz import make_preview, png_bytes
+
+CODE_VERSION = code_version(
+    "tasks.image", "tasks.histograms", "tasks.metadata", "tasks.viz", "tasks.characterize"
+)
+
+
+@dataclass
+class Characterization:
+    """What the step computes from an image's content: small enough to persist as a result."""
+
+    sha256: str
+    cache_key: str
+    metadata: dict
+    histograms: dict
+    preview_png: bytes | None
+
+
+def cache_key(sha256: str, params: CharacterizeParams) -> str:
+    return f"characterize-{sha256}-{params.fingerprint()}-{CODE_VERSION}"
+
+
+def characterize_image(
+    source: Path, params: CharacterizeParams, expected_sha256: str | None = None
+) -> Characterization:
+    decoded = decode_image(source, params.max_pixels, expected_sha256)
+    hist = compute_histograms(decoded.image, params.background_threshold)
+    preview = png_bytes(make_preview(decoded.image, params.preview_size)) if params.viz else None
+    return Characterization(
+        sha256=decoded.sha256,
+        cache_key=cache_key(decoded.sha256, params),
+        metadata=image_metadata(decoded, hist, params),
+        histograms=histogram_record(hist, params.bins),
+        preview_png=preview,
+    )
+
+
+def _task_key(context, parameters) -> str:
+    return cache_key(parameters["sha256"], parameters["params"])
+
+
+_RETRY = dict(
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=1),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_transient,
+)
+
+
+@task(name="hash-source", task_run_name="hash-{plate_id}", **_RETRY)
+def hash_source(source: Path, plate_id: str) -> str:
+    """sha256 of the source file: the content half of every cache key downstream."""
+    return sha256_file(source)
+
+
+@task(
+    name="characterize",
+    task_run_name="characterize-{plate_id}",
+    cache_key_fn=_task_key,
+    persist_result=True,
+    **_RETRY,
+)
+def characterize(source: Path, sha256: str, params: CharacterizeParams, plate_id: str) -> Characterization:
+    return characterize_image(source, params, expected_sha256=sha256)
