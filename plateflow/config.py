@@ -17,7 +17,7 @@ class CharacterizeParams(BaseModel):
 
     bins: int = Field(256, description="Histogram bins over 0..255; a power of two from 2 to 256.")
     background_threshold: int = Field(
-        245, ge=1, le=255, description="A pixel is paper background when every channel is >= this."
+        245, ge=1, le=255, description="A pixel is paper background when its Rec. 709 luminance is >= this."
     )
     max_pixels: int = Field(
         250_000_000,

@@ -35,8 +35,9 @@ def _fused_histograms(px, threshold):  # pragma: no cover - compiled
         h[np.uint32(512) + b] += 1
         lum = (wr * r + wg * g + wb * b + np.uint32(32768)) >> np.uint32(16)
         h[np.uint32(768) + lum] += 1
-        # Background pixels land in rows 4-6, the rest in the scratch rows: no branch to mispredict.
-        o = np.uint32(1024) + np.uint32(768) * np.uint32(min(r, min(g, b)) < t)
+        # Background (luminance >= threshold) lands in rows 4-6, the rest in the scratch rows:
+        # no branch to mispredict on paper grain around the threshold.
+        o = np.uint32(1024) + np.uint32(768) * np.uint32(lum < t)
         h[o + r] += 1
         h[o + np.uint32(256) + g] += 1
         h[o + np.uint32(512) + b] += 1
@@ -47,7 +48,7 @@ def _fused_histograms(px, threshold):  # pragma: no cover - compiled
 @dataclass
 class Histograms:
     rgb: np.ndarray  # (3, 256) int64
-    background: np.ndarray  # (3, 256) int64, pixels whose every channel >= threshold
+    background: np.ndarray  # (3, 256) int64, pixels whose luminance >= threshold (paper)
     luminance: np.ndarray  # (256,) int64, Rec. 709 luma rounded to 8 bits
     grayscale_like: bool
     pixels: int

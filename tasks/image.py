@@ -60,10 +60,10 @@ def decode_image(path: Path, max_pixels: int, expected_sha256: str | None = None
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageDecodeError(
-            f"not an image: no decoder recognises the contents of {Path(path).name}"
+            f"not an image, or a corrupt one: no decoder recognises the contents of {Path(path).name}"
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageDecodeError(f"unreadable image header: {exc}") from None
+        raise ImageDecodeError(f"corrupt or truncated image header: {exc}") from None
     fmt = im.format or "unknown"
     width, height = im.size
     if width * height > max_pixels:

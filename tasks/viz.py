@@ -58,7 +58,7 @@ def histogram_plots(record: dict) -> dict[str, bytes]:
         "histogram_rgb.png": plot_histograms(record["rgb_hist_full"], "RGB histogram (all pixels)"),
         "histogram_rgb_foreground.png": plot_histograms(
             record["rgb_hist_foreground"],
-            f"RGB histogram (foreground: any channel < {record['background_threshold']})",
+            f"RGB histogram (foreground: luminance < {record['background_threshold']})",
         ),
         "histogram_luminance.png": plot_histograms(
             {"luminance": record["luminance_hist"]}, "Luminance histogram (Rec. 709)"

@@ -1,0 +1,60 @@
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server for every flow test (starting one costs ~10 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def paper_plate(width=320, height=240, seed=0, photo_colour=(40, 90, 160)) -> Image.Image:
+    """A small plate: noisy off-white paper with a coloured block in the middle."""
+    rng = np.random.default_rng(seed)
+    a = np.clip(rng.normal(0, 3, (height, width, 1)) + [248, 246, 238], 0, 255).astype(np.uint8)
+    y0, x0 = height // 4, width // 4
+    a[y0:height - y0, x0:width - x0] = photo_colour
+    a[y0:height - y0, x0:width - x0] += rng.integers(0, 20, (height - 2 * y0, width - 2 * x0, 1), dtype=np.uint8)
+    return Image.fromarray(a)
+
+
+def make_plate(root: Path, folder: str, image: Image.Image | bytes | None, filename="scan.jpg",
+               manifest: dict | str | None = None, **save_kw) -> Path:
+    """A plate folder in the notebooks' layout; ``manifest`` may be a dict, raw text or None."""
+    d = root / "plates_structured" / folder
+    (d / "source").mkdir(parents=True, exist_ok=True)
+    if isinstance(image, Image.Image):
+        image.save(d / "source" / filename, **save_kw)
+    elif isinstance(image, bytes):
+        (d / "source" / filename).write_bytes(image)
+    if manifest is None:
+        manifest = {"plate_id": folder, "source_image": f"source/{filename}"}
+    if manifest is not False:
+        text = manifest if isinstance(manifest, str) else json.dumps(manifest)
+        (d / "manifest.json").write_text(text)
+    return d
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    root = tmp_path / "corpus"
+    for i in range(3):
+        make_plate(root, f"plate-{i + 1:03d}", paper_plate(seed=i, photo_colour=(40 * i, 90, 160)))
+    return root
+
+
+def copy_corpus(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

@@ -1,0 +1,158 @@
+import io
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from flows.refresh import refresh_corpus
+from plateflow.config import CharacterizeParams
+
+from conftest import copy_corpus, make_plate, paper_plate
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def run(root, **params):
+    state = refresh_corpus(str(root), CharacterizeParams(**params), return_state=True)
+    table = {r["plate_dir"]: r for r in pq.read_table(root / "plates.parquet").to_pylist()}
+    return state, table
+
+
+def statuses(table):
+    return {k: r["characterize_status"] for k, r in table.items()}
+
+
+def test_refresh_writes_the_notebook_outputs(corpus):
+    state, table = run(corpus)
+    assert state.is_completed(), state.message
+    assert set(statuses(table).values()) == {"computed"}
+    d = corpus / "plates_structured" / "plate-002"
+    meta = json.loads((d / "input_image.json").read_text())
+    assert meta["plate_id"] == "plate-002" and meta["loadable"] is True
+    assert meta["path"] == "plates_structured/plate-002/source/scan.jpg"
+    assert meta["image_format"] == "JPEG" and (meta["width"], meta["height"]) == (320, 240)
+    hist = json.loads((d / "input_color_histograms.json").read_text())
+    assert sum(hist["rgb_hist_full"]["r"]) == 320 * 240
+    assert 0.5 < hist["background_ratio"] < 0.9
+    for name in ("input_preview.png", "histogram_rgb.png", "histogram_rgb_foreground.png", "histogram_luminance.png"):
+        assert Image.open(d / "viz" / name).format == "PNG"
+    assert max(Image.open(d / "viz" / "input_preview.png").size) <= 512
+    assert table["plate-002"]["width"] == 320 and table["plate-002"]["status"] == "ok"
+    schema = pq.read_schema(corpus / "plates.parquet")
+    assert str(schema.field("width").type) == "int32" and str(schema.field("grayscale_like").type) == "bool"
+
+
+def test_second_refresh_of_unchanged_corpus_recomputes_nothing(corpus):
+    run(corpus)
+    before = {p: p.stat().st_mtime_ns for p in corpus.rglob("plate-*/**/*") if p.is_file()}
+    state, table = run(corpus)
+    assert state.is_completed()
+    assert set(statuses(table).values()) == {"cached"}
+    after = {p: p.stat().st_mtime_ns for p in corpus.rglob("plate-*/**/*") if p.is_file()}
+    assert before == after  # no output rewritten either
+
+
+def test_changed_image_recomputes_only_its_plate(corpus):
+    run(corpus)
+    paper_plate(seed=99, photo_colour=(200, 10, 10)).save(
+        corpus / "plates_structured" / "plate-002" / "source" / "scan.jpg")
+    state, table = run(corpus)
+    assert statuses(table) == {"plate-001": "cached", "plate-002": "computed", "plate-003": "cached"}
+    meta = json.loads((corpus / "plates_structured" / "plate-002" / "input_image.json").read_text())
+    assert meta["mean_rgb"][0] > meta["mean_rgb"][2]  # now the red plate
+
+
+def test_deleted_output_is_regenerated_from_the_cache(corpus):
+    run(corpus)
+    d = corpus / "plates_structured" / "plate-001"
+    original = (d / "viz" / "histogram_rgb.png").read_bytes()
+    (d / "viz" / "histogram_rgb.png").unlink()
+    (d / "input_color_histograms.json").unlink()
+    state, table = run(corpus)
+    assert set(statuses(table).values()) == {"cached"}
+    assert (d / "viz" / "histogram_rgb.png").read_bytes() == original
+    assert (d / "input_color_histograms.json").is_file()
+
+
+def test_same_corpus_at_another_path_hits_the_cache(corpus, tmp_path):
+    run(corpus)
+    moved = copy_corpus(corpus, tmp_path / "elsewhere" / "corpus")
+    shutil.rmtree(corpus)
+    state, table = run(moved)
+    assert state.is_completed()
+    assert set(statuses(table).values()) == {"cached"}
+
+
+def test_changed_parameters_recompute(corpus):
+    run(corpus)
+    _, table = run(corpus, bins=64)
+    assert set(statuses(table).values()) == {"computed"}
+    hist = json.loads((corpus / "plates_structured" / "plate-001" / "input_color_histograms.json").read_text())
+    assert hist["bins"] == 64 and len(hist["luminance_hist"]) == 64
+
+
+def test_each_bad_input_fails_alone_with_its_reason(tmp_path):
+    root = tmp_path / "corpus"
+    make_plate(root, "plate-001", paper_plate(seed=1))
+    make_plate(root, "plate-002", b"\xff\xd8\xff\xe0garbage", filename="corrupt.jpg")
+    buf = io.BytesIO()
+    paper_plate(400, 300).save(buf, "JPEG")
+    make_plate(root, "plate-003", buf.getvalue()[:1500], filename="truncated.jpg")
+    make_plate(root, "plate-004", b"", filename="empty.jpg")
+    make_plate(root, "plate-005", b"just some notes", filename="notes.txt")
+    make_plate(root, "plate-006", Image.new("RGB", (3000, 2000), "white"), filename="huge.png")
+    make_plate(root, "plate-007", paper_plate(), manifest="{oops")
+    make_plate(root, "plate-008", None, manifest=False)
+    (tmp_path / "secret.png").write_bytes(b"not yours")
+    make_plate(root, "plate-009", paper_plate(), manifest={"plate_id": "plate-009", "source_image": "../../../secret.png"})
+    make_plate(root, "plate-010", paper_plate(seed=3), manifest={"plate_id": "dup", "source_image": "source/scan.jpg"})
+    make_plate(root, "plate-011", paper_plate(seed=4), manifest={"plate_id": "dup", "source_image": "source/scan.jpg"})
+    make_plate(root, "plate-012", paper_plate(seed=2))
+
+    state, table = run(root, max_pixels=5_000_000)
+    assert state.is_failed()
+    assert "2 of 12 plates ok" in state.message and "10 failed" in state.message
+    expected = {
+        "plate-002": ("characterize", "corrupt or truncated image header"),
+        "plate-003": ("characterize", "truncated"),
+        "plate-004": ("characterize", "empty file"),
+        "plate-005": ("characterize", "not an image"),
+        "plate-006": ("characterize", "6.0 MP exceeds the limit"),
+        "plate-007": ("manifest", "not valid JSON"),
+        "plate-008": ("manifest", "missing manifest.json"),
+        "plate-009": ("manifest", "outside the plate folder"),
+        "plate-010": ("manifest", "also used by plate-011"),
+        "plate-011": ("manifest", "also used by plate-010"),
+    }
+    for folder, (step, message) in expected.items():
+        row = table[folder]
+        assert row["status"] == "failed" and row["failed_step"] == step, row
+        assert message in row["error"], row["error"]
+        assert folder in state.message
+    for folder in ("plate-001", "plate-012"):
+        assert table[folder]["status"] == "ok"
+        assert (root / "plates_structured" / folder / "viz" / "input_preview.png").is_file()
+    unloadable = json.loads((root / "plates_structured" / "plate-003" / "input_image.json").read_text())
+    assert unloadable["loadable"] is False and "truncated" in unloadable["error"]
+    assert not (root / "plates_structured" / "plate-009" / "input_image.json").exists()
+
+
+def test_bad_input_is_not_retried_but_io_errors_are():
+    from prefect.states import Failed
+
+    from plateflow.caching import retry_transient
+    from plateflow.errors import ImageDecodeError
+
+    assert retry_transient(None, None, Failed(data=ImageDecodeError("corrupt"))) is False
+    assert retry_transient(None, None, Failed(data=OSError("NFS hiccup"))) is True
+
+
+def test_existing_corpus_table_columns_are_kept(corpus):
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"plate_id": ["plate-001", "plate-002"], "curator_note": ["faded", None]}),
+                   corpus / "plates.parquet")
+    _, table = run(corpus)
+    assert table["plate-001"]["curator_note"] == "faded" and table["plate-003"]["curator_note"] is None
