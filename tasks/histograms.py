@@ -2,7 +2,8 @@
 
 Pillow's C histogram covers plain RGB, but Rec. 709 luminance and the background/foreground split
 each need another full pass in Pillow (about 3x the decode time on a 36 MP plate). One fused,
-branch-free numba pass fills all seven histograms and the grayscale test at once.
+branch-free numba pass over Pillow's own buffer (viewed without a copy) yields all seven
+histograms and the grayscale test.
 """
 
 from __future__ import annotations
@@ -20,29 +21,29 @@ W709 = (13933, 46871, 4732)
 
 @njit(cache=True, nogil=True)
 def _fused_histograms(px, threshold):  # pragma: no cover - compiled
-    # rows 0-2: R G B; 3: luminance; 4-6: R G B of background pixels; 7-9: scratch.
-    h = np.zeros(10 * 256, np.uint32)
-    notgray = np.uint32(0)
+    """Three increments per pixel: joint (foreground, G, R), (foreground, B) and luminance.
+
+    The pass is bound by scattered stores, so R and G share one 2 x 256 x 256 table (512 KB,
+    cache-resident) instead of five separate increments; the marginals are summed afterwards.
+    """
+    rg = np.zeros(2 * 65536, np.uint32)  # [foreground][g][r]: the pixel word's low 16 bits
+    bh = np.zeros(2 * 256, np.uint32)  # [foreground][b]
+    lh = np.zeros(256, np.uint32)
     t = np.uint32(threshold)
-    wr, wg, wb = np.uint32(W709[0]), np.uint32(W709[1]), np.uint32(W709[2])
+    notgray = np.uint32(0)
     for i in range(px.shape[0]):
         p = px[i]
         r = p & np.uint32(255)
         g = (p >> np.uint32(8)) & np.uint32(255)
         b = (p >> np.uint32(16)) & np.uint32(255)
-        h[r] += 1
-        h[np.uint32(256) + g] += 1
-        h[np.uint32(512) + b] += 1
-        lum = (wr * r + wg * g + wb * b + np.uint32(32768)) >> np.uint32(16)
-        h[np.uint32(768) + lum] += 1
-        # Background (luminance >= threshold) lands in rows 4-6, the rest in the scratch rows:
-        # no branch to mispredict on paper grain around the threshold.
-        o = np.uint32(1024) + np.uint32(768) * np.uint32(lum < t)
-        h[o + r] += 1
-        h[o + np.uint32(256) + g] += 1
-        h[o + np.uint32(512) + b] += 1
+        lum = (np.uint32(W709[0]) * r + np.uint32(W709[1]) * g + np.uint32(W709[2]) * b
+               + np.uint32(32768)) >> np.uint32(16)
+        fg = np.uint32(lum < t)  # no branch: paper grain around the threshold would mispredict
+        rg[(fg << np.uint32(16)) | (p & np.uint32(0xFFFF))] += 1
+        bh[(fg << np.uint32(8)) | b] += 1
+        lh[lum] += 1
         notgray |= (r ^ g) | (g ^ b)
-    return h, notgray == 0
+    return rg, bh, lh, notgray == 0
 
 
 @dataclass
@@ -67,12 +68,15 @@ def compute_histograms(rgb_image, background_threshold: int = 245) -> Histograms
     """Exact histograms of every pixel of an RGB Pillow image."""
     if rgb_image.mode != "RGB":
         raise ValueError(f"expected an RGB image, got mode {rgb_image.mode}")
-    h, gray = _fused_histograms(pixel_words(rgb_image), background_threshold)
-    h = h.reshape(10, 256).astype(np.int64)
+    rg, bh, lh, gray = _fused_histograms(pixel_words(rgb_image), background_threshold)
+    rg = rg.reshape(2, 256, 256).astype(np.int64)  # [foreground][g][r]
+    bh = bh.reshape(2, 256).astype(np.int64)
+    rgb = np.stack([rg.sum(axis=(0, 1)), rg.sum(axis=(0, 2)), bh.sum(axis=0)])
+    background = np.stack([rg[0].sum(axis=0), rg[0].sum(axis=1), bh[0]])
     return Histograms(
-        rgb=h[0:3],
-        background=h[4:7],
-        luminance=h[3],
+        rgb=rgb,
+        background=background,
+        luminance=lh.astype(np.int64),
         grayscale_like=bool(gray),
         pixels=rgb_image.width * rgb_image.height,
         threshold=background_threshold,
