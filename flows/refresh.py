@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
+import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from plateflow.atomic import write_json
-from plateflow.config import CharacterizeParams, RefreshConfig, default_workers
+from plateflow.config import CharacterizeParams, CropParams, RefreshConfig, default_workers
 from plateflow.corpus import PlateProblem, PlateRef, discover_plates, state_dir
-from plateflow.errors import ImageDecodeError, TooManyPixelsError
+from plateflow.errors import ConfigError, ImageDecodeError, TooManyPixelsError
+from plateflow.hardware import gpu_class as detect_gpu_class
+from plateflow.profiles import load_profiles
 from tasks.characterize import characterize, hash_source
-from tasks.save import save_failure_record, save_plate, write_corpus_table
+from tasks.crops import WORKING_COPY, crop_candidates
+from tasks.embeddings import PlateJob, embedding_key, store_path
+from tasks.save import (save_failure_record, save_plate, save_smart_crop, write_corpus_table,
+                        write_embeddings_table)
 
 # Columns of plates.parquet copied from a plate's input_image.json record.
 _TABLE_FIELDS = (
@@ -73,14 +82,34 @@ def _problem_row(problem: PlateProblem) -> dict:
     task_runner=ThreadPoolTaskRunner(max_workers=default_workers()),
     validate_parameters=True,
 )
-def refresh_corpus(root: str, characterize_params: CharacterizeParams = CharacterizeParams()):
-    """Characterise every plate under ROOT/plates_structured and write ROOT/plates.parquet.
+def refresh_corpus(
+    root: str,
+    characterize_params: CharacterizeParams = CharacterizeParams(),
+    models: list[str] = [],
+    crop_model: str | None = None,
+    crop_params: CropParams = CropParams(),
+    gpu_class: str | None = None,
+    weights_root: str | None = None,
+):
+    """Characterise every plate under ROOT/plates_structured; with ``models``, also build crop
+    candidates, embed them with each model, choose and save the smart crop. Writes
+    ROOT/plates.parquet (and ROOT/embeddings/<model>.parquet).
 
     Ends Failed (with every failed plate and its reason in the message) if any plate failed;
     the other plates are complete either way.
     """
     logger = get_run_logger()
     started = time.perf_counter()
+    if models:
+        # Configuration errors surface before any work: unknown model, a model too big for the class.
+        profiles = load_profiles()
+        gpu_class = gpu_class or detect_gpu_class(profiles)
+        for m in models:
+            profiles.plan(m, gpu_class)
+        crop_model = crop_model or models[0]
+        if crop_model not in models:
+            raise ConfigError(f"--crop-model {crop_model} is not among --models {', '.join(models)}")
+        characterize_params = characterize_params.model_copy(update={"working_copy": True})
     cfg = RefreshConfig(root=Path(root), characterize=characterize_params)
     root_path = cfg.root
     write_json(state_dir(root_path) / "config.json", cfg.model_dump(mode="json"))
@@ -109,16 +138,106 @@ def refresh_corpus(root: str, characterize_params: CharacterizeParams = Characte
                     outcome if saved != "failed" and outcome != "failed" else "FAILED")
 
     rows = [_plate_row(run) for run in runs] + [_problem_row(p) for p in problems]
+    if models:
+        run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+        _embed_and_crop(root_path, runs, {r["plate_dir"]: r for r in rows}, models, crop_model,
+                        crop_params, gpu_class, weights_root, run_id)
     rows.sort(key=lambda r: r["plate_dir"])
     table_path = write_corpus_table(root_path, rows)
     failed = [r for r in rows if r["status"] == "failed"]
     counts = {s: sum(r.get("characterize_status") == s for r in rows)
               for s in ("computed", "cached")}
+    embedded = ""
+    if models:
+        e = {k: sum(r.get("embed_status") == k for r in rows) for k in ("computed", "cached")}
+        embedded = f"; embeddings {e['computed']} computed, {e['cached']} cached"
     summary = (f"{len(rows) - len(failed)} of {len(rows)} plates ok "
-               f"({counts['computed']} computed, {counts['cached']} cached), {len(failed)} failed "
+               f"(characterisation {counts['computed']} computed, {counts['cached']} cached{embedded}), "
+               f"{len(failed)} failed "
                f"in {time.perf_counter() - started:.1f} s; table: {table_path}")
     logger.info(summary)
     if failed:
         details = "; ".join(f"{r['plate_dir']}: {r['error']}" for r in failed)
         return Failed(message=f"{summary}. Failed plates: {details}")
     return Completed(message=summary)
+
+
+def _embed_and_crop(root: Path, runs: list[PlateRun], rows: dict[str, dict], models: list[str],
+                    crop_model: str, crop_params: CropParams, gpu_class: str,
+                    weights_root: str | None, run_id: str) -> None:
+    """Candidates, embeddings (only plates without cached vectors go to the GPU flow), smart crop."""
+    from flows.embed import embed_plates
+
+    logger = get_run_logger()
+    profiles = load_profiles()
+    ok = [run for run in runs if rows[run.plate.folder]["status"] == "ok"]
+    boxes_f, info = {}, {}
+    for run in ok:
+        meta = run.futures["characterize"].result().metadata
+        info[run.plate.folder] = (meta["sha256"], (meta["width"], meta["height"]))
+        boxes_f[run.plate.folder] = crop_candidates.submit(
+            run.plate.plate_dir, run.plate.plate_id, info[run.plate.folder][1], crop_params)
+    boxes = {}
+    for run in ok:
+        outcome, exc = _step_outcome(boxes_f[run.plate.folder])
+        if outcome == "failed":
+            _fail(rows[run.plate.folder], "candidates", exc)
+        else:
+            boxes[run.plate.folder] = boxes_f[run.plate.folder].result()
+    ok = [run for run in ok if run.plate.folder in boxes]
+
+    files: dict[str, dict[str, str]] = {run.plate.folder: {} for run in ok}
+    computed: set[str] = set()
+    for model in models:
+        spec = profiles.model(model)
+        jobs = []
+        for run in ok:
+            sha, size = info[run.plate.folder]
+            path = store_path(root, spec, sha, crop_params)
+            files[run.plate.folder][model] = str(path)
+            if not path.is_file():
+                jobs.append(PlateJob(run.plate.folder, str(run.plate.plate_dir / WORKING_COPY), size,
+                                     tuple(map(tuple, boxes[run.plate.folder])), str(path)))
+        logger.info("%s: %d plates cached, %d to embed", model, len(ok) - len(jobs), len(jobs))
+        if not jobs:
+            continue
+        state = embed_plates(model, jobs, gpu_class, weights_root=weights_root, return_state=True)
+        if not state.is_completed():
+            for job in jobs:
+                _fail(rows[job.plate_id], "embed", RuntimeError(f"{model}: {state.message}"))
+            continue
+        for plate_folder, error in state.result().items():
+            if error is not None:
+                _fail(rows[plate_folder], "embed", RuntimeError(f"{model}: {error}"))
+            computed.add(plate_folder)
+
+    ok = [run for run in ok if rows[run.plate.folder]["status"] == "ok"]
+    crops = {}
+    for run in ok:
+        sha, size = info[run.plate.folder]
+        key = hashlib.sha256("|".join(
+            [sha, crop_model, crop_params.model_dump_json()]
+            + [f"{m}:{embedding_key(profiles.model(m), crop_params)}" for m in models]).encode()).hexdigest()[:20]
+        crops[run.plate.folder] = save_smart_crop.submit(
+            run.plate, run_id, key, files[run.plate.folder], boxes[run.plate.folder], crop_model,
+            crop_params, size)
+    for run in ok:
+        row = rows[run.plate.folder]
+        outcome, exc = _step_outcome(crops[run.plate.folder])
+        row["embed_status"] = "computed" if run.plate.folder in computed else "cached"
+        if outcome == "failed":
+            _fail(row, "smart_crop", exc)
+        else:
+            row.update(crops[run.plate.folder].result())
+    for model in models:
+        table_rows = [(run.plate.plate_id, info[run.plate.folder][0], boxes[run.plate.folder],
+                       np.load(files[run.plate.folder][model])) for run in ok
+                      if rows[run.plate.folder]["status"] == "ok"]
+        logger.info("wrote %s", write_embeddings_table(root, model, table_rows))
+
+
+def _fail(row: dict, step: str, exc: BaseException | None) -> None:
+    row.update(status="failed", failed_step=step, error=f"{type(exc).__name__}: {exc}")
+    row.setdefault("embed_status", "failed" if step == "embed" else "not_run")
+    if step == "embed":
+        row["embed_status"] = "failed"

@@ -49,6 +49,12 @@ def refresh(
     workers: Annotated[Optional[int], typer.Option(help="Plates processed at once.")] = None,
     no_viz: Annotated[bool, typer.Option("--no-viz", help="Skip the viz/ PNG files.")] = False,
     max_megapixels: Annotated[float, typer.Option(help="Plates above this size fail.")] = 250.0,
+    models: Annotated[str, typer.Option(help="Comma-separated embedding models (see profiles/models.toml).")] = "",
+    crop_model: Annotated[Optional[str], typer.Option(help="Model whose similarity picks the crop (default: first).")] = None,
+    crop_format: Annotated[str, typer.Option(help="jpeg or png.")] = "jpeg",
+    min_crop_area: Annotated[float, typer.Option(help="Smallest crop, as a fraction of the plate area.")] = 0.0,
+    gpu_class: Annotated[Optional[str], typer.Option(help="GPU class to plan for (default: detected).")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="Folder with <model>/ weights (else the HF cache).")] = None,
 ) -> None:
     """Run the refresh flow: only plates whose content, parameters or code changed are recomputed.
 
@@ -58,20 +64,38 @@ def refresh(
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from flows.refresh import refresh_corpus
-    from plateflow.config import CharacterizeParams, RefreshConfig
-    from plateflow.errors import ConfigError
+    from plateflow.config import CharacterizeParams, CropParams, RefreshConfig
 
     try:
         params = CharacterizeParams(viz=not no_viz, max_pixels=int(max_megapixels * 1e6))
+        crop = CropParams(crop_format=crop_format, min_area_fraction=min_crop_area)
         cfg = RefreshConfig(root=root, characterize=params, **({"workers": workers} if workers else {}))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     flow_fn = refresh_corpus.with_options(task_runner=ThreadPoolTaskRunner(max_workers=cfg.workers))
-    state = flow_fn(root=str(cfg.root), characterize_params=params, return_state=True)
+    model_list = [m.strip() for m in models.split(",") if m.strip()]
+    try:
+        state = flow_fn(root=str(cfg.root), characterize_params=params, models=model_list,
+                        crop_model=crop_model, crop_params=crop, gpu_class=gpu_class,
+                        weights_root=str(weights) if weights else None, return_state=True)
+    except ValueError as exc:  # ConfigError: raised before any work starts
+        console.print(f"[red]configuration error:[/] {exc}")
+        raise typer.Exit(2) from None
     _print_status(cfg.root)
     console.print(f"flow run {state.name}: {state.message}")
     if not state.is_completed():
         raise typer.Exit(1)
+
+
+@app.command()
+def hardware() -> None:
+    """Print the detected device, its GPU class and each model's batch size and dtype as JSON."""
+    import json
+
+    from plateflow.hardware import hardware_report
+    from plateflow.profiles import load_profiles
+
+    print(json.dumps(hardware_report(load_profiles()), indent=2))
 
 
 @app.command()
@@ -114,7 +138,8 @@ def demo(
     sources = write_demo_sources(root / ".plateflow" / "demo-sources")
     console.print(f"demo sources: {len(sources)} plates written under {sources[0].parent}")
     ingest(sources, root)
-    refresh(root, workers=None, no_viz=False, max_megapixels=250.0)
+    refresh(root, workers=None, no_viz=False, max_megapixels=250.0, models="", crop_model=None,
+            crop_format="jpeg", min_crop_area=0.0, gpu_class=None, weights=None)
     console.print(f"open {root / 'plates_structured'} to see each plate's JSON and viz/ files")
 
 

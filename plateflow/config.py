@@ -31,6 +31,10 @@ class CharacterizeParams(BaseModel):
     )
     preview_size: int = Field(512, ge=16, le=4096, description="Longest side of viz/input_preview.png.")
     viz: bool = Field(True, description="Write the viz/ PNGs (preview and histogram plots).")
+    working_copy: bool = Field(False, description="Leave working_copy.jpg for the crop and GPU steps.")
+    working_short_side: int = Field(
+        1024, ge=64, le=8192, description="Short side of the working copy the crop/GPU steps read."
+    )
 
     @field_validator("bins")
     @classmethod
@@ -41,6 +45,24 @@ class CharacterizeParams(BaseModel):
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class CropParams(BaseModel):
+    """Crop candidates and the smart-crop choice; part of the embedding and crop cache keys."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n_candidates: int = Field(15, ge=1, le=256, description="Crop candidates besides the whole plate.")
+    scales: tuple[float, ...] = Field(
+        (0.8, 0.6, 0.45, 0.3), description="Candidate area as a fraction of the largest box of its aspect."
+    )
+    min_area_fraction: float = Field(0.0, ge=0, le=1, description="Smallest allowed crop, as plate area.")
+    aspect_range: tuple[float, float] | None = Field(None, description="Allowed width/height of the crop.")
+    crop_format: str = Field("jpeg", pattern="^(jpeg|png)$", description="Format of the saved best crop.")
+
+    def fingerprint(self) -> str:
+        data = self.model_dump(exclude={"crop_format"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def default_workers() -> int:

@@ -38,8 +38,18 @@ class TooManyPixelsError(PlateError):
     """The image has more pixels than the configured limit allows."""
 
 
+class TransientError(PlateflowError):
+    """A failure that may not happen again (resources, a busy device): worth a retry."""
+
+
+class GpuOutOfMemoryError(TransientError, MemoryError):
+    """Out of GPU memory even at a batch of one image, after the cache was emptied."""
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for failures worth retrying: I/O trouble, not bad input."""
+    if isinstance(exc, TransientError):
+        return True
     if isinstance(exc, PlateflowError):
         return False
     return isinstance(exc, (OSError, TimeoutError, ConnectionError, MemoryError))

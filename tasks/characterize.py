@@ -14,13 +14,14 @@ from prefect import task
 from plateflow.caching import code_version, exponential_backoff, retry_transient
 from plateflow.config import CharacterizeParams
 from plateflow.corpus import sha256_file
+from tasks.crops import jpeg_bytes, make_working_copy
 from tasks.histograms import compute_histograms, histogram_record
 from tasks.image import decode_image
 from tasks.metadata import image_metadata
 from tasks.viz import make_preview, png_bytes
 
 CODE_VERSION = code_version(
-    "tasks.image", "tasks.histograms", "tasks.metadata", "tasks.viz", "tasks.characterize"
+    "tasks.image", "tasks.histograms", "tasks.metadata", "tasks.viz", "tasks.crops", "tasks.characterize"
 )
 
 
@@ -33,6 +34,7 @@ class Characterization:
     metadata: dict
     histograms: dict
     preview_png: bytes | None
+    working_jpeg: bytes | None = None
 
 
 def cache_key(sha256: str, params: CharacterizeParams) -> str:
@@ -44,13 +46,16 @@ def characterize_image(
 ) -> Characterization:
     decoded = decode_image(source, params.max_pixels, expected_sha256)
     hist = compute_histograms(decoded.image, params.background_threshold)
-    preview = png_bytes(make_preview(decoded.image, params.preview_size)) if params.viz else None
+    working = make_working_copy(decoded.image, params.working_short_side) if params.working_copy else None
+    # The preview comes from the working copy when there is one: a much smaller image to reduce.
+    preview = png_bytes(make_preview(working or decoded.image, params.preview_size)) if params.viz else None
     return Characterization(
         sha256=decoded.sha256,
         cache_key=cache_key(decoded.sha256, params),
         metadata=image_metadata(decoded, hist, params),
         histograms=histogram_record(hist, params.bins),
         preview_png=preview,
+        working_jpeg=jpeg_bytes(working) if working is not None else None,
     )
 
 

@@ -20,6 +20,7 @@ from plateflow.atomic import dumps_json, temp_path_for, write_bytes
 from plateflow.caching import exponential_backoff, retry_transient
 from plateflow.corpus import PlateRef
 from tasks.characterize import Characterization
+from tasks.crops import WORKING_COPY
 from tasks.viz import histogram_plots
 
 INPUT_IMAGE = "input_image.json"
@@ -51,10 +52,14 @@ def save_characterization(plate: PlateRef, root: Path, result: Characterization)
     record = dumps_json(input_image_record(plate, root, result))
     viz_wanted = result.preview_png is not None
     expected = [d / HISTOGRAMS] + ([d / VIZ / f for f in VIZ_FILES] if viz_wanted else [])
+    if result.working_jpeg is not None:
+        expected.append(d / WORKING_COPY)
     current = d / INPUT_IMAGE
     if current.is_file() and current.read_bytes() == record and all(p.is_file() for p in expected):
         return False
     write_bytes(d / HISTOGRAMS, dumps_json(result.histograms))
+    if result.working_jpeg is not None:
+        write_bytes(d / WORKING_COPY, result.working_jpeg)
     if viz_wanted:
         write_bytes(d / VIZ / "input_preview.png", result.preview_png)
         for name, data in histogram_plots(result.histograms).items():
@@ -124,6 +129,13 @@ SCHEMA = pa.schema([
     ("extreme_aspect", pa.bool_()),
     ("frames", pa.int32()),
     ("exif_orientation", pa.int32()),
+    ("embed_status", pa.string()),  # computed | cached | failed | not_run | (null: no models)
+    ("crop_status", pa.string()),
+    ("run_id", pa.string()),
+    ("best_crop_idx", pa.int16()),
+    ("crop_box", pa.list_(pa.int32(), 4)),
+    ("similarity", pa.float64()),
+    ("original_size", pa.list_(pa.int32(), 2)),
     ("updated_at", pa.timestamp("s", tz="UTC")),
 ])
 
@@ -169,3 +181,120 @@ def _carry_foreign_columns(path: Path, table: pa.Table) -> pa.Table:
 def read_corpus_table(root: Path) -> pa.Table | None:
     path = Path(root) / TABLE
     return pq.read_table(path) if path.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-plate run outputs (the notebooks' runs/<run_id>/ layout) and the embedding tables
+
+
+def find_run(plate_dir: Path, key: str) -> str | None:
+    """The run id of an earlier run whose outputs for this plate were made with ``key``."""
+    import json
+
+    for metrics in sorted((plate_dir / "runs").glob("*/metrics.json"), reverse=True):
+        try:
+            data = json.loads(metrics.read_text())
+        except (OSError, ValueError):
+            continue
+        outputs = [metrics.parent / o for o in data.get("outputs", [])]
+        if data.get("plateflow_key") == key and all(p.is_file() for p in outputs):
+            return data.get("run_id")
+    return None
+
+
+def save_run_outputs(plate: PlateRef, run_id: str, key: str, vectors: dict[str, "object"],
+                     boxes: list[list[int]], crop_model: str, best: int, similarity: float,
+                     original_size: tuple[int, int], crop_format: str) -> str:
+    """Write runs/<run_id>/: embeddings/<model>.npy, smart_crop.json, the best crop, metrics.json."""
+    import io
+
+    import numpy as np
+
+    from tasks.crops import cut_crop
+
+    run_dir = plate.plate_dir / "runs" / run_id
+    outputs = []
+    for model, vec in vectors.items():
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(vec, np.float32))
+        write_bytes(run_dir / "embeddings" / f"{model}.npy", buf.getvalue())
+        outputs.append(f"embeddings/{model}.npy")
+    crop_name = f"best_crop.{'png' if crop_format == 'png' else 'jpg'}"
+    write_bytes(run_dir / crop_name, cut_crop(plate.source_path, boxes[best], crop_format))
+    outputs.append(crop_name)
+    write_bytes(run_dir / "smart_crop.json", dumps_json({
+        "plate_id": plate.plate_id, "crop_box": boxes[best], "similarity": similarity,
+        "best_crop_idx": best, "original_size": list(original_size), "crop_model": crop_model,
+        "candidates": len(boxes) - 1,
+    }))
+    outputs.append("smart_crop.json")
+    write_bytes(run_dir / "metrics.json", dumps_json({
+        "run_id": run_id, "plate_id": plate.plate_id,
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "models": list(vectors), "outputs": outputs,
+        "notes": f"smart crop by {crop_model}: candidate {best} of {len(boxes) - 1}, cosine {similarity:.4f}",
+        "plateflow_key": key,
+    }))
+    return run_id
+
+
+def write_embeddings_table(root: Path, model: str, rows: list[tuple[str, str, list[list[int]], "object"]]) -> Path:
+    """ROOT/embeddings/<model>.parquet: plate_id, sha256, candidate_index, box, vector."""
+    import numpy as np
+
+    plate_ids, shas, idx, boxes, vecs = [], [], [], [], []
+    dim = None
+    for plate_id, sha, plate_boxes, vectors in rows:
+        vectors = np.asarray(vectors, np.float32)
+        dim = vectors.shape[1]
+        for i, box in enumerate(plate_boxes):
+            plate_ids.append(plate_id)
+            shas.append(sha)
+            idx.append(i)
+            boxes.append(box)
+        vecs.append(vectors)
+    dim = dim or 0
+    flat = np.concatenate(vecs).reshape(-1) if vecs else np.zeros(0, np.float32)
+    table = pa.table({
+        "plate_id": pa.array(plate_ids, pa.string()),
+        "sha256": pa.array(shas, pa.string()),
+        "candidate_index": pa.array(idx, pa.int16()),
+        "box": pa.array(boxes, pa.list_(pa.int32(), 4)),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim) if dim else
+        pa.array([], pa.list_(pa.float32(), 1)),
+    })
+    path = Path(root) / "embeddings" / f"{model}.parquet"
+    tmp = temp_path_for(path)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+@task(
+    name="save-smart-crop",
+    task_run_name="smart-crop-{plate.plate_id}",
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=1),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_transient,
+)
+def save_smart_crop(plate: PlateRef, run_id: str, key: str, vector_files: dict[str, str],
+                    boxes: list[list[int]], crop_model: str, crop_params, original_size: tuple[int, int]) -> dict:
+    """Choose the best crop and write this run's outputs, unless an earlier run has them for ``key``."""
+    import numpy as np
+
+    from tasks.crops import choose_best_crop
+
+    vectors = {m: np.load(f) for m, f in vector_files.items()}
+    best, similarity = choose_best_crop(vectors[crop_model], boxes, crop_params)
+    existing = find_run(plate.plate_dir, key)
+    if existing is None:
+        save_run_outputs(plate, run_id, key, vectors, boxes, crop_model, best, similarity,
+                         original_size, crop_params.crop_format)
+    return {"run_id": existing or run_id, "crop_status": "cached" if existing else "computed",
+            "best_crop_idx": best, "crop_box": boxes[best], "similarity": similarity,
+            "original_size": list(original_size)}

@@ -1,0 +1,28 @@
+"""embed_plates: the GPU flow. One model over a list of plates, chunk by chunk, one chunk at a
+time (one GPU never runs two batches of ours at once). Refresh calls it as a subflow; issue 4
+deploys it once per GPU-class work pool."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from plateflow.profiles import load_profiles
+from tasks.embeddings import PlateJob, embed_chunk
+
+
+@flow(name="embed-plates")
+def embed_plates(model: str, jobs: list[PlateJob], gpu_class: str, chunk_size: int = 512,
+                 weights_root: str | None = None) -> dict[str, str | None]:
+    """Embed the views of ``jobs`` with ``model``; returns plate_id -> None or its error."""
+    logger = get_run_logger()
+    profiles = load_profiles()
+    spec = profiles.model(model)
+    batch_size, dtype = profiles.plan(model, gpu_class)
+    logger.info("%s on %s: %d plates, batch %d images, %s", model, gpu_class, len(jobs), batch_size, dtype)
+    outcome: dict[str, str | None] = {}
+    for start in range(0, len(jobs), chunk_size):
+        chunk = jobs[start:start + chunk_size]
+        outcome.update(embed_chunk(chunk, spec, batch_size, dtype, chunk_name=str(start // chunk_size),
+                                   weights_root=weights_root))
+        logger.info("%s: %d/%d plates embedded", model, len(outcome), len(jobs))
+    return outcome

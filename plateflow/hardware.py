@@ -1,0 +1,61 @@
+"""Detecting the local GPU and mapping it to a class with the rules in profiles/."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass
+
+from plateflow.profiles import Profiles
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    memory_gb: float
+    capability: float  # compute capability, e.g. 9.0; 0 for the CPU
+    cuda: bool
+
+
+def detect_device() -> Device:
+    import torch
+
+    if not torch.cuda.is_available():
+        return Device("cpu", 0.0, 0.0, False)
+    props = torch.cuda.get_device_properties(0)
+    return Device(props.name, props.total_memory / 2**30, float(f"{props.major}.{props.minor}"), True)
+
+
+def classify(device: Device, profiles: Profiles) -> str:
+    """The GPU class for a device: the first matching rule; CPU when there is no CUDA device."""
+    if not device.cuda:
+        return "CPU"
+    for rule in profiles.rules:
+        if rule.name and not re.search(rule.name, device.name, re.IGNORECASE):
+            continue
+        if device.memory_gb >= rule.min_memory_gb and device.capability >= rule.min_capability:
+            return rule.gpu_class
+    return "LOW_VRAM"
+
+
+def gpu_class(profiles: Profiles, device: Device | None = None) -> str:
+    """PLATEFLOW_GPU_CLASS if set (validated), else the detected class."""
+    override = os.environ.get("PLATEFLOW_GPU_CLASS")
+    if override:
+        return profiles.gpu_class(override).name
+    return classify(device or detect_device(), profiles)
+
+
+def hardware_report(profiles: Profiles) -> dict:
+    device = detect_device()
+    cls = gpu_class(profiles, device)
+    plans = {}
+    for name in profiles.models:
+        try:
+            batch, dtype = profiles.plan(name, cls)
+            plans[name] = {"batch_size": batch, "dtype": dtype}
+        except ValueError as exc:
+            plans[name] = {"refused": str(exc)}
+    return {"device": asdict(device), "gpu_class": cls,
+            "overridden": bool(os.environ.get("PLATEFLOW_GPU_CLASS")),
+            "pool": profiles.gpu_class(cls).pool, "models": plans}

@@ -1,0 +1,104 @@
+"""Capability tables from profiles/: models, GPU classes and the rules that detect a class."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from plateflow.errors import ConfigError
+
+DEFAULT_PROFILES = Path(__file__).resolve().parents[1] / "profiles"
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    backend: Literal["timm", "transformers"]
+    hub_id: str
+    architecture: str | None = None  # timm model name
+    family: str
+    input_size: int = Field(gt=0)
+    embed_dim: int = Field(gt=0)
+    min_vram_gb: float = Field(ge=0)
+    batch: dict[str, int]
+    model_kwargs: dict = Field(default_factory=dict)  # extra constructor arguments (tiny test models)
+
+
+class GpuClass(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    vram_gb: float
+    dtype: Literal["float32", "float16", "bfloat16"]
+    pool: str
+    peak_tflops: float | None = None
+
+
+class DetectionRule(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    name: str | None = None
+    min_memory_gb: float = 0
+    min_capability: float = 0
+    gpu_class: str = Field(alias="class")
+
+
+class Profiles(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    models: dict[str, ModelSpec]
+    classes: dict[str, GpuClass]
+    rules: list[DetectionRule]
+
+    def model(self, name: str) -> ModelSpec:
+        if name not in self.models:
+            raise ConfigError(f"unknown model {name!r}; known models: {', '.join(self.models)}")
+        return self.models[name]
+
+    def gpu_class(self, name: str) -> GpuClass:
+        if name not in self.classes:
+            raise ConfigError(f"unknown GPU class {name!r}; known classes: {', '.join(self.classes)}")
+        return self.classes[name]
+
+    def plan(self, model_name: str, class_name: str) -> tuple[int, str]:
+        """(batch size, dtype) for a model on a GPU class; refuses a model that does not fit."""
+        spec, cls = self.model(model_name), self.gpu_class(class_name)
+        if class_name not in spec.batch or (cls.vram_gb and spec.min_vram_gb > cls.vram_gb):
+            fits = [m.name for m in self.models.values()
+                    if m.family == spec.family and class_name in m.batch
+                    and (not cls.vram_gb or m.min_vram_gb <= cls.vram_gb)]
+            hint = f"use {fits[-1]}" if fits else "no model of that family fits this class"
+            raise ConfigError(
+                f"{model_name} does not fit GPU class {class_name} ({cls.vram_gb:g} GB, needs "
+                f"{spec.min_vram_gb:g} GB): {hint}"
+            )
+        return spec.batch[class_name], cls.dtype
+
+
+def profiles_dir() -> Path:
+    return Path(os.environ.get("PLATEFLOW_PROFILES", DEFAULT_PROFILES))
+
+
+def load_profiles(directory: Path | None = None) -> Profiles:
+    """Read models.toml and gpu_classes.toml (once per directory; PLATEFLOW_PROFILES overrides)."""
+    return _load(Path(directory or profiles_dir()).resolve())
+
+
+@lru_cache(maxsize=8)
+def _load(directory: Path) -> Profiles:
+    try:
+        models = tomllib.loads((directory / "models.toml").read_text())
+        gpus = tomllib.loads((directory / "gpu_classes.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read the capability tables in {directory}: {exc}") from None
+    return Profiles(
+        models={k: ModelSpec(name=k, **v) for k, v in models.items()},
+        classes={k: GpuClass(name=k, **v) for k, v in gpus["classes"].items()},
+        rules=[DetectionRule(**r) for r in gpus.get("rules", [])],
+    )

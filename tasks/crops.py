@@ -1,0 +1,116 @@
+"""Crop candidates, the working copy they are cut from, the smart-crop choice and the saved crop."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from prefect import task
+
+from plateflow.atomic import write_json
+from plateflow.config import CropParams
+
+CANDIDATES = "crop_candidates.json"
+WORKING_COPY = "working_copy.jpg"
+
+
+def make_working_copy(rgb: Image.Image, short_side: int) -> Image.Image:
+    """The image with its short side at ``short_side`` (never enlarged): C box reduction, then Lanczos."""
+    w, h = rgb.size
+    scale = short_side / min(w, h)
+    if scale >= 1:
+        return rgb.copy()
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    factor = max(1, int(1 / scale) // 2)
+    base = rgb.reduce(factor) if factor > 1 else rgb
+    return base.resize(size, Image.Resampling.LANCZOS)
+
+
+def jpeg_bytes(im: Image.Image, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality, subsampling=0)
+    return buf.getvalue()
+
+
+def candidate_boxes(width: int, height: int, params: CropParams) -> list[list[int]]:
+    """Box 0 is the whole plate, then ``params.n_candidates`` crops; (x0, y0, x1, y1), original pixels.
+
+    Every (scale, aspect, position) combination is enumerated once, in an order where consecutive
+    candidates differ in all three, so the first N are spread out. Deterministic for a given size.
+    """
+    aspects = [width / height, 1.0, 3 / 4]
+    positions = [(0.5, 0.5), (0.3, 0.3), (0.7, 0.7), (0.7, 0.3), (0.3, 0.7)]
+    ns, na, npos = len(params.scales), len(aspects), len(positions)
+    boxes: list[list[int]] = [[0, 0, width, height]]
+    seen = {tuple(boxes[0])}
+    for i in range(ns * na * npos):
+        si, ai, pi = i % ns, (i // ns) % na, i // (ns * na)
+        scale, aspect = params.scales[si], aspects[(ai + si) % na]
+        px, py = positions[(pi + ai + si) % npos]
+        # The largest box of this aspect inside the plate, shrunk to ``scale`` of its area.
+        bw = min(width, height * aspect) * scale**0.5
+        bh = bw / aspect
+        cx = min(max(px * width, bw / 2), width - bw / 2)
+        cy = min(max(py * height, bh / 2), height - bh / 2)
+        box = [round(cx - bw / 2), round(cy - bh / 2), round(cx + bw / 2), round(cy + bh / 2)]
+        if tuple(box) not in seen and box[2] - box[0] >= 8 and box[3] - box[1] >= 8:
+            seen.add(tuple(box))
+            boxes.append(box)
+        if len(boxes) == params.n_candidates + 1:
+            break
+    return boxes
+
+
+def write_candidates(plate_dir: Path, plate_id: str, size: tuple[int, int], params: CropParams) -> list[list[int]]:
+    boxes = candidate_boxes(*size, params)
+    write_json(plate_dir / CANDIDATES, {
+        "plate_id": plate_id, "original_size": list(size), "whole_index": 0,
+        "working_copy": WORKING_COPY, "boxes": boxes,
+    })
+    return boxes
+
+
+@task(name="crop-candidates", task_run_name="candidates-{plate_id}")
+def crop_candidates(plate_dir: Path, plate_id: str, size: tuple[int, int], params: CropParams) -> list[list[int]]:
+    return write_candidates(plate_dir, plate_id, size, params)
+
+
+def choose_best_crop(vectors: np.ndarray, boxes: list[list[int]], params: CropParams,
+                     whole_index: int = 0) -> tuple[int, float]:
+    """The candidate most similar (cosine; vectors are L2-normalised) to the whole plate.
+
+    Candidates that break the constraints (minimum area fraction, aspect-ratio range) are
+    skipped; if none is left the whole plate itself is returned.
+    """
+    whole = np.asarray(boxes[whole_index], np.float64)
+    area = (whole[2] - whole[0]) * (whole[3] - whole[1])
+    sims = vectors.astype(np.float64) @ vectors[whole_index].astype(np.float64)
+    best, best_sim = whole_index, -np.inf
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        if i == whole_index:
+            continue
+        if (x1 - x0) * (y1 - y0) / area < params.min_area_fraction:
+            continue
+        aspect = (x1 - x0) / (y1 - y0)
+        if params.aspect_range and not params.aspect_range[0] <= aspect <= params.aspect_range[1]:
+            continue
+        if sims[i] > best_sim:
+            best, best_sim = i, float(sims[i])
+    if best == whole_index:
+        best_sim = float(sims[whole_index])
+    return best, min(best_sim, 1.0)  # unit vectors: anything above 1 is rounding
+
+
+def cut_crop(source: Path, box: list[int], fmt: str) -> bytes:
+    """The crop from the full-resolution source (not the working copy), encoded as PNG or JPEG."""
+    from tasks.image import decode_image
+
+    rgb = decode_image(source, max_pixels=2**31 - 1).image
+    crop = rgb.crop(tuple(box))
+    if fmt == "png":
+        buf = io.BytesIO()
+        crop.save(buf, "PNG", compress_level=1)
+        return buf.getvalue()
+    return jpeg_bytes(crop, quality=95)
