@@ -13,6 +13,7 @@ from plateflow.atomic import write_json
 from plateflow.config import CropParams
 
 CANDIDATES = "crop_candidates.json"
+TIE = 1e-6  # similarities this close are equal: the earlier candidate wins, on any device
 WORKING_COPY = "working_copy.jpg"
 
 
@@ -82,7 +83,8 @@ def choose_best_crop(vectors: np.ndarray, boxes: list[list[int]], params: CropPa
     """The candidate most similar (cosine; vectors are L2-normalised) to the whole plate.
 
     Candidates that break the constraints (minimum area fraction, aspect-ratio range) are
-    skipped; if none is left the whole plate itself is returned.
+    skipped; if none is left the whole plate itself is returned. Near-ties go to the earlier
+    candidate, so the choice does not depend on floating-point noise.
     """
     whole = np.asarray(boxes[whole_index], np.float64)
     area = (whole[2] - whole[0]) * (whole[3] - whole[1])
@@ -96,7 +98,7 @@ def choose_best_crop(vectors: np.ndarray, boxes: list[list[int]], params: CropPa
         aspect = (x1 - x0) / (y1 - y0)
         if params.aspect_range and not params.aspect_range[0] <= aspect <= params.aspect_range[1]:
             continue
-        if sims[i] > best_sim:
+        if sims[i] > best_sim + TIE:
             best, best_sim = i, float(sims[i])
     if best == whole_index:
         best_sim = float(sims[whole_index])

@@ -58,3 +58,20 @@ def corpus(tmp_path) -> Path:
 def copy_corpus(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """(profiles dir, weights dir) with tiny random-weight timm and transformers models."""
+    from tiny_models import build_tiny_models
+
+    return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture
+def tiny_env(tiny_models, monkeypatch):
+    profiles, weights = tiny_models
+    monkeypatch.setenv("PLATEFLOW_PROFILES", str(profiles))
+    monkeypatch.setenv("PLATEFLOW_WEIGHTS", str(weights))
+    monkeypatch.delenv("PLATEFLOW_GPU_CLASS", raising=False)
+    return profiles, weights

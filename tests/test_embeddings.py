@@ -1,0 +1,190 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from plateflow.config import CropParams
+from plateflow.errors import ConfigError, GpuOutOfMemoryError, is_transient
+from plateflow.profiles import load_profiles
+from tasks.crops import candidate_boxes, choose_best_crop, make_working_copy
+from tasks.embeddings import (Embedder, ModelUnavailableError, PlateJob, embed_jobs, forward_with_backoff,
+                              letterbox, load_model, run_embedding)
+
+from conftest import paper_plate
+
+DEVICE = __import__("os").environ.get("PLATEFLOW_TEST_DEVICE", "cpu")
+
+
+def make_jobs(tmp_path, n, params=CropParams(), colours=None):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for i in range(n):
+        plate = paper_plate(300, 200, seed=i, photo_colour=(30 * i % 255, 90, 160)) if colours is None \
+            else Image.new("RGB", (300, 200), colours[i])
+        work = tmp_path / f"work-{i}.jpg"
+        make_working_copy(plate, 100).save(work, quality=95)
+        boxes = candidate_boxes(300, 200, params)
+        jobs.append(PlateJob(f"plate-{i}", str(work), (300, 200), tuple(map(tuple, boxes)),
+                             str(tmp_path / f"vec-{i}.npy")))
+    return jobs
+
+
+@pytest.fixture
+def dino(tiny_env):
+    profiles = load_profiles()
+    spec = profiles.model("tiny_dinov2")
+    model = load_model(spec)
+    torch.manual_seed(1)
+    with torch.no_grad():  # larger random weights: features that depend on the input
+        for p in model.net.parameters():
+            p.normal_(0, 0.3)
+    return spec, model
+
+
+def all_vectors(embed, jobs, model, batch):
+    return {job.plate_id: vec for job, vec, err in embed_jobs(embed, jobs, model, batch, num_workers=2)}
+
+
+def test_batch_gives_the_same_vectors_as_one_plate_at_a_time(dino, tmp_path):
+    spec, model = dino
+    embed = Embedder(model, DEVICE, "float32")
+    jobs = make_jobs(tmp_path, 5)
+    batched = all_vectors(embed, jobs, model, batch=64)  # four plates share a forward pass
+    for job in jobs:
+        single = all_vectors(embed, [job], model, batch=16)[job.plate_id]
+        np.testing.assert_allclose(batched[job.plate_id], single, atol=1e-5)
+        assert batched[job.plate_id].shape == (16, spec.embed_dim)
+        np.testing.assert_allclose(np.linalg.norm(single, axis=1), 1.0, atol=1e-5)
+
+
+def test_injected_out_of_memory_shrinks_the_batch_and_keeps_every_plate_once(dino, tmp_path):
+    spec, model = dino
+    real = Embedder(model, DEVICE, "float32")
+    calls = []
+
+    def flaky(views):
+        calls.append(views.shape[0])
+        if views.shape[0] > 12:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(views)
+
+    jobs = make_jobs(tmp_path, 6)
+    seen = [job.plate_id for job, _, _ in embed_jobs(flaky, jobs, model, 64, num_workers=2)]
+    assert sorted(seen) == sorted(j.plate_id for j in jobs) and len(seen) == len(set(seen))
+    assert calls[:3] == [64, 32, 16] and max(calls[3:]) <= 8
+    reference = all_vectors(real, jobs, model, 16)
+    for job, vec, _ in embed_jobs(flaky, jobs, model, 64, num_workers=2):
+        np.testing.assert_allclose(vec, reference[job.plate_id], atol=1e-5)
+
+
+def test_out_of_memory_at_batch_one_is_a_transient_error():
+    def always_oom(views):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(GpuOutOfMemoryError) as info:
+        forward_with_backoff(always_oom, torch.zeros(4, 3, 8, 8, dtype=torch.uint8), 4)
+    assert is_transient(info.value)
+
+
+def test_a_plate_whose_working_copy_cannot_be_read_fails_alone(dino, tmp_path):
+    spec, model = dino
+    jobs = make_jobs(tmp_path, 3)
+    open(jobs[1].working_copy, "wb").write(b"not a jpeg")
+    outcome = run_embedding(jobs, spec, 32, "float32", device=DEVICE, model=model)
+    assert outcome["plate-0"] is None and outcome["plate-2"] is None
+    assert "cannot read working copy" in outcome["plate-1"]
+    assert np.load(jobs[0].cache_file).shape == (16, spec.embed_dim)
+
+
+def test_both_backends_load_from_a_weights_folder_and_embed(tiny_env, tmp_path):
+    profiles = load_profiles()
+    for name, backend in (("tiny_dinov2", "timm"), ("tiny_clip", "transformers")):
+        spec = profiles.model(name)
+        model = load_model(spec)
+        assert spec.backend == backend and len(model.mean) == 3
+        out = run_embedding(make_jobs(tmp_path / name, 2), spec, 16, "float32", device=DEVICE, model=model)
+        assert out == {"plate-0": None, "plate-1": None}
+        assert np.load(tmp_path / name / "vec-0.npy").shape == (16, spec.embed_dim)
+
+
+def test_normalisation_comes_from_the_model_config(tiny_env):
+    profiles = load_profiles()
+    assert load_model(profiles.model("tiny_dinov2")).mean == pytest.approx((0.485, 0.456, 0.406))
+    assert load_model(profiles.model("tiny_clip")).mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+
+
+def test_missing_weights_name_the_model_and_how_to_provide_them(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    monkeypatch.delenv("PLATEFLOW_WEIGHTS", raising=False)
+    monkeypatch.delenv("PLATEFLOW_PROFILES", raising=False)
+    spec = load_profiles().model("dinov2_base")
+    with pytest.raises(ModelUnavailableError, match=r"dinov2_base.*huggingface-cli download timm/vit_base_patch14_dinov2"):
+        load_model(spec)
+
+
+def test_model_too_big_for_the_class_is_refused_naming_a_smaller_one():
+    profiles = load_profiles()
+    with pytest.raises(ConfigError, match="dinov2_giant does not fit GPU class LOW_VRAM.*use dinov2_large"):
+        profiles.plan("dinov2_giant", "LOW_VRAM")
+    assert profiles.plan("dinov2_base", "H100_80GB") == (1024, "bfloat16")
+    assert profiles.plan("dinov2_base", "T4_16GB")[1] == "float16"
+    assert profiles.plan("dinov2_base", "CPU")[1] == "float32"
+
+
+def test_every_model_and_class_in_the_table_is_complete():
+    profiles = load_profiles()
+    assert set(profiles.models) == {"dinov2_small", "dinov2_base", "dinov2_large", "dinov2_giant",
+                                    "clip_vit_b32", "clip_vit_l14", "clip_vit_h14"}
+    assert {"CPU", "LOW_VRAM", "T4_16GB", "L4_24GB", "A100_40GB", "A100_80GB", "H100_80GB",
+            "H200_141GB"} <= set(profiles.classes)
+    assert {m.backend for m in profiles.models.values()} == {"timm", "transformers"}
+
+
+def test_whole_plate_is_letterboxed_not_centre_cropped():
+    wide = Image.new("RGB", (200, 100), (255, 0, 0))
+    out = np.asarray(letterbox(wide, 32, (0, 0, 255), Image.Resampling.BICUBIC))
+    assert (out[0, :, 2] == 255).all() and (out[-1, :, 2] == 255).all()  # padding above and below
+    assert (out[16, :, 0] > 200).all()  # the full width of the plate is kept
+
+
+def test_candidates_are_deterministic_in_bounds_and_whole_first():
+    params = CropParams()
+    boxes = candidate_boxes(6000, 4000, params)
+    assert boxes == candidate_boxes(6000, 4000, params)
+    assert len(boxes) == 16 and boxes[0] == [0, 0, 6000, 4000]
+    assert all(0 <= x0 < x1 <= 6000 and 0 <= y0 < y1 <= 4000 for x0, y0, x1, y1 in boxes)
+    assert len({(b[2] - b[0]) * 1000 // (b[3] - b[1]) for b in boxes}) >= 3  # several aspect ratios
+    assert len(candidate_boxes(6000, 4000, CropParams(n_candidates=5))) == 6
+
+
+def test_choice_follows_similarity_and_constraints():
+    boxes = [[0, 0, 100, 100], [0, 0, 90, 90], [0, 0, 50, 50], [0, 0, 100, 30]]
+    v = np.array([[1, 0, 0], [0.6, 0.8, 0], [0.99, 0.141, 0], [1, 0, 0]], np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    assert choose_best_crop(v, boxes, CropParams())[0] == 3
+    assert choose_best_crop(v, boxes, CropParams(aspect_range=(0.5, 2.0)))[0] == 2
+    assert choose_best_crop(v, boxes, CropParams(aspect_range=(0.5, 2.0), min_area_fraction=0.5))[0] == 1
+    assert choose_best_crop(v, boxes, CropParams(min_area_fraction=0.95))[0] == 0  # none fits: whole
+
+
+def test_known_crop_is_chosen_on_a_constructed_plate(dino, tmp_path):
+    """On a uniform plate some candidates see exactly the pixels of the whole plate (same
+    letterbox), so their embedding equals the whole plate's: the first of them must win, with
+    cosine 1, and every candidate whose view differs must score lower."""
+    from tasks.embeddings import ViewsDataset
+
+    spec, model = dino
+    params = CropParams()
+    jobs = make_jobs(tmp_path, 1, params, colours=[(200, 40, 40)])
+    views = ViewsDataset(jobs, spec.input_size, (0, 0, 255), model.interpolation)[0][1]
+    identical = [i for i in range(1, len(views)) if torch.equal(views[i], views[0])]
+    different = [i for i in range(1, len(views)) if i not in identical]
+    assert identical and different  # the construction gives both kinds
+
+    vec = all_vectors(Embedder(model, DEVICE, "float32"), jobs, model, 32)["plate-0"]
+    best, sim = choose_best_crop(vec, [list(b) for b in jobs[0].boxes], params)
+    assert best == identical[0] and sim == pytest.approx(1.0, abs=1e-5)
+    assert max(vec[i] @ vec[0] for i in different) < 0.9999

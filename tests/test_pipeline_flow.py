@@ -1,0 +1,80 @@
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from flows.refresh import refresh_corpus
+from plateflow.config import CropParams
+
+from conftest import paper_plate
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+MODELS = ["tiny_dinov2", "tiny_clip"]
+
+
+def run(root, **kw):
+    state = refresh_corpus(str(root), models=MODELS, gpu_class="CPU", return_state=True, **kw)
+    table = {r["plate_dir"]: r for r in pq.read_table(root / "plates.parquet").to_pylist()}
+    return state, table
+
+
+def test_full_pipeline_with_both_backends(corpus, tiny_env):
+    state, table = run(corpus, crop_params=CropParams(crop_format="png"))
+    assert state.is_completed(), state.message
+    row = table["plate-002"]
+    assert row["embed_status"] == "computed" and row["crop_status"] == "computed"
+    d = corpus / "plates_structured" / "plate-002"
+    run_dir = d / "runs" / row["run_id"]
+    assert np.load(run_dir / "embeddings" / "tiny_dinov2.npy").shape == (16, 32)
+    assert np.load(run_dir / "embeddings" / "tiny_clip.npy").shape == (16, 16)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"run_id", "plate_id", "timestamp", "models", "outputs", "notes"} <= set(metrics)
+    assert metrics["models"] == MODELS and all((run_dir / o).is_file() for o in metrics["outputs"])
+    crop = json.loads((run_dir / "smart_crop.json").read_text())
+    assert crop["plate_id"] == "plate-002" and crop["original_size"] == [320, 240]
+    assert crop["crop_box"] == row["crop_box"] and crop["best_crop_idx"] == row["best_crop_idx"] >= 1
+    x0, y0, x1, y1 = crop["crop_box"]
+    saved = Image.open(run_dir / "best_crop.png")
+    assert saved.size == (x1 - x0, y1 - y0)  # cut from the full-resolution source
+    source = Image.open(d / "source" / "scan.jpg").convert("RGB")
+    assert np.array_equal(np.asarray(saved), np.asarray(source.crop((x0, y0, x1, y1))))
+    cands = json.loads((d / "crop_candidates.json").read_text())
+    assert len(cands["boxes"]) == 16 and Image.open(d / "working_copy.jpg").size[1] <= 1024
+    emb = pq.read_table(corpus / "embeddings" / "tiny_clip.parquet")
+    assert emb.num_rows == 3 * 16 and str(emb.schema.field("vector").type) == "fixed_size_list<element: float>[16]"
+    vec = np.asarray(emb.column("vector").to_pylist(), np.float32)
+    np.testing.assert_allclose(np.linalg.norm(vec, axis=1), 1.0, atol=1e-5)
+
+
+def test_rerun_skips_done_plates_and_a_changed_plate_is_redone(corpus, tiny_env):
+    run(corpus)
+    runs_before = sorted(p.name for p in (corpus / "plates_structured" / "plate-001" / "runs").iterdir())
+    state, table = run(corpus)
+    assert state.is_completed()
+    assert {r["embed_status"] for r in table.values()} == {"cached"}
+    assert {r["crop_status"] for r in table.values()} == {"cached"}
+    assert sorted(p.name for p in (corpus / "plates_structured" / "plate-001" / "runs").iterdir()) == runs_before
+
+    paper_plate(seed=42, photo_colour=(250, 0, 0)).save(corpus / "plates_structured" / "plate-003" / "source" / "scan.jpg")
+    _, table = run(corpus)
+    assert {k: r["embed_status"] for k, r in table.items()} == {
+        "plate-001": "cached", "plate-002": "cached", "plate-003": "computed"}
+
+
+def test_a_plate_that_fails_to_decode_fails_alone_in_the_full_pipeline(corpus, tiny_env):
+    (corpus / "plates_structured" / "plate-002" / "source" / "scan.jpg").write_bytes(b"\xff\xd8 broken")
+    state, table = run(corpus)
+    assert state.is_failed() and "plate-002" in state.message
+    assert table["plate-002"]["status"] == "failed" and table["plate-002"]["failed_step"] == "characterize"
+    assert table["plate-001"]["crop_status"] == "computed" and table["plate-003"]["status"] == "ok"
+
+
+def test_bad_model_configuration_fails_before_any_work(corpus, tiny_env):
+    state = refresh_corpus(str(corpus), models=["huge_dinov2"], gpu_class="T4_16GB", return_state=True)
+    assert state.is_failed() and "does not fit GPU class T4_16GB" in state.message
+    state = refresh_corpus(str(corpus), models=["nope"], gpu_class="CPU", return_state=True)
+    assert state.is_failed() and "unknown model 'nope'" in state.message
+    assert not (corpus / "plates.parquet").exists()
+    assert not (corpus / "plates_structured" / "plate-001" / "input_image.json").exists()
