@@ -37,3 +37,16 @@ def temp_path_for(path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     return Path(tmp)
+
+
+def write_parquet(path: Path, table) -> None:
+    """Write a pyarrow table to ``path`` atomically."""
+    import pyarrow.parquet as pq
+
+    tmp = temp_path_for(path)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -6,7 +6,7 @@ import hashlib
 import importlib
 import inspect
 
-from prefect.tasks import exponential_backoff  # noqa: F401  (re-exported for task definitions)
+from prefect.tasks import exponential_backoff
 
 from plateflow.errors import is_transient
 
@@ -31,3 +31,13 @@ def retry_transient(task, task_run, state) -> bool:
         except BaseException as raised:  # noqa: BLE001 - we only classify it
             exc = raised
     return exc is not None and is_transient(exc)
+
+
+# Task options for steps whose failures may be transient: retried with backoff and jitter,
+# but only for I/O-like errors (bad input fails at once).
+TRANSIENT_RETRIES = dict(
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=1),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_transient,
+)

@@ -17,7 +17,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 app = typer.Typer(help="Characterise, embed and smart-crop collections of plates with Prefect.",
                   no_args_is_help=True, add_completion=False)
-console = Console()
+console = Console(soft_wrap=True)  # paths stay on one line, easy to copy
 
 RootOpt = Annotated[Path, typer.Option("--root", "-r", help="Corpus root (holds plates_structured/).")]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prefect import task
 
-from plateflow.caching import code_version, exponential_backoff, retry_transient
+from plateflow.caching import TRANSIENT_RETRIES, code_version
 from plateflow.config import CharacterizeParams
 from plateflow.corpus import sha256_file
 from tasks.crops import jpeg_bytes, make_working_copy
@@ -63,15 +63,7 @@ def _task_key(context, parameters) -> str:
     return cache_key(parameters["sha256"], parameters["params"])
 
 
-_RETRY = dict(
-    retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=1),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_transient,
-)
-
-
-@task(name="hash-source", task_run_name="hash-{plate_id}", **_RETRY)
+@task(name="hash-source", task_run_name="hash-{plate_id}", **TRANSIENT_RETRIES)
 def hash_source(source: Path, plate_id: str) -> str:
     """sha256 of the source file: the content half of every cache key downstream."""
     return sha256_file(source)
@@ -82,7 +74,7 @@ def hash_source(source: Path, plate_id: str) -> str:
     task_run_name="characterize-{plate_id}",
     cache_key_fn=_task_key,
     persist_result=True,
-    **_RETRY,
+    **TRANSIENT_RETRIES,
 )
 def characterize(source: Path, sha256: str, params: CharacterizeParams, plate_id: str) -> Characterization:
     return characterize_image(source, params, expected_sha256=sha256)

@@ -29,9 +29,10 @@ def make_working_copy(rgb: Image.Image, short_side: int) -> Image.Image:
     return base.resize(size, Image.Resampling.LANCZOS)
 
 
-def jpeg_bytes(im: Image.Image, quality: int = 95) -> bytes:
+def jpeg_bytes(im: Image.Image, quality: int = 92) -> bytes:
+    """JPEG at 4:2:0, the libjpeg-turbo fast path (4:4:4 at q95 costs 1.5x more to encode)."""
     buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=quality, subsampling=0)
+    im.save(buf, "JPEG", quality=quality, subsampling=2)
     return buf.getvalue()
 
 
@@ -115,4 +116,4 @@ def cut_crop(source: Path, box: list[int], fmt: str) -> bytes:
         buf = io.BytesIO()
         crop.save(buf, "PNG", compress_level=1)
         return buf.getvalue()
-    return jpeg_bytes(crop, quality=95)
+    return jpeg_bytes(crop)

@@ -118,7 +118,8 @@ def letterbox(view: Image.Image, size: int, fill: tuple[int, int, int], resample
     scale = size / max(w, h)
     new = (max(1, round(w * scale)), max(1, round(h * scale)))
     canvas = Image.new("RGB", (size, size), fill)
-    canvas.paste(view.resize(new, resample), ((size - new[0]) // 2, (size - new[1]) // 2))
+    # reducing_gap: a C box reduction first, then the model's filter over the last factor of 2.
+    canvas.paste(view.resize(new, resample, reducing_gap=2.0), ((size - new[0]) // 2, (size - new[1]) // 2))
     return canvas
 
 
@@ -149,6 +150,11 @@ class ViewsDataset:
         job = self.jobs[i]
         try:
             with Image.open(job.working_copy) as im:
+                # JPEG DCT scaling: decode at the smallest scale that still gives every view at
+                # least the model's input size (a 2-4x cheaper decode and resize).
+                smallest = min(min(x1 - x0, y1 - y0) for x0, y0, x1, y1 in job.boxes)
+                scale = min(1.0, 2 * self.size / (smallest * im.width / job.original_size[0]))
+                im.draft("RGB", (round(im.width * scale), round(im.height * scale)))
                 work = im.convert("RGB")
         except (OSError, SyntaxError, ValueError) as exc:
             return i, f"cannot read working copy {Path(job.working_copy).name}: {exc}"

@@ -7,7 +7,6 @@ key, so its presence with matching bytes means the rest were written for the sam
 
 from __future__ import annotations
 
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
-from plateflow.atomic import dumps_json, temp_path_for, write_bytes
-from plateflow.caching import exponential_backoff, retry_transient
+from plateflow.atomic import dumps_json, write_bytes, write_parquet
+from plateflow.caching import TRANSIENT_RETRIES
 from plateflow.corpus import PlateRef
 from tasks.characterize import Characterization
 from tasks.crops import WORKING_COPY
@@ -90,10 +89,7 @@ def save_failure_record(plate: PlateRef, root: Path, error: str) -> None:
 @task(
     name="save-characterization",
     task_run_name="save-{plate.plate_id}",
-    retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=1),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_transient,
+    **TRANSIENT_RETRIES,
 )
 def save_plate(plate: PlateRef, root: Path, result: Characterization) -> bool:
     return save_characterization(plate, root, result)
@@ -150,14 +146,7 @@ def write_corpus_table(root: Path, rows: list[dict[str, Any]]) -> Path:
     full = [{**{f.name: None for f in SCHEMA}, "updated_at": now, **row} for row in rows]
     table = pa.Table.from_pylist([{k: r[k] for k in SCHEMA.names} for r in full], schema=SCHEMA)
     path = Path(root) / TABLE
-    table = _carry_foreign_columns(path, table)
-    tmp = temp_path_for(path)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_parquet(path, _carry_foreign_columns(path, table))
     return path
 
 
@@ -264,23 +253,14 @@ def write_embeddings_table(root: Path, model: str, rows: list[tuple[str, str, li
         pa.array([], pa.list_(pa.float32(), 1)),
     })
     path = Path(root) / "embeddings" / f"{model}.parquet"
-    tmp = temp_path_for(path)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_parquet(path, table)
     return path
 
 
 @task(
     name="save-smart-crop",
     task_run_name="smart-crop-{plate.plate_id}",
-    retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=1),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_transient,
+    **TRANSIENT_RETRIES,
 )
 def save_smart_crop(plate: PlateRef, run_id: str, key: str, vector_files: dict[str, str],
                     boxes: list[list[int]], crop_model: str, crop_params, original_size: tuple[int, int]) -> dict:

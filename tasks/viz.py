@@ -10,8 +10,8 @@ CHANNEL_COLOURS = {"r": (214, 39, 40), "g": (44, 160, 44), "b": (31, 119, 180), 
 
 
 def make_preview(rgb: Image.Image, size: int) -> Image.Image:
-    """Longest side <= ``size``: a C box reduction first, then Lanczos for the last step."""
-    factor = max(1, max(rgb.size) // (2 * size))
+    """Longest side <= ``size``: a C box reduction to just above ``size``, then Lanczos."""
+    factor = max(1, max(rgb.size) // size)
     small = rgb.reduce(factor) if factor > 1 else rgb.copy()
     small.thumbnail((size, size), Image.Resampling.LANCZOS)
     return small

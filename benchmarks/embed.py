@@ -1,0 +1,224 @@
+"""Embedding benchmark: model throughput, %-of-peak, end-to-end plates/s, and crop saving.
+
+Models are the real architectures with random weights built from their configs (no download);
+on a CPU-only machine it runs tiny models as a smoke test. Reported per model:
+
+  model-only   images/s at several batch sizes and dtypes; forward FLOPs per image (counted by
+               torch.utils.flop_counter) and the fraction of the GPU class's peak FLOP/s
+  stage        plates/s for the embedding stage: read cached working copies, build the 15 + 1
+               candidate views, embed, choose the best crop, write vectors and smart_crop.json
+  crop save    cutting + encoding the full-resolution best crop vs plain decoding of the sources
+
+    uv run python benchmarks/embed.py                      # CPU smoke test (tiny models)
+    uv run python benchmarks/embed.py --models dinov2_base # on a CUDA machine: real figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+# Vision-tower shapes of the CLIP checkpoints, for random-weight models of the same size.
+CLIP_CONFIGS = {
+    "clip_vit_b32": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=32, projection_dim=512),
+    "clip_vit_l14": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14, projection_dim=768),
+    "clip_vit_h14": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14, projection_dim=1024),
+    "tiny_clip": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=8, projection_dim=16),
+}
+
+
+def random_model(spec):
+    """A LoadedModel of the spec's architecture with random weights (no download)."""
+    from PIL import Image
+
+    from tasks.embeddings import LoadedModel
+
+    if spec.backend == "timm":
+        import timm
+        from timm.data import resolve_model_data_config
+
+        net = timm.create_model(spec.architecture, pretrained=False, num_classes=0, img_size=spec.input_size,
+                                **spec.model_kwargs)
+        cfg = resolve_model_data_config(net)
+        return LoadedModel(spec, net.eval(), tuple(cfg["mean"]), tuple(cfg["std"]), Image.Resampling.BICUBIC)
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = CLIPVisionConfig(image_size=spec.input_size, **CLIP_CONFIGS[spec.name])
+    proc = CLIPImageProcessor()
+    return LoadedModel(spec, CLIPVisionModelWithProjection(cfg).eval(), tuple(proc.image_mean),
+                       tuple(proc.image_std), Image.Resampling.BICUBIC)
+
+
+def flops_per_image(embed, size: int) -> float:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randint(0, 255, (2, 3, size, size), dtype=torch.uint8)
+    with FlopCounterMode(display=False) as counter:
+        embed(x)
+    return counter.get_total_flops() / 2
+
+
+def model_only(embed, size: int, batch: int, device: str, seconds: float = 2.0) -> float:
+    import torch
+
+    x = torch.randint(0, 255, (batch, 3, size, size), dtype=torch.uint8)
+    if device == "cuda":
+        x = x.pin_memory()
+    embed(x)  # warm-up
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        embed(x)
+        n += batch
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - start)
+
+
+def make_stage_inputs(folder: Path, plates: int, short_side: int = 1024):
+    """Working copies (as the CPU stage leaves them) and candidate boxes for ``plates`` plates."""
+    from PIL import Image
+    from skimage import data
+
+    from plateflow.config import CropParams
+    from tasks.crops import candidate_boxes
+    from tasks.embeddings import PlateJob
+
+    folder.mkdir(parents=True, exist_ok=True)
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    size = (6000, 4500)
+    boxes = candidate_boxes(*size, CropParams())
+    jobs = []
+    for i in range(plates):
+        work = folder / f"work-{i}.jpg"
+        if not work.exists():
+            im = Image.new("RGB", (short_side * 4 // 3, short_side), (246, 242, 232))
+            ph = Image.fromarray(photos[i % 4]).resize((short_side, short_side * 3 // 4))
+            im.paste(ph, ((im.width - ph.width) // 2, (im.height - ph.height) // 2))
+            im.save(work, quality=95)
+        jobs.append(PlateJob(f"p{i}", str(work), size, tuple(map(tuple, boxes)), str(folder / f"vec-{i}.npy")))
+    return jobs, boxes
+
+
+def stage(jobs, boxes, spec, model, embed, batch: int, workers: int) -> float:
+    from plateflow.atomic import write_json
+    from plateflow.config import CropParams
+    from tasks.crops import choose_best_crop
+    from tasks.embeddings import embed_jobs, save_vectors
+
+    params = CropParams()
+    start = time.perf_counter()
+    for job, vectors, error in embed_jobs(embed, jobs, model, batch, num_workers=workers,
+                                          pin_memory=embed.device.type == "cuda"):
+        best, sim = choose_best_crop(vectors, boxes, params)
+        save_vectors(Path(job.cache_file), vectors)
+        write_json(Path(job.cache_file).with_suffix(".json"), {"best_crop_idx": best, "similarity": sim})
+    return len(jobs) / (time.perf_counter() - start)
+
+
+def crop_save_ratio(sources: list[Path]) -> tuple[float, float]:
+    from PIL import Image
+
+    from plateflow.config import CropParams
+    from tasks.crops import candidate_boxes, cut_crop
+
+    def decode():
+        for p in sources:
+            with Image.open(p) as im:
+                im.load()
+
+    def crops():
+        for p in sources:
+            w, h = Image.open(p).size
+            cut_crop(p, candidate_boxes(w, h, CropParams())[1], "jpeg")
+
+    t_dec = min(_timed(decode) for _ in range(2))
+    t_crop = min(_timed(crops) for _ in range(2))
+    return t_dec / len(sources), t_crop / t_dec
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    import torch
+
+    from plateflow.hardware import classify, detect_device
+    from plateflow.profiles import load_profiles
+    from tasks.embeddings import Embedder
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=None, help="comma-separated; default: dinov2_base,clip_vit_b32 on CUDA, tiny models on CPU")
+    ap.add_argument("--plates", type=int, default=None)
+    ap.add_argument("--workers", type=int, default=None, help="reader threads (default: all cores)")
+    ap.add_argument("--sources", type=Path, default=HERE / "out" / "cpu_plates", help="large JPEGs for the crop-save ratio")
+    args = ap.parse_args()
+
+    device = detect_device()
+    cuda = device.cuda
+    if not cuda:
+        sys.path.insert(0, str(HERE.parent / "tests"))
+        from tiny_models import build_tiny_models
+
+        import os
+        profiles_dir, _ = build_tiny_models(Path(tempfile.mkdtemp()))
+        os.environ["PLATEFLOW_PROFILES"] = str(profiles_dir)
+    profiles = load_profiles()
+    cls = classify(device, profiles)
+    names = (args.models or ("dinov2_base,clip_vit_b32" if cuda else "tiny_dinov2,tiny_clip")).split(",")
+    plates = args.plates or (2048 if cuda else 32)
+    workers = args.workers or (__import__("os").cpu_count() or 2)
+    peak = profiles.gpu_class(cls).peak_tflops
+    print(f"device: {device.name} ({cls}), torch {torch.__version__}, reader threads {workers}")
+    jobs, boxes = make_stage_inputs(HERE / "out" / "embed_stage", plates)
+
+    report = {"device": device.name, "gpu_class": cls, "models": {}}
+    for name in names:
+        spec = profiles.model(name)
+        model = random_model(spec)
+        batch_cls, dtype_cls = profiles.plan(name, cls) if name in profiles.models and cls in spec.batch else (16, "float32")
+        dtypes = ["float32"] + ([dtype_cls] if dtype_cls != "float32" else [])
+        flops = flops_per_image(Embedder(model, "cpu", "float32"), spec.input_size)
+        rows = []
+        for dtype in dtypes:
+            embed = Embedder(model, "cuda" if cuda else "cpu", dtype)
+            for batch in sorted({max(1, batch_cls // 4), batch_cls // 2 or 1, batch_cls}):
+                ips = model_only(embed, spec.input_size, batch, "cuda" if cuda else "cpu")
+                frac = (ips * flops / (peak * 1e12)) if (cuda and peak) else None
+                rows.append({"dtype": dtype, "batch": batch, "images_per_s": round(ips, 1),
+                             "pct_of_peak": round(100 * frac, 1) if frac is not None else None})
+                print(f"{name:14s} {dtype:9s} batch {batch:5d}: {ips:9.1f} img/s"
+                      + (f"  {100 * frac:5.1f}% of {peak} TFLOP/s" if frac is not None else ""))
+        embed = Embedder(model, "cuda" if cuda else "cpu", dtype_cls)
+        stage(jobs[: min(8, len(jobs))], boxes, spec, model, embed, batch_cls, workers)  # warm-up
+        pps = stage(jobs, boxes, spec, model, embed, batch_cls, workers)
+        print(f"{name:14s} stage ({len(boxes)} views/plate, {dtype_cls}, batch {batch_cls}): {pps:.1f} plates/s"
+              f"  [{flops / 1e9:.4g} GFLOP/image]")
+        report["models"][name] = {"gflops_per_image": round(flops / 1e9, 3), "model_only": rows,
+                                  "stage_plates_per_s": round(pps, 1)}
+    sources = sorted(args.sources.glob("*.jpg"))[:4]
+    if sources:
+        per_decode, ratio = crop_save_ratio(sources)
+        print(f"best-crop save (JPEG, full resolution) vs plain decode: {ratio:.2f}x ({per_decode:.3f} s/decode)")
+        report["crop_save_vs_decode"] = round(ratio, 2)
+    else:
+        print(f"no sources in {args.sources} (run benchmarks/cpu_stage.py first) for the crop-save ratio")
+    out = HERE / "out" / "embed.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

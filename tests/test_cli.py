@@ -1,0 +1,53 @@
+import json
+
+from typer.testing import CliRunner
+
+from plateflow.cli import app
+from tasks.save import write_corpus_table
+
+from conftest import paper_plate
+
+runner = CliRunner()
+
+
+def test_every_command_has_help():
+    for cmd in ([], ["ingest"], ["refresh"], ["status"], ["hardware"], ["demo"]):
+        result = runner.invoke(app, [*cmd, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_ingest_reports_added_and_skipped_files(tmp_path):
+    src = tmp_path / "scans"
+    src.mkdir()
+    paper_plate().save(src / "a.png")
+    (src / "readme.md").write_text("# notes")
+    result = runner.invoke(app, ["ingest", str(src), "--root", str(tmp_path / "corpus")])
+    assert result.exit_code == 0, result.output
+    assert "added plate-001" in result.output and "readme.md: not an image" in result.output
+    assert "1 added, 1 skipped" in result.output
+
+
+def test_status_lists_failures_with_reasons(tmp_path):
+    write_corpus_table(tmp_path, [
+        {"plate_dir": "plate-001", "plate_id": "plate-001", "status": "ok", "characterize_status": "cached"},
+        {"plate_dir": "plate-002", "plate_id": "plate-002", "status": "failed", "failed_step": "characterize",
+         "error": "ImageDecodeError: empty file (0 bytes)", "characterize_status": "failed"},
+    ])
+    result = runner.invoke(app, ["status", "--root", str(tmp_path)], terminal_width=200)
+    assert result.exit_code == 0
+    assert "2 plates: 1 ok, 1 failed" in result.output and "empty file (0 bytes)" in result.output
+    assert runner.invoke(app, ["status", "--root", str(tmp_path / "none")]).exit_code == 1
+
+
+def test_hardware_prints_class_batch_sizes_and_dtypes(monkeypatch):
+    monkeypatch.setenv("PLATEFLOW_GPU_CLASS", "T4_16GB")
+    result = runner.invoke(app, ["hardware"])
+    report = json.loads(result.output)
+    assert report["gpu_class"] == "T4_16GB" and report["overridden"] is True
+    assert report["models"]["dinov2_base"] == {"batch_size": 256, "dtype": "float16"}
+    assert "use dinov2_large" in report["models"]["dinov2_giant"]["refused"]
+
+
+def test_refresh_rejects_a_root_that_is_not_a_corpus(tmp_path):
+    result = runner.invoke(app, ["refresh", "--root", str(tmp_path)])
+    assert result.exit_code != 0 and "plates_structured" in result.output
