@@ -89,11 +89,22 @@ def decode_image(path: Path, max_pixels: int, expected_sha256: str | None = None
         file_size_bytes=len(data),
         image_format=fmt,
         mode=mode,
-        bit_depth=_BIT_DEPTH.get(mode, 8),
+        bit_depth=_bit_depth(im, data),
         has_alpha=mode in _ALPHA_MODES or (mode == "P" and "transparency" in im.info),
         frames=frames,
         exif_orientation=orientation,
     )
+
+
+def _bit_depth(im: Image.Image, data: bytes) -> int:
+    """Bits per sample as stored: Pillow reads 48-bit RGB TIFF/PNG as 8-bit RGB, so ask the file."""
+    if im.format == "TIFF" and hasattr(im, "tag_v2"):
+        bits = im.tag_v2.get(258)
+        if bits:
+            return int(max(bits) if isinstance(bits, tuple) else bits)
+    if im.format == "PNG" and data[12:16] == b"IHDR":
+        return data[24]
+    return _BIT_DEPTH.get(im.mode, 8)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

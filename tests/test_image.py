@@ -41,6 +41,17 @@ def test_sixteen_bit_keeps_the_high_byte(tmp_path):
     assert meta["bit_depth"] == 16 and meta["mean_rgb"] == [0xAB] * 3
 
 
+def test_sixteen_bit_rgb_tiff_is_read_with_its_bit_depth(tmp_path):
+    import tifffile
+
+    a = np.full((6, 9, 3), (0x1234, 0x8000, 0xFFFF), np.uint16)
+    path = tmp_path / "archival.tif"
+    tifffile.imwrite(path, a, photometric="rgb", compression="zlib")
+    meta = characterize_image(path, CharacterizeParams()).metadata
+    assert meta["bit_depth"] == 16 and meta["image_format"] == "TIFF"
+    assert meta["mean_rgb"] == [0x12, 0x80, 0xFF]
+
+
 def test_alpha_is_composited_on_white(tmp_path):
     path = tmp_path / "clear.png"
     Image.new("RGBA", (10, 10), (0, 0, 0, 0)).save(path)

@@ -78,3 +78,18 @@ def test_bad_model_configuration_fails_before_any_work(corpus, tiny_env):
     assert state.is_failed() and "unknown model 'nope'" in state.message
     assert not (corpus / "plates.parquet").exists()
     assert not (corpus / "plates_structured" / "plate-001" / "input_image.json").exists()
+
+
+def test_odd_but_valid_plates_go_through_the_whole_pipeline(tmp_path, tiny_env):
+    from conftest import make_plate
+
+    root = tmp_path / "corpus"
+    make_plate(root, "plate-001", Image.new("RGB", (1, 1), (10, 20, 30)), filename="dot.png")
+    make_plate(root, "plate-002", Image.new("L", (4, 3000), 128), filename="strip.png")
+    make_plate(root, "plate-003", paper_plate(), filename="normal.jpg")
+    state, table = run(root)
+    assert state.is_completed(), state.message
+    assert table["plate-001"]["best_crop_idx"] == 0  # no candidate fits inside one pixel: the whole plate
+    assert table["plate-002"]["extreme_aspect"] is True and table["plate-002"]["crop_status"] == "computed"
+    run_dir = root / "plates_structured" / "plate-001" / "runs" / table["plate-001"]["run_id"]
+    assert Image.open(run_dir / "best_crop.jpg").size == (1, 1)
