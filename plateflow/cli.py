@@ -99,6 +99,16 @@ def hardware() -> None:
 
 
 @app.command()
+def pools() -> None:
+    """Create the work pools of deployments/work-pools.toml on the configured Prefect server
+    (PREFECT_API_URL), or update them to match; running it again changes nothing."""
+    from plateflow.pools import ensure_pools
+
+    for name, action in ensure_pools():
+        console.print(f"{action:9s} {name}")
+
+
+@app.command()
 def status(root: RootOpt) -> None:
     """Summarise ROOT/plates.parquet: plates per status and every failure with its reason."""
     if not _print_status(root.expanduser().resolve()):

@@ -6,6 +6,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 
+from plateflow.pools import pool_for_class
 from plateflow.profiles import Profiles
 
 
@@ -58,4 +59,4 @@ def hardware_report(profiles: Profiles) -> dict:
             plans[name] = {"refused": str(exc)}
     return {"device": asdict(device), "gpu_class": cls,
             "overridden": bool(os.environ.get("PLATEFLOW_GPU_CLASS")),
-            "pool": profiles.gpu_class(cls).pool, "models": plans}
+            "pool": pool_for_class(cls).name, "models": plans}

@@ -36,7 +36,6 @@ class GpuClass(BaseModel):
     name: str
     vram_gb: float
     dtype: Literal["float32", "float16", "bfloat16"]
-    pool: str
     peak_tflops: float | None = None
 
 

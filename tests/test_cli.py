@@ -51,3 +51,13 @@ def test_hardware_prints_class_batch_sizes_and_dtypes(monkeypatch):
 def test_refresh_rejects_a_root_that_is_not_a_corpus(tmp_path):
     result = runner.invoke(app, ["refresh", "--root", str(tmp_path)])
     assert result.exit_code != 0 and "plates_structured" in result.output
+
+
+def test_every_gpu_class_has_exactly_one_pool():
+    from plateflow.pools import pool_definitions
+    from plateflow.profiles import load_profiles
+
+    pools = pool_definitions()
+    assert set(pools) == set(load_profiles().classes)
+    assert len({p.name for p in pools.values()}) == len(pools)
+    assert all(p.worker_limit == 1 for c, p in pools.items() if c != "CPU")
