@@ -109,6 +109,26 @@ def pools() -> None:
 
 
 @app.command()
+def worker(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the worker command, do not start it.")] = False,
+) -> None:
+    """Start a Prefect worker on the work pool of this machine's GPU class (PLATEFLOW_GPU_CLASS
+    overrides detection), running at most the pool's worker_limit flow runs at once."""
+    from plateflow.hardware import gpu_class
+    from plateflow.pools import pool_for_class
+    from plateflow.profiles import load_profiles
+
+    cls = gpu_class(load_profiles())
+    pool = pool_for_class(cls)
+    prefect_cli = Path(sys.executable).with_name("prefect")
+    cmd = [str(prefect_cli), "worker", "start", "--pool", pool.name, "--type", pool.type,
+           "--limit", str(pool.worker_limit)]
+    console.print(f"GPU class {cls}: {' '.join(cmd)}")
+    if not dry_run:
+        os.execv(cmd[0], cmd)
+
+
+@app.command()
 def status(root: RootOpt) -> None:
     """Summarise ROOT/plates.parquet: plates per status and every failure with its reason."""
     if not _print_status(root.expanduser().resolve()):

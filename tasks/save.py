@@ -257,13 +257,8 @@ def write_embeddings_table(root: Path, model: str, rows: list[tuple[str, str, li
     return path
 
 
-@task(
-    name="save-smart-crop",
-    task_run_name="smart-crop-{plate.plate_id}",
-    **TRANSIENT_RETRIES,
-)
-def save_smart_crop(plate: PlateRef, run_id: str, key: str, vector_files: dict[str, str],
-                    boxes: list[list[int]], crop_model: str, crop_params, original_size: tuple[int, int]) -> dict:
+def smart_crop_plate(plate: PlateRef, run_id: str, key: str, vector_files: dict[str, str],
+                     boxes: list[list[int]], crop_model: str, crop_params, original_size: tuple[int, int]) -> dict:
     """Choose the best crop and write this run's outputs, unless an earlier run has them for ``key``."""
     import numpy as np
 
@@ -278,3 +273,9 @@ def save_smart_crop(plate: PlateRef, run_id: str, key: str, vector_files: dict[s
     return {"run_id": existing or run_id, "crop_status": "cached" if existing else "computed",
             "best_crop_idx": best, "crop_box": boxes[best], "similarity": similarity,
             "original_size": list(original_size)}
+
+
+@task(name="save-smart-crop", task_run_name="smart-crop-{plate.plate_id}", **TRANSIENT_RETRIES)
+def save_smart_crop(plate: PlateRef, run_id: str, key: str, vector_files: dict[str, str],
+                    boxes: list[list[int]], crop_model: str, crop_params, original_size: tuple[int, int]) -> dict:
+    return smart_crop_plate(plate, run_id, key, vector_files, boxes, crop_model, crop_params, original_size)

@@ -11,7 +11,7 @@ runner = CliRunner()
 
 
 def test_every_command_has_help():
-    for cmd in ([], ["ingest"], ["refresh"], ["status"], ["hardware"], ["demo"]):
+    for cmd in ([], ["ingest"], ["refresh"], ["status"], ["hardware"], ["demo"], ["pools"], ["worker"]):
         result = runner.invoke(app, [*cmd, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output
 
@@ -61,3 +61,13 @@ def test_every_gpu_class_has_exactly_one_pool():
     assert set(pools) == set(load_profiles().classes)
     assert len({p.name for p in pools.values()}) == len(pools)
     assert all(p.worker_limit == 1 for c, p in pools.items() if c != "CPU")
+
+
+def test_worker_serves_the_pool_of_the_local_class(monkeypatch):
+    monkeypatch.setenv("PLATEFLOW_GPU_CLASS", "H100_80GB")
+    result = runner.invoke(app, ["worker", "--dry-run"], terminal_width=300)
+    assert result.exit_code == 0
+    assert "--pool plates-gpu-h100-80gb --type process --limit 1" in result.output
+    monkeypatch.setenv("PLATEFLOW_GPU_CLASS", "NOT_A_CLASS")
+    result = runner.invoke(app, ["worker", "--dry-run"])
+    assert result.exit_code != 0 and "unknown GPU class 'NOT_A_CLASS'" in str(result.exception)

@@ -188,3 +188,27 @@ def test_known_crop_is_chosen_on_a_constructed_plate(dino, tmp_path):
     best, sim = choose_best_crop(vec, [list(b) for b in jobs[0].boxes], params)
     assert best == identical[0] and sim == pytest.approx(1.0, abs=1e-5)
     assert max(vec[i] @ vec[0] for i in different) < 0.9999
+
+
+def test_smart_crop_writes_a_run_once_per_key(tmp_path):
+    from plateflow.corpus import PlateRef
+    from tasks.save import smart_crop_plate
+
+    plate_dir = tmp_path / "plate-001"
+    (plate_dir / "source").mkdir(parents=True)
+    paper_plate(300, 200).save(plate_dir / "source" / "scan.png")
+    ref = PlateRef("plate-001", plate_dir, "plate-001", plate_dir / "source" / "scan.png", "source/scan.png")
+    boxes = candidate_boxes(300, 200, CropParams())
+    vec = np.random.default_rng(0).normal(size=(len(boxes), 8)).astype(np.float32)
+    vec /= np.linalg.norm(vec, axis=1, keepdims=True)
+    np.save(tmp_path / "v.npy", vec)
+    args = (boxes, "m", CropParams(crop_format="png"), (300, 200))
+    first = smart_crop_plate(ref, "run-a", "key-1", {"m": str(tmp_path / "v.npy")}, *args)
+    again = smart_crop_plate(ref, "run-b", "key-1", {"m": str(tmp_path / "v.npy")}, *args)
+    other = smart_crop_plate(ref, "run-c", "key-2", {"m": str(tmp_path / "v.npy")}, *args)
+    assert (first["crop_status"], again["crop_status"], other["crop_status"]) == ("computed", "cached", "computed")
+    assert again["run_id"] == "run-a" and not (plate_dir / "runs" / "run-b").exists()
+    expected = int(np.argmax(vec[1:] @ vec[0])) + 1
+    assert first["best_crop_idx"] == expected and first["crop_box"] == boxes[expected]
+    saved = json.loads((plate_dir / "runs" / "run-a" / "smart_crop.json").read_text())
+    assert saved["best_crop_idx"] == expected and saved["similarity"] == pytest.approx(float(vec[expected] @ vec[0]))
