@@ -178,7 +178,7 @@ def main() -> None:
         results[variant] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     floor = results["decode"]["seconds"]
     limit = 2 * largest_decoded + 400e6
-    print(f"\n| variant | s/plate | x decode | peak RSS (MB) | target |")
+    print("\n| variant | s/plate | x decode | peak RSS (MB) | target |")
     print("|---|---|---|---|---|")
     targets = {"decode": "floor", "plateflow": "<= 1.5x", "plateflow+viz": "<= 2x", "numpy": "reference"}
     for v, r in results.items():

@@ -2,7 +2,6 @@ import json
 import os
 
 import pytest
-from PIL import Image
 
 from plateflow.corpus import PlateProblem, PlateRef, discover_plates, ingest, read_manifest, sha256_file
 from plateflow.errors import DuplicatePlateError, ManifestError, UnsafePathError
