@@ -90,13 +90,15 @@ def refresh_corpus(
     crop_params: CropParams = CropParams(),
     gpu_class: str | None = None,
     weights_root: str | None = None,
+    plates: list[str] | None = None,
 ):
     """Characterise every plate under ROOT/plates_structured; with ``models``, also build crop
     candidates, embed them with each model, choose and save the smart crop. Writes
     ROOT/plates.parquet (and ROOT/embeddings/<model>.parquet).
 
-    Ends Failed (with every failed plate and its reason in the message) if any plate failed;
-    the other plates are complete either way.
+    ``plates`` (folder names) limits the run to those plates; the other plates' rows in the
+    tables are kept as they are. Ends Failed (with every failed plate and its reason in the
+    message) if any plate failed; the other plates are complete either way.
     """
     logger = get_run_logger()
     started = time.perf_counter()
@@ -114,6 +116,10 @@ def refresh_corpus(
     root_path = cfg.root
     write_json(state_dir(root_path) / "config.json", cfg.model_dump(mode="json"))
     found = discover_plates(root_path)
+    if plates is not None:
+        wanted = set(plates)
+        found = [p for p in found if p.folder in wanted]
+    partial = plates is not None
     plates = [p for p in found if isinstance(p, PlateRef)]
     problems = [p for p in found if isinstance(p, PlateProblem)]
     logger.info("%d plate folders: %d to process, %d with manifest problems",
@@ -141,9 +147,9 @@ def refresh_corpus(
     if models:
         run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
         _embed_and_crop(root_path, runs, {r["plate_dir"]: r for r in rows}, models, crop_model,
-                        crop_params, gpu_class, weights_root, run_id)
+                        crop_params, gpu_class, weights_root, run_id, partial)
     rows.sort(key=lambda r: r["plate_dir"])
-    table_path = write_corpus_table(root_path, rows)
+    table_path = write_corpus_table(root_path, rows, partial=partial)
     failed = [r for r in rows if r["status"] == "failed"]
     counts = {s: sum(r.get("characterize_status") == s for r in rows)
               for s in ("computed", "cached")}
@@ -164,7 +170,7 @@ def refresh_corpus(
 
 def _embed_and_crop(root: Path, runs: list[PlateRun], rows: dict[str, dict], models: list[str],
                     crop_model: str, crop_params: CropParams, gpu_class: str,
-                    weights_root: str | None, run_id: str) -> None:
+                    weights_root: str | None, run_id: str, partial: bool = False) -> None:
     """Candidates, embeddings (only plates without cached vectors go to the GPU flow), smart crop."""
     from flows.embed import embed_plates
 
@@ -233,7 +239,7 @@ def _embed_and_crop(root: Path, runs: list[PlateRun], rows: dict[str, dict], mod
         table_rows = [(run.plate.plate_id, info[run.plate.folder][0], boxes[run.plate.folder],
                        np.load(files[run.plate.folder][model])) for run in ok
                       if rows[run.plate.folder]["status"] == "ok"]
-        logger.info("wrote %s", write_embeddings_table(root, model, table_rows))
+        logger.info("wrote %s", write_embeddings_table(root, model, table_rows, partial=partial))
 
 
 def _fail(row: dict, step: str, exc: BaseException | None) -> None:

@@ -55,6 +55,7 @@ def refresh(
     min_crop_area: Annotated[float, typer.Option(help="Smallest crop, as a fraction of the plate area.")] = 0.0,
     gpu_class: Annotated[Optional[str], typer.Option(help="GPU class to plan for (default: detected).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Folder with <model>/ weights (else the HF cache).")] = None,
+    failed_only: Annotated[bool, typer.Option("--failed-only", help="Retry only the plates whose last status is failed (the retry-failed-plates flow).")] = False,
 ) -> None:
     """Run the refresh flow: only plates whose content, parameters or code changed are recomputed.
 
@@ -64,6 +65,7 @@ def refresh(
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from flows.refresh import refresh_corpus
+    from flows.retry import retry_failed_plates
     from plateflow.config import CharacterizeParams, CropParams, RefreshConfig
 
     try:
@@ -72,7 +74,8 @@ def refresh(
         cfg = RefreshConfig(root=root, characterize=params, **({"workers": workers} if workers else {}))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    flow_fn = refresh_corpus.with_options(task_runner=ThreadPoolTaskRunner(max_workers=cfg.workers))
+    runner_ = ThreadPoolTaskRunner(max_workers=cfg.workers)
+    flow_fn = retry_failed_plates if failed_only else refresh_corpus.with_options(task_runner=runner_)
     model_list = [m.strip() for m in models.split(",") if m.strip()]
     try:
         state = flow_fn(root=str(cfg.root), characterize_params=params, models=model_list,
@@ -169,7 +172,7 @@ def demo(
     console.print(f"demo sources: {len(sources)} plates written under {sources[0].parent}")
     ingest(sources, root)
     refresh(root, workers=None, no_viz=False, max_megapixels=250.0, models="", crop_model=None,
-            crop_format="jpeg", min_crop_area=0.0, gpu_class=None, weights=None)
+            crop_format="jpeg", min_crop_area=0.0, gpu_class=None, weights=None, failed_only=False)
     console.print(f"open {root / 'plates_structured'} to see each plate's JSON and viz/ files")
 
 

@@ -136,14 +136,21 @@ SCHEMA = pa.schema([
 ])
 
 
-def write_corpus_table(root: Path, rows: list[dict[str, Any]]) -> Path:
+def write_corpus_table(root: Path, rows: list[dict[str, Any]], partial: bool = False) -> Path:
     """Write ROOT/plates.parquet atomically with the typed schema.
 
-    Columns plateflow does not know (added by a notebook, say) are kept for plate_ids that are
-    still in the corpus.
+    ``partial``: ``rows`` cover only some plates (a retry); the others keep their rows as they
+    are. Columns plateflow does not know (added by a notebook, say) are kept for plate_ids that
+    are still in the corpus.
     """
     now = datetime.now(timezone.utc).replace(microsecond=0)
     full = [{**{f.name: None for f in SCHEMA}, "updated_at": now, **row} for row in rows]
+    old = read_corpus_table(root) if partial else None
+    if old is not None:
+        mine = {r["plate_dir"] for r in full}
+        kept = [{**{f.name: None for f in SCHEMA}, **{k: v for k, v in r.items() if k in SCHEMA.names}}
+                for r in old.to_pylist() if r.get("plate_dir") not in mine]
+        full = sorted(full + kept, key=lambda r: r["plate_dir"])
     table = pa.Table.from_pylist([{k: r[k] for k in SCHEMA.names} for r in full], schema=SCHEMA)
     path = Path(root) / TABLE
     write_parquet(path, _carry_foreign_columns(path, table))
@@ -227,8 +234,12 @@ def save_run_outputs(plate: PlateRef, run_id: str, key: str, vectors: dict[str, 
     return run_id
 
 
-def write_embeddings_table(root: Path, model: str, rows: list[tuple[str, str, list[list[int]], "object"]]) -> Path:
-    """ROOT/embeddings/<model>.parquet: plate_id, sha256, candidate_index, box, vector."""
+def write_embeddings_table(root: Path, model: str, rows: list[tuple[str, str, list[list[int]], "object"]],
+                           partial: bool = False) -> Path:
+    """ROOT/embeddings/<model>.parquet: plate_id, sha256, candidate_index, box, vector.
+
+    ``partial``: ``rows`` cover only some plates; the other plates' rows are kept.
+    """
     import numpy as np
 
     plate_ids, shas, idx, boxes, vecs = [], [], [], [], []
@@ -253,6 +264,13 @@ def write_embeddings_table(root: Path, model: str, rows: list[tuple[str, str, li
         pa.array([], pa.list_(pa.float32(), 1)),
     })
     path = Path(root) / "embeddings" / f"{model}.parquet"
+    if partial and path.is_file():
+        import pyarrow.compute as pc
+
+        old = pq.read_table(path)
+        if old.schema.equals(table.schema):
+            keep = pc.invert(pc.is_in(old.column("plate_id"), value_set=pa.array(sorted(set(plate_ids)), pa.string())))
+            table = pa.concat_tables([old.filter(keep), table])
     write_parquet(path, table)
     return path
 

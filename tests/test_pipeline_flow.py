@@ -93,3 +93,21 @@ def test_odd_but_valid_plates_go_through_the_whole_pipeline(tmp_path, tiny_env):
     assert table["plate-002"]["extreme_aspect"] is True and table["plate-002"]["crop_status"] == "computed"
     run_dir = root / "plates_structured" / "plate-001" / "runs" / table["plate-001"]["run_id"]
     assert Image.open(run_dir / "best_crop.jpg").size == (1, 1)
+
+
+def test_retry_with_models_keeps_the_other_plates_embeddings(corpus, tiny_env):
+    from flows.retry import retry_failed_plates
+
+    scan = corpus / "plates_structured" / "plate-003" / "source" / "scan.jpg"
+    good = scan.read_bytes()
+    scan.write_bytes(b"")
+    state, _ = run(corpus)
+    assert state.is_failed()
+    assert set(pq.read_table(corpus / "embeddings" / "tiny_clip.parquet").column("plate_id").to_pylist()) == {
+        "plate-001", "plate-002"}
+    scan.write_bytes(good)
+    state = retry_failed_plates(str(corpus), models=MODELS, gpu_class="CPU", return_state=True)
+    assert state.is_completed(), state.message
+    emb = pq.read_table(corpus / "embeddings" / "tiny_clip.parquet")
+    assert sorted(set(emb.column("plate_id").to_pylist())) == ["plate-001", "plate-002", "plate-003"]
+    assert emb.num_rows == 3 * 16

@@ -156,3 +156,28 @@ def test_existing_corpus_table_columns_are_kept(corpus):
                    corpus / "plates.parquet")
     _, table = run(corpus)
     assert table["plate-001"]["curator_note"] == "faded" and table["plate-003"]["curator_note"] is None
+
+
+def test_retry_failed_plates_reruns_only_the_failed_ones(corpus):
+    from flows.retry import retry_failed_plates
+
+    scan = corpus / "plates_structured" / "plate-002" / "source" / "scan.jpg"
+    good = scan.read_bytes()
+    scan.write_bytes(good[:200])
+    state, before = run(corpus)
+    assert state.is_failed() and before["plate-002"]["status"] == "failed"
+    untouched = corpus / "plates_structured" / "plate-001" / "input_image.json"
+    mtime = untouched.stat().st_mtime_ns
+
+    scan.write_bytes(good)  # the user fixes the file
+    state = retry_failed_plates(str(corpus), return_state=True)
+    assert state.is_completed(), state.message
+    assert "1 of 1 plates ok" in state.message  # only the failed plate was in the run
+    after = {r["plate_dir"]: r for r in pq.read_table(corpus / "plates.parquet").to_pylist()}
+    assert set(after) == {"plate-001", "plate-002", "plate-003"}
+    assert after["plate-002"]["status"] == "ok" and after["plate-002"]["characterize_status"] == "computed"
+    assert after["plate-001"] == before["plate-001"]  # row kept as it was, timestamp included
+    assert untouched.stat().st_mtime_ns == mtime
+
+    state = retry_failed_plates(str(corpus), return_state=True)
+    assert state.is_completed() and state.message == "no failed plates"

@@ -1,0 +1,43 @@
+"""retry_failed_plates: re-run only the plates whose last status in plates.parquet is failed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.states import Completed, Failed
+
+from flows.refresh import refresh_corpus
+from plateflow.config import CharacterizeParams, CropParams
+from plateflow.errors import ConfigError
+from tasks.save import read_corpus_table
+
+
+def failed_plates(root: Path) -> list[str]:
+    """Folder names of the plates whose last status is failed."""
+    table = read_corpus_table(root)
+    if table is None:
+        raise ConfigError(f"{root} has no plates.parquet yet: run `plateflow refresh --root {root}` first")
+    return sorted(r["plate_dir"] for r in table.to_pylist() if r["status"] == "failed")
+
+
+@flow(name="retry-failed-plates")
+def retry_failed_plates(
+    root: str,
+    characterize_params: CharacterizeParams = CharacterizeParams(),
+    models: list[str] = [],
+    crop_model: str | None = None,
+    crop_params: CropParams = CropParams(),
+    gpu_class: str | None = None,
+    weights_root: str | None = None,
+):
+    """Refresh only the failed plates (same parameters as refresh-corpus); the rest stay as they are."""
+    logger = get_run_logger()
+    failed = failed_plates(Path(root).expanduser().resolve())
+    if not failed:
+        return Completed(message="no failed plates")
+    logger.info("retrying %d failed plates: %s", len(failed), ", ".join(failed))
+    state = refresh_corpus(root, characterize_params, models, crop_model, crop_params, gpu_class,
+                           weights_root, plates=failed, return_state=True)
+    # Re-wrap: returning the subflow's state as is would replace its summary with a generic one.
+    return (Completed if state.is_completed() else Failed)(message=state.message)
