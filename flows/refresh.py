@@ -61,7 +61,7 @@ def _plate_row(run: PlateRun) -> dict:
         if step == "characterize":
             row["characterize_status"] = outcome
         if outcome == "failed":
-            row.update(status="failed", failed_step=step, error=f"{type(exc).__name__}: {exc}")
+            _fail(row, step, exc)
             row.setdefault("characterize_status", "not_run")
             if isinstance(exc, (ImageDecodeError, TooManyPixelsError)):
                 save_failure_record(run.plate, run.plate.plate_dir.parents[1], str(exc))
@@ -187,7 +187,7 @@ def _embed_and_crop(root: Path, runs: list[PlateRun], rows: dict[str, dict], mod
     for run in ok:
         outcome, exc = _step_outcome(boxes_f[run.plate.folder])
         if outcome == "failed":
-            _fail(rows[run.plate.folder], "candidates", exc)
+            _fail(rows[run.plate.folder], "candidates", exc, embed_status="not_run")
         else:
             boxes[run.plate.folder] = boxes_f[run.plate.folder].result()
     ok = [run for run in ok if run.plate.folder in boxes]
@@ -210,11 +210,11 @@ def _embed_and_crop(root: Path, runs: list[PlateRun], rows: dict[str, dict], mod
         state = embed_plates(model, jobs, gpu_class, weights_root=weights_root, return_state=True)
         if not state.is_completed():
             for job in jobs:
-                _fail(rows[job.plate_id], "embed", RuntimeError(f"{model}: {state.message}"))
+                _fail(rows[job.plate_id], "embed", RuntimeError(f"{model}: {state.message}"), embed_status="failed")
             continue
         for plate_folder, error in state.result().items():
             if error is not None:
-                _fail(rows[plate_folder], "embed", RuntimeError(f"{model}: {error}"))
+                _fail(rows[plate_folder], "embed", RuntimeError(f"{model}: {error}"), embed_status="failed")
             computed.add(plate_folder)
 
     ok = [run for run in ok if rows[run.plate.folder]["status"] == "ok"]
@@ -242,8 +242,8 @@ def _embed_and_crop(root: Path, runs: list[PlateRun], rows: dict[str, dict], mod
         logger.info("wrote %s", write_embeddings_table(root, model, table_rows, partial=partial))
 
 
-def _fail(row: dict, step: str, exc: BaseException | None) -> None:
+def _fail(row: dict, step: str, exc: BaseException | None, embed_status: str | None = None) -> None:
+    """Mark a plate's corpus-table row failed at ``step``, with the error that says why."""
     row.update(status="failed", failed_step=step, error=f"{type(exc).__name__}: {exc}")
-    row.setdefault("embed_status", "failed" if step == "embed" else "not_run")
-    if step == "embed":
-        row["embed_status"] = "failed"
+    if embed_status is not None:
+        row["embed_status"] = embed_status
