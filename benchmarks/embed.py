@@ -61,7 +61,7 @@ def flops_per_image(embed, size: int) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.randint(0, 255, (2, 3, size, size), dtype=torch.uint8)
+    x = torch.rand(2, 3, size, size) * 255
     with FlopCounterMode(display=False) as counter:
         embed(x)
     return counter.get_total_flops() / 2
@@ -70,9 +70,7 @@ def flops_per_image(embed, size: int) -> float:
 def model_only(embed, size: int, batch: int, device: str, seconds: float = 2.0) -> float:
     import torch
 
-    x = torch.randint(0, 255, (batch, 3, size, size), dtype=torch.uint8)
-    if device == "cuda":
-        x = x.pin_memory()
+    x = torch.rand(batch, 3, size, size, device=device) * 255  # views as Embedder.extract leaves them
     embed(x)  # warm-up
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -108,19 +106,47 @@ def make_stage_inputs(folder: Path, plates: int, short_side: int = 1024):
     return jobs, boxes
 
 
+class NullEmbed:
+    """Stands in for the model: the stage's reading, view cutting, choosing and writing without
+    the forward pass (views are still cut on the device by the real Embedder.extract)."""
+
+    def __init__(self, embedder):
+        self.embedder, self.device = embedder, embedder.device
+
+    def extract(self, plates):
+        return self.embedder.extract(plates)
+
+    def __call__(self, views):
+        import torch
+
+        out = torch.zeros(views.shape[0], 8)
+        out[:, 0] = 1
+        return out
+
+
 def stage(jobs, boxes, spec, model, embed, batch: int, workers: int) -> float:
+    """The embedding stage as run_embedding runs it, plus choosing the crop: plates/s."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from plateflow.atomic import write_json
     from plateflow.config import CropParams
     from tasks.crops import choose_best_crop
     from tasks.embeddings import embed_jobs, save_vectors
 
     params = CropParams()
-    start = time.perf_counter()
-    for job, vectors, error in embed_jobs(embed, jobs, model, batch, num_workers=workers,
-                                          pin_memory=embed.device.type == "cuda"):
+
+    def write(job, vectors):
         best, sim = choose_best_crop(vectors, boxes, params)
         save_vectors(Path(job.cache_file), vectors)
         write_json(Path(job.cache_file).with_suffix(".json"), {"best_crop_idx": best, "similarity": sim})
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(2) as writer:
+        done = [writer.submit(write, job, vectors)
+                for job, vectors, error in embed_jobs(embed, jobs, model, batch, num_workers=workers,
+                                                      pin_memory=embed.device.type == "cuda")]
+        for d in done:
+            d.result()
     return len(jobs) / (time.perf_counter() - start)
 
 
@@ -156,12 +182,14 @@ def main() -> None:
 
     from plateflow.hardware import classify, detect_device
     from plateflow.profiles import load_profiles
-    from tasks.embeddings import Embedder
+    from tasks.embeddings import Embedder, reader_threads
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=None, help="comma-separated; default: dinov2_base,clip_vit_b32 on CUDA, tiny models on CPU")
     ap.add_argument("--plates", type=int, default=None)
     ap.add_argument("--workers", type=int, default=None, help="reader threads (default: all cores)")
+    ap.add_argument("--compile", nargs="*", default=None, metavar="MODE",
+                    help="also time the model under torch.compile (modes: default, max-autotune-no-cudagraphs, ...)")
     ap.add_argument("--sources", type=Path, default=HERE / "out" / "cpu_plates", help="large JPEGs for the crop-save ratio")
     args = ap.parse_args()
 
@@ -178,11 +206,12 @@ def main() -> None:
     cls = classify(device, profiles)
     names = (args.models or ("dinov2_base,clip_vit_b32" if cuda else "tiny_dinov2,tiny_clip")).split(",")
     plates = args.plates or (2048 if cuda else 32)
-    workers = args.workers or (__import__("os").cpu_count() or 2)
+    workers = args.workers or reader_threads()
     peak = profiles.gpu_class(cls).peak_tflops
     print(f"device: {device.name} ({cls}), torch {torch.__version__}, reader threads {workers}")
     jobs, boxes = make_stage_inputs(HERE / "out" / "embed_stage", plates)
 
+    compile_modes = [] if args.compile is None else (args.compile or ["default"])
     report = {"device": device.name, "gpu_class": cls, "models": {}}
     for name in names:
         spec = profiles.model(name)
@@ -200,13 +229,26 @@ def main() -> None:
                              "pct_of_peak": round(100 * frac, 1) if frac is not None else None})
                 print(f"{name:14s} {dtype:9s} batch {batch:5d}: {ips:9.1f} img/s"
                       + (f"  {100 * frac:5.1f}% of {peak} TFLOP/s" if frac is not None else ""))
+        for mode in compile_modes:
+            embed = Embedder(model, "cuda" if cuda else "cpu", dtype_cls, compile=mode)
+            ips = model_only(embed, spec.input_size, batch_cls, "cuda" if cuda else "cpu", seconds=4.0)
+            frac = (ips * flops / (peak * 1e12)) if (cuda and peak) else None
+            rows.append({"dtype": dtype_cls, "batch": batch_cls, "compiled": mode, "images_per_s": round(ips, 1),
+                         "pct_of_peak": round(100 * frac, 1) if frac is not None else None})
+            print(f"{name:14s} {dtype_cls:9s} batch {batch_cls:5d}: {ips:9.1f} img/s compiled ({mode})"
+                  + (f"  {100 * frac:5.1f}% of {peak} TFLOP/s" if frac is not None else ""), flush=True)
+        null = NullEmbed(Embedder(model, "cuda" if cuda else "cpu", dtype_cls))
+        stage(jobs[: min(8, len(jobs))], boxes, spec, model, null, batch_cls, workers)  # warm-up
+        reader_pps = stage(jobs, boxes, spec, model, null, batch_cls, workers)
+        print(f"{name:14s} stage without the forward pass (read, cut views, choose, write): {reader_pps:.1f} plates/s")
         embed = Embedder(model, "cuda" if cuda else "cpu", dtype_cls)
         stage(jobs[: min(8, len(jobs))], boxes, spec, model, embed, batch_cls, workers)  # warm-up
         pps = stage(jobs, boxes, spec, model, embed, batch_cls, workers)
         print(f"{name:14s} stage ({len(boxes)} views/plate, {dtype_cls}, batch {batch_cls}): {pps:.1f} plates/s"
               f"  [{flops / 1e9:.4g} GFLOP/image]")
         report["models"][name] = {"gflops_per_image": round(flops / 1e9, 3), "model_only": rows,
-                                  "stage_plates_per_s": round(pps, 1)}
+                                  "stage_plates_per_s": round(pps, 1),
+                                  "stage_without_model_plates_per_s": round(reader_pps, 1)}
     sources = sorted(args.sources.glob("*.jpg"))[:4]
     if sources:
         per_decode, ratio = crop_save_ratio(sources)

@@ -115,7 +115,9 @@ SCHEMA = pa.schema([
     ("height", pa.int32()),
     ("megapixels", pa.float64()),
     ("aspect_ratio", pa.float64()),
-    ("mean_rgb", pa.list_(pa.float64(), 3)),
+    # Lists that are null for a failed plate are variable-size lists: Arrow's Parquet reader could
+    # not read a null fixed-size list before 2026 (apache/arrow#35692), nor can many tools.
+    ("mean_rgb", pa.list_(pa.float64())),
     ("luminance_mean", pa.float64()),
     ("luminance_std", pa.float64()),
     ("entropy", pa.float64()),
@@ -129,9 +131,9 @@ SCHEMA = pa.schema([
     ("crop_status", pa.string()),
     ("run_id", pa.string()),
     ("best_crop_idx", pa.int16()),
-    ("crop_box", pa.list_(pa.int32(), 4)),
+    ("crop_box", pa.list_(pa.int32())),
     ("similarity", pa.float64()),
-    ("original_size", pa.list_(pa.int32(), 2)),
+    ("original_size", pa.list_(pa.int32())),
     ("updated_at", pa.timestamp("s", tz="UTC")),
 ])
 

@@ -10,7 +10,7 @@ from plateflow.errors import ConfigError, GpuOutOfMemoryError, is_transient
 from plateflow.profiles import load_profiles
 from tasks.crops import candidate_boxes, choose_best_crop, make_working_copy
 from tasks.embeddings import (Embedder, ModelUnavailableError, PlateJob, embed_jobs, forward_with_backoff,
-                              letterbox, load_model, run_embedding)
+                              load_model, run_embedding)
 
 from conftest import paper_plate
 
@@ -64,11 +64,14 @@ def test_injected_out_of_memory_shrinks_the_batch_and_keeps_every_plate_once(din
     real = Embedder(model, DEVICE, "float32")
     calls = []
 
-    def flaky(views):
-        calls.append(views.shape[0])
-        if views.shape[0] > 12:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(views)
+    class Flaky(Embedder):
+        def __call__(self, views):
+            calls.append(views.shape[0])
+            if views.shape[0] > 12:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return super().__call__(views)
+
+    flaky = Flaky(model, DEVICE, "float32")
 
     jobs = make_jobs(tmp_path, 6)
     seen = [job.plate_id for job, _, _ in embed_jobs(flaky, jobs, model, 64, num_workers=2)]
@@ -143,11 +146,42 @@ def test_every_model_and_class_in_the_table_is_complete():
     assert {m.backend for m in profiles.models.values()} == {"timm", "transformers"}
 
 
-def test_whole_plate_is_letterboxed_not_centre_cropped():
+def views_of(model, image: Image.Image, boxes, pin=False):
+    from tasks.embeddings import DecodedPlate
+
+    plate = DecodedPlate(torch.from_numpy(np.asarray(image.convert("RGB")).copy()), np.asarray(boxes, np.float64))
+    return Embedder(model, DEVICE, "float32").extract([plate]).cpu().numpy()
+
+
+def test_whole_plate_is_letterboxed_not_centre_cropped(dino):
+    spec, model = dino
+    S, fill = spec.input_size, np.array(model.mean)[:, None, None] * 255
     wide = Image.new("RGB", (200, 100), (255, 0, 0))
-    out = np.asarray(letterbox(wide, 32, (0, 0, 255), Image.Resampling.BICUBIC))
-    assert (out[0, :, 2] == 255).all() and (out[-1, :, 2] == 255).all()  # padding above and below
-    assert (out[16, :, 0] > 200).all()  # the full width of the plate is kept
+    view = views_of(model, wide, [[0, 0, 200, 100]])[0]  # (3, S, S)
+    top = (S - S // 2) // 2
+    np.testing.assert_allclose(view[:, :top], np.broadcast_to(fill, (3, top, S)), atol=1e-4)  # padding above
+    np.testing.assert_allclose(view[:, top + S // 2:], np.broadcast_to(fill, (3, S - top - S // 2, S)), atol=1e-4)
+    red = np.array([255, 0, 0.])[:, None, None]
+    np.testing.assert_allclose(view[:, top:top + S // 2], np.broadcast_to(red, (3, S // 2, S)), atol=1e-3)
+    # ... and the whole width of the plate is in the view, edge to edge
+
+
+def test_views_are_cut_from_their_box_at_any_scale(dino):
+    """Left half black, right half white: a box on either half gives a uniform view, a box across
+    the edge gives both, split where the edge falls. Area sampling: only the output pixels on a
+    box's border may take in a little of what lies across it (bilinear taps, under 1/8 of a pixel)."""
+    spec, model = dino
+    im = np.zeros((400, 800, 3), np.uint8)
+    im[:, 400:] = 255
+    views = views_of(model, Image.fromarray(im), [[0, 0, 400, 400], [400, 0, 800, 400], [200, 0, 600, 400],
+                                                  [300, 100, 332, 132]])
+    half = spec.input_size // 2
+    assert views[0][:, :, :-1].max() < 1 and views[1][:, :, 1:].min() > 254
+    assert views[0].max() < 32 and views[1].min() > 255 - 32
+    np.testing.assert_allclose(views[2][:, :, :half - 1], 0, atol=1)
+    np.testing.assert_allclose(views[2][:, :, half + 1:], 255, atol=1)
+    assert views[2][:, :, half - 1].max() < 32 and views[2][:, :, half].min() > 255 - 32
+    assert views[3].max() < 1  # a small box (upsampled) stays inside its own pixels
 
 
 def test_candidates_are_deterministic_in_bounds_and_whole_first():
@@ -179,8 +213,8 @@ def test_known_crop_is_chosen_on_a_constructed_plate(dino, tmp_path):
     spec, model = dino
     params = CropParams()
     jobs = make_jobs(tmp_path, 1, params, colours=[(200, 40, 40)])
-    views = ViewsDataset(jobs, spec.input_size, (0, 0, 255), model.interpolation)[0][1]
-    identical = [i for i in range(1, len(views)) if torch.equal(views[i], views[0])]
+    views = Embedder(model, DEVICE, "float32").extract([ViewsDataset(jobs, spec.input_size)[0][1]]).cpu().numpy()
+    identical = [i for i in range(1, len(views)) if np.abs(views[i] - views[0]).max() < 1e-3]
     different = [i for i in range(1, len(views)) if i not in identical]
     assert identical and different  # the construction gives both kinds
 

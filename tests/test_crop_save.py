@@ -1,0 +1,70 @@
+"""The saved best crop: cut from the full-resolution source, the same pixels on every path."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from plateflow.errors import PlateError
+from tasks.crops import _cut_crop_streaming, cut_crop
+from tasks.image import decode_image
+
+BOX = [100, 50, 500, 400]
+
+
+@pytest.fixture(scope="module")
+def picture():
+    rng = np.random.default_rng(0)
+    return Image.fromarray((rng.random((300, 400, 3)) * 255).astype(np.uint8)).resize((800, 600))
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.int16)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_streamed_jpeg_crop_is_pixel_exact_for_every_exif_orientation(tmp_path, picture, orientation):
+    exif = Image.Exif()
+    exif[274] = orientation
+    src = tmp_path / "plate.jpg"
+    picture.save(src, quality=95, exif=exif.tobytes())
+    expected = np.asarray(decode_image(src, 10**9).image.crop(tuple(BOX)), np.int16)
+
+    streamed = _cut_crop_streaming(src, BOX, "png")
+    assert streamed is not None  # an 8-bit RGB JPEG takes the libvips path
+    assert np.array_equal(pixels(streamed), expected)
+    jpeg = Image.open(io.BytesIO(cut_crop(src, BOX, "jpeg")))
+    assert jpeg.format == "JPEG" and jpeg.size == (400, 350)
+    assert jpeg.getexif().get(274) in (None, 1)  # no orientation left to apply twice
+
+
+def test_grayscale_jpeg_crop_comes_out_rgb(tmp_path, picture):
+    src = tmp_path / "gray.jpg"
+    picture.convert("L").save(src, quality=95)
+    out = Image.open(io.BytesIO(cut_crop(src, BOX, "png")))
+    assert out.mode == "RGB"
+    assert np.array_equal(np.asarray(out, np.int16),
+                          np.asarray(decode_image(src, 10**9).image.crop(tuple(BOX)), np.int16))
+
+
+@pytest.mark.parametrize("name, save", [
+    ("plate.png", lambda im, p: im.save(p)),
+    ("plate16.tif", lambda im, p: Image.fromarray(np.asarray(im.convert("L"), np.uint16) * 257).save(p)),
+    ("cmyk.jpg", lambda im, p: im.convert("CMYK").save(p, quality=95)),
+])
+def test_other_sources_are_cut_by_pillow_as_the_cpu_stage_decoded_them(tmp_path, picture, name, save):
+    src = tmp_path / name
+    save(picture, src)
+    assert _cut_crop_streaming(src, BOX, "png") is None
+    out = cut_crop(src, BOX, "png")
+    assert np.array_equal(pixels(out), np.asarray(decode_image(src, 10**9).image.crop(tuple(BOX)), np.int16))
+
+
+def test_a_truncated_source_fails_with_the_decoders_message(tmp_path, picture):
+    src = tmp_path / "cut.jpg"
+    buf = io.BytesIO()
+    picture.save(buf, "JPEG", quality=95)
+    src.write_bytes(buf.getvalue()[:3000])
+    with pytest.raises(PlateError, match="truncated"):
+        cut_crop(src, BOX, "jpeg")
