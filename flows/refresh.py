@@ -21,6 +21,7 @@ from plateflow.corpus import PlateProblem, PlateRef, discover_plates, state_dir
 from plateflow.errors import ConfigError, ImageDecodeError, TooManyPixelsError
 from plateflow.hardware import gpu_class as detect_gpu_class
 from plateflow.profiles import load_profiles
+from plateflow.routing import Dispatch, GpuRoute, choose_route, run_on_pool
 from tasks.characterize import characterize, hash_source
 from tasks.crops import WORKING_COPY, crop_candidates
 from tasks.embeddings import PlateJob, embedding_key, store_path
@@ -91,23 +92,30 @@ def refresh_corpus(
     gpu_class: str | None = None,
     weights_root: str | None = None,
     plates: list[str] | None = None,
+    gpu_dispatch: Dispatch = "auto",
+    chunk_size: int = 512,
 ):
     """Characterise every plate under ROOT/plates_structured; with ``models``, also build crop
     candidates, embed them with each model, choose and save the smart crop. Writes
     ROOT/plates.parquet (and ROOT/embeddings/<model>.parquet).
 
     ``plates`` (folder names) limits the run to those plates; the other plates' rows in the
-    tables are kept as they are. Ends Failed (with every failed plate and its reason in the
+    tables are kept as they are. ``gpu_dispatch``: where the GPU step runs (plateflow/routing.py):
+    ``auto`` sends it as runs of the class's embed-plates deployment, ``chunk_size`` plates each,
+    when the server has such deployments, else runs it in-process. Ends Failed (with every failed plate and its reason in the
     message) if any plate failed; the other plates are complete either way.
     """
     logger = get_run_logger()
     started = time.perf_counter()
     if models:
         # Configuration errors surface before any work: unknown model, a model too big for the class.
+        # So does a GPU class with no work pool on the server.
         profiles = load_profiles()
-        gpu_class = gpu_class or detect_gpu_class(profiles)
+        route = choose_route(gpu_class, gpu_dispatch, profiles,
+                             detected=gpu_class or detect_gpu_class(profiles))
+        logger.info("GPU step: %s", route.describe())
         for m in models:
-            profiles.plan(m, gpu_class)
+            profiles.plan(m, route.gpu_class)
         crop_model = crop_model or models[0]
         if crop_model not in models:
             raise ConfigError(f"--crop-model {crop_model} is not among --models {', '.join(models)}")
@@ -147,7 +155,7 @@ def refresh_corpus(
     if models:
         run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
         _embed_and_crop(root_path, runs, {r["plate_dir"]: r for r in rows}, models, crop_model,
-                        crop_params, gpu_class, weights_root, run_id, partial)
+                        crop_params, route, weights_root, run_id, chunk_size, partial)
     rows.sort(key=lambda r: r["plate_dir"])
     table_path = write_corpus_table(root_path, rows, partial=partial)
     failed = [r for r in rows if r["status"] == "failed"]
@@ -169,8 +177,8 @@ def refresh_corpus(
 
 
 def _embed_and_crop(root: Path, runs: list[PlateRun], rows: dict[str, dict], models: list[str],
-                    crop_model: str, crop_params: CropParams, gpu_class: str,
-                    weights_root: str | None, run_id: str, partial: bool = False) -> None:
+                    crop_model: str, crop_params: CropParams, route: GpuRoute,
+                    weights_root: str | None, run_id: str, chunk_size: int, partial: bool = False) -> None:
     """Candidates, embeddings (only plates without cached vectors go to the GPU flow), smart crop."""
     from flows.embed import embed_plates
 
@@ -207,15 +215,19 @@ def _embed_and_crop(root: Path, runs: list[PlateRun], rows: dict[str, dict], mod
         logger.info("%s: %d plates cached, %d to embed", model, len(ok) - len(jobs), len(jobs))
         if not jobs:
             continue
-        state = embed_plates(model, jobs, gpu_class, weights_root=weights_root, return_state=True)
-        if not state.is_completed():
-            for job in jobs:
-                _fail(rows[job.plate_id], "embed", RuntimeError(f"{model}: {state.message}"), embed_status="failed")
-            continue
-        for plate_folder, error in state.result().items():
+        if route.local:
+            state = embed_plates(model, jobs, route.gpu_class, chunk_size=chunk_size,
+                                 weights_root=weights_root, return_state=True)
+            outcome = (state.result() if state.is_completed()
+                       else {job.plate_id: state.message for job in jobs})
+        else:
+            outcome = run_on_pool(route, model, jobs, chunk_size, weights_root,
+                                  state_dir(root) / "dispatch" / run_id, logger)
+        for job in jobs:
+            error = outcome.get(job.plate_id, "no result came back for this plate")
             if error is not None:
-                _fail(rows[plate_folder], "embed", RuntimeError(f"{model}: {error}"), embed_status="failed")
-            computed.add(plate_folder)
+                _fail(rows[job.plate_id], "embed", RuntimeError(f"{model}: {error}"), embed_status="failed")
+            computed.add(job.plate_id)
 
     ok = [run for run in ok if rows[run.plate.folder]["status"] == "ok"]
     crops = {}

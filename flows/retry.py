@@ -10,6 +10,7 @@ from prefect.states import Completed, Failed
 from flows.refresh import refresh_corpus
 from plateflow.config import CharacterizeParams, CropParams
 from plateflow.errors import ConfigError
+from plateflow.routing import Dispatch
 from tasks.save import read_corpus_table
 
 
@@ -30,6 +31,8 @@ def retry_failed_plates(
     crop_params: CropParams = CropParams(),
     gpu_class: str | None = None,
     weights_root: str | None = None,
+    gpu_dispatch: Dispatch = "auto",
+    chunk_size: int = 512,
 ):
     """Refresh only the failed plates (same parameters as refresh-corpus); the rest stay as they are."""
     logger = get_run_logger()
@@ -38,6 +41,7 @@ def retry_failed_plates(
         return Completed(message="no failed plates")
     logger.info("retrying %d failed plates: %s", len(failed), ", ".join(failed))
     state = refresh_corpus(root, characterize_params, models, crop_model, crop_params, gpu_class,
-                           weights_root, plates=failed, return_state=True)
+                           weights_root, plates=failed, gpu_dispatch=gpu_dispatch, chunk_size=chunk_size,
+                           return_state=True)
     # Re-wrap: returning the subflow's state as is would replace its summary with a generic one.
     return (Completed if state.is_completed() else Failed)(message=state.message)

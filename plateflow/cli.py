@@ -41,6 +41,12 @@ def ingest(
     for src, reason in report.skipped:
         console.print(f"[yellow]skipped[/] {src}: {reason}")
     console.print(f"{len(report.added)} added, {len(report.skipped)} skipped")
+    if report.added and os.environ.get("PREFECT_API_URL"):
+        from plateflow.events import emit_plates_ingested
+
+        event = emit_plates_ingested(root, [plate_id for _, plate_id in report.added])
+        console.print(f"emitted {event.event} ({event.id}): the refresh-corpus deployment's trigger "
+                      f"refreshes the new plates")
 
 
 @app.command()
@@ -53,7 +59,8 @@ def refresh(
     crop_model: Annotated[Optional[str], typer.Option(help="Model whose similarity picks the crop (default: first).")] = None,
     crop_format: Annotated[str, typer.Option(help="jpeg or png.")] = "jpeg",
     min_crop_area: Annotated[float, typer.Option(help="Smallest crop, as a fraction of the plate area.")] = 0.0,
-    gpu_class: Annotated[Optional[str], typer.Option(help="GPU class to plan for (default: detected).")] = None,
+    gpu_class: Annotated[Optional[str], typer.Option(help="GPU class to run the GPU step on (default: detected, or with work pools the best class that has one).")] = None,
+    gpu_dispatch: Annotated[str, typer.Option(help="auto: runs of the class's embed-plates deployment when the server has them, else in-process; local; pool.")] = "auto",
     weights: Annotated[Optional[Path], typer.Option(help="Folder with <model>/ weights (else the HF cache).")] = None,
     failed_only: Annotated[bool, typer.Option("--failed-only", help="Retry only the plates whose last status is failed (the retry-failed-plates flow).")] = False,
 ) -> None:
@@ -80,7 +87,8 @@ def refresh(
     try:
         state = flow_fn(root=str(cfg.root), characterize_params=params, models=model_list,
                         crop_model=crop_model, crop_params=crop, gpu_class=gpu_class,
-                        weights_root=str(weights) if weights else None, return_state=True)
+                        weights_root=str(weights) if weights else None, gpu_dispatch=gpu_dispatch,
+                        return_state=True)
     except ValueError as exc:  # ConfigError: raised before any work starts
         console.print(f"[red]configuration error:[/] {exc}")
         raise typer.Exit(2) from None

@@ -1,0 +1,245 @@
+"""Against a real local Prefect server started here, with real process workers (`plateflow
+worker`) on the pools of classes simulated through PLATEFLOW_GPU_CLASS: deployments from
+prefect.yaml, GPU work routed to the class's pool, the missing-pool error, retries (the
+retry-failed-plates deployment, and a failed refresh retried the way the UI does it), and the
+ingest event that triggers a refresh."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import make_plate, paper_plate
+
+pytestmark = pytest.mark.server
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class LiveServer:
+    """`prefect server start` on a free port with its own PREFECT_HOME (SQLite), plus workers."""
+
+    def __init__(self, base: Path, tiny_models):
+        self.base, self.port = base, free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.corpus = base / "corpus"
+        profiles, weights = tiny_models
+        self.env = {**os.environ, "PREFECT_HOME": str(base / "prefect-home"), "PREFECT_API_URL": self.url,
+                    "PREFECT_SERVER_API_PORT": str(self.port), "PREFECT_SERVER_API_HOST": "127.0.0.1",
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false",
+                    "PLATEFLOW_HOME": str(REPO), "PLATEFLOW_CORPUS": str(self.corpus),
+                    "PLATEFLOW_PROFILES": str(profiles), "PLATEFLOW_WEIGHTS": str(weights),
+                    "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        self.procs: list[tuple[subprocess.Popen, object]] = []
+
+    def spawn(self, name: str, cmd: list[str], **env) -> subprocess.Popen:
+        log = open(self.base / f"{name}.log", "w")
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs.append((proc, log))
+        return proc
+
+    def start(self):
+        server = self.spawn("server", [str(BIN / "prefect"), "server", "start"])
+
+        def healthy():
+            assert server.poll() is None, (self.base / "server.log").read_text()[-3000:]
+            try:
+                return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, 180, "the Prefect server")
+        self.run([str(BIN / "plateflow"), "pools"])
+        self.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"])
+        self.spawn("worker-gpu", [str(BIN / "plateflow"), "worker"], PLATEFLOW_GPU_CLASS="T4_16GB")
+        self.spawn("worker-cpu", [str(BIN / "plateflow"), "worker"], PLATEFLOW_GPU_CLASS="CPU")
+
+    def run(self, cmd: list[str], **env) -> subprocess.CompletedProcess:
+        done = subprocess.run(cmd, cwd=REPO, env={**self.env, **env}, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{cmd}: {done.stdout[-3000:]}{done.stderr[-3000:]}"
+        return done
+
+    def stop(self):
+        for proc, log in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, 15)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, 9)
+            log.close()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, tiny_models):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = LiveServer(tmp_path_factory.mktemp("live"), tiny_models)
+    try:
+        server.start()
+        with temporary_settings({PREFECT_API_URL: server.url}):
+            yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def client(live):
+    from prefect import get_client
+
+    with get_client(sync_client=True) as c:
+        yield c
+
+
+def new_corpus(live, name: str, n: int = 3) -> Path:
+    root = live.base / name
+    for i in range(n):
+        make_plate(root, f"plate-{i + 1:03d}", paper_plate(seed=i, photo_colour=(40 * i, 90, 160)))
+    return root
+
+
+def table(root: Path) -> dict[str, dict]:
+    return {r["plate_dir"]: r for r in pq.read_table(root / "plates.parquet").to_pylist()}
+
+
+def wait_for_run(client, run_id, timeout=240):
+    return wait_until(lambda: (r := client.read_flow_run(run_id)).state.is_final() and r, timeout,
+                      f"flow run {run_id} to finish", every=2)
+
+
+def runs_of(client, deployment: str):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    dep = client.read_deployment_by_name(deployment)
+    return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+
+
+def test_prefect_deploy_all_creates_every_deployment_with_its_pool_schedule_and_trigger(live, client):
+    refresh = client.read_deployment_by_name("refresh-corpus/refresh-corpus")
+    retry = client.read_deployment_by_name("retry-failed-plates/retry-failed-plates")
+    h100 = client.read_deployment_by_name("embed-plates/embed-plates-h100-80gb")
+    cpu = client.read_deployment_by_name("embed-plates/embed-plates-cpu")
+    assert refresh.work_pool_name == "plates-cpu" and refresh.parameters == {"root": str(live.corpus)}
+    assert [s.schedule.cron for s in refresh.schedules] == ["0 2 * * *"]
+    assert retry.work_pool_name == "plates-cpu" and cpu.work_pool_name == "plates-cpu"
+    assert h100.work_pool_name == "plates-gpu-h100-80gb" and h100.parameters == {"gpu_class": "H100_80GB"}
+    automations = client.read_resource_related_automations(f"prefect.deployment.{refresh.id}")
+    assert any("plateflow.plates.ingested" in a.trigger.expect for a in automations)
+
+
+def test_gpu_work_runs_as_a_deployment_run_on_the_class_pool_and_its_worker(live, client, tiny_env):
+    from flows.refresh import refresh_corpus
+
+    root = new_corpus(live, "routed")
+    state = refresh_corpus(str(root), models=["tiny_dinov2"], gpu_class="T4_16GB", chunk_size=2,
+                           return_state=True)
+    assert state.is_completed(), state.message
+    runs = [r for r in runs_of(client, "embed-plates/embed-plates-t4-16gb") if str(root) in json.dumps(r.parameters)]
+    assert len(runs) == 2  # 3 plates in chunks of 2
+    for run in runs:
+        assert run.state.is_completed() and run.work_pool_name == "plates-gpu-t4-16gb"
+        assert run.infrastructure_pid  # started by the T4 worker, in its own process
+        assert run.parameters["gpu_class"] == "T4_16GB"
+    rows = table(root)
+    assert {r["embed_status"] for r in rows.values()} == {"computed"}
+    assert {r["status"] for r in rows.values()} == {"ok"}
+    assert len(list((root / ".plateflow" / "embeddings" / "tiny_dinov2").glob("*.npy"))) == 3
+
+
+def test_a_class_without_a_pool_fails_before_any_work_naming_the_pools(live, client, tiny_env):
+    from flows.refresh import refresh_corpus
+
+    client.delete_work_pool("plates-gpu-l4-24gb")
+    root = new_corpus(live, "no-pool", n=1)
+    state = refresh_corpus(str(root), models=["tiny_dinov2"], gpu_class="L4_24GB", return_state=True)
+    assert state.is_failed()
+    assert "GPU class L4_24GB" in state.message and "no work pool plates-gpu-l4-24gb" in state.message
+    assert "plates-gpu-t4-16gb" in state.message and "plates-cpu" in state.message  # the pools there
+    assert not (root / "plates.parquet").exists()
+    assert not (root / "plates_structured" / "plate-001" / "input_image.json").exists()
+
+
+def test_retry_failed_plates_deployment_touches_only_the_failed_plates(live, client):
+    from prefect.deployments import run_deployment
+
+    from flows.refresh import refresh_corpus
+
+    root = new_corpus(live, "retry")
+    broken = root / "plates_structured" / "plate-002" / "source" / "scan.jpg"
+    good = broken.read_bytes()
+    broken.write_bytes(b"\xff\xd8 broken")
+    assert refresh_corpus(str(root), return_state=True).is_failed()
+    before = table(root)
+    broken.write_bytes(good)
+    run = run_deployment("retry-failed-plates/retry-failed-plates", parameters={"root": str(root)}, timeout=0)
+    run = wait_for_run(client, run.id)
+    assert run.state.is_completed(), run.state.message
+    after = table(root)
+    assert after["plate-002"]["status"] == "ok" and after["plate-002"]["characterize_status"] == "computed"
+    for plate in ("plate-001", "plate-003"):
+        assert after[plate] == before[plate]  # untouched: same row, same updated_at
+
+
+def test_retrying_a_failed_refresh_run_like_the_ui_reruns_only_the_failed_plate(live, client):
+    from prefect.deployments import run_deployment
+    from prefect.states import AwaitingRetry
+
+    root = new_corpus(live, "ui-retry")
+    broken = root / "plates_structured" / "plate-003" / "source" / "scan.jpg"
+    good = broken.read_bytes()
+    broken.write_bytes(b"")
+    run = run_deployment("refresh-corpus/refresh-corpus", parameters={"root": str(root)}, timeout=0)
+    run = wait_for_run(client, run.id)
+    assert run.state.is_failed() and "plate-003" in run.state.message
+    broken.write_bytes(good)
+    # What the UI's Retry button sends.
+    client.set_flow_run_state(run.id, AwaitingRetry(message="Retry from the UI"))
+    run = wait_until(lambda: (r := client.read_flow_run(run.id)).state.is_final() and r.run_count > 1 and r,
+                     240, "the retried run", every=2)
+    assert run.state.is_completed(), run.state.message
+    rows = table(root)
+    assert rows["plate-003"]["characterize_status"] == "computed"
+    assert rows["plate-001"]["characterize_status"] == "cached" and rows["plate-002"]["characterize_status"] == "cached"
+
+
+def test_ingest_emits_an_event_that_starts_a_refresh_of_the_new_plates(live, client, tmp_path):
+    root = new_corpus(live, "ingest", n=1)
+    scan = tmp_path / "new-scan.jpg"
+    paper_plate(seed=7, photo_colour=(200, 30, 30)).save(scan)
+    done = live.run([str(BIN / "plateflow"), "ingest", str(scan), "--root", str(root)])
+    assert "plateflow.plates.ingested" in done.stdout
+
+    def triggered():
+        return [r for r in runs_of(client, "refresh-corpus/refresh-corpus")
+                if r.parameters.get("root") == str(root)]
+
+    run = wait_until(triggered, 120, "the triggered refresh")[0]
+    assert run.parameters["plates"] == ["plate-002"]
+    run = wait_for_run(client, run.id)
+    assert run.state.is_completed(), run.state.message
+    assert (root / "plates_structured" / "plate-002" / "input_image.json").is_file()
+    assert set(table(root)) == {"plate-002"}  # only the new plate was refreshed
