@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -60,6 +61,7 @@ def refresh(
     crop_format: Annotated[str, typer.Option(help="jpeg or png.")] = "jpeg",
     min_crop_area: Annotated[float, typer.Option(help="Smallest crop, as a fraction of the plate area.")] = 0.0,
     gpu_class: Annotated[Optional[str], typer.Option(help="GPU class to run the GPU step on (default: detected, or with work pools the best class that has one).")] = None,
+    chunk_size: Annotated[int, typer.Option(help="Plates per embed-plates run sent to a work pool.")] = 512,
     gpu_dispatch: Annotated[str, typer.Option(help="auto: runs of the class's embed-plates deployment when the server has them, else in-process; local; pool.")] = "auto",
     weights: Annotated[Optional[Path], typer.Option(help="Folder with <model>/ weights (else the HF cache).")] = None,
     failed_only: Annotated[bool, typer.Option("--failed-only", help="Retry only the plates whose last status is failed (the retry-failed-plates flow).")] = False,
@@ -88,7 +90,7 @@ def refresh(
         state = flow_fn(root=str(cfg.root), characterize_params=params, models=model_list,
                         crop_model=crop_model, crop_params=crop, gpu_class=gpu_class,
                         weights_root=str(weights) if weights else None, gpu_dispatch=gpu_dispatch,
-                        return_state=True)
+                        chunk_size=chunk_size, return_state=True)
     except ValueError as exc:  # ConfigError: raised before any work starts
         console.print(f"[red]configuration error:[/] {exc}")
         raise typer.Exit(2) from None
@@ -137,6 +139,39 @@ def worker(
     console.print(f"GPU class {cls}: {' '.join(cmd)}")
     if not dry_run:
         os.execv(cmd[0], cmd)
+
+
+@app.command()
+def server(
+    root: RootOpt,
+    port: Annotated[int, typer.Option(help="Port of the API and UI.")] = 4200,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    gpu_class: Annotated[Optional[str], typer.Option(help="Class of this machine's worker (default: detected).")] = None,
+) -> None:
+    """Start a local Prefect server (SQLite in PREFECT_HOME; PREFECT_API_DATABASE_CONNECTION_URL
+    selects PostgreSQL), create the work pools, deploy prefect.yaml with ROOT as the default
+    corpus, and start workers for this machine's class and the CPU pool. Ctrl-C stops it all."""
+    import signal as _signal
+
+    from plateflow import server as srv
+
+    procs = srv.start(root.expanduser().resolve(), port, host, gpu_class, say=console.print)
+    console.print(f"[green]ready[/]: open http://{host}:{port} — deployments refresh-corpus, "
+                  f"retry-failed-plates, embed-plates-*; Ctrl-C to stop")
+
+    def on_term(*_):
+        raise KeyboardInterrupt
+
+    _signal.signal(_signal.SIGTERM, on_term)  # stop the children on `kill` too
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+        console.print("[red]a server or worker process exited; stopping[/]")
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.stop(procs)
 
 
 @app.command()
