@@ -15,6 +15,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from plateflow.artifacts import Progress, publish
 from plateflow.atomic import write_json
 from plateflow.config import CharacterizeParams, CropParams, RefreshConfig, default_workers
 from plateflow.corpus import PlateProblem, PlateRef, discover_plates, state_dir
@@ -25,8 +26,9 @@ from plateflow.routing import Dispatch, GpuRoute, choose_route, run_on_pool
 from tasks.characterize import characterize, hash_source
 from tasks.crops import WORKING_COPY, crop_candidates
 from tasks.embeddings import PlateJob, embedding_key, store_path
-from tasks.save import (save_failure_record, save_plate, save_smart_crop, write_corpus_table,
-                        write_embeddings_table)
+from tasks.report import build_report
+from tasks.save import (read_corpus_table, save_failure_record, save_plate, save_smart_crop,
+                        write_corpus_table, write_embeddings_table)
 
 # Columns of plates.parquet copied from a plate's input_image.json record.
 _TABLE_FIELDS = (
@@ -133,6 +135,8 @@ def refresh_corpus(
     logger.info("%d plate folders: %d to process, %d with manifest problems",
                 len(found), len(plates), len(problems))
 
+    timings: dict[str, float] = {}
+    progress = Progress(root_path, len(plates) * (2 + len(models)) if models else len(plates))
     char_task = characterize.with_options(result_storage=state_dir(root_path) / "results")
     runs: list[PlateRun] = []
     for plate in plates:
@@ -150,14 +154,27 @@ def refresh_corpus(
         outcome, _ = _step_outcome(run.futures["characterize"])
         logger.info("[%d/%d] %s %s", done, len(runs), run.plate.plate_id,
                     outcome if saved != "failed" and outcome != "failed" else "FAILED")
+        progress.advance()
+    timings["characterisation"] = time.perf_counter() - started
 
     rows = [_plate_row(run) for run in runs] + [_problem_row(p) for p in problems]
     if models:
         run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
         _embed_and_crop(root_path, runs, {r["plate_dir"]: r for r in rows}, models, crop_model,
-                        crop_params, route, weights_root, run_id, chunk_size, partial)
+                        crop_params, route, weights_root, run_id, chunk_size, partial, progress, timings)
     rows.sort(key=lambda r: r["plate_dir"])
+    t = time.perf_counter()
     table_path = write_corpus_table(root_path, rows, partial=partial)
+    try:
+        report = build_report(root_path)
+    except Exception:  # the plates' outputs stand; a report bug must not fail the refresh
+        logger.exception("could not write the corpus report")
+        report = None
+    timings["tables and report"] = time.perf_counter() - t
+    progress.advance(progress.total, force=True)
+    # The table and summary cover the whole corpus, also after a refresh of some plates.
+    table_rows = sorted(read_corpus_table(root_path).to_pylist(), key=lambda r: r["plate_dir"]) if partial else rows
+    publish(root_path, table_rows, timings, report, models)
     failed = [r for r in rows if r["status"] == "failed"]
     counts = {s: sum(r.get("characterize_status") == s for r in rows)
               for s in ("computed", "cached")}
@@ -168,7 +185,7 @@ def refresh_corpus(
     summary = (f"{len(rows) - len(failed)} of {len(rows)} plates ok "
                f"(characterisation {counts['computed']} computed, {counts['cached']} cached{embedded}), "
                f"{len(failed)} failed "
-               f"in {time.perf_counter() - started:.1f} s; table: {table_path}")
+               f"in {time.perf_counter() - started:.1f} s; table: {table_path}; report: {report}")
     logger.info(summary)
     if failed:
         details = "; ".join(f"{r['plate_dir']}: {r['error']}" for r in failed)
@@ -178,10 +195,12 @@ def refresh_corpus(
 
 def _embed_and_crop(root: Path, runs: list[PlateRun], rows: dict[str, dict], models: list[str],
                     crop_model: str, crop_params: CropParams, route: GpuRoute,
-                    weights_root: str | None, run_id: str, chunk_size: int, partial: bool = False) -> None:
+                    weights_root: str | None, run_id: str, chunk_size: int, partial: bool,
+                    progress: Progress, timings: dict[str, float]) -> None:
     """Candidates, embeddings (only plates without cached vectors go to the GPU flow), smart crop."""
     from flows.embed import embed_plates
 
+    started = time.perf_counter()
     logger = get_run_logger()
     profiles = load_profiles()
     ok = [run for run in runs if rows[run.plate.folder]["status"] == "ok"]
@@ -213,6 +232,7 @@ def _embed_and_crop(root: Path, runs: list[PlateRun], rows: dict[str, dict], mod
                 jobs.append(PlateJob(run.plate.folder, str(run.plate.plate_dir / WORKING_COPY), size,
                                      tuple(map(tuple, boxes[run.plate.folder])), str(path)))
         logger.info("%s: %d plates cached, %d to embed", model, len(ok) - len(jobs), len(jobs))
+        progress.advance(len(ok) - len(jobs))
         if not jobs:
             continue
         if route.local:
@@ -228,7 +248,10 @@ def _embed_and_crop(root: Path, runs: list[PlateRun], rows: dict[str, dict], mod
             if error is not None:
                 _fail(rows[job.plate_id], "embed", RuntimeError(f"{model}: {error}"), embed_status="failed")
             computed.add(job.plate_id)
+        progress.advance(len(jobs))
 
+    timings["candidates and embeddings"] = time.perf_counter() - started
+    started = time.perf_counter()
     ok = [run for run in ok if rows[run.plate.folder]["status"] == "ok"]
     crops = {}
     for run in ok:
@@ -247,6 +270,8 @@ def _embed_and_crop(root: Path, runs: list[PlateRun], rows: dict[str, dict], mod
             _fail(row, "smart_crop", exc)
         else:
             row.update(crops[run.plate.folder].result())
+        progress.advance()
+    timings["smart crop"] = time.perf_counter() - started
     for model in models:
         table_rows = [(run.plate.plate_id, info[run.plate.folder][0], boxes[run.plate.folder],
                        np.load(files[run.plate.folder][model])) for run in ok

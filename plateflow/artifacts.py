@@ -1,0 +1,84 @@
+"""What a refresh run shows in the Prefect UI: a progress artifact updated as plates finish, a
+table of plates, and a markdown summary that links to the corpus report."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+FLAGS = ("grayscale_like", "very_large", "extreme_aspect")
+
+
+def artifact_key(root: Path, what: str) -> str:
+    """Keys are lowercase letters, digits and dashes; one key per corpus, so the UI keeps each
+    corpus's history of tables and summaries."""
+    slug = re.sub(r"[^a-z0-9]+", "-", Path(root).name.lower()).strip("-") or "corpus"
+    return f"plateflow-{slug}-{what}"[:100]
+
+
+class Progress:
+    """A progress artifact over ``total`` units of work, updated at most every ``every_s``."""
+
+    def __init__(self, root: Path, total: int, every_s: float = 0.5):
+        from prefect.artifacts import create_progress_artifact
+
+        self.total, self.done, self.every_s, self.last = max(1, total), 0, every_s, 0.0
+        self.id = create_progress_artifact(progress=0.0, key=artifact_key(root, "progress"),
+                                           description=f"Plates of {Path(root).name} processed")
+
+    def add(self, units: int) -> None:
+        self.total += units
+
+    def advance(self, units: int = 1, force: bool = False) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        self.done = min(self.total, self.done + units)
+        now = time.monotonic()
+        if force or self.done == self.total or now - self.last >= self.every_s:
+            update_progress_artifact(self.id, 100.0 * self.done / self.total)
+            self.last = now
+
+
+def plate_table(rows: list[dict]) -> list[dict]:
+    return [{
+        "plate": r["plate_dir"],
+        "status": r["status"],
+        "megapixels": round(r["megapixels"], 1) if r.get("megapixels") is not None else None,
+        "flags": ", ".join(f.replace("_", " ") for f in FLAGS if r.get(f)) or "",
+        "best crop similarity": round(r["similarity"], 4) if r.get("similarity") is not None else None,
+        "characterisation": r.get("characterize_status"),
+        "embeddings": r.get("embed_status"),
+        "error": r.get("error") or "",
+    } for r in rows]
+
+
+def summary_markdown(root: Path, rows: list[dict], timings: dict[str, float], report: Path | None,
+                     models: list[str]) -> str:
+    failed = [r for r in rows if r["status"] == "failed"]
+    char = {s: sum(r.get("characterize_status") == s for r in rows) for s in ("computed", "cached")}
+    lines = [f"# Refresh of `{root}`", "",
+             f"- **{len(rows) - len(failed)} of {len(rows)} plates done**, {len(failed)} failed",
+             f"- characterisation: {char['computed']} computed, {char['cached']} cached"]
+    if models:
+        emb = {s: sum(r.get("embed_status") == s for r in rows) for s in ("computed", "cached")}
+        lines.append(f"- embeddings ({', '.join(models)}): {emb['computed']} computed, {emb['cached']} cached")
+    lines += ["", "| step | seconds |", "|---|---|"]
+    lines += [f"| {step} | {seconds:.1f} |" for step, seconds in timings.items()]
+    if failed:
+        lines += ["", "## Failed plates", "", "| plate | step | error |", "|---|---|---|"]
+        lines += [f"| {r['plate_dir']} | {r.get('failed_step') or ''} | "
+                  f"{(r.get('error') or '').replace('|', '/')} |" for r in failed]
+    if report is not None:
+        lines += ["", f"Corpus report: [{report}](file://{report})"]
+    return "\n".join(lines)
+
+
+def publish(root: Path, rows: list[dict], timings: dict[str, float], report: Path | None,
+            models: list[str]) -> None:
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    create_table_artifact(plate_table(rows), key=artifact_key(root, "plates"),
+                          description=f"Plates of {root}")
+    create_markdown_artifact(summary_markdown(root, rows, timings, report, models),
+                             key=artifact_key(root, "summary"), description=f"Refresh of {root}")
