@@ -1,6 +1,8 @@
 import json
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +77,19 @@ def tiny_env(tiny_models, monkeypatch):
     monkeypatch.setenv("PLATEFLOW_WEIGHTS", str(weights))
     monkeypatch.delenv("PLATEFLOW_GPU_CLASS", raising=False)
     return profiles, weights
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

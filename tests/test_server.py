@@ -6,7 +6,6 @@ ingest event that triggers a refresh."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,27 +15,11 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_plate, paper_plate
+from conftest import free_port, make_plate, paper_plate, wait_until
 
 pytestmark = pytest.mark.server
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(check, timeout: float, what: str, every: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 class LiveServer:
@@ -149,6 +132,11 @@ def test_prefect_deploy_all_creates_every_deployment_with_its_pool_schedule_and_
     assert h100.work_pool_name == "plates-gpu-h100-80gb" and h100.parameters == {"gpu_class": "H100_80GB"}
     automations = client.read_resource_related_automations(f"prefect.deployment.{refresh.id}")
     assert any("plateflow.plates.ingested" in a.trigger.expect for a in automations)
+    # The server's scheduler turns the schedule into runs at 02:00 UTC.
+    scheduled = wait_until(lambda: [r for r in runs_of(client, "refresh-corpus/refresh-corpus")
+                                    if r.state.is_scheduled() and r.expected_start_time.hour == 2
+                                    and r.expected_start_time.minute == 0], 120, "scheduled refreshes")
+    assert scheduled[0].expected_start_time.utcoffset().total_seconds() == 0
 
 
 def test_gpu_work_runs_as_a_deployment_run_on_the_class_pool_and_its_worker(live, client, tiny_env):

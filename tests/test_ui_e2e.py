@@ -1,0 +1,154 @@
+"""End to end in a real browser: `plateflow server`, then the Prefect UI in headless Chromium
+(Debian's `chromium`, driven by Playwright for Python): a refresh started from the Custom run
+form with a corpus path, its outputs and artifacts, and a failed run retried from the UI.
+
+Run alone with `uv run pytest -m browser`. Screenshots go to test-output/e2e/ (or
+$PLATEFLOW_E2E_SHOTS).
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import free_port, make_plate, paper_plate, wait_until
+
+pytestmark = [pytest.mark.browser, pytest.mark.server]
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SHOTS = Path(os.environ.get("PLATEFLOW_E2E_SHOTS", REPO / "test-output" / "e2e"))
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory):
+    """`plateflow server` on a free port (its own PREFECT_HOME), stopped with SIGTERM."""
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: `apt-get install chromium` (.ci/run does)")
+    base = tmp_path_factory.mktemp("ui")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(base / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(base / "server.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("plateflow")), "server", "--root", str(base / "default"),
+                             "--port", str(port), "--gpu-class", "CPU"],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def ready():
+            if proc.poll() is not None:
+                pytest.fail("plateflow server exited:\n" + (base / "server.log").read_text()[-3000:])
+            return "ready" in (base / "server.log").read_text()
+
+        wait_until(ready, 240, "plateflow server")
+        yield f"http://127.0.0.1:{port}", base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def custom_run(page, url: str, root: Path) -> str:
+    """Deployments -> refresh-corpus -> Run -> Custom run -> root -> Submit; returns the run's URL."""
+    page.goto(f"{url}/deployments", wait_until="networkidle")
+    page.get_by_role("link", name="refresh-corpus", exact=True).first.click()
+    page.wait_for_url("**/deployments/deployment/**")
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text("Custom run", exact=True).click()
+    page.wait_for_url("**/run?**")
+    page.get_by_text("root", exact=True).wait_for()
+    page.locator("textarea").first.fill(str(root))  # the form's first field: root (str)
+    shot(page, f"{root.name}-1-custom-run-form")
+    page.get_by_role("button", name="Submit").click()
+    toast = page.get_by_text("scheduled to start").first
+    toast.wait_for()
+    name = toast.inner_text().split()[0]  # "<run name> scheduled to start now"
+    page.get_by_role("link", name=name, exact=True).first.click()
+    page.wait_for_url("**/flow-run/**")
+    return page.url
+
+
+def wait_for_state(page, state: str, name: str, timeout_s: float = 240) -> None:
+    """Wait until the flow run page shows ``state`` (the page updates itself)."""
+    page.get_by_text(state, exact=True).first.wait_for(timeout=timeout_s * 1000)
+    shot(page, name)
+
+
+def corpus(base: Path, name: str, broken: str | None = None) -> Path:
+    root = base / name
+    for i in range(3):
+        make_plate(root, f"plate-{i + 1:03d}", paper_plate(seed=i, photo_colour=(60 * i, 90, 160)))
+    if broken:
+        (root / "plates_structured" / broken / "source" / "scan.jpg").write_bytes(b"")
+    return root
+
+
+def rows(root: Path) -> dict[str, dict]:
+    return {r["plate_dir"]: r for r in pq.read_table(root / "plates.parquet").to_pylist()}
+
+
+def test_custom_run_from_the_ui_then_retry_a_failed_run_from_the_ui(ui, browser):
+    url, base = ui
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+
+    # 1. A refresh started from the Custom run form completes; outputs and artifacts are there.
+    good = corpus(base, "good")
+    run_url = custom_run(page, url, good)
+    wait_for_state(page, "Completed", "good-2-completed")
+    table = rows(good)
+    assert {r["status"] for r in table.values()} == {"ok"} and len(table) == 3
+    for plate in table:
+        assert (good / "plates_structured" / plate / "input_image.json").is_file()
+        assert (good / "plates_structured" / plate / "input_color_histograms.json").is_file()
+    assert (good / "reports" / "index.html").is_file()
+    page.get_by_text("Artifacts", exact=True).click()
+    for key in ("plateflow-good-summary", "plateflow-good-plates", "plateflow-good-progress"):
+        page.get_by_text(key).first.wait_for(timeout=30000)
+    shot(page, "good-3-artifacts")
+    page.get_by_text("plateflow-good-summary").first.click()  # the markdown summary, rendered
+    page.get_by_text("3 of 3 plates done").first.wait_for(timeout=30000)
+    shot(page, "good-4-summary-artifact")
+
+    # 2. A run with a broken plate fails; once the file is fixed, Retry in the UI re-runs it,
+    #    and only the failed plate is computed again.
+    flaky = corpus(base, "flaky", broken="plate-002")
+    run_url = custom_run(page, url, flaky)
+    wait_for_state(page, "Failed", "flaky-2-failed")
+    assert rows(flaky)["plate-002"]["status"] == "failed"
+    before = rows(flaky)
+    make_plate(flaky, "plate-002", paper_plate(seed=1, photo_colour=(60, 90, 160)))
+    page.goto(run_url, wait_until="networkidle")
+    page.get_by_role("button", name="Retry", exact=True).click()
+    confirm = page.get_by_role("dialog").get_by_role("button", name="Retry")
+    if confirm.count():
+        confirm.click()
+    wait_for_state(page, "Completed", "flaky-3-retried-completed")
+    after = rows(flaky)
+    assert after["plate-002"]["status"] == "ok" and after["plate-002"]["characterize_status"] == "computed"
+    for plate in ("plate-001", "plate-003"):
+        assert after[plate]["characterize_status"] == "cached"
+        assert before[plate]["characterize_status"] == "computed"
+    page.close()
