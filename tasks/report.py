@@ -27,11 +27,13 @@ def _esc(value) -> str:
 
 
 def _axis_range(values: list[float]) -> tuple[float, float]:
+    """The data's range with 5% margins; never below zero for data that is not."""
     lo, hi = min(values), max(values)
+    floor = 0.0 if lo >= 0 else -math.inf
     if hi - lo < 1e-9:
         lo, hi = lo - 0.5, hi + 0.5
     pad = (hi - lo) * 0.05
-    return lo - pad, hi + pad
+    return max(floor, lo - pad), hi + pad
 
 
 def svg_scatter(points: list[tuple[float, float, str]], xlabel: str, ylabel: str, title: str,
@@ -72,12 +74,13 @@ def svg_histogram(values: list[float], xlabel: str, title: str, bins: int = 20, 
 
 
 def svg_bars(counts: dict[str, int], title: str, w: int = 420, h: int = 300) -> str:
-    m, top = 44, max(1, max(counts.values(), default=1))
-    bw = (w - 2 * m) / max(1, len(counts))
+    """Horizontal bars: a label and its count on each row."""
+    top, left, row = max(1, max(counts.values(), default=1)), 120, (h - 40) / max(1, len(counts))
     bars = "".join(
-        f'<rect x="{m + i * bw + 8:.1f}" y="{h - m - c / top * (h - 2 * m):.1f}" width="{bw - 16:.1f}" '
-        f'height="{c / top * (h - 2 * m):.1f}"><title>{_esc(k)}: {c}</title></rect>'
-        f'<text x="{m + (i + 0.5) * bw:.1f}" y="{h - m + 16}" text-anchor="middle">{_esc(k)} ({c})</text>'
+        f'<text x="{left - 8}" y="{20 + (i + 0.6) * row:.1f}" text-anchor="end">{_esc(k)}</text>'
+        f'<rect x="{left}" y="{20 + i * row + 6:.1f}" width="{max(1.0, c / top * (w - left - 50)):.1f}" '
+        f'height="{row - 12:.1f}"><title>{_esc(k)}: {c}</title></rect>'
+        f'<text x="{left + max(1.0, c / top * (w - left - 50)) + 6:.1f}" y="{20 + (i + 0.6) * row:.1f}">{c}</text>'
         for i, (k, c) in enumerate(counts.items()))
     return (f'<figure><svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img">{bars}</svg>'
             f'<figcaption>{_esc(title)}</figcaption></figure>')
