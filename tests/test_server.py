@@ -231,3 +231,46 @@ def test_ingest_emits_an_event_that_starts_a_refresh_of_the_new_plates(live, cli
     assert run.state.is_completed(), run.state.message
     assert (root / "plates_structured" / "plate-002" / "input_image.json").is_file()
     assert set(table(root)) == {"plate-002"}  # only the new plate was refreshed
+
+
+def test_a_crashed_gpu_run_is_sent_again_then_its_plates_fail_with_the_reason(live, client, tmp_path):
+    """No worker serves the H100 pool here; each run it gets is marked Crashed (what a lost
+    worker leaves) as soon as it appears: the chunk is sent twice more, then its plates fail."""
+    import contextvars
+    import logging
+    import threading
+
+    from prefect.states import Crashed
+
+    from plateflow.routing import CRASH_RETRIES, GpuRoute, run_on_pool
+    from tasks.embeddings import PlateJob
+
+    route = GpuRoute("H100_80GB", "plates-gpu-h100-80gb", "embed-plates/embed-plates-h100-80gb")
+    jobs = [PlateJob(f"plate-{i}", str(tmp_path / f"w{i}.jpg"), (100, 100), ((0, 0, 100, 100),),
+                     str(tmp_path / f"v{i}.npy")) for i in range(2)]
+    crashed: set = set()
+    done = threading.Event()
+
+    def crash_each_new_run():
+        from prefect import get_client
+
+        with get_client(sync_client=True) as c:
+            while not done.is_set():
+                for run in runs_of(c, route.deployment):
+                    if run.id not in crashed and not run.state.is_final():
+                        c.set_flow_run_state(run.id, Crashed(message="worker lost (injected)"), force=True)
+                        crashed.add(run.id)
+                time.sleep(0.5)
+
+    # The thread runs in this context: Prefect's settings (the live server's URL) are context variables.
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(crash_each_new_run,), daemon=True)
+    thread.start()
+    try:
+        outcome = run_on_pool(route, "tiny_dinov2", jobs, 8, None, tmp_path / "reports",
+                              logging.getLogger("test"), poll_s=0.5)
+    finally:
+        done.set()
+        thread.join(10)
+    assert len(crashed) == 1 + CRASH_RETRIES
+    assert set(outcome) == {"plate-0", "plate-1"}
+    assert all("ended Crashed" in why and "worker lost" in why for why in outcome.values())
