@@ -105,6 +105,7 @@ def run_on_pool(route: GpuRoute, model: str, jobs: list, chunk_size: int, weight
     a run that failed fails its chunk's plates with the run's message.
     """
     from prefect import get_client
+    from prefect.client.schemas.objects import WorkerStatus
     from prefect.deployments import run_deployment
 
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -121,9 +122,13 @@ def run_on_pool(route: GpuRoute, model: str, jobs: list, chunk_size: int, weight
                     len(chunks[n]), run.name, route.pool)
         return run.id, report
 
-    pending = {n: (*submit(n, 0), 0) for n in range(len(chunks))}
     outcome: dict[str, str | None] = {}
     with get_client(sync_client=True) as client:
+        online = [w for w in client.read_workers_for_work_pool(route.pool) if w.status == WorkerStatus.ONLINE]
+        if not online:
+            logger.warning("work pool %s has no online worker: its runs wait until one starts "
+                           "(`plateflow worker` on a %s machine)", route.pool, route.gpu_class)
+        pending = {n: (*submit(n, 0), 0) for n in range(len(chunks))}
         while pending:
             time.sleep(poll_s)
             for n, (run_id, report, attempt) in list(pending.items()):

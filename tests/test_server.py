@@ -233,7 +233,7 @@ def test_ingest_emits_an_event_that_starts_a_refresh_of_the_new_plates(live, cli
     assert set(table(root)) == {"plate-002"}  # only the new plate was refreshed
 
 
-def test_a_crashed_gpu_run_is_sent_again_then_its_plates_fail_with_the_reason(live, client, tmp_path):
+def test_a_crashed_gpu_run_is_sent_again_then_its_plates_fail_with_the_reason(live, client, tmp_path, caplog):
     """No worker serves the H100 pool here; each run it gets is marked Crashed (what a lost
     worker leaves) as soon as it appears: the chunk is sent twice more, then its plates fail."""
     import contextvars
@@ -274,3 +274,4 @@ def test_a_crashed_gpu_run_is_sent_again_then_its_plates_fail_with_the_reason(li
     assert len(crashed) == 1 + CRASH_RETRIES
     assert set(outcome) == {"plate-0", "plate-1"}
     assert all("ended Crashed" in why and "worker lost" in why for why in outcome.values())
+    assert "work pool plates-gpu-h100-80gb has no online worker" in caplog.text
