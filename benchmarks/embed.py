@@ -37,7 +37,6 @@ CLIP_CONFIGS = {
 
 def random_model(spec):
     """A LoadedModel of the spec's architecture with random weights (no download)."""
-    from PIL import Image
 
     from tasks.embeddings import LoadedModel
 
@@ -48,13 +47,13 @@ def random_model(spec):
         net = timm.create_model(spec.architecture, pretrained=False, num_classes=0, img_size=spec.input_size,
                                 **spec.model_kwargs)
         cfg = resolve_model_data_config(net)
-        return LoadedModel(spec, net.eval(), tuple(cfg["mean"]), tuple(cfg["std"]), Image.Resampling.BICUBIC)
+        return LoadedModel(spec, net.eval(), tuple(cfg["mean"]), tuple(cfg["std"]))
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     cfg = CLIPVisionConfig(image_size=spec.input_size, **CLIP_CONFIGS[spec.name])
     proc = CLIPImageProcessor()
     return LoadedModel(spec, CLIPVisionModelWithProjection(cfg).eval(), tuple(proc.image_mean),
-                       tuple(proc.image_std), Image.Resampling.BICUBIC)
+                       tuple(proc.image_std))
 
 
 def flops_per_image(embed, size: int) -> float:

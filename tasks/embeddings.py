@@ -47,7 +47,6 @@ class LoadedModel:
     net: "object"  # torch.nn.Module
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    interpolation: int
 
 
 def weights_dir(spec: ModelSpec, weights_root: Path | None) -> Path | None:
@@ -91,9 +90,7 @@ def _load_timm(spec: ModelSpec, local: Path | None) -> LoadedModel:
     else:
         net = timm.create_model(f"hf-hub:{spec.hub_id}", pretrained=True, **kwargs)
     cfg = resolve_model_data_config(net)
-    interp = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}.get(
-        cfg.get("interpolation"), Image.Resampling.BICUBIC)
-    return LoadedModel(spec, net.eval(), tuple(cfg["mean"]), tuple(cfg["std"]), interp)
+    return LoadedModel(spec, net.eval(), tuple(cfg["mean"]), tuple(cfg["std"]))
 
 
 def _load_transformers(spec: ModelSpec, local: Path | None) -> LoadedModel:
@@ -106,8 +103,7 @@ def _load_transformers(spec: ModelSpec, local: Path | None) -> LoadedModel:
         proc = CLIPImageProcessor.from_pretrained(source, local_files_only=offline)
     except OSError:
         proc = CLIPImageProcessor()  # CLIP's own defaults (OpenAI mean/std)
-    return LoadedModel(spec, net.eval(), tuple(proc.image_mean), tuple(proc.image_std),
-                       Image.Resampling(proc.resample))
+    return LoadedModel(spec, net.eval(), tuple(proc.image_mean), tuple(proc.image_std))
 
 
 # ---------------------------------------------------------------------------------------------
