@@ -6,7 +6,9 @@ on a CPU-only machine it runs tiny models as a smoke test. Reported per model:
   model-only   images/s at several batch sizes and dtypes; forward FLOPs per image (counted by
                torch.utils.flop_counter) and the fraction of the GPU class's peak FLOP/s
   stage        plates/s for the embedding stage: read cached working copies, build the 15 + 1
-               candidate views, embed, choose the best crop, write vectors and smart_crop.json
+               candidate views, embed, choose the best crop, write vectors and smart_crop.json;
+               with reader threads and with reader processes, with and without the forward pass,
+               and how long the device loop waited for the readers
   crop save    cutting + encoding the full-resolution best crop vs plain decoding of the sources
 
     uv run python benchmarks/embed.py                      # CPU smoke test (tiny models)
@@ -123,8 +125,9 @@ class NullEmbed:
         return out
 
 
-def stage(jobs, boxes, spec, model, embed, batch: int, workers: int) -> float:
-    """The embedding stage as run_embedding runs it, plus choosing the crop: plates/s."""
+def stage(jobs, boxes, spec, model, embed, batch: int, workers: int, processes: bool) -> tuple[float, dict]:
+    """The embedding stage as run_embedding runs it, plus choosing the crop: plates/s, and the
+    seconds the device loop spent waiting for the readers and on the device."""
     from concurrent.futures import ThreadPoolExecutor
 
     from plateflow.atomic import write_json
@@ -139,14 +142,16 @@ def stage(jobs, boxes, spec, model, embed, batch: int, workers: int) -> float:
         save_vectors(Path(job.cache_file), vectors)
         write_json(Path(job.cache_file).with_suffix(".json"), {"best_crop_idx": best, "similarity": sim})
 
+    stats = {}
     start = time.perf_counter()
     with ThreadPoolExecutor(2) as writer:
         done = [writer.submit(write, job, vectors)
                 for job, vectors, error in embed_jobs(embed, jobs, model, batch, num_workers=workers,
-                                                      pin_memory=embed.device.type == "cuda")]
+                                                      pin_memory=embed.device.type == "cuda",
+                                                      processes=processes, stats=stats)]
         for d in done:
             d.result()
-    return len(jobs) / (time.perf_counter() - start)
+    return len(jobs) / (time.perf_counter() - start), {k: round(v, 2) for k, v in stats.items()}
 
 
 def crop_save_ratio(sources: list[Path]) -> tuple[float, float]:
@@ -187,6 +192,8 @@ def main() -> None:
     ap.add_argument("--models", default=None, help="comma-separated; default: dinov2_base,clip_vit_b32 on CUDA, tiny models on CPU")
     ap.add_argument("--plates", type=int, default=None)
     ap.add_argument("--workers", type=int, default=None, help="reader threads (default: all cores)")
+    ap.add_argument("--readers", default="threads,processes",
+                    help="reader kinds to time the stage with (threads, processes; comma-separated)")
     ap.add_argument("--compile", nargs="*", default=None, metavar="MODE",
                     help="also time the model under torch.compile (modes: default, max-autotune-no-cudagraphs, ...)")
     ap.add_argument("--sources", type=Path, default=HERE / "out" / "cpu_plates", help="large JPEGs for the crop-save ratio")
@@ -237,17 +244,18 @@ def main() -> None:
             print(f"{name:14s} {dtype_cls:9s} batch {batch_cls:5d}: {ips:9.1f} img/s compiled ({mode})"
                   + (f"  {100 * frac:5.1f}% of {peak} TFLOP/s" if frac is not None else ""), flush=True)
         null = NullEmbed(Embedder(model, "cuda" if cuda else "cpu", dtype_cls))
-        stage(jobs[: min(8, len(jobs))], boxes, spec, model, null, batch_cls, workers)  # warm-up
-        reader_pps = stage(jobs, boxes, spec, model, null, batch_cls, workers)
-        print(f"{name:14s} stage without the forward pass (read, cut views, choose, write): {reader_pps:.1f} plates/s")
         embed = Embedder(model, "cuda" if cuda else "cpu", dtype_cls)
-        stage(jobs[: min(8, len(jobs))], boxes, spec, model, embed, batch_cls, workers)  # warm-up
-        pps = stage(jobs, boxes, spec, model, embed, batch_cls, workers)
-        print(f"{name:14s} stage ({len(boxes)} views/plate, {dtype_cls}, batch {batch_cls}): {pps:.1f} plates/s"
-              f"  [{flops / 1e9:.4g} GFLOP/image]")
-        report["models"][name] = {"gflops_per_image": round(flops / 1e9, 3), "model_only": rows,
-                                  "stage_plates_per_s": round(pps, 1),
-                                  "stage_without_model_plates_per_s": round(reader_pps, 1)}
+        stages = {}
+        for readers in args.readers.split(","):
+            processes = readers == "processes"
+            for label, e in (("without the forward pass", null), ("", embed)):
+                stage(jobs[: min(2 * workers, len(jobs))], boxes, spec, model, e, batch_cls, workers, processes)  # warm-up
+                pps, split = stage(jobs, boxes, spec, model, e, batch_cls, workers, processes)
+                stages[f"{readers} {label}".strip()] = {"plates_per_s": round(pps, 1), **split}
+                print(f"{name:14s} stage {label or f'({len(boxes)} views/plate, {dtype_cls}, batch {batch_cls})'}, "
+                      f"reader {readers}: {pps:.1f} plates/s  [waiting for readers {split['waited_s']} s, "
+                      f"on the device {split['device_s']} s]", flush=True)
+        report["models"][name] = {"gflops_per_image": round(flops / 1e9, 3), "model_only": rows, "stage": stages}
     sources = sorted(args.sources.glob("*.jpg"))[:4]
     if sources:
         per_decode, ratio = crop_save_ratio(sources)

@@ -1,6 +1,6 @@
 """The GPU step: embed every plate's crop candidates with one model, in batches across plates.
 
-Reader (a thread pool: decode each working copy), mapper (the only code that touches the
+Reader (threads, or processes when feeding a GPU: decode each working copy), mapper (the only code that touches the
 device: cut and letterbox every view of a batch of plates, then one forward pass serves them
 all), writer (a content-addressed vector store, one .npy per plate and model). The model is built inside the
 process that uses it, never at import time and never passed through a Prefect cache key.
@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,10 @@ class DecodedPlate:
     pixels: "object"   # (H, W, 3) uint8 torch tensor, pinned when feeding a GPU
     boxes: np.ndarray  # (K, 4) float64: the candidate boxes in ``pixels`` coordinates
 
+    def pin_memory(self) -> "DecodedPlate":
+        """Called by DataLoader's pin-memory thread for plates decoded in reader processes."""
+        return DecodedPlate(self.pixels.pin_memory(), self.boxes)
+
 
 def letterbox_geometry(boxes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """For each box: the region to sample so that the box fills the centre of a size x size view
@@ -150,8 +155,9 @@ def letterbox_geometry(boxes: np.ndarray, size: int) -> tuple[np.ndarray, np.nda
 class ViewsDataset:
     """Item i: plate i's working copy, decoded, with its boxes in that copy's pixels.
 
-    Pillow's decode releases the GIL, so many reader threads run truly in parallel. The only
-    torch call is the pinned allocation; the copy into it is NumPy's.
+    Pillow's decode releases the GIL; its header parsing and the copy out of the decoder do
+    not (see ``prefetch_batches``). The only torch call is the allocation; the copy into it is
+    NumPy's.
     """
 
     def __init__(self, jobs: list[PlateJob], size: int, pin_memory: bool = False):
@@ -301,40 +307,93 @@ def forward_with_backoff(embed, views, micro: int) -> tuple["object", int]:
     return torch.cat(out), micro
 
 
-def prefetch_batches(dataset: ViewsDataset, plates_per_batch: int, workers: int):
-    """Batches of decoded plates, prepared ahead by a thread pool, in order: (ok, failed),
-    each a list of (index, DecodedPlate or error message).
+def prefetch_batches(dataset: ViewsDataset, plates_per_batch: int, workers: int, processes: bool = False,
+                     pin_memory: bool = False):
+    """Batches of decoded plates, prepared ahead by reader threads or processes, in order:
+    (ok, failed), each a list of (index, DecodedPlate or error message).
 
-    Threads, not processes: Pillow's decode releases the GIL, and a forked worker would
-    inherit Prefect's threads and a CUDA context.
+    Threads suit the CPU, where the forward pass needs the cores anyway. Feeding a GPU, the
+    readers are processes (torch's DataLoader, forked from a forkserver so that no worker
+    inherits Prefect's threads or a CUDA context): each plate's Python-level work (Pillow's
+    header parsing, the copy out of its decoder) then holds another interpreter's GIL, not the
+    one the thread that launches the GPU's kernels needs. Decoded plates travel in shared memory
+    and DataLoader's pin-memory thread pins them.
     """
-    n = len(dataset)
     lookahead = max(2 * workers, 2 * plates_per_batch)
+    items = (_read_processes(dataset, workers, lookahead, pin_memory) if processes and workers > 0
+             else _read_threads(dataset, workers, lookahead))
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == plates_per_batch:
+            yield _split(batch)
+            batch = []
+    if batch:
+        yield _split(batch)
+
+
+def _split(items):
+    return ([(i, v) for i, v in items if not isinstance(v, str)],
+            [(i, v) for i, v in items if isinstance(v, str)])
+
+
+def _read_threads(dataset: ViewsDataset, workers: int, lookahead: int):
+    n = len(dataset)
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="plateflow-reader") as pool:
-        pending = [pool.submit(dataset.__getitem__, i) for i in range(min(n, lookahead))]
+        pending = deque(pool.submit(dataset.__getitem__, i) for i in range(min(n, lookahead)))
         submitted = len(pending)
         while pending:
-            take, pending = pending[:plates_per_batch], pending[plates_per_batch:]
-            items = [f.result() for f in take]
-            while submitted < n and len(pending) < lookahead:
+            item = pending.popleft().result()
+            if submitted < n:
                 pending.append(pool.submit(dataset.__getitem__, submitted))
                 submitted += 1
-            yield ([(i, v) for i, v in items if not isinstance(v, str)],
-                   [(i, v) for i, v in items if isinstance(v, str)])
+            yield item
+
+
+def reader_processes():
+    """The multiprocessing context of reader processes, its server started (idempotent).
+
+    The server imports the main module, torch and this module once (seconds); each reader is a
+    fork of it (milliseconds). Call it early: the server loads while the model does.
+    """
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", "torch", __name__])
+    forkserver.ensure_running()
+    return context
+
+
+def _read_processes(dataset: ViewsDataset, workers: int, lookahead: int, pin_memory: bool):
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=workers,
+                        multiprocessing_context=reader_processes(), pin_memory=pin_memory,
+                        prefetch_factor=max(2, -(-lookahead // workers)))
+    yield from loader
+
+
+def _as_is(item):
+    return item
 
 
 def embed_jobs(embed, jobs: list[PlateJob], model: LoadedModel, batch_size: int,
-               num_workers: int = 2, pin_memory: bool = False
-               ) -> Iterator[tuple[PlateJob, np.ndarray | None, str | None]]:
+               num_workers: int = 2, pin_memory: bool = False, processes: bool = False,
+               stats: dict | None = None) -> Iterator[tuple[PlateJob, np.ndarray | None, str | None]]:
     """Yield (job, vectors, None) or (job, None, error) per plate, each exactly once.
 
-    One forward pass serves many plates: a batch holds ``batch_size // views`` plates.
+    One forward pass serves many plates: a batch holds ``batch_size // views`` plates. Readers
+    are ``num_workers`` threads, or processes with ``processes``. ``stats``, if given, receives
+    the seconds spent waiting for the readers and on the device.
     """
     views_per_plate = max(1, max(len(j.boxes) for j in jobs))
-    dataset = ViewsDataset(jobs, model.spec.input_size, pin_memory)
+    # Reader processes leave pinning to DataLoader's pin-memory thread (no CUDA in a worker).
+    dataset = ViewsDataset(jobs, model.spec.input_size, pin_memory and not processes)
     micro = batch_size
     waited = on_device = 0.0  # where the time goes: the log says which side is the bottleneck
-    batches = prefetch_batches(dataset, max(1, batch_size // views_per_plate), num_workers)
+    batches = prefetch_batches(dataset, max(1, batch_size // views_per_plate), num_workers,
+                               processes=processes, pin_memory=pin_memory)
     while True:
         t0 = time.perf_counter()
         batch = next(batches, None)
@@ -355,8 +414,11 @@ def embed_jobs(embed, jobs: list[PlateJob], model: LoadedModel, batch_size: int,
             n = plate.boxes.shape[0]
             yield jobs[i], vectors[start:start + n].numpy(), None
             start += n
-    log.info("%s: %.2f s waiting for the readers, %.2f s cutting views and embedding on %s",
-             model.spec.name, waited, on_device, getattr(embed, "device", "?"))
+    log.info("%s: %.2f s waiting for the readers (%s), %.2f s cutting views and embedding on %s",
+             model.spec.name, waited, "processes" if processes else "threads", on_device,
+             getattr(embed, "device", "?"))
+    if stats is not None:
+        stats.update(waited_s=waited, device_s=on_device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,6 +452,8 @@ def run_embedding(jobs: list[PlateJob], spec: ModelSpec, batch_size: int, dtype:
     if not jobs:
         return {}
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda":
+        reader_processes()  # starts loading while the model does
     model = model or load_model(spec, weights_root)
     embed = Embedder(model, device, dtype)
     workers = num_workers if num_workers is not None else reader_threads()
@@ -397,7 +461,9 @@ def run_embedding(jobs: list[PlateJob], spec: ModelSpec, batch_size: int, dtype:
     # A writer thread stores vectors while the main thread feeds the next batch to the device.
     with ThreadPoolExecutor(2, thread_name_prefix="plateflow-writer") as writer:
         writes = []
-        for job, vectors, error in embed_jobs(embed, jobs, model, batch_size, workers, pin_memory=device == "cuda"):
+        cuda = embed.device.type == "cuda"
+        for job, vectors, error in embed_jobs(embed, jobs, model, batch_size, workers, pin_memory=cuda,
+                                              processes=cuda):
             if error is None:
                 writes.append(writer.submit(save_vectors, Path(job.cache_file), vectors))
             outcome[job.plate_id] = error
@@ -407,7 +473,7 @@ def run_embedding(jobs: list[PlateJob], spec: ModelSpec, batch_size: int, dtype:
 
 
 def reader_threads() -> int:
-    """Reader threads: every core but the one that drives the device."""
+    """Readers (threads or processes): every core but the one that drives the device."""
     return max(1, (os.cpu_count() or 2) - 1)
 
 

@@ -82,6 +82,26 @@ def test_injected_out_of_memory_shrinks_the_batch_and_keeps_every_plate_once(din
         np.testing.assert_allclose(vec, reference[job.plate_id], atol=1e-5)
 
 
+def test_reader_processes_give_every_plate_once_with_the_thread_readers_vectors(dino, tmp_path):
+    spec, model = dino
+    embed = Embedder(model, DEVICE, "float32")
+    jobs = make_jobs(tmp_path, 7)
+    open(jobs[3].working_copy, "wb").write(b"truncated")
+    by_threads = {job.plate_id: (vec, err) for job, vec, err in embed_jobs(embed, jobs, model, 48, num_workers=2)}
+    stats = {}
+    seen = []
+    for job, vec, err in embed_jobs(embed, jobs, model, 48, num_workers=2, processes=True,
+                                    pin_memory=DEVICE == "cuda", stats=stats):
+        seen.append(job.plate_id)
+        ref_vec, ref_err = by_threads[job.plate_id]
+        assert err == ref_err
+        if err is None:
+            np.testing.assert_allclose(vec, ref_vec, atol=1e-5)
+    assert sorted(seen) == sorted(j.plate_id for j in jobs) and len(seen) == len(set(seen))
+    assert "cannot read working copy" in by_threads["plate-3"][1]
+    assert set(stats) == {"waited_s", "device_s"} and stats["device_s"] > 0
+
+
 def test_out_of_memory_at_batch_one_is_a_transient_error():
     def always_oom(views):
         raise torch.OutOfMemoryError("CUDA out of memory")
