@@ -154,6 +154,27 @@ def stage(jobs, boxes, spec, model, embed, batch: int, workers: int, processes: 
     return len(jobs) / (time.perf_counter() - start), {k: round(v, 2) for k, v in stats.items()}
 
 
+def pipeline(jobs, boxes, spec, model, batch: int, dtype: str, device: str, workers: int, chunk: int) -> float:
+    """embed-plates as the refresh flow runs it in-process: ``run_embedding`` per chunk of plates
+    (the model kept between chunks), then each plate's crop chosen from its stored vectors:
+    plates/s."""
+    import numpy as np
+
+    from plateflow.atomic import write_json
+    from plateflow.config import CropParams
+    from tasks.crops import choose_best_crop
+    from tasks.embeddings import run_embedding
+
+    params = CropParams()
+    start = time.perf_counter()
+    for i in range(0, len(jobs), chunk):
+        run_embedding(jobs[i:i + chunk], spec, batch, dtype, device=device, num_workers=workers, model=model)
+    for job in jobs:
+        best, sim = choose_best_crop(np.load(job.cache_file), boxes, params)
+        write_json(Path(job.cache_file).with_suffix(".json"), {"best_crop_idx": best, "similarity": sim})
+    return len(jobs) / (time.perf_counter() - start)
+
+
 def crop_save_ratio(sources: list[Path]) -> tuple[float, float]:
     from PIL import Image
 
@@ -194,6 +215,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="reader threads (default: all cores)")
     ap.add_argument("--readers", default="threads,processes",
                     help="reader kinds to time the stage with (threads, processes; comma-separated)")
+    ap.add_argument("--chunk", type=int, default=512, help="plates per embed-chunk task (refresh's --chunk-size)")
     ap.add_argument("--compile", nargs="*", default=None, metavar="MODE",
                     help="also time the model under torch.compile (modes: default, max-autotune-no-cudagraphs, ...)")
     ap.add_argument("--sources", type=Path, default=HERE / "out" / "cpu_plates", help="large JPEGs for the crop-save ratio")
@@ -255,6 +277,12 @@ def main() -> None:
                 print(f"{name:14s} stage {label or f'({len(boxes)} views/plate, {dtype_cls}, batch {batch_cls})'}, "
                       f"reader {readers}: {pps:.1f} plates/s  [waiting for readers {split['waited_s']} s, "
                       f"on the device {split['device_s']} s]", flush=True)
+        dev = "cuda" if cuda else "cpu"
+        pipeline(jobs[: min(2 * workers, len(jobs))], boxes, spec, model, batch_cls, dtype_cls, dev, workers, args.chunk)
+        pps = pipeline(jobs, boxes, spec, model, batch_cls, dtype_cls, dev, workers, args.chunk)
+        stages[f"run_embedding in chunks of {args.chunk}"] = {"plates_per_s": round(pps, 1)}
+        print(f"{name:14s} embed-plates as the flow runs it (run_embedding per {args.chunk} plates, then the "
+              f"crop choice): {pps:.1f} plates/s", flush=True)
         report["models"][name] = {"gflops_per_image": round(flops / 1e9, 3), "model_only": rows, "stage": stages}
     sources = sorted(args.sources.glob("*.jpg"))[:4]
     if sources:

@@ -12,6 +12,7 @@ import hashlib
 import io
 import logging
 import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -454,8 +455,7 @@ def run_embedding(jobs: list[PlateJob], spec: ModelSpec, batch_size: int, dtype:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cuda":
         reader_processes()  # starts loading while the model does
-    model = model or load_model(spec, weights_root)
-    embed = Embedder(model, device, dtype)
+    model, embed = embedder(spec, device, dtype, weights_root, model)
     workers = num_workers if num_workers is not None else reader_threads()
     outcome: dict[str, str | None] = {}
     # A writer thread stores vectors while the main thread feeds the next batch to the device.
@@ -470,6 +470,45 @@ def run_embedding(jobs: list[PlateJob], spec: ModelSpec, batch_size: int, dtype:
         for w in writes:
             w.result()  # an I/O error surfaces here (and is retried as transient)
     return outcome
+
+
+_last_embedder: list = []  # [(key, model given or None, LoadedModel, Embedder)]: at most one
+_embedder_lock = threading.Lock()
+
+
+def embedder(spec: ModelSpec, device: str, dtype: str, weights_root: Path | None = None,
+             model: LoadedModel | None = None) -> tuple[LoadedModel, Embedder]:
+    """The model (loaded unless given) and its Embedder on ``device`` in ``dtype``.
+
+    The last one is kept for the process: a flow embeds a model's plates chunk by chunk, and
+    loading the weights for every chunk (seconds) would cost more than embedding the chunk.
+    Only one is kept, so a second model never shares the device's memory with the first. A
+    local weights folder whose files change is loaded again.
+    """
+    local = weights_dir(spec, weights_root)
+    stamp = None if local is None else sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                                              for f in local.iterdir() if f.is_file())
+    key = (spec.model_dump_json(), device, dtype, str(local), stamp)
+    with _embedder_lock:
+        if _last_embedder and _last_embedder[0][0] == key and _last_embedder[0][1] is model:
+            return _last_embedder[0][2], _last_embedder[0][3]
+        if _last_embedder:
+            _last_embedder.clear()
+            _release_device_memory(device)
+        loaded = model or load_model(spec, weights_root)
+        embed = Embedder(loaded, device, dtype)
+        _last_embedder.append((key, model, loaded, embed))
+        return loaded, embed
+
+
+def _release_device_memory(device: str) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def reader_threads() -> int:

@@ -132,6 +132,38 @@ def test_both_backends_load_from_a_weights_folder_and_embed(tiny_env, tmp_path):
         assert np.load(tmp_path / name / "vec-0.npy").shape == (16, spec.embed_dim)
 
 
+def test_the_chunks_of_one_model_load_its_weights_once(tiny_env, tmp_path, monkeypatch):
+    import os
+
+    import tasks.embeddings as emb
+
+    loads = []
+    real_load = emb.load_model
+    monkeypatch.setattr(emb, "load_model", lambda spec, root=None: loads.append(spec.name) or real_load(spec, root))
+    monkeypatch.setattr(emb, "_last_embedder", [])
+    profiles = load_profiles()
+    dino, clip = profiles.model("tiny_dinov2"), profiles.model("tiny_clip")
+    jobs = make_jobs(tmp_path, 4)
+
+    def embed(spec, chunk):
+        assert emb.run_embedding(chunk, spec, 16, "float32", device=DEVICE) == {j.plate_id: None for j in chunk}
+
+    embed(dino, jobs[:2])
+    first = np.load(jobs[0].cache_file)
+    embed(dino, jobs[2:])
+    assert loads == ["tiny_dinov2"]  # the second chunk reused the loaded model
+    embed(clip, jobs[:1])
+    embed(dino, jobs[:1])
+    assert loads == ["tiny_dinov2", "tiny_clip", "tiny_dinov2"]  # one model kept at a time
+    np.testing.assert_allclose(np.load(jobs[0].cache_file), first, atol=1e-6)
+
+    weights = next(f for f in (tiny_env[1] / "tiny_dinov2").iterdir() if f.is_file())
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the weights were replaced
+    embed(dino, jobs[:1])
+    assert loads == ["tiny_dinov2", "tiny_clip", "tiny_dinov2", "tiny_dinov2"]
+
+
 def test_normalisation_comes_from_the_model_config(tiny_env):
     profiles = load_profiles()
     assert load_model(profiles.model("tiny_dinov2")).mean == pytest.approx((0.485, 0.456, 0.406))
