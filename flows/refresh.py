@@ -96,6 +96,7 @@ def refresh_corpus(
     plates: list[str] | None = None,
     gpu_dispatch: Dispatch = "auto",
     chunk_size: int = 512,
+    worker_wait_minutes: float | None = 30.0,
 ):
     """Characterise every plate under ROOT/plates_structured; with ``models``, also build crop
     candidates, embed them with each model, choose and save the smart crop. Writes
@@ -104,7 +105,9 @@ def refresh_corpus(
     ``plates`` (folder names) limits the run to those plates; the other plates' rows in the
     tables are kept as they are. ``gpu_dispatch``: where the GPU step runs (plateflow/routing.py):
     ``auto`` sends it as runs of the class's embed-plates deployment, ``chunk_size`` plates each,
-    when the server has such deployments, else runs it in-process. Ends Failed (with every failed plate and its reason in the
+    when the server has such deployments, else runs it in-process; if that pool has no online
+    worker for ``worker_wait_minutes`` (None: no limit), the plates no worker took fail saying
+    so. Ends Failed (with every failed plate and its reason in the
     message) if any plate failed; the other plates are complete either way.
     """
     logger = get_run_logger()
@@ -161,7 +164,8 @@ def refresh_corpus(
     if models:
         run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
         _embed_and_crop(root_path, runs, {r["plate_dir"]: r for r in rows}, models, crop_model,
-                        crop_params, route, weights_root, run_id, chunk_size, partial, progress, timings)
+                        crop_params, route, weights_root, run_id, chunk_size, partial, progress, timings,
+                        worker_wait_minutes)
     rows.sort(key=lambda r: r["plate_dir"])
     t = time.perf_counter()
     table_path = write_corpus_table(root_path, rows, partial=partial)
@@ -196,7 +200,8 @@ def refresh_corpus(
 def _embed_and_crop(root: Path, runs: list[PlateRun], rows: dict[str, dict], models: list[str],
                     crop_model: str, crop_params: CropParams, route: GpuRoute,
                     weights_root: str | None, run_id: str, chunk_size: int, partial: bool,
-                    progress: Progress, timings: dict[str, float]) -> None:
+                    progress: Progress, timings: dict[str, float],
+                    worker_wait_minutes: float | None = None) -> None:
     """Candidates, embeddings (only plates without cached vectors go to the GPU flow), smart crop."""
     from flows.embed import embed_plates
 
@@ -242,7 +247,8 @@ def _embed_and_crop(root: Path, runs: list[PlateRun], rows: dict[str, dict], mod
                        else {job.plate_id: state.message for job in jobs})
         else:
             outcome = run_on_pool(route, model, jobs, chunk_size, weights_root,
-                                  state_dir(root) / "dispatch" / run_id, logger)
+                                  state_dir(root) / "dispatch" / run_id, logger,
+                                  worker_wait_s=None if worker_wait_minutes is None else 60 * worker_wait_minutes)
         for job in jobs:
             error = outcome.get(job.plate_id, "no result came back for this plate")
             if error is not None:

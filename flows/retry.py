@@ -33,6 +33,7 @@ def retry_failed_plates(
     weights_root: str | None = None,
     gpu_dispatch: Dispatch = "auto",
     chunk_size: int = 512,
+    worker_wait_minutes: float | None = 30.0,
 ):
     """Refresh only the failed plates (same parameters as refresh-corpus); the rest stay as they are."""
     logger = get_run_logger()
@@ -42,6 +43,6 @@ def retry_failed_plates(
     logger.info("retrying %d failed plates: %s", len(failed), ", ".join(failed))
     state = refresh_corpus(root, characterize_params, models, crop_model, crop_params, gpu_class,
                            weights_root, plates=failed, gpu_dispatch=gpu_dispatch, chunk_size=chunk_size,
-                           return_state=True)
+                           worker_wait_minutes=worker_wait_minutes, return_state=True)
     # Re-wrap: returning the subflow's state as is would replace its summary with a generic one.
     return (Completed if state.is_completed() else Failed)(message=state.message)

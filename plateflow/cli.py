@@ -63,6 +63,7 @@ def refresh(
     gpu_class: Annotated[Optional[str], typer.Option(help="GPU class to run the GPU step on (default: detected, or with work pools the best class that has one).")] = None,
     chunk_size: Annotated[int, typer.Option(help="Plates per embed-plates run sent to a work pool.")] = 512,
     gpu_dispatch: Annotated[str, typer.Option(help="auto: runs of the class's embed-plates deployment when the server has them, else in-process; local; pool.")] = "auto",
+    worker_wait_minutes: Annotated[float, typer.Option(help="With a work pool: how long its having no online worker is waited out before those plates fail (0: no limit).")] = 30.0,
     weights: Annotated[Optional[Path], typer.Option(help="Folder with <model>/ weights (else the HF cache).")] = None,
     failed_only: Annotated[bool, typer.Option("--failed-only", help="Retry only the plates whose last status is failed (the retry-failed-plates flow).")] = False,
 ) -> None:
@@ -90,7 +91,8 @@ def refresh(
         state = flow_fn(root=str(cfg.root), characterize_params=params, models=model_list,
                         crop_model=crop_model, crop_params=crop, gpu_class=gpu_class,
                         weights_root=str(weights) if weights else None, gpu_dispatch=gpu_dispatch,
-                        chunk_size=chunk_size, return_state=True)
+                        chunk_size=chunk_size, worker_wait_minutes=worker_wait_minutes or None,
+                        return_state=True)
     except ValueError as exc:  # ConfigError: raised before any work starts
         console.print(f"[red]configuration error:[/] {exc}")
         raise typer.Exit(2) from None

@@ -97,16 +97,21 @@ def choose_route(requested: str | None, dispatch: Dispatch, profiles: Profiles, 
 
 
 def run_on_pool(route: GpuRoute, model: str, jobs: list, chunk_size: int, weights_root: str | None,
-                report_dir: Path, logger, poll_s: float = 2.0) -> dict[str, str | None]:
+                report_dir: Path, logger, poll_s: float = 2.0,
+                worker_wait_s: float | None = None) -> dict[str, str | None]:
     """Send ``jobs`` in chunks as runs of the route's deployment, all at once (the pool's workers
     take them one per GPU), and gather every plate's outcome: None, or why it failed.
 
     A chunk whose run crashed (its worker was lost) is sent again, up to CRASH_RETRIES times;
-    a run that failed fails its chunk's plates with the run's message.
+    a run that failed fails its chunk's plates with the run's message. When the pool has had no
+    online worker for ``worker_wait_s`` seconds (None: wait for ever), the runs no worker has
+    taken yet are cancelled and their plates fail saying so; retry-failed-plates redoes them.
+    Chunks queued behind busy workers are not affected: only a pool with no worker is.
     """
     from prefect import get_client
     from prefect.client.schemas.objects import WorkerStatus
     from prefect.deployments import run_deployment
+    from prefect.states import Cancelled
 
     report_dir.mkdir(parents=True, exist_ok=True)
     chunks = [jobs[i:i + chunk_size] for i in range(0, len(jobs), chunk_size)]
@@ -124,15 +129,35 @@ def run_on_pool(route: GpuRoute, model: str, jobs: list, chunk_size: int, weight
 
     outcome: dict[str, str | None] = {}
     with get_client(sync_client=True) as client:
-        online = [w for w in client.read_workers_for_work_pool(route.pool) if w.status == WorkerStatus.ONLINE]
-        if not online:
+        def online() -> bool:
+            return any(w.status == WorkerStatus.ONLINE for w in client.read_workers_for_work_pool(route.pool))
+
+        no_worker_since = None if online() else time.monotonic()
+        if no_worker_since is not None:
             logger.warning("work pool %s has no online worker: its runs wait until one starts "
-                           "(`plateflow worker` on a %s machine)", route.pool, route.gpu_class)
+                           "(`plateflow worker` on a %s machine)%s", route.pool, route.gpu_class,
+                           f", at most {worker_wait_s:g} s" if worker_wait_s is not None else "")
         pending = {n: (*submit(n, 0), 0) for n in range(len(chunks))}
         while pending:
             time.sleep(poll_s)
+            if online():
+                no_worker_since = None
+            elif no_worker_since is None:
+                no_worker_since = time.monotonic()
+            gave_up = (worker_wait_s is not None and no_worker_since is not None
+                       and time.monotonic() - no_worker_since >= worker_wait_s)
             for n, (run_id, report, attempt) in list(pending.items()):
                 state = client.read_flow_run(run_id).state
+                if gave_up and state is not None and state.is_scheduled():
+                    why = (f"no worker of work pool {route.pool} was online for {worker_wait_s:g} s, so "
+                           f"nothing ran this chunk; start one (`plateflow worker` on a {route.gpu_class} "
+                           f"machine) or use gpu_dispatch=local, then retry the failed plates")
+                    client.set_flow_run_state(run_id, Cancelled(message=why), force=True)
+                    logger.error("%s chunk %d: %s", model, n + 1, why)
+                    del pending[n]
+                    for job in chunks[n]:
+                        outcome[job.plate_id] = why
+                    continue
                 if state is None or not state.is_final():
                     continue
                 del pending[n]

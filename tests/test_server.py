@@ -275,3 +275,28 @@ def test_a_crashed_gpu_run_is_sent_again_then_its_plates_fail_with_the_reason(li
     assert set(outcome) == {"plate-0", "plate-1"}
     assert all("ended Crashed" in why and "worker lost" in why for why in outcome.values())
     assert "work pool plates-gpu-h100-80gb has no online worker" in caplog.text
+
+
+def test_a_pool_with_no_online_worker_fails_its_plates_after_the_wait(live, client, tmp_path, caplog):
+    """No worker serves the H100 pool here: after ``worker_wait_s`` the runs nobody took are
+    cancelled, and their plates fail saying why and what to do."""
+    import logging
+
+    from plateflow.routing import GpuRoute, run_on_pool
+    from tasks.embeddings import PlateJob
+
+    route = GpuRoute("H100_80GB", "plates-gpu-h100-80gb", "embed-plates/embed-plates-h100-80gb")
+    jobs = [PlateJob(f"plate-{i}", str(tmp_path / f"w{i}.jpg"), (100, 100), ((0, 0, 100, 100),),
+                     str(tmp_path / f"v{i}.npy")) for i in range(2)]
+    before = {run.id for run in runs_of(client, route.deployment)}
+    started = time.monotonic()
+    outcome = run_on_pool(route, "tiny_dinov2", jobs, 1, None, tmp_path / "reports", logging.getLogger("test"),
+                          poll_s=0.5, worker_wait_s=2)
+    assert 2 <= time.monotonic() - started < 30
+    assert set(outcome) == {"plate-0", "plate-1"}
+    for why in outcome.values():
+        assert "no worker of work pool plates-gpu-h100-80gb was online for 2 s" in why
+        assert "plateflow worker" in why and "retry the failed plates" in why
+    ours = [run for run in runs_of(client, route.deployment) if run.id not in before]
+    assert len(ours) == 2 and all(run.state.is_cancelled() for run in ours)
+    assert "at most 2 s" in caplog.text
