@@ -167,6 +167,17 @@ class ViewsDataset:
     def __len__(self) -> int:
         return len(self.jobs)
 
+    def plate_bytes(self, sample: int = 8) -> int:
+        """The most bytes a decoded plate takes, judged from the first working copies' headers."""
+        sizes = []
+        for job in self.jobs[:sample]:
+            try:
+                with Image.open(job.working_copy) as im:
+                    sizes.append(im.width * im.height * 3)
+            except (OSError, SyntaxError, ValueError):
+                continue
+        return max(sizes, default=4 << 20)
+
     def __getitem__(self, i: int):
         """(i, DecodedPlate) or (i, error message): an unreadable working copy fails only its plate."""
         import torch
@@ -321,6 +332,14 @@ def prefetch_batches(dataset: ViewsDataset, plates_per_batch: int, workers: int,
     and DataLoader's pin-memory thread pins them.
     """
     lookahead = max(2 * workers, 2 * plates_per_batch)
+    if processes and workers > 0:
+        # Plates in flight sit in /dev/shm, which a container may keep small (Docker: 64 MB).
+        need, free = (lookahead + workers) * dataset.plate_bytes(), _shared_memory_free()
+        if free is not None and 2 * need > free:
+            log.warning("reader processes need about %d MB of shared memory and /dev/shm has %d MB "
+                        "free: reading with threads instead (give the container more, e.g. "
+                        "`docker run --shm-size=%dg`)", need >> 20, free >> 20, -(-2 * need >> 30))
+            processes = False
     items = (_read_processes(dataset, workers, lookahead, pin_memory) if processes and workers > 0
              else _read_threads(dataset, workers, lookahead))
     batch = []
@@ -331,6 +350,14 @@ def prefetch_batches(dataset: ViewsDataset, plates_per_batch: int, workers: int,
             batch = []
     if batch:
         yield _split(batch)
+
+
+def _shared_memory_free() -> int | None:
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def _split(items):

@@ -102,6 +102,22 @@ def test_reader_processes_give_every_plate_once_with_the_thread_readers_vectors(
     assert set(stats) == {"waited_s", "device_s"} and stats["device_s"] > 0
 
 
+def test_reader_processes_fall_back_to_threads_when_shared_memory_is_short(dino, tmp_path, monkeypatch, caplog):
+    import tasks.embeddings as emb
+
+    spec, model = dino
+    monkeypatch.setattr(emb, "_shared_memory_free", lambda: 64 << 20)  # Docker's default /dev/shm
+    monkeypatch.setattr(emb, "_read_processes", lambda *a: pytest.fail("started reader processes"))
+    jobs = make_jobs(tmp_path, 3)
+    dataset = emb.ViewsDataset(jobs, spec.input_size)
+    assert dataset.plate_bytes() == 150 * 100 * 3  # 300 x 200 plates, working copies at 100 px short side
+    embed = Embedder(model, DEVICE, "float32")
+    seen = [job.plate_id for job, vec, err in embed_jobs(embed, jobs, model, 16 * 4096, num_workers=2, processes=True)
+            if err is None]
+    assert seen == [j.plate_id for j in jobs]
+    assert "reader processes need about" in caplog.text and "--shm-size" in caplog.text
+
+
 def test_out_of_memory_at_batch_one_is_a_transient_error():
     def always_oom(views):
         raise torch.OutOfMemoryError("CUDA out of memory")
