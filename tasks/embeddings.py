@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import os
 import threading
 import time
@@ -338,7 +339,7 @@ def prefetch_batches(dataset: ViewsDataset, plates_per_batch: int, workers: int,
         if free is not None and 2 * need > free:
             log.warning("reader processes need about %d MB of shared memory and /dev/shm has %d MB "
                         "free: reading with threads instead (give the container more, e.g. "
-                        "`docker run --shm-size=%dg`)", need >> 20, free >> 20, -(-2 * need >> 30))
+                        "`docker run --shm-size=%dg`)", need >> 20, free >> 20, math.ceil(2 * need / 2**30))
             processes = False
     items = (_read_processes(dataset, workers, lookahead, pin_memory) if processes and workers > 0
              else _read_threads(dataset, workers, lookahead))
