@@ -10,6 +10,8 @@ on a CPU-only machine it runs tiny models as a smoke test. Reported per model:
                with reader threads and with reader processes, with and without the forward pass,
                and how long the device loop waited for the readers
   crop save    cutting + encoding the full-resolution best crop vs plain decoding of the sources
+  device loop  microseconds per small torch op (a kernel launch's GIL round trip) in the thread
+               that drives the device, with no readers, reader threads and reader processes
 
     uv run python benchmarks/embed.py                      # CPU smoke test (tiny models)
     uv run python benchmarks/embed.py --models dinov2_base # on a CUDA machine: real figures
@@ -154,6 +156,38 @@ def stage(jobs, boxes, spec, model, embed, batch: int, workers: int, processes: 
     return len(jobs) / (time.perf_counter() - start), {k: round(v, 2) for k, v in stats.items()}
 
 
+def launch_latency(jobs, size: int, workers: int, processes: bool | None, ops: int = 20000) -> float:
+    """Microseconds per small torch op (each releases and retakes the GIL, as a kernel launch
+    does) in this thread while the readers decode ``jobs`` flat out (``processes`` None: no
+    readers). Reader threads that hold the GIL show up here as a slower device loop."""
+    import threading
+
+    import torch
+
+    from tasks.embeddings import ViewsDataset, prefetch_batches
+
+    x, stop = torch.zeros(64), threading.Event()
+
+    def drain():
+        while not stop.is_set():
+            for _ in prefetch_batches(ViewsDataset(jobs, size), 16, workers, processes=processes):
+                if stop.is_set():
+                    break
+
+    reader = threading.Thread(target=drain, daemon=True) if processes is not None else None
+    if reader:
+        reader.start()
+        time.sleep(1.0 if not processes else 3.0)  # readers running (process start included)
+    start = time.perf_counter()
+    for _ in range(ops):
+        torch.add(x, 1)
+    us = (time.perf_counter() - start) / ops * 1e6
+    stop.set()
+    if reader:
+        reader.join()
+    return us
+
+
 def pipeline(jobs, boxes, spec, model, batch: int, dtype: str, device: str, workers: int, chunk: int) -> float:
     """embed-plates as the refresh flow runs it in-process: ``run_embedding`` per chunk of plates
     (the model kept between chunks), then each plate's crop chosen from its stored vectors:
@@ -241,6 +275,13 @@ def main() -> None:
 
     compile_modes = [] if args.compile is None else (args.compile or ["default"])
     report = {"device": device.name, "gpu_class": cls, "models": {}}
+    idle = launch_latency(jobs, 224, workers, None)
+    latency = {"no readers": round(idle, 2)}
+    for readers in args.readers.split(","):
+        latency[readers] = round(launch_latency(jobs, 224, workers, readers == "processes"), 2)
+    report["device_loop_us_per_op"] = latency
+    print("device loop, us per small torch op while the readers decode: "
+          + ", ".join(f"{k} {v}" for k, v in latency.items()), flush=True)
     for name in names:
         spec = profiles.model(name)
         model = random_model(spec)
