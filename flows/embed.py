@@ -22,12 +22,14 @@ def embed_plates(model: str, jobs: list[PlateJob], gpu_class: str, chunk_size: i
     profiles = load_profiles()
     spec = profiles.model(model)
     batch_size, dtype = profiles.plan(model, gpu_class)
-    logger.info("%s on %s: %d plates, batch %d images, %s", model, gpu_class, len(jobs), batch_size, dtype)
+    readers = profiles.gpu_class(gpu_class).readers
+    logger.info("%s on %s: %d plates, batch %d images, %s, reader %s", model, gpu_class, len(jobs),
+                batch_size, dtype, readers)
     outcome: dict[str, str | None] = {}
     for start in range(0, len(jobs), chunk_size):
         chunk = jobs[start:start + chunk_size]
         outcome.update(embed_chunk(chunk, spec, batch_size, dtype, chunk_name=str(start // chunk_size),
-                                   weights_root=weights_root))
+                                   weights_root=weights_root, readers=readers))
         logger.info("%s: %d/%d plates embedded", model, len(outcome), len(jobs))
     if report:
         write_json(Path(report), outcome)

@@ -471,8 +471,10 @@ def save_vectors(path: Path, vectors: np.ndarray) -> None:
 
 def run_embedding(jobs: list[PlateJob], spec: ModelSpec, batch_size: int, dtype: str,
                   device: str | None = None, num_workers: int | None = None,
-                  weights_root: Path | None = None, model: LoadedModel | None = None) -> dict[str, str | None]:
-    """Embed ``jobs``; write each plate's vectors to its cache file.
+                  weights_root: Path | None = None, model: LoadedModel | None = None,
+                  processes: bool | None = None) -> dict[str, str | None]:
+    """Embed ``jobs``; write each plate's vectors to its cache file. Readers are processes when
+    ``processes`` (None: when the device is a GPU), else threads.
 
     Returns plate_id -> None when done, or the error message of a plate that failed alone.
     """
@@ -481,7 +483,9 @@ def run_embedding(jobs: list[PlateJob], spec: ModelSpec, batch_size: int, dtype:
     if not jobs:
         return {}
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type == "cuda":
+    if processes is None:
+        processes = torch.device(device).type == "cuda"
+    if processes:
         reader_processes()  # starts loading while the model does
     model, embed = embedder(spec, device, dtype, weights_root, model)
     workers = num_workers if num_workers is not None else reader_threads()
@@ -491,7 +495,7 @@ def run_embedding(jobs: list[PlateJob], spec: ModelSpec, batch_size: int, dtype:
         writes = []
         cuda = embed.device.type == "cuda"
         for job, vectors, error in embed_jobs(embed, jobs, model, batch_size, workers, pin_memory=cuda,
-                                              processes=cuda):
+                                              processes=processes):
             if error is None:
                 writes.append(writer.submit(save_vectors, Path(job.cache_file), vectors))
             outcome[job.plate_id] = error
@@ -547,6 +551,9 @@ def reader_threads() -> int:
 @task(name="embed-chunk", task_run_name="embed-{spec.name}-{chunk_name}", retries=2,
       retry_delay_seconds=[5, 30], retry_jitter_factor=0.5, retry_condition_fn=retry_transient)
 def embed_chunk(jobs: list[PlateJob], spec: ModelSpec, batch_size: int, dtype: str,
-                chunk_name: str = "0", weights_root: str | None = None) -> dict[str, str | None]:
-    """A chunk of plates through one model; only GpuOutOfMemoryError/I/O failures are retried."""
-    return run_embedding(jobs, spec, batch_size, dtype, weights_root=Path(weights_root) if weights_root else None)
+                chunk_name: str = "0", weights_root: str | None = None,
+                readers: str = "processes") -> dict[str, str | None]:
+    """A chunk of plates through one model; only GpuOutOfMemoryError/I/O failures are retried.
+    ``readers``: the GPU class's reader kind (threads or processes)."""
+    return run_embedding(jobs, spec, batch_size, dtype, weights_root=Path(weights_root) if weights_root else None,
+                         processes=readers == "processes")

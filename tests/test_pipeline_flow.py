@@ -48,6 +48,32 @@ def test_full_pipeline_with_both_backends(corpus, tiny_env):
     np.testing.assert_allclose(np.linalg.norm(vec, axis=1), 1.0, atol=1e-5)
 
 
+def test_a_gpu_class_reads_with_processes_in_the_flow_and_gets_the_thread_readers_vectors(corpus, tiny_env, tmp_path,
+                                                                                           caplog):
+    import logging
+
+    from conftest import copy_corpus
+    from plateflow.profiles import load_profiles
+
+    assert load_profiles().gpu_class("T4_16GB").readers == "processes"
+    assert load_profiles().gpu_class("CPU").readers == "threads"
+    other = copy_corpus(corpus, tmp_path / "other")
+    vectors = {}
+    caplog.set_level(logging.INFO, logger="tasks.embeddings")
+    for root, cls in ((corpus, "CPU"), (other, "T4_16GB")):  # T4's plan on this CPU: processes, batch 64
+        caplog.clear()
+        state = refresh_corpus(str(root), models=["tiny_dinov2"], gpu_class=cls, return_state=True)
+        assert f"waiting for the readers ({'threads' if cls == 'CPU' else 'processes'})" in caplog.text
+        assert state.is_completed(), state.message
+        table = {r["plate_dir"]: r for r in pq.read_table(root / "plates.parquet").to_pylist()}
+        assert {r["embed_status"] for r in table.values()} == {"computed"}
+        vectors[cls] = {k: np.load(root / "plates_structured" / k / "runs" / r["run_id"] / "embeddings" / "tiny_dinov2.npy")
+                        for k, r in table.items()}
+    assert set(vectors["CPU"]) == set(vectors["T4_16GB"]) == {"plate-001", "plate-002", "plate-003"}
+    for k in vectors["CPU"]:
+        np.testing.assert_allclose(vectors["T4_16GB"][k], vectors["CPU"][k], atol=1e-5)
+
+
 def test_rerun_skips_done_plates_and_a_changed_plate_is_redone(corpus, tiny_env):
     run(corpus)
     runs_before = sorted(p.name for p in (corpus / "plates_structured" / "plate-001" / "runs").iterdir())
