@@ -1,8 +1,8 @@
 """The GPU step: embed every plate's crop candidates with one model, in batches across plates.
 
-Reader (threads, or processes when feeding a GPU: decode each working copy), mapper (the only code that touches the
-device: cut and letterbox every view of a batch of plates, then one forward pass serves them
-all), writer (a content-addressed vector store, one .npy per plate and model). The model is built inside the
+Reader (threads, or processes when feeding a GPU: decode each working copy), mapper (the only
+code that touches the device: cut and letterbox every view of a batch of plates, then one
+forward pass serves them all), writer (a content-addressed vector store, one .npy per plate and model). The model is built inside the
 process that uses it, never at import time and never passed through a Prefect cache key.
 """
 
@@ -332,15 +332,7 @@ def prefetch_batches(dataset: ViewsDataset, plates_per_batch: int, workers: int,
     one the thread that launches the GPU's kernels needs. Decoded plates travel in shared memory
     and DataLoader's pin-memory thread pins them.
     """
-    lookahead = max(2 * workers, 2 * plates_per_batch)
-    if processes and workers > 0:
-        # Plates in flight sit in /dev/shm, which a container may keep small (Docker: 64 MB).
-        need, free = (lookahead + workers) * dataset.plate_bytes(), _shared_memory_free()
-        if free is not None and 2 * need > free:
-            log.warning("reader processes need about %d MB of shared memory and /dev/shm has %d MB "
-                        "free: reading with threads instead (give the container more, e.g. "
-                        "`docker run --shm-size=%dg`)", need >> 20, free >> 20, math.ceil(2 * need / 2**30))
-            processes = False
+    lookahead = _lookahead(plates_per_batch, workers)
     items = (_read_processes(dataset, workers, lookahead, pin_memory) if processes and workers > 0
              else _read_threads(dataset, workers, lookahead))
     batch = []
@@ -351,6 +343,24 @@ def prefetch_batches(dataset: ViewsDataset, plates_per_batch: int, workers: int,
             batch = []
     if batch:
         yield _split(batch)
+
+
+def _lookahead(plates_per_batch: int, workers: int) -> int:
+    """Plates decoded ahead of the device: two batches."""
+    return max(2 * workers, 2 * plates_per_batch)
+
+
+def _processes_fit(dataset: ViewsDataset, plates_per_batch: int, workers: int) -> bool:
+    """Whether /dev/shm holds the plates reader processes keep in flight with room to spare; a
+    container may keep it small (Docker: 64 MB). Logs why not."""
+    need = (_lookahead(plates_per_batch, workers) + workers) * dataset.plate_bytes()
+    free = _shared_memory_free()
+    if free is not None and 2 * need > free:
+        log.warning("reader processes need about %d MB of shared memory and /dev/shm has %d MB "
+                    "free: reading with threads instead (give the container more, e.g. "
+                    "`docker run --shm-size=%dg`)", need >> 20, free >> 20, math.ceil(2 * need / 2**30))
+        return False
+    return True
 
 
 def _shared_memory_free() -> int | None:
@@ -399,7 +409,7 @@ def _read_processes(dataset: ViewsDataset, workers: int, lookahead: int, pin_mem
 
     loader = DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=workers,
                         multiprocessing_context=reader_processes(), pin_memory=pin_memory,
-                        prefetch_factor=max(2, -(-lookahead // workers)))
+                        prefetch_factor=max(2, math.ceil(lookahead / workers)))
     yield from loader
 
 
@@ -417,12 +427,15 @@ def embed_jobs(embed, jobs: list[PlateJob], model: LoadedModel, batch_size: int,
     the seconds spent waiting for the readers and on the device.
     """
     views_per_plate = max(1, max(len(j.boxes) for j in jobs))
+    plates_per_batch = max(1, batch_size // views_per_plate)
+    dataset = ViewsDataset(jobs, model.spec.input_size)
+    processes = processes and num_workers > 0 and _processes_fit(dataset, plates_per_batch, num_workers)
     # Reader processes leave pinning to DataLoader's pin-memory thread (no CUDA in a worker).
-    dataset = ViewsDataset(jobs, model.spec.input_size, pin_memory and not processes)
+    dataset.pin_memory = pin_memory and not processes
     micro = batch_size
     waited = on_device = 0.0  # where the time goes: the log says which side is the bottleneck
-    batches = prefetch_batches(dataset, max(1, batch_size // views_per_plate), num_workers,
-                               processes=processes, pin_memory=pin_memory)
+    batches = prefetch_batches(dataset, plates_per_batch, num_workers, processes=processes,
+                               pin_memory=pin_memory)
     while True:
         t0 = time.perf_counter()
         batch = next(batches, None)

@@ -106,6 +106,7 @@ def test_reader_processes_fall_back_to_threads_when_shared_memory_is_short(dino,
     import tasks.embeddings as emb
 
     spec, model = dino
+    caplog.set_level("INFO", logger="tasks.embeddings")
     monkeypatch.setattr(emb, "_shared_memory_free", lambda: 64 << 20)  # Docker's default /dev/shm
     monkeypatch.setattr(emb, "_read_processes", lambda *a: pytest.fail("started reader processes"))
     jobs = make_jobs(tmp_path, 3)
@@ -116,6 +117,7 @@ def test_reader_processes_fall_back_to_threads_when_shared_memory_is_short(dino,
             if err is None]
     assert seen == [j.plate_id for j in jobs]
     assert "reader processes need about" in caplog.text and "--shm-size" in caplog.text
+    assert "waiting for the readers (threads)" in caplog.text
 
 
 def test_out_of_memory_at_batch_one_is_a_transient_error():
