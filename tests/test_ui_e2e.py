@@ -82,13 +82,22 @@ def custom_run(page, url: str, root: Path) -> str:
     page.get_by_text("root", exact=True).wait_for()
     page.locator("textarea").first.fill(str(root))  # the form's first field: root (str)
     shot(page, f"{root.name}-1-custom-run-form")
+    name = page.locator("input").first.input_value()  # the form's first field: Run Name
+    assert name, "the Run Name field is empty"
     page.get_by_role("button", name="Submit").click()
-    toast = page.get_by_text("scheduled to start").first
-    toast.wait_for()
-    name = toast.inner_text().split()[0]  # "<run name> scheduled to start now"
-    page.get_by_role("link", name=name, exact=True).first.click()
-    page.wait_for_url("**/flow-run/**")
+    # The server, not the toast (which a busy machine can miss), says the run was created.
+    runs = wait_until(lambda: flow_runs_named(url, name), 90, f"flow run {name} created from the UI", every=0.5)
+    shot(page, f"{root.name}-1b-submitted")
+    page.goto(f"{url}/runs/flow-run/{runs[0]['id']}", wait_until="networkidle")
     return page.url
+
+
+def flow_runs_named(url: str, name: str) -> list[dict]:
+    import httpx
+
+    reply = httpx.post(f"{url}/api/flow_runs/filter", json={"flow_runs": {"name": {"any_": [name]}}}, timeout=10)
+    reply.raise_for_status()
+    return reply.json()
 
 
 def wait_for_state(page, state: str, name: str, timeout_s: float = 240) -> None:
