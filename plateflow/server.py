@@ -43,10 +43,11 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -> None
 
 
 def start(corpus: Path, port: int = 4200, host: str = "127.0.0.1", gpu_class: str | None = None,
-          log_dir: Path | None = None, say=print) -> list[subprocess.Popen]:
+          log_dir: Path | None = None, say=print, env: dict[str, str] | None = None) -> list[subprocess.Popen]:
     """Start the server, create pools, deploy prefect.yaml, start the workers; returns the
-    processes (server first). Each runs in its own process group."""
-    env = server_env(port, host, corpus)
+    processes (server first). Each runs in its own process group. ``env``: more environment for
+    all of them."""
+    env = {**server_env(port, host, corpus), **(env or {})}
     procs: list[subprocess.Popen] = []
 
     def spawn(name: str, cmd: list[str], **extra) -> subprocess.Popen:

@@ -5,17 +5,16 @@ retry-failed-plates deployment, and a failed refresh retried the way the UI does
 ingest event that triggers a refresh."""
 
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import free_port, make_plate, paper_plate, wait_until
+from plateflow.server import server_env, start, stop
 
 pytestmark = pytest.mark.server
 REPO = Path(__file__).resolve().parents[1]
@@ -23,43 +22,24 @@ BIN = Path(sys.executable).parent
 
 
 class LiveServer:
-    """`prefect server start` on a free port with its own PREFECT_HOME (SQLite), plus workers."""
+    """What `plateflow server` starts (plateflow/server.py): `prefect server start` on a free port
+    with its own PREFECT_HOME (SQLite), the pools, the deployments, and process workers for a
+    simulated T4_16GB class and the CPU."""
 
     def __init__(self, base: Path, tiny_models):
         self.base, self.port = base, free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.corpus = base / "corpus"
         profiles, weights = tiny_models
-        self.env = {**os.environ, "PREFECT_HOME": str(base / "prefect-home"), "PREFECT_API_URL": self.url,
-                    "PREFECT_SERVER_API_PORT": str(self.port), "PREFECT_SERVER_API_HOST": "127.0.0.1",
-                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false",
-                    "PLATEFLOW_HOME": str(REPO), "PLATEFLOW_CORPUS": str(self.corpus),
-                    "PLATEFLOW_PROFILES": str(profiles), "PLATEFLOW_WEIGHTS": str(weights),
-                    "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        self.procs: list[tuple[subprocess.Popen, object]] = []
-
-    def spawn(self, name: str, cmd: list[str], **env) -> subprocess.Popen:
-        log = open(self.base / f"{name}.log", "w")
-        proc = subprocess.Popen(cmd, cwd=REPO, env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        self.procs.append((proc, log))
-        return proc
+        self.extra = {"PREFECT_HOME": str(base / "prefect-home"), "PREFECT_SERVER_UI_ENABLED": "false",
+                      "PLATEFLOW_PROFILES": str(profiles), "PLATEFLOW_WEIGHTS": str(weights),
+                      "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        self.env = {**server_env(self.port, "127.0.0.1", self.corpus), **self.extra}
+        self.procs: list[subprocess.Popen] = []
 
     def start(self):
-        server = self.spawn("server", [str(BIN / "prefect"), "server", "start"])
-
-        def healthy():
-            assert server.poll() is None, (self.base / "server.log").read_text()[-3000:]
-            try:
-                return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(healthy, 180, "the Prefect server")
-        self.run([str(BIN / "plateflow"), "pools"])
-        self.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"])
-        self.spawn("worker-gpu", [str(BIN / "plateflow"), "worker"], PLATEFLOW_GPU_CLASS="T4_16GB")
-        self.spawn("worker-cpu", [str(BIN / "plateflow"), "worker"], PLATEFLOW_GPU_CLASS="CPU")
+        self.procs = start(self.corpus, self.port, gpu_class="T4_16GB", log_dir=self.base, say=lambda _: None,
+                           env=self.extra)
 
     def run(self, cmd: list[str], **env) -> subprocess.CompletedProcess:
         done = subprocess.run(cmd, cwd=REPO, env={**self.env, **env}, capture_output=True, text=True, timeout=300)
@@ -67,14 +47,7 @@ class LiveServer:
         return done
 
     def stop(self):
-        for proc, log in reversed(self.procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, 15)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, 9)
-            log.close()
+        stop(self.procs)
 
 
 @pytest.fixture(scope="module")
