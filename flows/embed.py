@@ -4,30 +4,44 @@ time (one GPU never runs two batches of ours at once). Deployed once per GPU-cla
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 
 from plateflow.atomic import write_json
+from plateflow.errors import ConfigError
 from plateflow.profiles import load_profiles
 from tasks.embeddings import PlateJob, embed_chunk
 
 
 @flow(name="embed-plates")
-def embed_plates(model: str, jobs: list[PlateJob], gpu_class: str, chunk_size: int = 512,
-                 weights_root: str | None = None, report: str | None = None) -> dict[str, str | None]:
-    """Embed the views of ``jobs`` with ``model``; returns plate_id -> None or its error, and
-    writes the same to ``report`` (a JSON file in the corpus) when given."""
+def embed_plates(model: str, gpu_class: str, jobs: list[PlateJob] | None = None, jobs_file: str | None = None,
+                 chunk_size: int = 512, weights_root: str | None = None,
+                 report: str | None = None) -> dict[str, str | None]:
+    """Embed the views of ``jobs`` (or of the plates listed in ``jobs_file``, a JSON file of
+    PlateJob fields) with ``model``, ``chunk_size`` plates per embed-chunk task; returns
+    plate_id -> None or its error, and writes the same to ``report`` (a JSON file) when given.
+
+    A plate whose vectors are already stored is not embedded again: a run sent again after its
+    worker was lost does only what the lost run had not finished.
+    """
     logger = get_run_logger()
+    if (jobs is None) == (jobs_file is None):
+        raise ConfigError("embed-plates needs exactly one of jobs and jobs_file")
+    if jobs_file is not None:
+        jobs = [PlateJob(**{**j, "boxes": tuple(map(tuple, j["boxes"])), "original_size": tuple(j["original_size"])})
+                for j in json.loads(Path(jobs_file).read_text())]
     profiles = load_profiles()
     spec = profiles.model(model)
     batch_size, dtype = profiles.plan(model, gpu_class)
     readers = profiles.gpu_class(gpu_class).readers
-    logger.info("%s on %s: %d plates, batch %d images, %s, reader %s", model, gpu_class, len(jobs),
-                batch_size, dtype, readers)
-    outcome: dict[str, str | None] = {}
-    for start in range(0, len(jobs), chunk_size):
-        chunk = jobs[start:start + chunk_size]
+    outcome: dict[str, str | None] = {j.plate_id: None for j in jobs if Path(j.cache_file).is_file()}
+    todo = [j for j in jobs if j.plate_id not in outcome]
+    logger.info("%s on %s: %d plates (%d stored already), batch %d images, %s, reader %s", model, gpu_class,
+                len(jobs), len(outcome), batch_size, dtype, readers)
+    for start in range(0, len(todo), chunk_size):
+        chunk = todo[start:start + chunk_size]
         outcome.update(embed_chunk(chunk, spec, batch_size, dtype, chunk_name=str(start // chunk_size),
                                    weights_root=weights_root, readers=readers))
         logger.info("%s: %d/%d plates embedded", model, len(outcome), len(jobs))

@@ -104,11 +104,12 @@ def refresh_corpus(
 
     ``plates`` (folder names) limits the run to those plates; the other plates' rows in the
     tables are kept as they are. ``gpu_dispatch``: where the GPU step runs (plateflow/routing.py):
-    ``auto`` sends it as runs of the class's embed-plates deployment, ``chunk_size`` plates each,
-    when the server has such deployments, else runs it in-process; if that pool has no online
-    worker for ``worker_wait_minutes`` (None: no limit), the plates no worker took fail saying
-    so. Ends Failed (with every failed plate and its reason in the
-    message) if any plate failed; the other plates are complete either way.
+    ``auto`` sends it as runs of the class's embed-plates deployment (one per online worker of
+    its pool) when the server has such deployments, else runs it in-process; either way the
+    plates go through embed-chunk tasks of ``chunk_size`` plates (the unit of retry). If that
+    pool has no online worker for ``worker_wait_minutes`` (None: no limit), the plates no worker
+    took fail saying so. Ends Failed (with every failed plate and its reason in the message) if
+    any plate failed; the other plates are complete either way.
     """
     logger = get_run_logger()
     started = time.perf_counter()
@@ -241,7 +242,7 @@ def _embed_and_crop(root: Path, runs: list[PlateRun], rows: dict[str, dict], mod
         if not jobs:
             continue
         if route.local:
-            state = embed_plates(model, jobs, route.gpu_class, chunk_size=chunk_size,
+            state = embed_plates(model, route.gpu_class, jobs=jobs, chunk_size=chunk_size,
                                  weights_root=weights_root, return_state=True)
             outcome = (state.result() if state.is_completed()
                        else {job.plate_id: state.message for job in jobs})

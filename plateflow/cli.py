@@ -61,7 +61,7 @@ def refresh(
     crop_format: Annotated[str, typer.Option(help="jpeg or png.")] = "jpeg",
     min_crop_area: Annotated[float, typer.Option(help="Smallest crop, as a fraction of the plate area.")] = 0.0,
     gpu_class: Annotated[Optional[str], typer.Option(help="GPU class to run the GPU step on (default: detected, or with work pools the best class that has one).")] = None,
-    chunk_size: Annotated[int, typer.Option(help="Plates per embed-plates run sent to a work pool.")] = 512,
+    chunk_size: Annotated[int, typer.Option(help="Plates per embed-chunk task of the GPU step (its unit of retry and progress).")] = 512,
     gpu_dispatch: Annotated[str, typer.Option(help="auto: runs of the class's embed-plates deployment when the server has them, else in-process; local; pool.")] = "auto",
     worker_wait_minutes: Annotated[float, typer.Option(help="With a work pool: how long its having no online worker is waited out before those plates fail (0: no limit).")] = 30.0,
     weights: Annotated[Optional[Path], typer.Option(help="Folder with <model>/ weights (else the HF cache).")] = None,

@@ -1,17 +1,18 @@
 """Where the GPU step runs: in-process, or as runs of the embed-plates deployment of a GPU class.
 
 With a Prefect server that has plateflow's work pools and embed-plates deployments (`plateflow
-pools`, `prefect deploy --all`), refresh sends each model's plates, in chunks, as flow runs of
+pools`, `prefect deploy --all`), refresh sends each model's plates as flow runs of
 `embed-plates/embed-plates-<class>` to the pool of the requested class (or the best class that
-has one); the workers of that pool run them, one per GPU. With no such server (Prefect's
-embedded default) the GPU step runs in-process. Chunks report back through a small JSON file in
-the corpus (which every worker reads and writes anyway), so results need no shared Prefect
-result storage.
+has one), one run per online worker; the workers of that pool run them, one per GPU. With no
+such server (Prefect's embedded default) the GPU step runs in-process. A run's plates and its
+outcome travel as small JSON files in the corpus (which every worker reads and writes anyway),
+so they need no shared Prefect result storage.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +24,11 @@ from plateflow.profiles import Profiles
 
 EMBED_FLOW = "embed-plates"
 Dispatch = Literal["auto", "local", "pool"]
-CRASH_RETRIES = 2  # a chunk whose run crashed (a lost worker) is sent again this many times
+CRASH_RETRIES = 2  # a run that crashed (a lost worker) is sent again this many times
+# Plates per embed-plates run at most. A run is a new process on the worker: imports, CUDA
+# start-up, the model's weights, the reader processes (10-20 s) before its first plate, so a
+# pool gets one run per free slot rather than one per chunk; this caps a run past that.
+MAX_RUN_PLATES = 20_000
 
 
 def embed_deployment_name(pool: PoolDef) -> str:
@@ -96,48 +101,77 @@ def choose_route(requested: str | None, dispatch: Dispatch, profiles: Profiles, 
     return GpuRoute(cls, pool.name, f"{EMBED_FLOW}/{embed_deployment_name(pool)}")
 
 
+def split_runs(n: int, slots: int, chunk_size: int, max_run_plates: int = MAX_RUN_PLATES) -> list[range]:
+    """How ``n`` plates are split into runs for a pool with ``slots`` free places (online workers
+    times their flow-run limit): one run per slot, more only where a run would pass
+    ``max_run_plates``, and no run smaller than a chunk. Sizes differ by one plate at most."""
+    if n <= 0:
+        return []
+    runs = min(max(1, slots, math.ceil(n / max_run_plates)), math.ceil(n / max(1, chunk_size)))
+    sizes = [n // runs + (i < n % runs) for i in range(runs)]
+    starts = [sum(sizes[:i]) for i in range(runs)]
+    return [range(a, a + size) for a, size in zip(starts, sizes)]
+
+
 def run_on_pool(route: GpuRoute, model: str, jobs: list, chunk_size: int, weights_root: str | None,
                 report_dir: Path, logger, poll_s: float = 2.0,
-                worker_wait_s: float | None = None) -> dict[str, str | None]:
-    """Send ``jobs`` in chunks as runs of the route's deployment, all at once (the pool's workers
-    take them one per GPU), and gather every plate's outcome: None, or why it failed.
+                worker_wait_s: float | None = None, max_run_plates: int = MAX_RUN_PLATES) -> dict[str, str | None]:
+    """Send ``jobs`` as runs of the route's deployment, all at once, and gather every plate's
+    outcome: None, or why it failed.
 
-    A chunk whose run crashed (its worker was lost) is sent again, up to CRASH_RETRIES times;
-    a run that failed fails its chunk's plates with the run's message. When the pool has had no
-    online worker for ``worker_wait_s`` seconds (None: wait for ever), the runs no worker has
-    taken yet are cancelled and their plates fail saying so; retry-failed-plates redoes them.
-    Chunks queued behind busy workers are not affected: only a pool with no worker is.
+    The plates are split with ``split_runs``: a run per place the pool's online workers have
+    (each run loads the model once and embeds its plates in embed-chunk tasks of ``chunk_size``).
+    A run's plates travel as a JSON file beside its report in ``report_dir`` (in the corpus,
+    which every worker reads anyway), not as flow-run parameters in the server's database.
+
+    A run that crashed (its worker was lost) is sent again, up to CRASH_RETRIES times; it skips
+    the plates whose vectors the lost run already stored. A run that failed fails its plates
+    with the run's message. When the pool has had no online worker for ``worker_wait_s`` seconds
+    (None: wait for ever), the runs no worker has taken yet are cancelled and their plates fail
+    saying so; retry-failed-plates redoes them. Runs queued behind busy workers are not
+    affected: only a pool with no worker is.
     """
     from prefect import get_client
     from prefect.client.schemas.objects import WorkerStatus
     from prefect.deployments import run_deployment
     from prefect.states import Cancelled
 
+    from plateflow.atomic import write_json
+
     report_dir.mkdir(parents=True, exist_ok=True)
-    chunks = [jobs[i:i + chunk_size] for i in range(0, len(jobs), chunk_size)]
+    pool = pool_definitions().get(route.gpu_class)
+    limit = pool.worker_limit if pool is not None else 1
 
-    def submit(n: int, attempt: int):
-        report = report_dir / f"{model}-{n}-{attempt}.json"
-        run = run_deployment(route.deployment, timeout=0, as_subflow=True, tags=["plateflow"],
-                             flow_run_name=f"embed-{model}-chunk-{n}" + (f"-retry-{attempt}" if attempt else ""),
-                             parameters={"model": model, "jobs": [asdict(j) for j in chunks[n]],
-                                         "gpu_class": route.gpu_class, "weights_root": weights_root,
-                                         "report": str(report)})
-        logger.info("%s chunk %d/%d (%d plates): flow run %s on %s", model, n + 1, len(chunks),
-                    len(chunks[n]), run.name, route.pool)
-        return run.id, report
-
-    outcome: dict[str, str | None] = {}
     with get_client(sync_client=True) as client:
-        def online() -> bool:
-            return any(w.status == WorkerStatus.ONLINE for w in client.read_workers_for_work_pool(route.pool))
+        def online() -> int:
+            return sum(w.status == WorkerStatus.ONLINE for w in client.read_workers_for_work_pool(route.pool))
 
-        no_worker_since = None if online() else time.monotonic()
+        workers = online()
+        parts = [jobs[r.start:r.stop] for r in split_runs(len(jobs), workers * limit, chunk_size, max_run_plates)]
+        logger.info("%s: %d plates in %d run(s) on %s (%d online worker(s), %d run(s) each)",
+                    model, len(jobs), len(parts), route.pool, workers, limit)
+
+        def submit(n: int, attempt: int):
+            report = report_dir / f"{model}-{n}-{attempt}.json"
+            jobs_file = report_dir / f"{model}-{n}-jobs.json"
+            if attempt == 0:
+                write_json(jobs_file, [asdict(j) for j in parts[n]])
+            run = run_deployment(route.deployment, timeout=0, as_subflow=True, tags=["plateflow"],
+                                 flow_run_name=f"embed-{model}-run-{n}" + (f"-retry-{attempt}" if attempt else ""),
+                                 parameters={"model": model, "jobs_file": str(jobs_file),
+                                             "gpu_class": route.gpu_class, "chunk_size": chunk_size,
+                                             "weights_root": weights_root, "report": str(report)})
+            logger.info("%s run %d/%d (%d plates): flow run %s on %s", model, n + 1, len(parts),
+                        len(parts[n]), run.name, route.pool)
+            return run.id, report
+
+        outcome: dict[str, str | None] = {}
+        no_worker_since = None if workers else time.monotonic()
         if no_worker_since is not None:
             logger.warning("work pool %s has no online worker: its runs wait until one starts "
                            "(`plateflow worker` on a %s machine)%s", route.pool, route.gpu_class,
                            f", at most {worker_wait_s:g} s" if worker_wait_s is not None else "")
-        pending = {n: (*submit(n, 0), 0) for n in range(len(chunks))}
+        pending = {n: (*submit(n, 0), 0) for n in range(len(parts))}
         while pending:
             time.sleep(poll_s)
             if online():
@@ -150,12 +184,12 @@ def run_on_pool(route: GpuRoute, model: str, jobs: list, chunk_size: int, weight
                 state = client.read_flow_run(run_id).state
                 if gave_up and state is not None and state.is_scheduled():
                     why = (f"no worker of work pool {route.pool} was online for {worker_wait_s:g} s, so "
-                           f"nothing ran this chunk; start one (`plateflow worker` on a {route.gpu_class} "
+                           f"nothing ran these plates; start one (`plateflow worker` on a {route.gpu_class} "
                            f"machine) or use gpu_dispatch=local, then retry the failed plates")
                     client.set_flow_run_state(run_id, Cancelled(message=why), force=True)
-                    logger.error("%s chunk %d: %s", model, n + 1, why)
+                    logger.error("%s run %d: %s", model, n + 1, why)
                     del pending[n]
-                    for job in chunks[n]:
+                    for job in parts[n]:
                         outcome[job.plate_id] = why
                     continue
                 if state is None or not state.is_final():
@@ -164,12 +198,12 @@ def run_on_pool(route: GpuRoute, model: str, jobs: list, chunk_size: int, weight
                 if state.is_completed() and report.is_file():
                     outcome.update(json.loads(report.read_text()))
                 elif state.is_crashed() and attempt < CRASH_RETRIES:
-                    logger.warning("%s chunk %d: run crashed (%s); sending it again", model, n + 1, state.message)
+                    logger.warning("%s run %d: crashed (%s); sending it again", model, n + 1, state.message)
                     pending[n] = (*submit(n, attempt + 1), attempt + 1)
                 else:
                     why = state.message or state.name
                     if state.is_completed():
                         why = f"the run completed but wrote no report at {report}"
-                    for job in chunks[n]:
+                    for job in parts[n]:
                         outcome[job.plate_id] = f"{route.deployment} run ended {state.name}: {why}"
     return outcome

@@ -137,3 +137,34 @@ def test_retry_with_models_keeps_the_other_plates_embeddings(corpus, tiny_env):
     emb = pq.read_table(corpus / "embeddings" / "tiny_clip.parquet")
     assert sorted(set(emb.column("plate_id").to_pylist())) == ["plate-001", "plate-002", "plate-003"]
     assert emb.num_rows == 3 * 16
+
+
+def test_embed_plates_reads_its_plates_from_a_jobs_file_and_skips_stored_vectors(tiny_env, tmp_path):
+    """How a pool run gets its plates; a run sent again after a lost worker does only the rest."""
+    from dataclasses import asdict
+
+    from flows.embed import embed_plates
+    from plateflow.atomic import write_json
+    from tasks.embeddings import PlateJob
+
+    jobs = []
+    for i in range(3):
+        work = tmp_path / f"work-{i}.jpg"
+        paper_plate(seed=i).save(work)
+        jobs.append(PlateJob(f"plate-{i}", str(work), (320, 240), ((0, 0, 320, 240), (80, 60, 240, 180)),
+                             str(tmp_path / "store" / f"v{i}.npy")))
+    stored = np.full((2, 32), 0.5, np.float32)
+    (tmp_path / "store").mkdir()
+    np.save(jobs[1].cache_file, stored)  # what a lost run had finished
+    write_json(tmp_path / "jobs.json", [asdict(j) for j in jobs])
+    outcome = embed_plates("tiny_dinov2", "CPU", jobs_file=str(tmp_path / "jobs.json"), chunk_size=1,
+                           report=str(tmp_path / "report.json"))
+    assert outcome == {"plate-0": None, "plate-1": None, "plate-2": None}
+    assert json.loads((tmp_path / "report.json").read_text()) == outcome
+    np.testing.assert_array_equal(np.load(jobs[1].cache_file), stored)  # not embedded again
+    for job in (jobs[0], jobs[2]):
+        vectors = np.load(job.cache_file)
+        assert vectors.shape == (2, 32)
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    with pytest.raises(Exception, match="exactly one of jobs and jobs_file"):
+        embed_plates("tiny_dinov2", "CPU")

@@ -119,12 +119,18 @@ def test_gpu_work_runs_as_a_deployment_run_on_the_class_pool_and_its_worker(live
     state = refresh_corpus(str(root), models=["tiny_dinov2"], gpu_class="T4_16GB", chunk_size=2,
                            return_state=True)
     assert state.is_completed(), state.message
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
     runs = [r for r in runs_of(client, "embed-plates/embed-plates-t4-16gb") if str(root) in json.dumps(r.parameters)]
-    assert len(runs) == 2  # 3 plates in chunks of 2
-    for run in runs:
-        assert run.state.is_completed() and run.work_pool_name == "plates-gpu-t4-16gb"
-        assert run.infrastructure_pid  # started by the T4 worker, in its own process
-        assert run.parameters["gpu_class"] == "T4_16GB"
+    assert len(runs) == 1  # one run per online worker: the model loads once for all its plates
+    run = runs[0]
+    assert run.state.is_completed() and run.work_pool_name == "plates-gpu-t4-16gb"
+    assert run.infrastructure_pid  # started by the T4 worker, in its own process
+    assert run.parameters["gpu_class"] == "T4_16GB" and run.parameters["chunk_size"] == 2
+    assert len(json.loads(Path(run.parameters["jobs_file"]).read_text())) == 3  # plates in the corpus, not the database
+    chunks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    assert sorted(t.name for t in chunks) == ["embed-tiny_dinov2-0", "embed-tiny_dinov2-1"]  # 3 plates, chunks of 2
+    assert all(t.state.is_completed() for t in chunks)
     rows = table(root)
     assert {r["embed_status"] for r in rows.values()} == {"computed"}
     assert {r["status"] for r in rows.values()} == {"ok"}
@@ -208,7 +214,7 @@ def test_ingest_emits_an_event_that_starts_a_refresh_of_the_new_plates(live, cli
 
 def test_a_crashed_gpu_run_is_sent_again_then_its_plates_fail_with_the_reason(live, client, tmp_path, caplog):
     """No worker serves the H100 pool here; each run it gets is marked Crashed (what a lost
-    worker leaves) as soon as it appears: the chunk is sent twice more, then its plates fail."""
+    worker leaves) as soon as it appears: the run is sent twice more, then its plates fail."""
     import contextvars
     import logging
     import threading
@@ -271,5 +277,5 @@ def test_a_pool_with_no_online_worker_fails_its_plates_after_the_wait(live, clie
         assert "no worker of work pool plates-gpu-h100-80gb was online for 2 s" in why
         assert "plateflow worker" in why and "retry the failed plates" in why
     ours = [run for run in runs_of(client, route.deployment) if run.id not in before]
-    assert len(ours) == 2 and all(run.state.is_cancelled() for run in ours)
+    assert len(ours) == 1 and all(run.state.is_cancelled() for run in ours)  # no worker: one run
     assert "at most 2 s" in caplog.text
