@@ -10,6 +10,7 @@ on a CPU-only machine it runs tiny models as a smoke test. Reported per model:
                with reader threads and with reader processes, with and without the forward pass,
                and how long the device loop waited for the readers
   crop save    cutting + encoding the full-resolution best crop vs plain decoding of the sources
+               and reader processes kept between chunks against readers started per chunk
   device loop  microseconds per small torch op (a kernel launch's GIL round trip) in the thread
                that drives the device, with no readers, reader threads and reader processes
 
@@ -188,21 +189,29 @@ def launch_latency(jobs, size: int, workers: int, processes: bool | None, ops: i
     return us
 
 
-def pipeline(jobs, boxes, spec, model, batch: int, dtype: str, device: str, workers: int, chunk: int) -> float:
+def pipeline(jobs, boxes, spec, model, batch: int, dtype: str, device: str, workers: int, chunk: int,
+             processes: bool | None = None, keep_readers: bool = True) -> float:
     """embed-plates as the refresh flow runs it in-process: ``run_embedding`` per chunk of plates
-    (the model kept between chunks), then each plate's crop chosen from its stored vectors:
-    plates/s."""
+    (the model kept between chunks, and the reader processes unless not ``keep_readers``), then
+    each plate's crop chosen from its stored vectors: plates/s."""
     import numpy as np
 
+    import tasks.embeddings as emb
     from plateflow.atomic import write_json
     from plateflow.config import CropParams
     from tasks.crops import choose_best_crop
-    from tasks.embeddings import run_embedding
 
     params = CropParams()
     start = time.perf_counter()
     for i in range(0, len(jobs), chunk):
-        run_embedding(jobs[i:i + chunk], spec, batch, dtype, device=device, num_workers=workers, model=model)
+        if not keep_readers:  # the kept readers are busy, as far as run_embedding can tell: it starts its own
+            emb._kept_readers_lock.acquire()
+        try:
+            emb.run_embedding(jobs[i:i + chunk], spec, batch, dtype, device=device, num_workers=workers,
+                              model=model, processes=processes)
+        finally:
+            if not keep_readers:
+                emb._kept_readers_lock.release()
     for job in jobs:
         best, sim = choose_best_crop(np.load(job.cache_file), boxes, params)
         write_json(Path(job.cache_file).with_suffix(".json"), {"best_crop_idx": best, "similarity": sim})
@@ -324,6 +333,14 @@ def main() -> None:
         stages[f"run_embedding in chunks of {args.chunk}"] = {"plates_per_s": round(pps, 1)}
         print(f"{name:14s} embed-plates as the flow runs it (run_embedding per {args.chunk} plates, then the "
               f"crop choice): {pps:.1f} plates/s", flush=True)
+        if "processes" in args.readers.split(","):
+            kept = pipeline(jobs, boxes, spec, model, batch_cls, dtype_cls, dev, workers, args.chunk, processes=True)
+            fresh = pipeline(jobs, boxes, spec, model, batch_cls, dtype_cls, dev, workers, args.chunk,
+                             processes=True, keep_readers=False)
+            stages[f"reader processes kept vs started per chunk of {args.chunk}"] = {
+                "kept": round(kept, 1), "started per chunk": round(fresh, 1), "ratio": round(kept / fresh, 2)}
+            print(f"{name:14s} reader processes kept between chunks: {kept:.1f} plates/s, started per chunk: "
+                  f"{fresh:.1f} plates/s ({kept / fresh:.2f}x)", flush=True)
         report["models"][name] = {"gflops_per_image": round(flops / 1e9, 3), "model_only": rows, "stage": stages}
     sources = sorted(args.sources.glob("*.jpg"))[:4]
     if sources:

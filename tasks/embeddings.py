@@ -181,25 +181,29 @@ class ViewsDataset:
 
     def __getitem__(self, i: int):
         """(i, DecodedPlate) or (i, error message): an unreadable working copy fails only its plate."""
-        import torch
+        return i, read_plate(self.jobs[i], self.size, self.pin_memory)
 
-        job = self.jobs[i]
-        try:
-            im = Image.open(job.working_copy)  # a one-frame file: Pillow closes it once loaded
-            # JPEG DCT scaling: decode at the smallest scale that still gives every view at
-            # least twice the model's input size (a 2-4x cheaper decode).
-            smallest = min(min(x1 - x0, y1 - y0) for x0, y0, x1, y1 in job.boxes)
-            scale = min(1.0, 2 * self.size / (smallest * im.width / job.original_size[0]))
-            im.draft("RGB", (round(im.width * scale), round(im.height * scale)))
-            work = im.convert("RGB") if im.mode != "RGB" else im
-            work.load()
-        except (OSError, SyntaxError, ValueError) as exc:
-            return i, f"cannot read working copy {Path(job.working_copy).name}: {exc}"
-        pixels = torch.empty((work.height, work.width, 3), dtype=torch.uint8, pin_memory=self.pin_memory)
-        np.copyto(pixels.numpy(), np.asarray(work))
-        sx, sy = work.width / job.original_size[0], work.height / job.original_size[1]
-        boxes = np.asarray(job.boxes, np.float64) * [sx, sy, sx, sy]
-        return i, DecodedPlate(pixels, boxes)
+
+def read_plate(job: PlateJob, size: int, pin_memory: bool = False) -> "DecodedPlate | str":
+    """Decode one plate's working copy for views of ``size`` px; an error message if unreadable."""
+    import torch
+
+    try:
+        im = Image.open(job.working_copy)  # a one-frame file: Pillow closes it once loaded
+        # JPEG DCT scaling: decode at the smallest scale that still gives every view at
+        # least twice the model's input size (a 2-4x cheaper decode).
+        smallest = min(min(x1 - x0, y1 - y0) for x0, y0, x1, y1 in job.boxes)
+        scale = min(1.0, 2 * size / (smallest * im.width / job.original_size[0]))
+        im.draft("RGB", (round(im.width * scale), round(im.height * scale)))
+        work = im.convert("RGB") if im.mode != "RGB" else im
+        work.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        return f"cannot read working copy {Path(job.working_copy).name}: {exc}"
+    pixels = torch.empty((work.height, work.width, 3), dtype=torch.uint8, pin_memory=pin_memory)
+    np.copyto(pixels.numpy(), np.asarray(work))
+    sx, sy = work.width / job.original_size[0], work.height / job.original_size[1]
+    boxes = np.asarray(job.boxes, np.float64) * [sx, sy, sx, sy]
+    return DecodedPlate(pixels, boxes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,13 +408,88 @@ def reader_processes():
     return context
 
 
+class _Keys:
+    """The kept reader processes' sampler: the keys of the plates to read now, (index, job, size);
+    each worker reads a plate from its key alone, so one set of processes serves every chunk."""
+
+    def __init__(self):
+        self.keys: list = []
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class _ReadByKey:
+    """Dataset of the kept reader processes: key (index, job, size) -> (index, plate or error)."""
+
+    def __getitem__(self, key):
+        i, job, size = key
+        return i, read_plate(job, size)
+
+
+_kept_readers: list = []  # [(workers, prefetch, pin_memory), DataLoader, _Keys]: at most one
+_kept_readers_lock = threading.Lock()
+
+
 def _read_processes(dataset: ViewsDataset, workers: int, lookahead: int, pin_memory: bool):
+    """Plates decoded by reader processes kept for the life of this process.
+
+    A flow embeds its plates chunk by chunk; starting the readers again for every chunk (fork,
+    worker set-up, an empty pipeline) would cost a fixed slice of each chunk. The processes are
+    a DataLoader's persistent workers, fed the next chunk's plates through its sampler. A reader
+    that dies drops the set; the next chunk starts a new one. Two threads reading at once: the
+    second gets readers of its own for that chunk.
+    """
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=workers,
-                        multiprocessing_context=reader_processes(), pin_memory=pin_memory,
-                        prefetch_factor=max(2, math.ceil(lookahead / workers)))
-    yield from loader
+    prefetch = max(2, math.ceil(lookahead / workers))
+    config = (workers, prefetch, pin_memory)
+    keys = [(i, job, dataset.size) for i, job in enumerate(dataset.jobs)]
+
+    def loader(persistent: bool):
+        feed = _Keys()
+        return DataLoader(_ReadByKey(), batch_size=None, sampler=feed, collate_fn=_as_is, num_workers=workers,
+                          multiprocessing_context=reader_processes(), pin_memory=pin_memory,
+                          prefetch_factor=prefetch, persistent_workers=persistent), feed
+
+    if not _kept_readers_lock.acquire(blocking=False):
+        readers, feed = loader(persistent=False)
+        feed.keys = keys
+        yield from readers
+        return
+    try:
+        if _kept_readers and _kept_readers[0] != config:
+            stop_reader_processes()
+        if not _kept_readers:
+            _kept_readers.extend([config, *loader(persistent=True)])
+        _, readers, feed = _kept_readers
+        feed.keys = keys
+        try:
+            yield from readers
+        except BaseException:  # a dead reader, or the consumer gave up half-way: start afresh next time
+            stop_reader_processes()
+            raise
+    finally:
+        _kept_readers_lock.release()
+
+
+def stop_reader_processes() -> None:
+    """Stop the kept reader processes, if any (they also end with this process)."""
+    if _kept_readers:
+        readers = _kept_readers[1]
+        if readers._iterator is not None:
+            readers._iterator._shutdown_workers()
+        _kept_readers.clear()
+
+
+def reader_pids() -> list[int]:
+    """The process ids of the kept reader processes (none before the first chunk)."""
+    if not _kept_readers or _kept_readers[1]._iterator is None:
+        return []
+    return [w.pid for w in _kept_readers[1]._iterator._workers]
 
 
 def _as_is(item):

@@ -102,6 +102,36 @@ def test_reader_processes_give_every_plate_once_with_the_thread_readers_vectors(
     assert set(stats) == {"waited_s", "device_s"} and stats["device_s"] > 0
 
 
+def test_reader_processes_are_kept_between_chunks_and_started_afresh_after_an_abandoned_one(dino, tmp_path):
+    import tasks.embeddings as emb
+
+    spec, model = dino
+    embed = Embedder(model, DEVICE, "float32")
+    jobs = make_jobs(tmp_path, 6)
+    reference = all_vectors(embed, jobs, model, 32)  # reader threads
+
+    def chunk(part):
+        got = {job.plate_id: vec for job, vec, err in embed_jobs(embed, part, model, 32, num_workers=2, processes=True)}
+        assert set(got) == {j.plate_id for j in part}
+        for pid, vec in got.items():
+            np.testing.assert_allclose(vec, reference[pid], atol=1e-5)
+
+    emb.stop_reader_processes()
+    chunk(jobs[:4])
+    first = emb.reader_pids()
+    assert len(first) == 2
+    chunk(jobs[4:])  # the next chunk: other plates, the same processes
+    assert emb.reader_pids() == first
+    # The consumer gives up after the first plate (an error in the device loop, say).
+    abandoned = embed_jobs(embed, jobs, model, 16, num_workers=2, processes=True)
+    next(abandoned)
+    abandoned.close()
+    assert emb.reader_pids() == []  # not reused half-read: the next chunk starts new readers
+    chunk(jobs[1:5])
+    assert len(emb.reader_pids()) == 2 and emb.reader_pids() != first
+    emb.stop_reader_processes()
+
+
 def test_reader_processes_fall_back_to_threads_when_shared_memory_is_short(dino, tmp_path, monkeypatch, caplog):
     import tasks.embeddings as emb
 
