@@ -4,7 +4,8 @@ Models are the real architectures with random weights built from their configs (
 on a CPU-only machine it runs tiny models as a smoke test. Reported per model:
 
   model-only   images/s at several batch sizes and dtypes; forward FLOPs per image (counted by
-               torch.utils.flop_counter) and the fraction of the GPU class's peak FLOP/s
+               torch.utils.flop_counter) and the fraction of the GPU class's peak FLOP/s and of
+               a large matrix product's FLOP/s measured in the same run (what the card reaches)
   stage        plates/s for the embedding stage: read cached working copies, build the 15 + 1
                candidate views, embed, choose the best crop, write vectors and smart_crop.json;
                with reader threads and with reader processes, with and without the forward pass,
@@ -83,6 +84,27 @@ def model_only(embed, size: int, batch: int, device: str, seconds: float = 2.0) 
     if device == "cuda":
         torch.cuda.synchronize()
     return n / (time.perf_counter() - start)
+
+
+def matmul_tflops(device: str, dtype: str, seconds: float = 2.0) -> float:
+    """The same run's reference for the model's FLOP/s: a large square matrix product in ``dtype``
+    (8192 on CUDA, 1024 on a CPU), TFLOP/s. What the card reaches in practice, beside the spec."""
+    import torch
+
+    n = 8192 if device == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device).to(getattr(torch, dtype)) for _ in range(2))
+    torch.matmul(a, b)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.matmul(a, b)
+        count += 1
+        if device == "cuda" and count % 10 == 0:
+            torch.cuda.synchronize()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * count / (time.perf_counter() - start) / 1e12
 
 
 def make_stage_inputs(folder: Path, plates: int, short_side: int = 1024):
@@ -281,6 +303,7 @@ def main() -> None:
     peak = profiles.gpu_class(cls).peak_tflops
     print(f"device: {device.name} ({cls}), torch {torch.__version__}, reader threads {workers}")
     jobs, boxes = make_stage_inputs(HERE / "out" / "embed_stage", plates)
+    dev = "cuda" if cuda else "cpu"
 
     compile_modes = [] if args.compile is None else (args.compile or ["default"])
     report = {"device": device.name, "gpu_class": cls, "models": {}}
@@ -291,6 +314,24 @@ def main() -> None:
     report["device_loop_us_per_op"] = latency
     print("device loop, us per small torch op while the readers decode: "
           + ", ".join(f"{k} {v}" for k, v in latency.items()), flush=True)
+    matmul = report["matmul_tflops"] = {}  # dtype -> the same run's matrix-product TFLOP/s
+
+    def row(name, dtype, batch, ips, flops, mode=None):
+        """A model-only row: images/s, and its FLOP/s as a fraction of the spec peak (on CUDA) and
+        of the matrix product measured in this run."""
+        if dtype not in matmul:
+            matmul[dtype] = matmul_tflops(dev, dtype)
+            print(f"reference: {dtype} matrix product {matmul[dtype]:.3g} TFLOP/s"
+                  + (f" ({100 * matmul[dtype] / peak:.0f}% of the {peak} TFLOP/s spec)" if cuda and peak else ""))
+        tflops = ips * flops / 1e12
+        spec_pct = round(100 * tflops / peak, 1) if (cuda and peak) else None
+        ref_pct = round(100 * tflops / matmul[dtype], 1)
+        print(f"{name:14s} {dtype:9s} batch {batch:5d}: {ips:9.1f} img/s" + (f" compiled ({mode})" if mode else "")
+              + (f"  {spec_pct:5.1f}% of {peak} TFLOP/s" if spec_pct is not None else "")
+              + f"  {ref_pct:5.1f}% of the measured matrix product", flush=True)
+        return {"dtype": dtype, "batch": batch, **({"compiled": mode} if mode else {}), "images_per_s": round(ips, 1),
+                "pct_of_peak": spec_pct, "pct_of_measured_matmul": ref_pct}
+
     for name in names:
         spec = profiles.model(name)
         model = random_model(spec)
@@ -299,22 +340,13 @@ def main() -> None:
         flops = flops_per_image(Embedder(model, "cpu", "float32"), spec.input_size)
         rows = []
         for dtype in dtypes:
-            embed = Embedder(model, "cuda" if cuda else "cpu", dtype)
+            embed = Embedder(model, dev, dtype)
             for batch in sorted({max(1, batch_cls // 4), batch_cls // 2 or 1, batch_cls}):
-                ips = model_only(embed, spec.input_size, batch, "cuda" if cuda else "cpu")
-                frac = (ips * flops / (peak * 1e12)) if (cuda and peak) else None
-                rows.append({"dtype": dtype, "batch": batch, "images_per_s": round(ips, 1),
-                             "pct_of_peak": round(100 * frac, 1) if frac is not None else None})
-                print(f"{name:14s} {dtype:9s} batch {batch:5d}: {ips:9.1f} img/s"
-                      + (f"  {100 * frac:5.1f}% of {peak} TFLOP/s" if frac is not None else ""))
+                rows.append(row(name, dtype, batch, model_only(embed, spec.input_size, batch, dev), flops))
         for mode in compile_modes:
-            embed = Embedder(model, "cuda" if cuda else "cpu", dtype_cls, compile=mode)
-            ips = model_only(embed, spec.input_size, batch_cls, "cuda" if cuda else "cpu", seconds=4.0)
-            frac = (ips * flops / (peak * 1e12)) if (cuda and peak) else None
-            rows.append({"dtype": dtype_cls, "batch": batch_cls, "compiled": mode, "images_per_s": round(ips, 1),
-                         "pct_of_peak": round(100 * frac, 1) if frac is not None else None})
-            print(f"{name:14s} {dtype_cls:9s} batch {batch_cls:5d}: {ips:9.1f} img/s compiled ({mode})"
-                  + (f"  {100 * frac:5.1f}% of {peak} TFLOP/s" if frac is not None else ""), flush=True)
+            embed = Embedder(model, dev, dtype_cls, compile=mode)
+            ips = model_only(embed, spec.input_size, batch_cls, dev, seconds=4.0)
+            rows.append(row(name, dtype_cls, batch_cls, ips, flops, mode))
         null = NullEmbed(Embedder(model, "cuda" if cuda else "cpu", dtype_cls))
         embed = Embedder(model, "cuda" if cuda else "cpu", dtype_cls)
         stages = {}
@@ -327,7 +359,6 @@ def main() -> None:
                 print(f"{name:14s} stage {label or f'({len(boxes)} views/plate, {dtype_cls}, batch {batch_cls})'}, "
                       f"reader {readers}: {pps:.1f} plates/s  [waiting for readers {split['waited_s']} s, "
                       f"on the device {split['device_s']} s]", flush=True)
-        dev = "cuda" if cuda else "cpu"
         pipeline(jobs[: min(2 * workers, len(jobs))], boxes, spec, model, batch_cls, dtype_cls, dev, workers, args.chunk)
         pps = pipeline(jobs, boxes, spec, model, batch_cls, dtype_cls, dev, workers, args.chunk)
         stages[f"run_embedding in chunks of {args.chunk}"] = {"plates_per_s": round(pps, 1)}
