@@ -293,26 +293,46 @@ class Embedder:
     def _net_forward(self, x):
         return self.net(x) if self.backend == "timm" else self.net(pixel_values=x).image_embeds
 
-    def __call__(self, views):
-        """views: (N, 3, S, S) float in 0..255 (from ``extract``) -> (N, dim) float32 on the CPU."""
+    def launch(self, views):
+        """views: (N, 3, S, S) float in 0..255 (from ``extract``) -> (N, dim) float32 on the
+        device, queued: nothing waits for the device here (``to_host`` fetches them)."""
         torch = self.torch
         with torch.inference_mode():
             x = ((views.to(self.device) - self.mean) / self.std).to(self.compute_dtype)
-            return torch.nn.functional.normalize(self._forward(x).float(), dim=-1).cpu()
+            return torch.nn.functional.normalize(self._forward(x).float(), dim=-1)
+
+    def __call__(self, views):
+        """``launch``, then wait for the vectors on the CPU."""
+        return self.launch(views).cpu()
+
+
+def to_host(vectors) -> tuple["object", "object"]:
+    """Start copying a batch's vectors to pinned host memory behind the work queued for them:
+    (host tensor, CUDA event to wait on before reading it; None off the GPU)."""
+    import torch
+
+    if vectors.device.type != "cuda":
+        return vectors, None
+    host = torch.empty(vectors.shape, dtype=vectors.dtype, pin_memory=True)
+    host.copy_(vectors, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
 
 
 def forward_with_backoff(embed, views, micro: int) -> tuple["object", int]:
     """Embed ``views`` in micro-batches; on out-of-memory halve the micro-batch and redo that part.
 
-    Returns (vectors in input order, the micro-batch size that worked). Nothing is emitted twice:
-    a failed micro-batch produces no output.
+    Returns (vectors in input order on the device, queued; the micro-batch size that worked).
+    Nothing is emitted twice: a failed micro-batch produces no output. (Out of memory is raised
+    when a launch allocates, so it is caught here although nothing waits for the device.)
     """
     import torch
 
     out, i = [], 0
     while i < views.shape[0]:
         try:
-            out.append(embed(views[i:i + micro]))
+            out.append(embed.launch(views[i:i + micro]))
             i += micro
         except torch.OutOfMemoryError:
             if micro == 1:
@@ -515,6 +535,23 @@ def embed_jobs(embed, jobs: list[PlateJob], model: LoadedModel, batch_size: int,
     waited = on_device = 0.0  # where the time goes: the log says which side is the bottleneck
     batches = prefetch_batches(dataset, plates_per_batch, num_workers, processes=processes,
                                pin_memory=pin_memory)
+    # One batch in flight: batch k+1 is cut and its forward pass queued before batch k's vectors
+    # are waited for, so the device never idles while this thread hands out results and
+    # prepares the next batch.
+    in_flight = None
+
+    def results(ok, host, done):
+        nonlocal on_device
+        t = time.perf_counter()
+        if done is not None:
+            done.synchronize()
+        on_device += time.perf_counter() - t
+        start = 0
+        for i, plate in ok:
+            n = plate.boxes.shape[0]
+            yield jobs[i], host[start:start + n].numpy(), None
+            start += n
+
     while True:
         t0 = time.perf_counter()
         batch = next(batches, None)
@@ -525,16 +562,17 @@ def embed_jobs(embed, jobs: list[PlateJob], model: LoadedModel, batch_size: int,
         ok, failed = batch
         for i, error in failed:
             yield jobs[i], None, error
-        if not ok:
-            continue
-        views = embed.extract([plate for _, plate in ok])
-        vectors, micro = forward_with_backoff(embed, views, micro)
-        on_device += time.perf_counter() - t1
-        start = 0
-        for i, plate in ok:
-            n = plate.boxes.shape[0]
-            yield jobs[i], vectors[start:start + n].numpy(), None
-            start += n
+        queued = None
+        if ok:
+            views = embed.extract([plate for _, plate in ok])
+            vectors, micro = forward_with_backoff(embed, views, micro)
+            queued = (ok, *to_host(vectors))
+            on_device += time.perf_counter() - t1
+        if in_flight is not None:
+            yield from results(*in_flight)
+        in_flight = queued
+    if in_flight is not None:
+        yield from results(*in_flight)
     log.info("%s: %.2f s waiting for the readers (%s), %.2f s cutting views and embedding on %s",
              model.spec.name, waited, "processes" if processes else "threads", on_device,
              getattr(embed, "device", "?"))

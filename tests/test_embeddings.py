@@ -65,11 +65,11 @@ def test_injected_out_of_memory_shrinks_the_batch_and_keeps_every_plate_once(din
     calls = []
 
     class Flaky(Embedder):
-        def __call__(self, views):
+        def launch(self, views):
             calls.append(views.shape[0])
             if views.shape[0] > 12:
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-            return super().__call__(views)
+            return super().launch(views)
 
     flaky = Flaky(model, DEVICE, "float32")
 
@@ -150,12 +150,32 @@ def test_reader_processes_fall_back_to_threads_when_shared_memory_is_short(dino,
     assert "waiting for the readers (threads)" in caplog.text
 
 
+def test_the_next_batch_is_queued_on_the_device_before_a_batch_is_handed_out(dino, tmp_path):
+    """One batch in flight: the device gets batch k+1 before this thread waits for batch k."""
+    spec, model = dino
+    events = []
+
+    class Recording(Embedder):
+        def launch(self, views):
+            events.append(f"launch {views.shape[0] // 16} plates")
+            return super().launch(views)
+
+    jobs = make_jobs(tmp_path, 5)
+    embed = Recording(model, DEVICE, "float32")
+    for job, vec, err in embed_jobs(embed, jobs, model, 32, num_workers=2):  # 2 plates a batch
+        events.append(job.plate_id)
+    assert events == ["launch 2 plates", "launch 2 plates", "plate-0", "plate-1", "launch 1 plates",
+                      "plate-2", "plate-3", "plate-4"]
+
+
 def test_out_of_memory_at_batch_one_is_a_transient_error():
     def always_oom(views):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
+    from types import SimpleNamespace
+
     with pytest.raises(GpuOutOfMemoryError) as info:
-        forward_with_backoff(always_oom, torch.zeros(4, 3, 8, 8, dtype=torch.uint8), 4)
+        forward_with_backoff(SimpleNamespace(launch=always_oom), torch.zeros(4, 3, 8, 8, dtype=torch.uint8), 4)
     assert is_transient(info.value)
 
 
