@@ -5,6 +5,7 @@ time (one GPU never runs two batches of ours at once). Deployed once per GPU-cla
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -30,6 +31,10 @@ def embed_plates(model: str, gpu_class: str, jobs: list[PlateJob] | None = None,
     if (jobs is None) == (jobs_file is None):
         raise ConfigError("embed-plates needs exactly one of jobs and jobs_file")
     if jobs_file is not None:
+        if not Path(jobs_file).is_file():
+            raise ConfigError(f"the plates file {jobs_file} is not on this machine ({socket.gethostname()}): "
+                              f"embed-plates workers need the corpus at the same path as the refresh that "
+                              f"sent the run (a shared filesystem)")
         jobs = [PlateJob(**{**j, "boxes": tuple(map(tuple, j["boxes"])), "original_size": tuple(j["original_size"])})
                 for j in json.loads(Path(jobs_file).read_text())]
     profiles = load_profiles()

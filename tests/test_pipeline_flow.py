@@ -168,3 +168,5 @@ def test_embed_plates_reads_its_plates_from_a_jobs_file_and_skips_stored_vectors
         np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     with pytest.raises(Exception, match="exactly one of jobs and jobs_file"):
         embed_plates("tiny_dinov2", "CPU")
+    with pytest.raises(Exception, match="not on this machine .* need the corpus at the same path"):
+        embed_plates("tiny_dinov2", "CPU", jobs_file=str(tmp_path / "elsewhere" / "jobs.json"))
