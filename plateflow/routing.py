@@ -119,8 +119,9 @@ def run_on_pool(route: GpuRoute, model: str, jobs: list, chunk_size: int, weight
     """Send ``jobs`` as runs of the route's deployment, all at once, and gather every plate's
     outcome: None, or why it failed.
 
-    The plates are split with ``split_runs``: a run per place the pool's online workers have
-    (each run loads the model once and embeds its plates in embed-chunk tasks of ``chunk_size``).
+    The plates are split with ``split_runs``: a run per free place the pool's online workers
+    have, not counting runs already running there (each run loads the model once and embeds its
+    plates in embed-chunk tasks of ``chunk_size``).
     A run's plates travel as a JSON file beside its report in ``report_dir`` (in the corpus,
     which every worker reads anyway), not as flow-run parameters in the server's database.
 
@@ -132,7 +133,9 @@ def run_on_pool(route: GpuRoute, model: str, jobs: list, chunk_size: int, weight
     affected: only a pool with no worker is.
     """
     from prefect import get_client
-    from prefect.client.schemas.objects import WorkerStatus
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
+                                                WorkPoolFilter, WorkPoolFilterName)
+    from prefect.client.schemas.objects import StateType, WorkerStatus
     from prefect.deployments import run_deployment
     from prefect.states import Cancelled
 
@@ -147,9 +150,15 @@ def run_on_pool(route: GpuRoute, model: str, jobs: list, chunk_size: int, weight
             return sum(w.status == WorkerStatus.ONLINE for w in client.read_workers_for_work_pool(route.pool))
 
         workers = online()
-        parts = [jobs[r.start:r.stop] for r in split_runs(len(jobs), workers * limit, chunk_size, max_run_plates)]
-        logger.info("%s: %d plates in %d run(s) on %s (%d online worker(s), %d run(s) each)",
-                    model, len(jobs), len(parts), route.pool, workers, limit)
+        # Places taken by runs already running there (this refresh's own run, when it runs on
+        # the same pool) are not free: runs sent for them would only queue, each a start more.
+        running = client.count_flow_runs(
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[route.pool])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))))
+        free = max(0, workers * limit - running)
+        parts = [jobs[r.start:r.stop] for r in split_runs(len(jobs), free, chunk_size, max_run_plates)]
+        logger.info("%s: %d plates in %d run(s) on %s (%d online worker(s), %d run(s) each, %d running)",
+                    model, len(jobs), len(parts), route.pool, workers, limit, running)
 
         def submit(n: int, attempt: int):
             report = report_dir / f"{model}-{n}-{attempt}.json"

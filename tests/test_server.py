@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -279,3 +280,35 @@ def test_a_pool_with_no_online_worker_fails_its_plates_after_the_wait(live, clie
     ours = [run for run in runs_of(client, route.deployment) if run.id not in before]
     assert len(ours) == 1 and all(run.state.is_cancelled() for run in ours)  # no worker: one run
     assert "at most 2 s" in caplog.text
+
+
+def test_a_run_already_running_on_the_pool_takes_a_place_so_the_plates_go_as_fewer_runs(live, client, tmp_path,
+                                                                                        caplog):
+    """plates-cpu has one worker that runs two flow runs at once. With a refresh already running
+    there (a run put in Running here), one place is free: the plates go as one run, not two
+    that would queue one behind the other, each starting its process and loading the model."""
+    import logging
+
+    from prefect.states import Cancelled, Running
+
+    from plateflow.routing import GpuRoute, run_on_pool
+    from tasks.embeddings import PlateJob
+
+    caplog.set_level(logging.INFO)
+    refresh = client.read_deployment_by_name("refresh-corpus/refresh-corpus")
+    busy = client.create_flow_run_from_deployment(refresh.id, parameters={"root": str(tmp_path / "busy")},
+                                                  state=Running())
+    jobs = []
+    for i in range(4):
+        paper_plate(seed=i).save(tmp_path / f"w{i}.jpg")
+        jobs.append(PlateJob(f"plate-{i}", str(tmp_path / f"w{i}.jpg"), (320, 240),
+                             ((0, 0, 320, 240), (80, 60, 240, 180)), str(tmp_path / "store" / f"v{i}.npy")))
+    try:
+        route = GpuRoute("CPU", "plates-cpu", "embed-plates/embed-plates-cpu")
+        outcome = run_on_pool(route, "tiny_dinov2", jobs, 1, None, tmp_path / "reports", logging.getLogger("test"),
+                              poll_s=0.5)
+    finally:
+        client.set_flow_run_state(busy.id, Cancelled(message="test over"), force=True)
+    assert outcome == {job.plate_id: None for job in jobs}
+    assert all(np.load(job.cache_file).shape == (2, 32) for job in jobs)
+    assert "4 plates in 1 run(s) on plates-cpu (1 online worker(s), 2 run(s) each, 1 running)" in caplog.text
