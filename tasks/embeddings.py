@@ -1,8 +1,9 @@
 """The GPU step: embed every plate's crop candidates with one model, in batches across plates.
 
-Reader (threads, or processes when feeding a GPU: decode each working copy), mapper (the only
-code that touches the device: cut and letterbox every view of a batch of plates, then one
-forward pass serves them all), writer (a content-addressed vector store, one .npy per plate and model). The model is built inside the
+Reader (threads, or processes kept for the process when feeding a GPU: decode each working
+copy), mapper (the only code that touches the device: cut and letterbox every view of a batch
+of plates, then one forward pass serves them all, one batch in flight), writer (a
+content-addressed vector store, one .npy per plate and model). The model is built inside the
 process that uses it, never at import time and never passed through a Prefect cache key.
 """
 
@@ -155,12 +156,7 @@ def letterbox_geometry(boxes: np.ndarray, size: int) -> tuple[np.ndarray, np.nda
 
 
 class ViewsDataset:
-    """Item i: plate i's working copy, decoded, with its boxes in that copy's pixels.
-
-    Pillow's decode releases the GIL; its header parsing and the copy out of the decoder do
-    not (see ``prefetch_batches``). The only torch call is the allocation; the copy into it is
-    NumPy's.
-    """
+    """Item i: plate i's working copy, decoded, with its boxes in that copy's pixels (``read_plate``)."""
 
     def __init__(self, jobs: list[PlateJob], size: int, pin_memory: bool = False):
         self.jobs, self.size, self.pin_memory = jobs, size, pin_memory
@@ -185,7 +181,12 @@ class ViewsDataset:
 
 
 def read_plate(job: PlateJob, size: int, pin_memory: bool = False) -> "DecodedPlate | str":
-    """Decode one plate's working copy for views of ``size`` px; an error message if unreadable."""
+    """Decode one plate's working copy for views of ``size`` px; an error message if unreadable.
+
+    Pillow's decode releases the GIL; its header parsing and the copy out of the decoder do
+    not (see ``prefetch_batches``). The only torch call is the allocation; the copy into it is
+    NumPy's.
+    """
     import torch
 
     try:
