@@ -15,6 +15,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Literal
 
@@ -26,8 +27,9 @@ EMBED_FLOW = "embed-plates"
 Dispatch = Literal["auto", "local", "pool"]
 CRASH_RETRIES = 2  # a run that crashed (a lost worker) is sent again this many times
 # Plates per embed-plates run at most. A run is a new process on the worker: imports, CUDA
-# start-up, the model's weights, the reader processes (10-20 s) before its first plate, so a
-# pool gets one run per free slot rather than one per chunk; this caps a run past that.
+# start-up, the model's weights, the reader processes (38 s on a 2-core machine,
+# benchmarks/dispatch.py) before its first plate, so a pool gets one run per free place rather
+# than one per chunk; this caps a run past that.
 MAX_RUN_PLATES = 20_000
 
 
@@ -103,14 +105,13 @@ def choose_route(requested: str | None, dispatch: Dispatch, profiles: Profiles, 
 
 def split_runs(n: int, slots: int, chunk_size: int, max_run_plates: int = MAX_RUN_PLATES) -> list[range]:
     """How ``n`` plates are split into runs for a pool with ``slots`` free places (online workers
-    times their flow-run limit): one run per slot, more only where a run would pass
+    times their flow-run limit, less the runs running there): one run per place, more only where a run would pass
     ``max_run_plates``, and no run smaller than a chunk. Sizes differ by one plate at most."""
     if n <= 0:
         return []
     runs = min(max(1, slots, math.ceil(n / max_run_plates)), math.ceil(n / max(1, chunk_size)))
-    sizes = [n // runs + (i < n % runs) for i in range(runs)]
-    starts = [sum(sizes[:i]) for i in range(runs)]
-    return [range(a, a + size) for a, size in zip(starts, sizes)]
+    bounds = list(accumulate((n // runs + (i < n % runs) for i in range(runs)), initial=0))
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 def run_on_pool(route: GpuRoute, model: str, jobs: list, chunk_size: int, weights_root: str | None,
