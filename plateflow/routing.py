@@ -11,6 +11,7 @@ so they need no shared Prefect result storage.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -125,6 +126,8 @@ def run_on_pool(route: GpuRoute, model: str, jobs: list, chunk_size: int, weight
     plates in embed-chunk tasks of ``chunk_size``).
     A run's plates travel as a JSON file beside its report in ``report_dir`` (in the corpus,
     which every worker reads anyway), not as flow-run parameters in the server's database.
+    A completed run's files are removed once read (``report_dir`` too, when that empties it);
+    a run that failed, crashed or was cancelled keeps its plates file, for a retry from the UI.
 
     A run that crashed (its worker was lost) is sent again, up to CRASH_RETRIES times; it skips
     the plates whose vectors the lost run already stored. A run that failed fails its plates
@@ -207,6 +210,10 @@ def run_on_pool(route: GpuRoute, model: str, jobs: list, chunk_size: int, weight
                 del pending[n]
                 if state.is_completed() and report.is_file():
                     outcome.update(json.loads(report.read_text()))
+                    # Done with: a failed or cancelled run keeps its files (its plates, for a
+                    # retry from the UI, and what it reported).
+                    for name in ["jobs", *range(attempt + 1)]:
+                        (report_dir / f"{model}-{n}-{name}.json").unlink(missing_ok=True)
                 elif state.is_crashed() and attempt < CRASH_RETRIES:
                     logger.warning("%s run %d: crashed (%s); sending it again", model, n + 1, state.message)
                     pending[n] = (*submit(n, attempt + 1), attempt + 1)
@@ -216,4 +223,6 @@ def run_on_pool(route: GpuRoute, model: str, jobs: list, chunk_size: int, weight
                         why = f"the run completed but wrote no report at {report}"
                     for job in parts[n]:
                         outcome[job.plate_id] = f"{route.deployment} run ended {state.name}: {why}"
+    with contextlib.suppress(OSError):  # only when empty: what a failed run left stays
+        report_dir.rmdir()
     return outcome

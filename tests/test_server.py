@@ -128,7 +128,11 @@ def test_gpu_work_runs_as_a_deployment_run_on_the_class_pool_and_its_worker(live
     assert run.state.is_completed() and run.work_pool_name == "plates-gpu-t4-16gb"
     assert run.infrastructure_pid  # started by the T4 worker, in its own process
     assert run.parameters["gpu_class"] == "T4_16GB" and run.parameters["chunk_size"] == 2
-    assert len(json.loads(Path(run.parameters["jobs_file"]).read_text())) == 3  # plates in the corpus, not the database
+    # The plates went as a file in the corpus, not in the database; a completed run's files are
+    # removed once its report is read.
+    jobs_file = Path(run.parameters["jobs_file"])
+    assert jobs_file.parent.parent == root / ".plateflow" / "dispatch" and not jobs_file.exists()
+    assert not Path(run.parameters["report"]).exists() and not jobs_file.parent.exists()
     chunks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
     assert sorted(t.name for t in chunks) == ["embed-tiny_dinov2-0", "embed-tiny_dinov2-1"]  # 3 plates, chunks of 2
     assert all(t.state.is_completed() for t in chunks)
@@ -253,6 +257,8 @@ def test_a_crashed_gpu_run_is_sent_again_then_its_plates_fail_with_the_reason(li
         thread.join(10)
     assert len(crashed) == 1 + CRASH_RETRIES
     assert set(outcome) == {"plate-0", "plate-1"}
+    # A run that failed keeps its plates file, for a retry from the UI.
+    assert len(json.loads((tmp_path / "reports" / "tiny_dinov2-0-jobs.json").read_text())) == 2
     assert all("ended Crashed" in why and "worker lost" in why for why in outcome.values())
     assert "work pool plates-gpu-h100-80gb has no online worker" in caplog.text
 
@@ -312,3 +318,4 @@ def test_a_run_already_running_on_the_pool_takes_a_place_so_the_plates_go_as_few
     assert outcome == {job.plate_id: None for job in jobs}
     assert all(np.load(job.cache_file).shape == (2, 32) for job in jobs)
     assert "4 plates in 1 run(s) on plates-cpu (1 online worker(s), 2 run(s) each, 1 running)" in caplog.text
+    assert not (tmp_path / "reports").exists()  # a completed run leaves no dispatch files
