@@ -52,8 +52,12 @@ def start(corpus: Path, port: int = 4200, host: str = "127.0.0.1", gpu_class: st
 
     def spawn(name: str, cmd: list[str], **extra) -> subprocess.Popen:
         out = open(log_dir / f"{name}.log", "w") if log_dir else None
-        proc = subprocess.Popen(cmd, cwd=REPO, env={**env, **extra}, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                start_new_session=True)
+        try:
+            proc = subprocess.Popen(cmd, cwd=REPO, env={**env, **extra}, stdout=out,
+                                    stderr=subprocess.STDOUT if out else None, start_new_session=True)
+        finally:
+            if out is not None:
+                out.close()  # the child has its own copy of the descriptor
         procs.append(proc)
         return proc
 

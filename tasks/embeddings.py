@@ -190,14 +190,14 @@ def read_plate(job: PlateJob, size: int, pin_memory: bool = False) -> "DecodedPl
     import torch
 
     try:
-        im = Image.open(job.working_copy)  # a one-frame file: Pillow closes it once loaded
-        # JPEG DCT scaling: decode at the smallest scale that still gives every view at
-        # least twice the model's input size (a 2-4x cheaper decode).
-        smallest = min(min(x1 - x0, y1 - y0) for x0, y0, x1, y1 in job.boxes)
-        scale = min(1.0, 2 * size / (smallest * im.width / job.original_size[0]))
-        im.draft("RGB", (round(im.width * scale), round(im.height * scale)))
-        work = im.convert("RGB") if im.mode != "RGB" else im
-        work.load()
+        with Image.open(job.working_copy) as im:  # closed on a decoding error too
+            # JPEG DCT scaling: decode at the smallest scale that still gives every view at
+            # least twice the model's input size (a 2-4x cheaper decode).
+            smallest = min(min(x1 - x0, y1 - y0) for x0, y0, x1, y1 in job.boxes)
+            scale = min(1.0, 2 * size / (smallest * im.width / job.original_size[0]))
+            im.draft("RGB", (round(im.width * scale), round(im.height * scale)))
+            work = im.convert("RGB") if im.mode != "RGB" else im
+            work.load()
     except (OSError, SyntaxError, ValueError) as exc:
         return f"cannot read working copy {Path(job.working_copy).name}: {exc}"
     pixels = torch.empty((work.height, work.width, 3), dtype=torch.uint8, pin_memory=pin_memory)

@@ -22,6 +22,13 @@ def prefect_harness():
         yield
 
 
+def read_image(path) -> Image.Image:
+    """The image file at ``path``, decoded, its file closed."""
+    with Image.open(path) as im:
+        im.load()
+        return im
+
+
 def paper_plate(width=320, height=240, seed=0, photo_colour=(40, 90, 160)) -> Image.Image:
     """A small plate: noisy off-white paper with a coloured block in the middle."""
     rng = np.random.default_rng(seed)

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,7 +87,7 @@ def test_reader_processes_give_every_plate_once_with_the_thread_readers_vectors(
     spec, model = dino
     embed = Embedder(model, DEVICE, "float32")
     jobs = make_jobs(tmp_path, 7)
-    open(jobs[3].working_copy, "wb").write(b"truncated")
+    Path(jobs[3].working_copy).write_bytes(b"truncated")
     by_threads = {job.plate_id: (vec, err) for job, vec, err in embed_jobs(embed, jobs, model, 48, num_workers=2)}
     stats = {}
     seen = []
@@ -182,7 +183,7 @@ def test_out_of_memory_at_batch_one_is_a_transient_error():
 def test_a_plate_whose_working_copy_cannot_be_read_fails_alone(dino, tmp_path):
     spec, model = dino
     jobs = make_jobs(tmp_path, 3)
-    open(jobs[1].working_copy, "wb").write(b"not a jpeg")
+    Path(jobs[1].working_copy).write_bytes(b"not a jpeg")
     outcome = run_embedding(jobs, spec, 32, "float32", device=DEVICE, model=model)
     assert outcome["plate-0"] is None and outcome["plate-2"] is None
     assert "cannot read working copy" in outcome["plate-1"]

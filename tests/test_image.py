@@ -9,7 +9,7 @@ from plateflow.errors import ImageDecodeError, TooManyPixelsError
 from tasks.characterize import characterize_image
 from tasks.image import decode_image
 
-from conftest import paper_plate
+from conftest import paper_plate, read_image
 
 MODES = ["RGB", "L", "LA", "RGBA", "P", "CMYK", "1", "I;16", "I", "F"]
 
@@ -27,7 +27,7 @@ def test_every_scan_mode_decodes_to_rgb(tmp_path, mode):
     assert d.image.mode == "RGB" and d.image.size == (64, 48)
     assert d.image_format == fmt
     meta = characterize_image(path, CharacterizeParams()).metadata
-    assert meta["mode"] == Image.open(path).mode
+    assert meta["mode"] == read_image(path).mode
     assert 0 <= meta["luminance_mean"] <= 255
     if mode in ("L", "LA", "1", "I;16", "I", "F"):
         assert meta["grayscale_like"] is True

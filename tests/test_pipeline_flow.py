@@ -8,7 +8,7 @@ from PIL import Image
 from flows.refresh import refresh_corpus
 from plateflow.config import CropParams
 
-from conftest import paper_plate
+from conftest import paper_plate, read_image
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 MODELS = ["tiny_dinov2", "tiny_clip"]
@@ -36,12 +36,12 @@ def test_full_pipeline_with_both_backends(corpus, tiny_env):
     assert crop["plate_id"] == "plate-002" and crop["original_size"] == [320, 240]
     assert crop["crop_box"] == row["crop_box"] and crop["best_crop_idx"] == row["best_crop_idx"] >= 1
     x0, y0, x1, y1 = crop["crop_box"]
-    saved = Image.open(run_dir / "best_crop.png")
+    saved = read_image(run_dir / "best_crop.png")
     assert saved.size == (x1 - x0, y1 - y0)  # cut from the full-resolution source
-    source = Image.open(d / "source" / "scan.jpg").convert("RGB")
+    source = read_image(d / "source" / "scan.jpg").convert("RGB")
     assert np.array_equal(np.asarray(saved), np.asarray(source.crop((x0, y0, x1, y1))))
     cands = json.loads((d / "crop_candidates.json").read_text())
-    assert len(cands["boxes"]) == 16 and Image.open(d / "working_copy.jpg").size[1] <= 1024
+    assert len(cands["boxes"]) == 16 and read_image(d / "working_copy.jpg").size[1] <= 1024
     emb = pq.read_table(corpus / "embeddings" / "tiny_clip.parquet")
     assert emb.num_rows == 3 * 16 and str(emb.schema.field("vector").type) == "fixed_size_list<element: float>[16]"
     vec = np.asarray(emb.column("vector").to_pylist(), np.float32)
@@ -118,7 +118,7 @@ def test_odd_but_valid_plates_go_through_the_whole_pipeline(tmp_path, tiny_env):
     assert table["plate-001"]["best_crop_idx"] == 0  # no candidate fits inside one pixel: the whole plate
     assert table["plate-002"]["extreme_aspect"] is True and table["plate-002"]["crop_status"] == "computed"
     run_dir = root / "plates_structured" / "plate-001" / "runs" / table["plate-001"]["run_id"]
-    assert Image.open(run_dir / "best_crop.jpg").size == (1, 1)
+    assert read_image(run_dir / "best_crop.jpg").size == (1, 1)
 
 
 def test_retry_with_models_keeps_the_other_plates_embeddings(corpus, tiny_env):

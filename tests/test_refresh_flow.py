@@ -9,7 +9,7 @@ from PIL import Image
 from flows.refresh import refresh_corpus
 from plateflow.config import CharacterizeParams
 
-from conftest import copy_corpus, make_plate, paper_plate
+from conftest import copy_corpus, make_plate, paper_plate, read_image
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -37,8 +37,8 @@ def test_refresh_writes_the_notebook_outputs(corpus):
     assert sum(hist["rgb_hist_full"]["r"]) == 320 * 240
     assert 0.5 < hist["background_ratio"] < 0.9
     for name in ("input_preview.png", "histogram_rgb.png", "histogram_rgb_foreground.png", "histogram_luminance.png"):
-        assert Image.open(d / "viz" / name).format == "PNG"
-    assert max(Image.open(d / "viz" / "input_preview.png").size) <= 512
+        assert read_image(d / "viz" / name).format == "PNG"
+    assert max(read_image(d / "viz" / "input_preview.png").size) <= 512
     assert table["plate-002"]["width"] == 320 and table["plate-002"]["status"] == "ok"
     schema = pq.read_schema(corpus / "plates.parquet")
     assert str(schema.field("width").type) == "int32" and str(schema.field("grayscale_like").type) == "bool"
