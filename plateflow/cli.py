@@ -185,6 +185,11 @@ def status(root: RootOpt) -> None:
 
 
 def _print_status(root: Path) -> bool:
+    from collections import Counter
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
     from tasks.save import read_corpus_table
 
     table = read_corpus_table(root)
@@ -192,11 +197,20 @@ def _print_status(root: Path) -> bool:
         return False
     rows = table.to_pylist()
     failed = [r for r in rows if r["status"] == "failed"]
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r.get("characterize_status") or "-"] = counts.get(r.get("characterize_status") or "-", 0) + 1
+
+    def counts(column: str) -> str:
+        seen = Counter(r.get(column) or "-" for r in rows)
+        return ", ".join(f"{k} {v}" for k, v in sorted(seen.items()))
+
     console.print(f"{len(rows)} plates: {len(rows) - len(failed)} ok, {len(failed)} failed "
-                  f"(characterize: {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})")
+                  f"(characterize: {counts('characterize_status')})")
+    if any(r.get("embed_status") for r in rows):
+        console.print(f"embeddings: {counts('embed_status')}; smart crop: {counts('crop_status')}")
+    for path in sorted((root / "embeddings").glob("*.parquet")):
+        ids = pq.read_table(path, columns=["plate_id"]).column("plate_id")
+        dim = pq.read_schema(path).field("vector").type.list_size
+        console.print(f"{path.relative_to(root)}: {pc.count_distinct(ids).as_py()} plates, "
+                      f"{len(ids)} vectors of {dim} floats")
     if failed:
         t = Table("plate", "step", "error", title="failed plates")
         for r in failed:

@@ -1,9 +1,10 @@
 import json
 
+import numpy as np
 from typer.testing import CliRunner
 
 from plateflow.cli import app
-from tasks.save import write_corpus_table
+from tasks.save import write_corpus_table, write_embeddings_table
 
 from conftest import paper_plate
 
@@ -36,7 +37,26 @@ def test_status_lists_failures_with_reasons(tmp_path):
     result = runner.invoke(app, ["status", "--root", str(tmp_path)], terminal_width=200)
     assert result.exit_code == 0
     assert "2 plates: 1 ok, 1 failed" in result.output and "empty file (0 bytes)" in result.output
+    assert "embeddings:" not in result.output  # no models asked for
     assert runner.invoke(app, ["status", "--root", str(tmp_path / "none")]).exit_code == 1
+
+
+def test_status_counts_embeddings_and_smart_crops_per_model(tmp_path):
+    write_corpus_table(tmp_path, [
+        {"plate_dir": "plate-001", "plate_id": "plate-001", "status": "ok", "embed_status": "computed",
+         "crop_status": "computed"},
+        {"plate_dir": "plate-002", "plate_id": "plate-002", "status": "ok", "embed_status": "cached",
+         "crop_status": "cached"},
+        {"plate_dir": "plate-003", "plate_id": "plate-003", "status": "failed", "failed_step": "embed",
+         "error": "RuntimeError: tiny: out of memory", "embed_status": "failed"},
+    ])
+    boxes = [[0, 0, 8, 8], [2, 2, 6, 6]]
+    write_embeddings_table(tmp_path, "tiny", [("plate-001", "a" * 64, boxes, np.ones((2, 5))),
+                                              ("plate-002", "b" * 64, boxes, np.ones((2, 5)))])
+    result = runner.invoke(app, ["status", "--root", str(tmp_path)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "embeddings: cached 1, computed 1, failed 1; smart crop: - 1, cached 1, computed 1" in result.output
+    assert "embeddings/tiny.parquet: 2 plates, 4 vectors of 5 floats" in result.output
 
 
 def test_hardware_prints_class_batch_sizes_and_dtypes(monkeypatch):
