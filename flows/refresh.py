@@ -25,7 +25,7 @@ from plateflow.profiles import load_profiles
 from plateflow.routing import Dispatch, GpuRoute, choose_route, run_on_pool
 from tasks.characterize import characterize, hash_source
 from tasks.crops import WORKING_COPY, crop_candidates
-from tasks.embeddings import PlateJob, embedding_key, store_path
+from tasks.embeddings import PlateJob, embedding_key, require_weights, store_path
 from tasks.report import build_report
 from tasks.save import (read_corpus_table, save_failure_record, save_plate, save_smart_crop,
                         write_corpus_table, write_embeddings_table)
@@ -122,6 +122,8 @@ def refresh_corpus(
         logger.info("GPU step: %s", route.describe())
         for m in models:
             profiles.plan(m, route.gpu_class)
+            if route.local:  # a pool's workers load weights of their own
+                require_weights(profiles.model(m), Path(weights_root) if weights_root else None)
         crop_model = crop_model or models[0]
         if crop_model not in models:
             raise ConfigError(f"--crop-model {crop_model} is not among --models {', '.join(models)}")
@@ -193,8 +195,7 @@ def refresh_corpus(
                f"in {time.perf_counter() - started:.1f} s; table: {table_path}; report: {report}")
     logger.info(summary)
     if failed:
-        details = "; ".join(f"{r['plate_dir']}: {r['error']}" for r in failed)
-        return Failed(message=f"{summary}. Failed plates: {details}")
+        return Failed(message=f"{summary}. Failed plates: {_failures(failed)}")
     return Completed(message=summary)
 
 
@@ -284,6 +285,15 @@ def _embed_and_crop(root: Path, runs: list[PlateRun], rows: dict[str, dict], mod
                        np.load(files[run.plate.folder][model])) for run in ok
                       if rows[run.plate.folder]["status"] == "ok"]
         logger.info("wrote %s", write_embeddings_table(root, model, table_rows, partial=partial))
+
+
+def _failures(failed: list[dict]) -> str:
+    """Every failed plate with its error; plates that failed alike share one line
+    (``plate-001, plate-002: error``), so one cause is not repeated for every plate."""
+    by_error: dict[str, list[str]] = {}
+    for r in failed:
+        by_error.setdefault(r["error"], []).append(r["plate_dir"])
+    return "; ".join(f"{', '.join(folders)}: {error}" for error, folders in by_error.items())
 
 
 def _fail(row: dict, step: str, exc: BaseException | None, embed_status: str | None = None) -> None:

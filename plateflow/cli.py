@@ -77,6 +77,7 @@ def refresh(
     from flows.refresh import refresh_corpus
     from flows.retry import retry_failed_plates
     from plateflow.config import CharacterizeParams, CropParams, RefreshConfig
+    from plateflow.errors import ConfigError
 
     try:
         params = CharacterizeParams(viz=not no_viz, max_pixels=int(max_megapixels * 1e6))
@@ -93,9 +94,13 @@ def refresh(
                         weights_root=str(weights) if weights else None, gpu_dispatch=gpu_dispatch,
                         chunk_size=chunk_size, worker_wait_minutes=worker_wait_minutes or None,
                         return_state=True)
-    except ValueError as exc:  # ConfigError: raised before any work starts
+    except ValueError as exc:  # parameters that do not validate
         console.print(f"[red]configuration error:[/] {exc}")
         raise typer.Exit(2) from None
+    failure = state.result(raise_on_failure=False) if state.is_failed() else None
+    if isinstance(failure, ConfigError):  # raised by the flow before any work: nothing to summarise
+        console.print(f"[red]configuration error:[/] {failure}")
+        raise typer.Exit(2)
     _print_status(cfg.root)
     console.print(f"flow run {state.name}: {state.message}")
     if not state.is_completed():
@@ -210,7 +215,7 @@ def _print_status(root: Path) -> bool:
         ids = pq.read_table(path, columns=["plate_id"]).column("plate_id")
         dim = pq.read_schema(path).field("vector").type.list_size
         console.print(f"{path.relative_to(root)}: {pc.count_distinct(ids).as_py()} plates, "
-                      f"{len(ids)} vectors of {dim} floats")
+                      + (f"{len(ids)} vectors of {dim} floats" if len(ids) else "no vectors"))
     if failed:
         t = Table("plate", "step", "error", title="failed plates")
         for r in failed:

@@ -71,13 +71,43 @@ def load_model(spec: ModelSpec, weights_root: Path | None = None) -> LoadedModel
     except (OSError, ValueError, RuntimeError) as exc:
         if isinstance(exc, ConfigError):
             raise
-        raise ModelUnavailableError(
-            f"no weights for model {spec.name} ({spec.hub_id}): {type(exc).__name__}: {str(exc)[:300]}. "
-            f"Provide them by running `huggingface-cli download {spec.hub_id}` on a machine with "
-            f"internet and copying the Hugging Face cache (~/.cache/huggingface) here, or by putting "
-            f"the weights in $PLATEFLOW_WEIGHTS/{spec.name}/"
-            + (" (model.safetensors)" if spec.backend == "timm" else " (save_pretrained layout)")
-        ) from exc
+        raise _unavailable(spec, f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+
+
+def _unavailable(spec: ModelSpec, why: str) -> ModelUnavailableError:
+    return ModelUnavailableError(
+        f"no weights for model {spec.name} ({spec.hub_id}): {why}. "
+        f"Provide them by running `huggingface-cli download {spec.hub_id}` on a machine with "
+        f"internet and copying the Hugging Face cache (~/.cache/huggingface) here, or by putting "
+        f"the weights in $PLATEFLOW_WEIGHTS/{spec.name}/"
+        + (" (model.safetensors)" if spec.backend == "timm" else " (save_pretrained layout)"))
+
+
+# One of these, in a weights folder or a hub repository, holds (or indexes the shards of) a model.
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                "pytorch_model.bin.index.json")
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it (1, on, yes, true), read now, not at import."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def require_weights(spec: ModelSpec, weights_root: Path | None = None) -> None:
+    """Raise ModelUnavailableError, before any work, when this machine cannot have the model's
+    weights: none in the local folder or the Hugging Face cache, and the hub is off
+    (HF_HUB_OFFLINE). Online, the hub may still provide them; ``load_model`` then says if not.
+    Reads no weights: only which files exist."""
+    import huggingface_hub
+
+    local = weights_dir(spec, weights_root)
+    if local is not None:
+        if not any((local / f).is_file() for f in WEIGHT_FILES):
+            raise _unavailable(spec, f"{local} has no {' or '.join(WEIGHT_FILES)}")
+        return
+    cached = any(isinstance(huggingface_hub.try_to_load_from_cache(spec.hub_id, f), str) for f in WEIGHT_FILES)
+    if not cached and hub_offline():
+        raise _unavailable(spec, "not in the Hugging Face cache, and the hub is off (HF_HUB_OFFLINE)")
 
 
 def _load_timm(spec: ModelSpec, local: Path | None) -> LoadedModel:
@@ -86,9 +116,9 @@ def _load_timm(spec: ModelSpec, local: Path | None) -> LoadedModel:
 
     kwargs = dict(num_classes=0, img_size=spec.input_size, **spec.model_kwargs)
     if local is not None:
-        files = [p for p in (local / "model.safetensors", local / "pytorch_model.bin") if p.is_file()]
+        files = [local / f for f in WEIGHT_FILES[:2] if (local / f).is_file()]
         if not files:
-            raise FileNotFoundError(f"{local} has no model.safetensors or pytorch_model.bin")
+            raise FileNotFoundError(f"{local} has no {' or '.join(WEIGHT_FILES[:2])}")
         net = timm.create_model(spec.architecture, pretrained=True,
                                 pretrained_cfg_overlay={"file": str(files[0])}, **kwargs)
     else:
@@ -101,7 +131,7 @@ def _load_transformers(spec: ModelSpec, local: Path | None) -> LoadedModel:
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     source = str(local) if local is not None else spec.hub_id
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    offline = hub_offline()
     net = CLIPVisionModelWithProjection.from_pretrained(source, local_files_only=offline)
     try:
         proc = CLIPImageProcessor.from_pretrained(source, local_files_only=offline)

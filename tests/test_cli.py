@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from plateflow.cli import app
@@ -71,6 +72,21 @@ def test_hardware_prints_class_batch_sizes_and_dtypes(monkeypatch):
 def test_refresh_rejects_a_root_that_is_not_a_corpus(tmp_path):
     result = runner.invoke(app, ["refresh", "--root", str(tmp_path)])
     assert result.exit_code != 0 and "plates_structured" in result.output
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_refresh_without_the_models_weights_is_a_configuration_error_that_touches_nothing(corpus, monkeypatch,
+                                                                                        tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.delenv("PLATEFLOW_WEIGHTS", raising=False)
+    result = runner.invoke(app, ["refresh", "--root", str(corpus), "--models", "dinov2_small",
+                                 "--gpu-dispatch", "local"], terminal_width=400)
+    assert result.exit_code == 2, result.output
+    assert "configuration error: no weights for model dinov2_small" in result.output
+    assert "huggingface-cli download timm/vit_small_patch14_dinov2.lvd142m" in result.output
+    assert not (corpus / "plates.parquet").exists()
 
 
 def test_every_gpu_class_has_exactly_one_pool():

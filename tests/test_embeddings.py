@@ -11,7 +11,7 @@ from plateflow.errors import ConfigError, GpuOutOfMemoryError, is_transient
 from plateflow.profiles import load_profiles
 from tasks.crops import candidate_boxes, choose_best_crop, make_working_copy
 from tasks.embeddings import (Embedder, ModelUnavailableError, PlateJob, embed_jobs, forward_with_backoff,
-                              load_model, run_embedding)
+                              load_model, require_weights, run_embedding)
 
 from conftest import paper_plate
 
@@ -247,6 +247,31 @@ def test_missing_weights_name_the_model_and_how_to_provide_them(monkeypatch, tmp
     spec = load_profiles().model("dinov2_base")
     with pytest.raises(ModelUnavailableError, match=r"dinov2_base.*huggingface-cli download timm/vit_base_patch14_dinov2"):
         load_model(spec)
+
+
+def test_weights_are_found_in_a_local_folder_or_the_hugging_face_cache_without_loading_them(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("PLATEFLOW_WEIGHTS", raising=False)
+    monkeypatch.delenv("PLATEFLOW_PROFILES", raising=False)
+    spec = load_profiles().model("dinov2_small")
+    with pytest.raises(ModelUnavailableError, match=r"dinov2_small.*not in the Hugging Face cache.*huggingface-cli download"):
+        require_weights(spec)
+    # The hub cache's own layout: refs/main names the snapshot that holds the files.
+    repo = tmp_path / "hub" / "models--timm--vit_small_patch14_dinov2.lvd142m"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "model.safetensors").write_bytes(b"not read")
+    require_weights(spec)
+    # A local folder is used instead of the cache; one with no weight file is refused.
+    (tmp_path / "weights" / "dinov2_small").mkdir(parents=True)
+    with pytest.raises(ModelUnavailableError, match=r"dinov2_small/? has no model.safetensors"):
+        require_weights(spec, tmp_path / "weights")
+    (tmp_path / "weights" / "dinov2_small" / "model.safetensors").write_bytes(b"not read")
+    require_weights(spec, tmp_path / "weights")
 
 
 def test_model_too_big_for_the_class_is_refused_naming_a_smaller_one():

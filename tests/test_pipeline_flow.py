@@ -106,6 +106,21 @@ def test_bad_model_configuration_fails_before_any_work(corpus, tiny_env):
     assert not (corpus / "plates_structured" / "plate-001" / "input_image.json").exists()
 
 
+def test_missing_weights_fail_an_in_process_refresh_before_any_work_with_one_message(corpus, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.delenv("PLATEFLOW_WEIGHTS", raising=False)
+    monkeypatch.delenv("PLATEFLOW_PROFILES", raising=False)
+    state = refresh_corpus(str(corpus), models=["dinov2_small"], gpu_class="CPU", gpu_dispatch="local",
+                           return_state=True)
+    assert state.is_failed()
+    assert state.message.count("no weights for model dinov2_small") == 1  # said once, not per plate
+    assert "huggingface-cli download timm/vit_small_patch14_dinov2.lvd142m" in state.message
+    assert not (corpus / "plates.parquet").exists()
+    assert not (corpus / "plates_structured" / "plate-001" / "input_image.json").exists()
+
+
 def test_odd_but_valid_plates_go_through_the_whole_pipeline(tmp_path, tiny_env):
     from conftest import make_plate
 

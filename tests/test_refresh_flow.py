@@ -134,6 +134,7 @@ def test_each_bad_input_fails_alone_with_its_reason(tmp_path):
     for folder in ("plate-001", "plate-012"):
         assert table[folder]["status"] == "ok"
         assert (root / "plates_structured" / folder / "viz" / "input_preview.png").is_file()
+    assert f"plate-002: {table['plate-002']['error']}" in state.message  # each plate with its own reason
     unloadable = json.loads((root / "plates_structured" / "plate-003" / "input_image.json").read_text())
     assert unloadable["loadable"] is False and "truncated" in unloadable["error"]
     assert not (root / "plates_structured" / "plate-009" / "input_image.json").exists()
@@ -181,3 +182,13 @@ def test_retry_failed_plates_reruns_only_the_failed_ones(corpus):
 
     state = retry_failed_plates(str(corpus), return_state=True)
     assert state.is_completed() and state.message == "no failed plates"
+
+
+def test_plates_that_failed_alike_share_one_line_of_the_run_message():
+    from flows.refresh import _failures
+
+    failed = [{"plate_dir": "plate-001", "error": "ModelUnavailableError: no weights"},
+              {"plate_dir": "plate-002", "error": "ImageDecodeError: empty file"},
+              {"plate_dir": "plate-003", "error": "ModelUnavailableError: no weights"}]
+    assert _failures(failed) == ("plate-001, plate-003: ModelUnavailableError: no weights; "
+                                 "plate-002: ImageDecodeError: empty file")
