@@ -44,5 +44,8 @@ def retry_failed_plates(
     state = refresh_corpus(root, characterize_params, models, crop_model, crop_params, gpu_class,
                            weights_root, plates=failed, gpu_dispatch=gpu_dispatch, chunk_size=chunk_size,
                            worker_wait_minutes=worker_wait_minutes, return_state=True)
+    failure = state.result(raise_on_failure=False) if state.is_failed() else None
+    if isinstance(failure, ConfigError):  # stopped before any work: fail as that error, not as plates
+        raise failure
     # Re-wrap: returning the subflow's state as is would replace its summary with a generic one.
     return (Completed if state.is_completed() else Failed)(message=state.message)

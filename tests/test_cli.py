@@ -87,6 +87,13 @@ def test_refresh_without_the_models_weights_is_a_configuration_error_that_touche
     assert "configuration error: no weights for model dinov2_small" in result.output
     assert "huggingface-cli download timm/vit_small_patch14_dinov2.lvd142m" in result.output
     assert not (corpus / "plates.parquet").exists()
+    # The same through --failed-only (the retry flow runs refresh as a subflow).
+    write_corpus_table(corpus, [{"plate_dir": "plate-001", "plate_id": "plate-001", "status": "failed"}])
+    result = runner.invoke(app, ["refresh", "--root", str(corpus), "--models", "dinov2_small",
+                                 "--gpu-dispatch", "local", "--failed-only"], terminal_width=400)
+    assert result.exit_code == 2, result.output
+    assert "configuration error: no weights for model dinov2_small" in result.output
+    assert not (corpus / "plates_structured" / "plate-001" / "input_image.json").exists()
 
 
 def test_every_gpu_class_has_exactly_one_pool():
