@@ -227,6 +227,8 @@ def _print_status(root: Path) -> bool:
 @app.command()
 def demo(
     root: Annotated[Path, typer.Option("--root", "-r", help="Where to build the demo corpus.")] = Path("demo-corpus"),
+    models: Annotated[str, typer.Option(help="Also embed and smart-crop with these models (needs their weights; see `refresh --help`).")] = "",
+    weights: Annotated[Optional[Path], typer.Option(help="Folder with <model>/ weights (else the HF cache).")] = None,
 ) -> None:
     """Build a demo corpus from scikit-image's sample photographs, ingest it and refresh it."""
     from plateflow.demo import write_demo_sources
@@ -235,8 +237,8 @@ def demo(
     sources = write_demo_sources(root / ".plateflow" / "demo-sources")
     console.print(f"demo sources: {len(sources)} plates written under {sources[0].parent}")
     ingest(sources, root)
-    refresh(root, workers=None, no_viz=False, max_megapixels=250.0, models="", crop_model=None,
-            crop_format="jpeg", min_crop_area=0.0, gpu_class=None, weights=None, failed_only=False)
+    refresh(root, workers=None, no_viz=False, max_megapixels=250.0, models=models, crop_model=None,
+            crop_format="jpeg", min_crop_area=0.0, gpu_class=None, weights=weights, failed_only=False)
     console.print(f"open {root / 'plates_structured'} to see each plate's JSON and viz/ files")
 
 

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 from plateflow.cli import app
 from tasks.save import write_corpus_table, write_embeddings_table
 
-from conftest import paper_plate
+from conftest import paper_plate, read_image
 
 runner = CliRunner()
 
@@ -114,3 +114,22 @@ def test_worker_serves_the_pool_of_the_local_class(monkeypatch):
     monkeypatch.setenv("PLATEFLOW_GPU_CLASS", "NOT_A_CLASS")
     result = runner.invoke(app, ["worker", "--dry-run"])
     assert result.exit_code != 0 and "unknown GPU class 'NOT_A_CLASS'" in str(result.exception)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_demo_builds_the_corpus_and_runs_the_whole_pipeline_on_it(tmp_path, tiny_env):
+    import pyarrow.parquet as pq
+
+    from plateflow.demo import DEMO_PLATES
+
+    result = runner.invoke(app, ["demo", "--root", str(tmp_path / "demo"), "--models", "tiny_dinov2"],
+                           terminal_width=200)
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(tmp_path / "demo" / "plates.parquet").to_pylist()
+    assert len(rows) == len(DEMO_PLATES) and {r["status"] for r in rows} == {"ok"}
+    assert {r["mode"] for r in rows} >= {"RGB", "L", "RGBA", "I;16"}  # the odd modes a corpus has
+    for r in rows:
+        run_dir = tmp_path / "demo" / "plates_structured" / r["plate_dir"] / "runs" / r["run_id"]
+        assert read_image(run_dir / "best_crop.jpg").size == (r["crop_box"][2] - r["crop_box"][0],
+                                                              r["crop_box"][3] - r["crop_box"][1])
+    assert f"{len(DEMO_PLATES)} plates: {len(DEMO_PLATES)} ok, 0 failed" in result.output
