@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -12,13 +14,14 @@ from pathlib import Path
 import numpy as np
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, as_completed
+from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from plateflow.artifacts import Progress, publish
 from plateflow.atomic import write_json
 from plateflow.config import CharacterizeParams, CropParams, RefreshConfig, default_workers
-from plateflow.corpus import PlateProblem, PlateRef, discover_plates, state_dir
+from plateflow.corpus import PlateProblem, PlateRef, corpus_lock, discover_plates, state_dir
 from plateflow.errors import ConfigError, ImageDecodeError, TooManyPixelsError
 from plateflow.hardware import gpu_class as detect_gpu_class
 from plateflow.profiles import load_profiles
@@ -130,73 +133,77 @@ def refresh_corpus(
         characterize_params = characterize_params.model_copy(update={"working_copy": True})
     cfg = RefreshConfig(root=Path(root), characterize=characterize_params)
     root_path = cfg.root
-    write_json(state_dir(root_path) / "config.json", cfg.model_dump(mode="json"))
-    found = discover_plates(root_path)
-    if plates is not None:
-        wanted = set(plates)
-        found = [p for p in found if p.folder in wanted]
-    partial = plates is not None
-    plates = [p for p in found if isinstance(p, PlateRef)]
-    problems = [p for p in found if isinstance(p, PlateProblem)]
-    logger.info("%d plate folders: %d to process, %d with manifest problems",
-                len(found), len(plates), len(problems))
+    # One refresh of a corpus at a time: each writes the whole corpus table.
+    holder = f"flow run {flow_run.name} ({flow_run.id}) on {socket.gethostname()}, pid {os.getpid()}"
+    with corpus_lock(root_path, holder, on_wait=lambda other: logger.warning(
+            "another refresh holds this corpus (%s): waiting for it to finish", other)):
+        write_json(state_dir(root_path) / "config.json", cfg.model_dump(mode="json"))
+        found = discover_plates(root_path)
+        if plates is not None:
+            wanted = set(plates)
+            found = [p for p in found if p.folder in wanted]
+        partial = plates is not None
+        plates = [p for p in found if isinstance(p, PlateRef)]
+        problems = [p for p in found if isinstance(p, PlateProblem)]
+        logger.info("%d plate folders: %d to process, %d with manifest problems",
+                    len(found), len(plates), len(problems))
 
-    timings: dict[str, float] = {}
-    progress = Progress(root_path, len(plates) * (2 + len(models)) if models else len(plates))
-    char_task = characterize.with_options(result_storage=state_dir(root_path) / "results")
-    runs: list[PlateRun] = []
-    for plate in plates:
-        run = PlateRun(plate)
-        run.futures["hash"] = hash_source.submit(plate.source_path, plate.plate_id)
-        run.futures["characterize"] = char_task.submit(
-            plate.source_path, run.futures["hash"], cfg.characterize, plate.plate_id)
-        run.futures["save"] = save_plate.submit(plate, root_path, run.futures["characterize"])
-        runs.append(run)
+        timings: dict[str, float] = {}
+        progress = Progress(root_path, len(plates) * (2 + len(models)) if models else len(plates))
+        char_task = characterize.with_options(result_storage=state_dir(root_path) / "results")
+        runs: list[PlateRun] = []
+        for plate in plates:
+            run = PlateRun(plate)
+            run.futures["hash"] = hash_source.submit(plate.source_path, plate.plate_id)
+            run.futures["characterize"] = char_task.submit(
+                plate.source_path, run.futures["hash"], cfg.characterize, plate.plate_id)
+            run.futures["save"] = save_plate.submit(plate, root_path, run.futures["characterize"])
+            runs.append(run)
 
-    by_future = {run.futures["save"]: run for run in runs}
-    for done, future in enumerate(as_completed(list(by_future)), start=1):
-        run = by_future[future]
-        saved, _ = _step_outcome(future)
-        outcome, _ = _step_outcome(run.futures["characterize"])
-        logger.info("[%d/%d] %s %s", done, len(runs), run.plate.plate_id,
-                    outcome if saved != "failed" and outcome != "failed" else "FAILED")
-        progress.advance()
-    timings["characterisation"] = time.perf_counter() - started
+        by_future = {run.futures["save"]: run for run in runs}
+        for done, future in enumerate(as_completed(list(by_future)), start=1):
+            run = by_future[future]
+            saved, _ = _step_outcome(future)
+            outcome, _ = _step_outcome(run.futures["characterize"])
+            logger.info("[%d/%d] %s %s", done, len(runs), run.plate.plate_id,
+                        outcome if saved != "failed" and outcome != "failed" else "FAILED")
+            progress.advance()
+        timings["characterisation"] = time.perf_counter() - started
 
-    rows = [_plate_row(run) for run in runs] + [_problem_row(p) for p in problems]
-    if models:
-        run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-        _embed_and_crop(root_path, runs, {r["plate_dir"]: r for r in rows}, models, crop_model,
-                        crop_params, route, weights_root, run_id, chunk_size, partial, progress, timings,
-                        worker_wait_minutes)
-    rows.sort(key=lambda r: r["plate_dir"])
-    t = time.perf_counter()
-    table_path = write_corpus_table(root_path, rows, partial=partial)
-    try:
-        report = build_report(root_path)
-    except Exception:  # the plates' outputs stand; a report bug must not fail the refresh
-        logger.exception("could not write the corpus report")
-        report = None
-    timings["tables and report"] = time.perf_counter() - t
-    progress.advance(progress.total, force=True)
-    # The table and summary cover the whole corpus, also after a refresh of some plates.
-    table_rows = sorted(read_corpus_table(root_path).to_pylist(), key=lambda r: r["plate_dir"]) if partial else rows
-    publish(root_path, table_rows, timings, report, models)
-    failed = [r for r in rows if r["status"] == "failed"]
-    counts = {s: sum(r.get("characterize_status") == s for r in rows)
-              for s in ("computed", "cached")}
-    embedded = ""
-    if models:
-        e = {k: sum(r.get("embed_status") == k for r in rows) for k in ("computed", "cached")}
-        embedded = f"; embeddings {e['computed']} computed, {e['cached']} cached"
-    summary = (f"{len(rows) - len(failed)} of {len(rows)} plates ok "
-               f"(characterisation {counts['computed']} computed, {counts['cached']} cached{embedded}), "
-               f"{len(failed)} failed "
-               f"in {time.perf_counter() - started:.1f} s; table: {table_path}; report: {report}")
-    logger.info(summary)
-    if failed:
-        return Failed(message=f"{summary}. Failed plates: {_failures(failed)}")
-    return Completed(message=summary)
+        rows = [_plate_row(run) for run in runs] + [_problem_row(p) for p in problems]
+        if models:
+            run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+            _embed_and_crop(root_path, runs, {r["plate_dir"]: r for r in rows}, models, crop_model,
+                            crop_params, route, weights_root, run_id, chunk_size, partial, progress, timings,
+                            worker_wait_minutes)
+        rows.sort(key=lambda r: r["plate_dir"])
+        t = time.perf_counter()
+        table_path = write_corpus_table(root_path, rows, partial=partial)
+        try:
+            report = build_report(root_path)
+        except Exception:  # the plates' outputs stand; a report bug must not fail the refresh
+            logger.exception("could not write the corpus report")
+            report = None
+        timings["tables and report"] = time.perf_counter() - t
+        progress.advance(progress.total, force=True)
+        # The table and summary cover the whole corpus, also after a refresh of some plates.
+        table_rows = sorted(read_corpus_table(root_path).to_pylist(), key=lambda r: r["plate_dir"]) if partial else rows
+        publish(root_path, table_rows, timings, report, models)
+        failed = [r for r in rows if r["status"] == "failed"]
+        counts = {s: sum(r.get("characterize_status") == s for r in rows)
+                  for s in ("computed", "cached")}
+        embedded = ""
+        if models:
+            e = {k: sum(r.get("embed_status") == k for r in rows) for k in ("computed", "cached")}
+            embedded = f"; embeddings {e['computed']} computed, {e['cached']} cached"
+        summary = (f"{len(rows) - len(failed)} of {len(rows)} plates ok "
+                   f"(characterisation {counts['computed']} computed, {counts['cached']} cached{embedded}), "
+                   f"{len(failed)} failed "
+                   f"in {time.perf_counter() - started:.1f} s; table: {table_path}; report: {report}")
+        logger.info(summary)
+        if failed:
+            return Failed(message=f"{summary}. Failed plates: {_failures(failed)}")
+        return Completed(message=summary)
 
 
 def _embed_and_crop(root: Path, runs: list[PlateRun], rows: dict[str, dict], models: list[str],

@@ -9,6 +9,8 @@ ROOT/.plateflow/                                  plateflow's own state (cached 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -56,6 +58,35 @@ def plates_dir(root: Path) -> Path:
 
 def state_dir(root: Path) -> Path:
     return Path(root) / STATE_DIR
+
+
+@contextlib.contextmanager
+def corpus_lock(root: Path, holder: str, on_wait=None) -> Iterator[None]:
+    """Hold the corpus for one refresh at a time (ROOT/.plateflow/refresh.lock, flock).
+
+    A scheduled refresh and one started by an ingest event may overlap; each writes the whole
+    corpus table, so the second waits for the first. ``on_wait(holder)`` is called once, with
+    what the holder wrote (its run, host and process), when it has to wait. The lock goes with
+    its process: a refresh that dies holds nothing.
+    """
+    path = state_dir(root) / "refresh.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait(os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def sha256_file(path: Path) -> str:

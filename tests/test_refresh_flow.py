@@ -1,6 +1,7 @@
 import io
 import json
 import shutil
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -9,7 +10,7 @@ from PIL import Image
 from flows.refresh import refresh_corpus
 from plateflow.config import CharacterizeParams
 
-from conftest import copy_corpus, make_plate, paper_plate, read_image
+from conftest import copy_corpus, make_plate, paper_plate, read_image, wait_until
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -192,3 +193,50 @@ def test_plates_that_failed_alike_share_one_line_of_the_run_message():
               {"plate_dir": "plate-003", "error": "ModelUnavailableError: no weights"}]
     assert _failures(failed) == ("plate-001, plate-003: ModelUnavailableError: no weights; "
                                  "plate-002: ImageDecodeError: empty file")
+
+
+def test_a_refresh_waits_while_another_refresh_holds_the_corpus(corpus, caplog):
+    """A scheduled refresh and one started by an ingest event may overlap: each writes the
+    whole corpus table, so the second starts only when the first lets go of the corpus."""
+    import contextvars
+    import logging
+    import threading
+
+    from plateflow.corpus import corpus_lock
+
+    caplog.set_level(logging.WARNING)
+    states = []
+    refresh = threading.Thread(target=contextvars.copy_context().run,
+                               args=(lambda: states.append(refresh_corpus(str(corpus), return_state=True)),))
+    with corpus_lock(corpus, "flow run nightly (test) on this host"):
+        refresh.start()
+        wait_until(lambda: "another refresh holds this corpus (flow run nightly (test) on this host)" in caplog.text,
+                   60, "the second refresh to wait", every=0.2)
+        time.sleep(1)
+        assert not (corpus / "plates.parquet").exists() and refresh.is_alive()  # nothing done meanwhile
+    refresh.join(120)
+    assert states and states[0].is_completed(), states
+    assert len(pq.read_table(corpus / "plates.parquet")) == 3
+    assert (corpus / ".plateflow" / "refresh.lock").read_text() == ""  # let go: nobody holds it
+
+
+def test_the_corpus_lock_names_its_holder_to_whoever_waits(tmp_path):
+    import threading
+
+    from plateflow.corpus import corpus_lock
+
+    lock_file = tmp_path / ".plateflow" / "refresh.lock"
+    waited, order = [], []
+
+    def second():
+        with corpus_lock(tmp_path, "second", on_wait=waited.append):
+            order.append(("second", lock_file.read_text()))
+
+    with corpus_lock(tmp_path, "first"):
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(0.5)
+        order.append(("first done", lock_file.read_text()))
+    thread.join(10)
+    assert waited == ["first"] and order == [("first done", "first"), ("second", "second")]
+    assert lock_file.read_text() == ""
