@@ -102,8 +102,9 @@ def require_weights(spec: ModelSpec, weights_root: Path | None = None) -> None:
 
     local = weights_dir(spec, weights_root)
     if local is not None:
-        if not any((local / f).is_file() for f in WEIGHT_FILES):
-            raise _unavailable(spec, f"{local} has no {' or '.join(WEIGHT_FILES)}")
+        loadable = WEIGHT_FILES[:2] if spec.backend == "timm" else WEIGHT_FILES  # timm: one file
+        if not any((local / f).is_file() for f in loadable):
+            raise _unavailable(spec, f"{local} has no {' or '.join(loadable)}")
         return
     cached = any(isinstance(huggingface_hub.try_to_load_from_cache(spec.hub_id, f), str) for f in WEIGHT_FILES)
     if not cached and hub_offline():
