@@ -291,7 +291,8 @@ def _embed_and_crop(root: Path, runs: list[PlateRun], rows: dict[str, dict], mod
         table_rows = [(run.plate.plate_id, info[run.plate.folder][0], boxes[run.plate.folder],
                        np.load(files[run.plate.folder][model])) for run in ok
                       if rows[run.plate.folder]["status"] == "ok"]
-        logger.info("wrote %s", write_embeddings_table(root, model, table_rows, partial=partial))
+        logger.info("wrote %s", write_embeddings_table(root, model, table_rows, profiles.model(model).embed_dim,
+                                                         partial=partial))
 
 
 def _failures(failed: list[dict]) -> str:

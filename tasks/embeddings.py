@@ -62,16 +62,21 @@ def weights_dir(spec: ModelSpec, weights_root: Path | None) -> Path | None:
 
 def load_model(spec: ModelSpec, weights_root: Path | None = None) -> LoadedModel:
     """Weights from PLATEFLOW_WEIGHTS/<model>/ (or ``weights_root``), else the Hugging Face cache,
-    else the hub when online. Normalisation comes from the model's own config."""
+    else the hub when online. Normalisation comes from the model's own config. The vectors'
+    dimension must be the table's ``embed_dim`` (the corpus tables are typed by it)."""
     local = weights_dir(spec, weights_root)
     try:
-        if spec.backend == "timm":
-            return _load_timm(spec, local)
-        return _load_transformers(spec, local)
+        loaded = _load_timm(spec, local) if spec.backend == "timm" else _load_transformers(spec, local)
     except (OSError, ValueError, RuntimeError) as exc:
         if isinstance(exc, ConfigError):
             raise
         raise _unavailable(spec, f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+    dim = loaded.net.num_features if spec.backend == "timm" else loaded.net.config.projection_dim
+    if dim != spec.embed_dim:
+        raise ConfigError(f"model {spec.name}: its weights give {dim}-dimensional vectors, but the "
+                          f"capability table (profiles/models.toml) says embed_dim = {spec.embed_dim}; "
+                          f"correct the table or the weights")
+    return loaded
 
 
 def _unavailable(spec: ModelSpec, why: str) -> ModelUnavailableError:

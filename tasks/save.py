@@ -237,33 +237,33 @@ def save_run_outputs(plate: PlateRef, run_id: str, key: str, vectors: dict[str, 
 
 
 def write_embeddings_table(root: Path, model: str, rows: list[tuple[str, str, list[list[int]], "object"]],
-                           partial: bool = False) -> Path:
-    """ROOT/embeddings/<model>.parquet: plate_id, sha256, candidate_index, box, vector.
+                           dim: int, partial: bool = False) -> Path:
+    """ROOT/embeddings/<model>.parquet: plate_id, sha256, candidate_index, box, vector (``dim``
+    float32s; the column keeps its type with no rows, say when every plate failed).
 
     ``partial``: ``rows`` cover only some plates; the other plates' rows are kept.
     """
     import numpy as np
 
     plate_ids, shas, idx, boxes, vecs = [], [], [], [], []
-    dim = None
     for plate_id, sha, plate_boxes, vectors in rows:
         vectors = np.asarray(vectors, np.float32)
-        dim = vectors.shape[1]
+        if vectors.shape != (len(plate_boxes), dim):
+            raise ValueError(f"{model} vectors of {plate_id}: shape {vectors.shape}, expected "
+                             f"({len(plate_boxes)}, {dim}): one per box, of the model's dimension")
         for i, box in enumerate(plate_boxes):
             plate_ids.append(plate_id)
             shas.append(sha)
             idx.append(i)
             boxes.append(box)
         vecs.append(vectors)
-    dim = dim or 0
     flat = np.concatenate(vecs).reshape(-1) if vecs else np.zeros(0, np.float32)
     table = pa.table({
         "plate_id": pa.array(plate_ids, pa.string()),
         "sha256": pa.array(shas, pa.string()),
         "candidate_index": pa.array(idx, pa.int16()),
         "box": pa.array(boxes, pa.list_(pa.int32(), 4)),
-        "vector": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim) if dim else
-        pa.array([], pa.list_(pa.float32(), 1)),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim),
     })
     path = Path(root) / "embeddings" / f"{model}.parquet"
     if partial and path.is_file():

@@ -53,7 +53,7 @@ def test_status_counts_embeddings_and_smart_crops_per_model(tmp_path):
     ])
     boxes = [[0, 0, 8, 8], [2, 2, 6, 6]]
     write_embeddings_table(tmp_path, "tiny", [("plate-001", "a" * 64, boxes, np.ones((2, 5))),
-                                              ("plate-002", "b" * 64, boxes, np.ones((2, 5)))])
+                                              ("plate-002", "b" * 64, boxes, np.ones((2, 5)))], dim=5)
     result = runner.invoke(app, ["status", "--root", str(tmp_path)], terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "embeddings: cached 1, computed 1, failed 1; smart crop: - 1, cached 1, computed 1" in result.output

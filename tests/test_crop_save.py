@@ -9,6 +9,7 @@ from PIL import Image
 from plateflow.errors import PlateError
 from tasks.crops import _cut_crop_streaming, cut_crop
 from tasks.image import decode_image
+from tasks.save import write_embeddings_table
 
 BOX = [100, 50, 500, 400]
 
@@ -68,3 +69,17 @@ def test_a_truncated_source_fails_with_the_decoders_message(tmp_path, picture):
     src.write_bytes(buf.getvalue()[:3000])
     with pytest.raises(PlateError, match="truncated"):
         cut_crop(src, BOX, "jpeg")
+
+
+def test_the_embeddings_table_keeps_its_vector_type_with_no_rows_and_refuses_wrong_shapes(tmp_path):
+    import pyarrow.parquet as pq
+
+    boxes = [[0, 0, 8, 8], [2, 2, 6, 6]]
+    path = write_embeddings_table(tmp_path, "m", [], dim=7)  # every plate failed this time
+    table = pq.read_table(path)
+    assert table.num_rows == 0 and table.schema.field("vector").type.list_size == 7
+    path = write_embeddings_table(tmp_path, "m", [("p1", "a" * 64, boxes, np.full((2, 7), 0.5))], dim=7)
+    assert pq.read_table(path).column("vector").to_pylist() == [[0.5] * 7, [0.5] * 7]
+    with pytest.raises(ValueError, match=r"m vectors of p2: shape \(2, 6\), expected \(2, 7\)"):
+        write_embeddings_table(tmp_path, "m", [("p2", "b" * 64, boxes, np.zeros((2, 6)))], dim=7)
+    assert pq.read_table(path).num_rows == 2  # the table on disk is untouched

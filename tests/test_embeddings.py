@@ -233,6 +233,13 @@ def test_the_chunks_of_one_model_load_its_weights_once(tiny_env, tmp_path, monke
     assert loads == ["tiny_dinov2", "tiny_clip", "tiny_dinov2", "tiny_dinov2"]
 
 
+def test_weights_whose_dimension_disagrees_with_the_table_are_refused(tiny_env):
+    spec = load_profiles().model("tiny_dinov2")
+    assert load_model(spec).net.num_features == spec.embed_dim == 32
+    with pytest.raises(ConfigError, match=r"tiny_dinov2: its weights give 32-dimensional vectors.*embed_dim = 48"):
+        load_model(spec.model_copy(update={"embed_dim": 48}))
+
+
 def test_normalisation_comes_from_the_model_config(tiny_env):
     profiles = load_profiles()
     assert load_model(profiles.model("tiny_dinov2")).mean == pytest.approx((0.485, 0.456, 0.406))
