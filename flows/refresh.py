@@ -135,8 +135,11 @@ def refresh_corpus(
     root_path = cfg.root
     # One refresh of a corpus at a time: each writes the whole corpus table.
     holder = f"flow run {flow_run.name} ({flow_run.id}) on {socket.gethostname()}, pid {os.getpid()}"
+    asked = time.perf_counter()
     with corpus_lock(root_path, holder, on_wait=lambda other: logger.warning(
             "another refresh holds this corpus (%s): waiting for it to finish", other)):
+        started = time.perf_counter()  # the summary's time is the work's, not the wait's
+        waited = started - asked
         write_json(state_dir(root_path) / "config.json", cfg.model_dump(mode="json"))
         found = discover_plates(root_path)
         if plates is not None:
@@ -148,7 +151,7 @@ def refresh_corpus(
         logger.info("%d plate folders: %d to process, %d with manifest problems",
                     len(found), len(plates), len(problems))
 
-        timings: dict[str, float] = {}
+        timings: dict[str, float] = {"waiting for the corpus": waited} if waited >= 1 else {}
         progress = Progress(root_path, len(plates) * (2 + len(models)) if models else len(plates))
         char_task = characterize.with_options(result_storage=state_dir(root_path) / "results")
         runs: list[PlateRun] = []

@@ -1,5 +1,6 @@
 import io
 import json
+import re
 import shutil
 import time
 
@@ -205,19 +206,36 @@ def test_a_refresh_waits_while_another_refresh_holds_the_corpus(corpus, caplog):
     from plateflow.corpus import corpus_lock
 
     caplog.set_level(logging.WARNING)
-    states = []
-    refresh = threading.Thread(target=contextvars.copy_context().run,
-                               args=(lambda: states.append(refresh_corpus(str(corpus), return_state=True)),))
+    states, spans = [], []
+
+    def second_refresh():
+        start = time.perf_counter()
+        states.append(refresh_corpus(str(corpus), return_state=True))
+        spans.append(time.perf_counter() - start)
+
+    refresh = threading.Thread(target=contextvars.copy_context().run, args=(second_refresh,))
     with corpus_lock(corpus, "flow run nightly (test) on this host"):
         refresh.start()
         wait_until(lambda: "another refresh holds this corpus (flow run nightly (test) on this host)" in caplog.text,
                    60, "the second refresh to wait", every=0.2)
-        time.sleep(1)
+        time.sleep(3)
         assert not (corpus / "plates.parquet").exists() and refresh.is_alive()  # nothing done meanwhile
     refresh.join(120)
     assert states and states[0].is_completed(), states
     assert len(pq.read_table(corpus / "plates.parquet")) == 3
     assert (corpus / ".plateflow" / "refresh.lock").read_text() == ""  # let go: nobody holds it
+    # The run's summary shows the wait as its own step, and times the work without it.
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from plateflow.artifacts import artifact_key
+
+    with get_client(sync_client=True) as client:
+        summary = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[artifact_key(corpus, "summary")])))[-1].data
+    waited = float(re.search(r"\| waiting for the corpus \| ([\d.]+) \|", summary).group(1))
+    worked = float(re.search(r" in ([\d.]+) s;", states[0].message).group(1))
+    assert waited >= 3 and waited + worked <= spans[0] + 0.5  # the wait is not counted twice
 
 
 def test_the_corpus_lock_names_its_holder_to_whoever_waits(tmp_path):
