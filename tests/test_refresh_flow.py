@@ -226,13 +226,14 @@ def test_a_refresh_waits_while_another_refresh_holds_the_corpus(corpus, caplog):
     assert (corpus / ".plateflow" / "refresh.lock").read_text() == ""  # let go: nobody holds it
     # The run's summary shows the wait as its own step, and times the work without it.
     from prefect import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     from plateflow.artifacts import artifact_key
 
-    with get_client(sync_client=True) as client:
-        summary = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=[artifact_key(corpus, "summary")])))[-1].data
+    with get_client(sync_client=True) as client:  # this run's summary: other tests' corpora share the key
+        [summary] = [a.data for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[artifact_key(corpus, "summary")]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[states[0].state_details.flow_run_id])))]
     waited = float(re.search(r"\| waiting for the corpus \| ([\d.]+) \|", summary).group(1))
     worked = float(re.search(r" in ([\d.]+) s;", states[0].message).group(1))
     assert waited >= 3 and waited + worked <= spans[0] + 0.5  # the wait is not counted twice
