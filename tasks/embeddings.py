@@ -88,9 +88,10 @@ def _unavailable(spec: ModelSpec, why: str) -> ModelUnavailableError:
         + (" (model.safetensors)" if spec.backend == "timm" else " (save_pretrained layout)"))
 
 
-# One of these, in a weights folder or a hub repository, holds (or indexes the shards of) a model.
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-                "pytorch_model.bin.index.json")
+# One of these, in a weights folder or a hub repository, holds (or indexes the shards of) a
+# model; timm loads a folder's weights from one file, so only the first two there.
+SINGLE_FILE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_FILES = (*SINGLE_FILE_WEIGHTS, "model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def hub_offline() -> bool:
@@ -107,7 +108,7 @@ def require_weights(spec: ModelSpec, weights_root: Path | None = None) -> None:
 
     local = weights_dir(spec, weights_root)
     if local is not None:
-        loadable = WEIGHT_FILES[:2] if spec.backend == "timm" else WEIGHT_FILES  # timm: one file
+        loadable = SINGLE_FILE_WEIGHTS if spec.backend == "timm" else WEIGHT_FILES
         if not any((local / f).is_file() for f in loadable):
             raise _unavailable(spec, f"{local} has no {' or '.join(loadable)}")
         return
@@ -122,9 +123,9 @@ def _load_timm(spec: ModelSpec, local: Path | None) -> LoadedModel:
 
     kwargs = dict(num_classes=0, img_size=spec.input_size, **spec.model_kwargs)
     if local is not None:
-        files = [local / f for f in WEIGHT_FILES[:2] if (local / f).is_file()]
+        files = [local / f for f in SINGLE_FILE_WEIGHTS if (local / f).is_file()]
         if not files:
-            raise FileNotFoundError(f"{local} has no {' or '.join(WEIGHT_FILES[:2])}")
+            raise FileNotFoundError(f"{local} has no {' or '.join(SINGLE_FILE_WEIGHTS)}")
         net = timm.create_model(spec.architecture, pretrained=True,
                                 pretrained_cfg_overlay={"file": str(files[0])}, **kwargs)
     else:
