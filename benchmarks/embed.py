@@ -8,7 +8,7 @@ on a CPU-only machine it runs tiny models as a smoke test. Reported per model:
                a large matrix product's FLOP/s measured in the same run (what the card reaches)
   stage        plates/s for the embedding stage: read cached working copies, build the 15 + 1
                candidate views, embed, choose the best crop, write vectors and smart_crop.json;
-               with reader threads and with reader processes, with and without the forward pass,
+               with reader threads, reader processes and device decoding, with and without the forward pass,
                and how long the device loop waited for the readers
   crop save    cutting + encoding the full-resolution best crop vs plain decoding of the sources
                and reader processes kept between chunks against readers started per chunk
@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -120,15 +122,18 @@ def make_stage_inputs(folder: Path, plates: int, short_side: int = 1024):
     photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
     size = (6000, 4500)
     boxes = candidate_boxes(*size, CropParams())
-    jobs = []
-    for i in range(plates):
+
+    def make(i):
         work = folder / f"work-{i}.jpg"
         if not work.exists():
             im = Image.new("RGB", (short_side * 4 // 3, short_side), (246, 242, 232))
             ph = Image.fromarray(photos[i % 4]).resize((short_side, short_side * 3 // 4))
             im.paste(ph, ((im.width - ph.width) // 2, (im.height - ph.height) // 2))
             im.save(work, quality=95)
-        jobs.append(PlateJob(f"p{i}", str(work), size, tuple(map(tuple, boxes)), str(folder / f"vec-{i}.npy")))
+        return PlateJob(f"p{i}", str(work), size, tuple(map(tuple, boxes)), str(folder / f"vec-{i}.npy"))
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # Pillow's resize and encode release the GIL
+        jobs = list(pool.map(make, range(plates)))
     return jobs, boxes
 
 
@@ -138,6 +143,9 @@ class NullEmbed:
 
     def __init__(self, embedder):
         self.embedder, self.device = embedder, embedder.device
+
+    def decode(self, plates):
+        return self.embedder.decode(plates)
 
     def extract(self, plates):
         return self.embedder.extract(plates)
@@ -153,10 +161,9 @@ class NullEmbed:
         return self.launch(views).cpu()
 
 
-def stage(jobs, boxes, spec, model, embed, batch: int, workers: int, processes: bool) -> tuple[float, dict]:
+def stage(jobs, boxes, spec, model, embed, batch: int, workers: int, readers: str) -> tuple[float, dict]:
     """The embedding stage as run_embedding runs it, plus choosing the crop: plates/s, and the
     seconds the device loop spent waiting for the readers and on the device."""
-    from concurrent.futures import ThreadPoolExecutor
 
     from plateflow.atomic import write_json
     from plateflow.config import CropParams
@@ -176,15 +183,15 @@ def stage(jobs, boxes, spec, model, embed, batch: int, workers: int, processes: 
         done = [writer.submit(write, job, vectors)
                 for job, vectors, error in embed_jobs(embed, jobs, model, batch, num_workers=workers,
                                                       pin_memory=embed.device.type == "cuda",
-                                                      processes=processes, stats=stats)]
+                                                      readers=readers, stats=stats)]
         for d in done:
             d.result()
     return len(jobs) / (time.perf_counter() - start), {k: round(v, 2) for k, v in stats.items()}
 
 
-def launch_latency(jobs, size: int, workers: int, processes: bool | None, ops: int = 20000) -> float:
+def launch_latency(jobs, size: int, workers: int, readers: str | None, ops: int = 20000) -> float:
     """Microseconds per small torch op (each releases and retakes the GIL, as a kernel launch
-    does) in this thread while the readers decode ``jobs`` flat out (``processes`` None: no
+    does) in this thread while the readers read ``jobs`` flat out (``readers`` None: no
     readers). Reader threads that hold the GIL show up here as a slower device loop."""
     import threading
 
@@ -196,14 +203,15 @@ def launch_latency(jobs, size: int, workers: int, processes: bool | None, ops: i
 
     def drain():
         while not stop.is_set():
-            for _ in prefetch_batches(ViewsDataset(jobs, size), 16, workers, processes=processes):
+            for _ in prefetch_batches(ViewsDataset(jobs, size, encoded=readers == "device"), 16, workers,
+                                      processes=readers == "processes"):
                 if stop.is_set():
                     break
 
-    reader = threading.Thread(target=drain, daemon=True) if processes is not None else None
+    reader = threading.Thread(target=drain, daemon=True) if readers is not None else None
     if reader:
         reader.start()
-        time.sleep(1.0 if not processes else 3.0)  # readers running (process start included)
+        time.sleep(3.0 if readers == "processes" else 1.0)  # readers running (process start included)
     start = time.perf_counter()
     for _ in range(ops):
         torch.add(x, 1)
@@ -215,7 +223,7 @@ def launch_latency(jobs, size: int, workers: int, processes: bool | None, ops: i
 
 
 def pipeline(jobs, boxes, spec, model, batch: int, dtype: str, device: str, workers: int, chunk: int,
-             processes: bool | None = None, keep_readers: bool = True) -> float:
+             readers: str | None = None, keep_readers: bool = True) -> float:
     """embed-plates as the refresh flow runs it in-process: ``run_embedding`` per chunk of plates
     (the model kept between chunks, and the reader processes unless not ``keep_readers``), then
     each plate's crop chosen from its stored vectors: plates/s."""
@@ -233,7 +241,7 @@ def pipeline(jobs, boxes, spec, model, batch: int, dtype: str, device: str, work
             emb._kept_readers_lock.acquire()
         try:
             emb.run_embedding(jobs[i:i + chunk], spec, batch, dtype, device=device, num_workers=workers,
-                              model=model, processes=processes)
+                              model=model, readers=readers)
         finally:
             if not keep_readers:
                 emb._kept_readers_lock.release()
@@ -281,8 +289,9 @@ def main() -> None:
     ap.add_argument("--models", default=None, help="comma-separated; default: dinov2_base,clip_vit_b32 on CUDA, tiny models on CPU")
     ap.add_argument("--plates", type=int, default=None)
     ap.add_argument("--workers", type=int, default=None, help="reader threads (default: all cores)")
-    ap.add_argument("--readers", default="threads,processes",
-                    help="reader kinds to time the stage with (threads, processes; comma-separated)")
+    ap.add_argument("--readers", default=None,
+                    help="reader kinds to time the stage with (threads, processes, device; comma-separated; "
+                         "default: all three on CUDA, threads on a CPU)")
     ap.add_argument("--chunk", type=int, default=512, help="plates per embed-chunk task (refresh's --chunk-size)")
     ap.add_argument("--compile", nargs="*", default=None, metavar="MODE",
                     help="also time the model under torch.compile (modes: default, max-autotune-no-cudagraphs, ...)")
@@ -295,7 +304,6 @@ def main() -> None:
         sys.path.insert(0, str(HERE.parent / "tests"))
         from tiny_models import build_tiny_models
 
-        import os
         profiles_dir, _ = build_tiny_models(Path(tempfile.mkdtemp()))
         os.environ["PLATEFLOW_PROFILES"] = str(profiles_dir)
     profiles = load_profiles()
@@ -309,11 +317,12 @@ def main() -> None:
     dev = "cuda" if cuda else "cpu"
 
     compile_modes = [] if args.compile is None else (args.compile or ["default"])
+    reader_kinds = (args.readers or ("threads,processes,device" if cuda else "threads")).split(",")
     report = {"device": device.name, "gpu_class": cls, "models": {}}
     idle = launch_latency(jobs, 224, workers, None)
     latency = {"no readers": round(idle, 2)}
-    for readers in args.readers.split(","):
-        latency[readers] = round(launch_latency(jobs, 224, workers, readers == "processes"), 2)
+    for readers in reader_kinds:
+        latency[readers] = round(launch_latency(jobs, 224, workers, readers), 2)
     report["device_loop_us_per_op"] = latency
     print("device loop, us per small torch op while the readers decode: "
           + ", ".join(f"{k} {v}" for k, v in latency.items()), flush=True)
@@ -353,11 +362,10 @@ def main() -> None:
         null = NullEmbed(Embedder(model, "cuda" if cuda else "cpu", dtype_cls))
         embed = Embedder(model, "cuda" if cuda else "cpu", dtype_cls)
         stages = {}
-        for readers in args.readers.split(","):
-            processes = readers == "processes"
+        for readers in reader_kinds:
             for label, e in (("without the forward pass", null), ("", embed)):
-                stage(jobs[: min(2 * workers, len(jobs))], boxes, spec, model, e, batch_cls, workers, processes)  # warm-up
-                pps, split = stage(jobs, boxes, spec, model, e, batch_cls, workers, processes)
+                stage(jobs[: min(2 * workers, len(jobs))], boxes, spec, model, e, batch_cls, workers, readers)  # warm-up
+                pps, split = stage(jobs, boxes, spec, model, e, batch_cls, workers, readers)
                 stages[f"{readers} {label}".strip()] = {"plates_per_s": round(pps, 1), **split}
                 print(f"{name:14s} stage {label or f'({len(boxes)} views/plate, {dtype_cls}, batch {batch_cls})'}, "
                       f"reader {readers}: {pps:.1f} plates/s  [waiting for readers {split['waited_s']} s, "
@@ -367,10 +375,10 @@ def main() -> None:
         stages[f"run_embedding in chunks of {args.chunk}"] = {"plates_per_s": round(pps, 1)}
         print(f"{name:14s} embed-plates as the flow runs it (run_embedding per {args.chunk} plates, then the "
               f"crop choice): {pps:.1f} plates/s", flush=True)
-        if "processes" in args.readers.split(","):
-            kept = pipeline(jobs, boxes, spec, model, batch_cls, dtype_cls, dev, workers, args.chunk, processes=True)
+        if "processes" in reader_kinds:
+            kept = pipeline(jobs, boxes, spec, model, batch_cls, dtype_cls, dev, workers, args.chunk, readers="processes")
             fresh = pipeline(jobs, boxes, spec, model, batch_cls, dtype_cls, dev, workers, args.chunk,
-                             processes=True, keep_readers=False)
+                             readers="processes", keep_readers=False)
             stages[f"reader processes kept vs started per chunk of {args.chunk}"] = {
                 "kept": round(kept, 1), "started per chunk": round(fresh, 1), "ratio": round(kept / fresh, 2)}
             print(f"{name:14s} reader processes kept between chunks: {kept:.1f} plates/s, started per chunk: "

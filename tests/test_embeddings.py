@@ -13,7 +13,7 @@ from tasks.crops import candidate_boxes, choose_best_crop, make_working_copy
 from tasks.embeddings import (Embedder, ModelUnavailableError, PlateJob, embed_jobs, forward_with_backoff,
                               load_model, require_weights, run_embedding)
 
-from conftest import paper_plate
+from conftest import paper_plate, read_image
 
 DEVICE = __import__("os").environ.get("PLATEFLOW_TEST_DEVICE", "cpu")
 
@@ -91,7 +91,7 @@ def test_reader_processes_give_every_plate_once_with_the_thread_readers_vectors(
     by_threads = {job.plate_id: (vec, err) for job, vec, err in embed_jobs(embed, jobs, model, 48, num_workers=2)}
     stats = {}
     seen = []
-    for job, vec, err in embed_jobs(embed, jobs, model, 48, num_workers=2, processes=True,
+    for job, vec, err in embed_jobs(embed, jobs, model, 48, num_workers=2, readers="processes",
                                     pin_memory=DEVICE == "cuda", stats=stats):
         seen.append(job.plate_id)
         ref_vec, ref_err = by_threads[job.plate_id]
@@ -112,7 +112,7 @@ def test_reader_processes_are_kept_between_chunks_and_started_afresh_after_an_ab
     reference = all_vectors(embed, jobs, model, 32)  # reader threads
 
     def chunk(part):
-        got = {job.plate_id: vec for job, vec, err in embed_jobs(embed, part, model, 32, num_workers=2, processes=True)}
+        got = {job.plate_id: vec for job, vec, err in embed_jobs(embed, part, model, 32, num_workers=2, readers="processes")}
         assert set(got) == {j.plate_id for j in part}
         for pid, vec in got.items():
             np.testing.assert_allclose(vec, reference[pid], atol=1e-5)
@@ -124,7 +124,7 @@ def test_reader_processes_are_kept_between_chunks_and_started_afresh_after_an_ab
     chunk(jobs[4:])  # the next chunk: other plates, the same processes
     assert emb.reader_pids() == first
     # The consumer gives up after the first plate (an error in the device loop, say).
-    abandoned = embed_jobs(embed, jobs, model, 16, num_workers=2, processes=True)
+    abandoned = embed_jobs(embed, jobs, model, 16, num_workers=2, readers="processes")
     next(abandoned)
     abandoned.close()
     assert emb.reader_pids() == []  # not reused half-read: the next chunk starts new readers
@@ -144,11 +144,52 @@ def test_reader_processes_fall_back_to_threads_when_shared_memory_is_short(dino,
     dataset = emb.ViewsDataset(jobs, spec.input_size)
     assert dataset.plate_bytes() == 150 * 100 * 3  # 300 x 200 plates, working copies at 100 px short side
     embed = Embedder(model, DEVICE, "float32")
-    seen = [job.plate_id for job, vec, err in embed_jobs(embed, jobs, model, 16 * 4096, num_workers=2, processes=True)
+    seen = [job.plate_id for job, vec, err in embed_jobs(embed, jobs, model, 16 * 4096, num_workers=2, readers="processes")
             if err is None]
     assert seen == [j.plate_id for j in jobs]
     assert "reader processes need about" in caplog.text and "--shm-size" in caplog.text
     assert "waiting for the readers (threads)" in caplog.text
+
+
+def test_device_readers_decode_each_batch_on_the_device_and_a_bad_plate_fails_alone(dino, tmp_path, caplog):
+    """Reader threads read JPEG bytes; the embedder decodes a batch of them at once (nvJPEG on a
+    GPU, libjpeg-turbo through torchvision here). A file that is not a whole JPEG goes to Pillow,
+    and a batch the device cannot decode goes to Pillow plate by plate: the others are kept."""
+    import tasks.embeddings as emb
+
+    spec, model = dino
+    embed = Embedder(model, DEVICE, "float32")
+    jobs = make_jobs(tmp_path, 8)
+    png = Path(jobs[2].working_copy).with_suffix(".png")
+    read_image(jobs[2].working_copy).save(png)  # not a JPEG: decoded by Pillow
+    jobs[2] = jobs[2].__class__(**{**jobs[2].__dict__, "working_copy": str(png)})
+    whole = Path(jobs[4].working_copy).read_bytes()
+    Path(jobs[4].working_copy).write_bytes(whole[: len(whole) // 2])  # truncated: no end marker
+    Path(jobs[6].working_copy).write_bytes(whole[:3] + b"\0" * 200 + whole[-2:])  # markers, no image
+    assert isinstance(emb.read_encoded(jobs[0], spec.input_size), emb.EncodedPlate)
+    assert isinstance(emb.read_encoded(jobs[2], spec.input_size), emb.DecodedPlate)
+    by_threads = {job.plate_id: (vec, err) for job, vec, err in embed_jobs(embed, jobs, model, 64, num_workers=2)}
+    caplog.set_level("INFO", logger="tasks.embeddings")
+    seen = []
+    for job, vec, err in embed_jobs(embed, jobs, model, 64, num_workers=2, readers="device",
+                                    pin_memory=DEVICE == "cuda"):  # 4 plates a batch
+        seen.append(job.plate_id)
+        ref_vec, ref_err = by_threads[job.plate_id]
+        assert (err is None) == (ref_err is None), (job.plate_id, err, ref_err)
+        if err is None:
+            assert vec.shape == (16, spec.embed_dim)
+            np.testing.assert_allclose(vec, ref_vec, atol=0.05)  # two JPEG decoders, a few levels apart
+    assert sorted(seen) == sorted(j.plate_id for j in jobs) and len(seen) == len(set(seen))
+    assert "cannot read working copy" in by_threads["plate-4"][1] and "cannot read working copy" in by_threads["plate-6"][1]
+    assert "waiting for the readers (device)" in caplog.text
+    assert "decoding 3 working copies" in caplog.text  # plate-6 with plates 5 and 7 (4 failed in its reader)
+    # A batch decoded on the device gives the same vectors as its plates decoded one at a time
+    # (nvJPEG's batched decode can put a few pixels a level away from its decode of one image).
+    good = [jobs[k] for k in (0, 1, 3, 5, 7)]
+    batched = {job.plate_id: vec for job, vec, err in embed_jobs(embed, good, model, 80, readers="device")}
+    for job in good:
+        single = {j.plate_id: v for j, v, e in embed_jobs(embed, [job], model, 16, readers="device")}
+        np.testing.assert_allclose(batched[job.plate_id], single[job.plate_id], atol=1e-5 if DEVICE == "cpu" else 2e-3)
 
 
 def test_the_next_batch_is_queued_on_the_device_before_a_batch_is_handed_out(dino, tmp_path):
@@ -399,3 +440,51 @@ def test_smart_crop_writes_a_run_once_per_key(tmp_path):
     assert first["best_crop_idx"] == expected and first["crop_box"] == boxes[expected]
     saved = json.loads((plate_dir / "runs" / "run-a" / "smart_crop.json").read_text())
     assert saved["best_crop_idx"] == expected and saved["similarity"] == pytest.approx(float(vec[expected] @ vec[0]))
+
+
+def test_layer_scale_is_folded_into_the_linear_before_it_without_changing_the_output(dino):
+    import copy
+
+    from timm.layers import LayerScale
+
+    from tasks.embeddings import fold_layer_scale
+
+    spec, model = dino
+    net = copy.deepcopy(model.net).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, LayerScale):
+                m.gamma.uniform_(0.1, 2.0)  # DINOv2's trained gains are far from the 1e-5 init
+    assert sum(isinstance(m, LayerScale) for m in net.modules()) == 2 * len(net.blocks)
+    x = torch.rand(3, 3, spec.input_size, spec.input_size)
+    with torch.no_grad():
+        before = net(x)
+        fold_layer_scale(net)
+        fold_layer_scale(net)  # a second call changes nothing
+        after = net(x)
+    assert not any(isinstance(m, LayerScale) for m in net.modules())
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_the_gelu_epilogue_mlp_computes_fc1_gelu_fc2_and_only_reduced_precision_gpus_use_it(dino):
+    """On the CPU torch applies the exact GELU after the product; cuBLASLt's epilogue on a GPU is
+    the tanh form, within bf16's resolution of it."""
+    import copy
+
+    from timm.layers import Mlp
+
+    from tasks.embeddings import fuse_gelu_epilogue
+
+    spec, model = dino
+    net = copy.deepcopy(model.net).eval().to(DEVICE)
+    x = torch.rand(2, 3, spec.input_size, spec.input_size, device=DEVICE)
+    with torch.no_grad():
+        exact = net(x)
+        fuse_gelu_epilogue(net)
+        fused = net(x)
+    assert not any(type(m) is Mlp for m in net.modules()) and len(net.blocks) > 0
+    if DEVICE == "cpu":
+        torch.testing.assert_close(fused, exact, rtol=1e-5, atol=1e-5)
+    assert torch.nn.functional.cosine_similarity(fused, exact).min() > 0.9999
+    cpu = Embedder(copy.deepcopy(model), "cpu", "bfloat16")  # the CPU runs float32, the published model
+    assert sum(type(m) is Mlp for m in cpu.net.modules()) == len(cpu.net.blocks)

@@ -48,22 +48,22 @@ def test_full_pipeline_with_both_backends(corpus, tiny_env):
     np.testing.assert_allclose(np.linalg.norm(vec, axis=1), 1.0, atol=1e-5)
 
 
-def test_a_gpu_class_reads_with_processes_in_the_flow_and_gets_the_thread_readers_vectors(corpus, tiny_env, tmp_path,
-                                                                                           caplog):
+def test_a_gpu_class_decodes_on_the_device_in_the_flow_and_gets_the_thread_readers_vectors(corpus, tiny_env, tmp_path,
+                                                                                             caplog):
     import logging
 
     from conftest import copy_corpus
     from plateflow.profiles import load_profiles
 
-    assert load_profiles().gpu_class("T4_16GB").readers == "processes"
+    assert load_profiles().gpu_class("T4_16GB").readers == "device"
     assert load_profiles().gpu_class("CPU").readers == "threads"
     other = copy_corpus(corpus, tmp_path / "other")
     vectors = {}
     caplog.set_level(logging.INFO, logger="tasks.embeddings")
-    for root, cls in ((corpus, "CPU"), (other, "T4_16GB")):  # T4's plan on this CPU: processes, batch 64
+    for root, cls in ((corpus, "CPU"), (other, "T4_16GB")):  # T4's plan on this CPU: device decoding, batch 64
         caplog.clear()
         state = refresh_corpus(str(root), models=["tiny_dinov2"], gpu_class=cls, return_state=True)
-        assert f"waiting for the readers ({'threads' if cls == 'CPU' else 'processes'})" in caplog.text
+        assert f"waiting for the readers ({'threads' if cls == 'CPU' else 'device'})" in caplog.text
         assert state.is_completed(), state.message
         table = {r["plate_dir"]: r for r in pq.read_table(root / "plates.parquet").to_pylist()}
         assert {r["embed_status"] for r in table.values()} == {"computed"}
