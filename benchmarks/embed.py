@@ -8,12 +8,12 @@ on a CPU-only machine it runs tiny models as a smoke test. Reported per model:
                a large matrix product's FLOP/s measured in the same run (what the card reaches)
   stage        plates/s for the embedding stage: read cached working copies, build the 15 + 1
                candidate views, embed, choose the best crop, write vectors and smart_crop.json;
-               with reader threads, reader processes and device decoding, with and without the forward pass,
-               and how long the device loop waited for the readers
+               with reader threads decoding (Pillow) and with the device decoding (nvJPEG on a
+               GPU), with and without the forward pass, and how long the device loop waited for
+               the readers; then run_embedding chunk by chunk, as the refresh flow runs it
   crop save    cutting + encoding the full-resolution best crop vs plain decoding of the sources
-               and reader processes kept between chunks against readers started per chunk
   device loop  microseconds per small torch op (a kernel launch's GIL round trip) in the thread
-               that drives the device, with no readers, reader threads and reader processes
+               that drives the device, with no readers and with each kind of reader
 
     uv run python benchmarks/embed.py                      # CPU smoke test (tiny models)
     uv run python benchmarks/embed.py --models dinov2_base # on a CUDA machine: real figures
@@ -203,15 +203,14 @@ def launch_latency(jobs, size: int, workers: int, readers: str | None, ops: int 
 
     def drain():
         while not stop.is_set():
-            for _ in prefetch_batches(ViewsDataset(jobs, size, encoded=readers == "device"), 16, workers,
-                                      processes=readers == "processes"):
+            for _ in prefetch_batches(ViewsDataset(jobs, size, encoded=readers == "device"), 16, workers):
                 if stop.is_set():
                     break
 
     reader = threading.Thread(target=drain, daemon=True) if readers is not None else None
     if reader:
         reader.start()
-        time.sleep(3.0 if readers == "processes" else 1.0)  # readers running (process start included)
+        time.sleep(1.0)  # readers running
     start = time.perf_counter()
     for _ in range(ops):
         torch.add(x, 1)
@@ -223,10 +222,9 @@ def launch_latency(jobs, size: int, workers: int, readers: str | None, ops: int 
 
 
 def pipeline(jobs, boxes, spec, model, batch: int, dtype: str, device: str, workers: int, chunk: int,
-             readers: str | None = None, keep_readers: bool = True) -> float:
+             readers: str | None = None) -> float:
     """embed-plates as the refresh flow runs it in-process: ``run_embedding`` per chunk of plates
-    (the model kept between chunks, and the reader processes unless not ``keep_readers``), then
-    each plate's crop chosen from its stored vectors: plates/s."""
+    (the model kept between chunks), then each plate's crop chosen from its stored vectors: plates/s."""
     import numpy as np
 
     import tasks.embeddings as emb
@@ -237,14 +235,8 @@ def pipeline(jobs, boxes, spec, model, batch: int, dtype: str, device: str, work
     params = CropParams()
     start = time.perf_counter()
     for i in range(0, len(jobs), chunk):
-        if not keep_readers:  # the kept readers are busy, as far as run_embedding can tell: it starts its own
-            emb._kept_readers_lock.acquire()
-        try:
-            emb.run_embedding(jobs[i:i + chunk], spec, batch, dtype, device=device, num_workers=workers,
-                              model=model, readers=readers)
-        finally:
-            if not keep_readers:
-                emb._kept_readers_lock.release()
+        emb.run_embedding(jobs[i:i + chunk], spec, batch, dtype, device=device, num_workers=workers,
+                          model=model, readers=readers)
     for job in jobs:
         best, sim = choose_best_crop(np.load(job.cache_file), boxes, params)
         write_json(Path(job.cache_file).with_suffix(".json"), {"best_crop_idx": best, "similarity": sim})
@@ -290,8 +282,8 @@ def main() -> None:
     ap.add_argument("--plates", type=int, default=None)
     ap.add_argument("--workers", type=int, default=None, help="reader threads (default: all cores)")
     ap.add_argument("--readers", default=None,
-                    help="reader kinds to time the stage with (threads, processes, device; comma-separated; "
-                         "default: all three on CUDA, threads on a CPU)")
+                    help="reader kinds to time the stage with (threads, device; comma-separated; "
+                         "default: both on CUDA, threads on a CPU; none: time the model alone)")
     ap.add_argument("--chunk", type=int, default=512, help="plates per embed-chunk task (refresh's --chunk-size)")
     ap.add_argument("--compile", nargs="*", default=None, metavar="MODE",
                     help="also time the model under torch.compile (modes: default, max-autotune-no-cudagraphs, ...)")
@@ -317,7 +309,8 @@ def main() -> None:
     dev = "cuda" if cuda else "cpu"
 
     compile_modes = [] if args.compile is None else (args.compile or ["default"])
-    reader_kinds = (args.readers or ("threads,processes,device" if cuda else "threads")).split(",")
+    reader_kinds = (args.readers or ("threads,device" if cuda else "threads")).split(",")
+    reader_kinds = [] if reader_kinds == ["none"] else reader_kinds
     report = {"device": device.name, "gpu_class": cls, "models": {}}
     idle = launch_latency(jobs, 224, workers, None)
     latency = {"no readers": round(idle, 2)}
@@ -359,30 +352,23 @@ def main() -> None:
             embed = Embedder(model, dev, dtype_cls, compile=mode)
             ips = model_only(embed, spec.input_size, batch_cls, dev, seconds=4.0)
             rows.append(row(name, dtype_cls, batch_cls, ips, flops, mode))
-        null = NullEmbed(Embedder(model, "cuda" if cuda else "cpu", dtype_cls))
-        embed = Embedder(model, "cuda" if cuda else "cpu", dtype_cls)
         stages = {}
-        for readers in reader_kinds:
-            for label, e in (("without the forward pass", null), ("", embed)):
-                stage(jobs[: min(2 * workers, len(jobs))], boxes, spec, model, e, batch_cls, workers, readers)  # warm-up
-                pps, split = stage(jobs, boxes, spec, model, e, batch_cls, workers, readers)
-                stages[f"{readers} {label}".strip()] = {"plates_per_s": round(pps, 1), **split}
-                print(f"{name:14s} stage {label or f'({len(boxes)} views/plate, {dtype_cls}, batch {batch_cls})'}, "
-                      f"reader {readers}: {pps:.1f} plates/s  [waiting for readers {split['waited_s']} s, "
-                      f"on the device {split['device_s']} s]", flush=True)
-        pipeline(jobs[: min(2 * workers, len(jobs))], boxes, spec, model, batch_cls, dtype_cls, dev, workers, args.chunk)
-        pps = pipeline(jobs, boxes, spec, model, batch_cls, dtype_cls, dev, workers, args.chunk)
-        stages[f"run_embedding in chunks of {args.chunk}"] = {"plates_per_s": round(pps, 1)}
-        print(f"{name:14s} embed-plates as the flow runs it (run_embedding per {args.chunk} plates, then the "
-              f"crop choice): {pps:.1f} plates/s", flush=True)
-        if "processes" in reader_kinds:
-            kept = pipeline(jobs, boxes, spec, model, batch_cls, dtype_cls, dev, workers, args.chunk, readers="processes")
-            fresh = pipeline(jobs, boxes, spec, model, batch_cls, dtype_cls, dev, workers, args.chunk,
-                             readers="processes", keep_readers=False)
-            stages[f"reader processes kept vs started per chunk of {args.chunk}"] = {
-                "kept": round(kept, 1), "started per chunk": round(fresh, 1), "ratio": round(kept / fresh, 2)}
-            print(f"{name:14s} reader processes kept between chunks: {kept:.1f} plates/s, started per chunk: "
-                  f"{fresh:.1f} plates/s ({kept / fresh:.2f}x)", flush=True)
+        if reader_kinds:  # --readers none: the model alone
+            null = NullEmbed(Embedder(model, "cuda" if cuda else "cpu", dtype_cls))
+            embed = Embedder(model, "cuda" if cuda else "cpu", dtype_cls)
+            for readers in reader_kinds:
+                for label, e in (("without the forward pass", null), ("", embed)):
+                    stage(jobs[: min(2 * workers, len(jobs))], boxes, spec, model, e, batch_cls, workers, readers)  # warm-up
+                    pps, split = stage(jobs, boxes, spec, model, e, batch_cls, workers, readers)
+                    stages[f"{readers} {label}".strip()] = {"plates_per_s": round(pps, 1), **split}
+                    print(f"{name:14s} stage {label or f'({len(boxes)} views/plate, {dtype_cls}, batch {batch_cls})'}, "
+                          f"reader {readers}: {pps:.1f} plates/s  [waiting for readers {split['waited_s']} s, "
+                          f"on the device {split['device_s']} s]", flush=True)
+            pipeline(jobs[: min(2 * workers, len(jobs))], boxes, spec, model, batch_cls, dtype_cls, dev, workers, args.chunk)
+            pps = pipeline(jobs, boxes, spec, model, batch_cls, dtype_cls, dev, workers, args.chunk)
+            stages[f"run_embedding in chunks of {args.chunk}"] = {"plates_per_s": round(pps, 1)}
+            print(f"{name:14s} embed-plates as the flow runs it (run_embedding per {args.chunk} plates, then the "
+                  f"crop choice): {pps:.1f} plates/s", flush=True)
         report["models"][name] = {"gflops_per_image": round(flops / 1e9, 3), "model_only": rows, "stage": stages}
     sources = sorted(args.sources.glob("*.jpg"))[:4]
     if sources:

@@ -37,7 +37,7 @@ class GpuClass(BaseModel):
     vram_gb: float
     dtype: Literal["float32", "float16", "bfloat16"]
     peak_tflops: float | None = None
-    readers: Literal["threads", "device", "processes"] = "device"  # what decodes the working copies
+    readers: Literal["threads", "device"] = "device"  # what decodes the working copies
 
 
 class DetectionRule(BaseModel):

@@ -28,7 +28,7 @@ EMBED_FLOW = "embed-plates"
 Dispatch = Literal["auto", "local", "pool"]
 CRASH_RETRIES = 2  # a run that crashed (a lost worker) is sent again this many times
 # Plates per embed-plates run at most. A run is a new process on the worker: imports, CUDA
-# start-up, the model's weights, the reader processes (38 s on a 2-core machine,
+# start-up, the model's weights (38 s on a 2-core machine,
 # benchmarks/dispatch.py) before its first plate, so a pool gets one run per free place rather
 # than one per chunk; this caps a run past that.
 MAX_RUN_PLATES = 20_000

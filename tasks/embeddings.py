@@ -1,7 +1,7 @@
 """The GPU step: embed every plate's crop candidates with one model, in batches across plates.
 
 Reader (threads reading each working copy: its JPEG bytes, decoded on the GPU in one nvJPEG
-batch, or decoded by Pillow in the threads on the CPU; or processes kept for the process),
+batch, or decoded by Pillow in the threads on the CPU),
 mapper (the only code that touches the device: decode, cut and letterbox every view of a batch
 of plates, then one forward pass serves them all, one batch in flight), writer (a
 content-addressed vector store, one .npy per plate and model). The model is built inside the
@@ -14,7 +14,6 @@ import functools
 import hashlib
 import io
 import logging
-import math
 import os
 import threading
 import time
@@ -171,12 +170,8 @@ class PlateJob:
 
 @dataclass
 class DecodedPlate:
-    pixels: "object"   # (H, W, 3) uint8 torch tensor, pinned when feeding a GPU
+    pixels: "object"   # (H, W, 3) uint8 torch tensor: on the device, or pinned when feeding a GPU
     boxes: np.ndarray  # (K, 4) float64: the candidate boxes in ``pixels`` coordinates
-
-    def pin_memory(self) -> "DecodedPlate":
-        """Called by DataLoader's pin-memory thread for plates decoded in reader processes."""
-        return DecodedPlate(self.pixels.pin_memory(), self.boxes)
 
 
 @dataclass
@@ -503,26 +498,22 @@ def forward_with_backoff(embed, views, micro: int) -> tuple["object", int]:
     return torch.cat(out), micro
 
 
-READER_KINDS = ("threads", "device", "processes")
+READER_KINDS = ("threads", "device")
 
 
-def prefetch_batches(dataset: ViewsDataset, plates_per_batch: int, workers: int, processes: bool = False,
-                     pin_memory: bool = False):
-    """Batches of decoded plates, prepared ahead by reader threads or processes, in order:
-    (ok, failed), each a list of (index, DecodedPlate or error message).
+def prefetch_batches(dataset: ViewsDataset, plates_per_batch: int, workers: int):
+    """Batches of plates read ahead by reader threads, in order: (ok, failed), each a list of
+    (index, DecodedPlate or EncodedPlate, or error message).
 
-    Threads suit the CPU, where the forward pass needs the cores anyway. Feeding a GPU, the
-    readers are processes (torch's DataLoader, forked from a forkserver so that no worker
-    inherits Prefect's threads or a CUDA context): each plate's Python-level work (Pillow's
-    header parsing, the copy out of its decoder) then holds another interpreter's GIL, not the
-    one the thread that launches the GPU's kernels needs. Decoded plates travel in shared memory
-    and DataLoader's pin-memory thread pins them.
+    On the CPU the threads decode with Pillow (the forward pass needs the cores anyway).
+    Feeding a GPU they only read each working copy's bytes (``dataset.encoded``), and the GPU
+    decodes a batch at once: Pillow decoding in 15 threads held the GIL that the thread
+    launching the GPU's kernels needs (a small torch op took 1.7 ms instead of 7 us) and capped
+    an H100 host at ~260 plates/s; reader processes, which avoided the GIL but moved every
+    decoded plate through shared memory, at ~330.
     """
-    lookahead = _lookahead(plates_per_batch, workers)
-    items = (_read_processes(dataset, workers, lookahead, pin_memory) if processes and workers > 0
-             else _read_threads(dataset, workers, lookahead))
     batch = []
-    for item in items:
+    for item in _read_threads(dataset, workers, _lookahead(plates_per_batch, workers)):
         batch.append(item)
         if len(batch) == plates_per_batch:
             yield _split(batch)
@@ -532,29 +523,8 @@ def prefetch_batches(dataset: ViewsDataset, plates_per_batch: int, workers: int,
 
 
 def _lookahead(plates_per_batch: int, workers: int) -> int:
-    """Plates decoded ahead of the device: two batches."""
+    """Plates read ahead of the device: two batches."""
     return max(2 * workers, 2 * plates_per_batch)
-
-
-def _processes_fit(dataset: ViewsDataset, plates_per_batch: int, workers: int) -> bool:
-    """Whether /dev/shm holds the plates reader processes keep in flight with room to spare; a
-    container may keep it small (Docker: 64 MB). Logs why not."""
-    need = (_lookahead(plates_per_batch, workers) + workers) * dataset.plate_bytes()
-    free = _shared_memory_free()
-    if free is not None and 2 * need > free:
-        log.warning("reader processes need about %d MB of shared memory and /dev/shm has %d MB "
-                    "free: reading with threads instead (give the container more, e.g. "
-                    "`docker run --shm-size=%dg`)", need >> 20, free >> 20, math.ceil(2 * need / 2**30))
-        return False
-    return True
-
-
-def _shared_memory_free() -> int | None:
-    try:
-        st = os.statvfs("/dev/shm")
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
 
 
 def _split(items):
@@ -575,134 +545,24 @@ def _read_threads(dataset: ViewsDataset, workers: int, lookahead: int):
             yield item
 
 
-def reader_processes():
-    """The multiprocessing context of reader processes, its server started (idempotent).
-
-    The server imports the main module, torch and this module once (seconds); each reader is a
-    fork of it (milliseconds). Call it early: the server loads while the model does.
-    """
-    import multiprocessing
-    from multiprocessing import forkserver
-
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["__main__", "torch", __name__])
-    forkserver.ensure_running()
-    return context
-
-
-class _Keys:
-    """The kept reader processes' sampler: the keys of the plates to read now, (index, job, size);
-    each worker reads a plate from its key alone, so one set of processes serves every chunk."""
-
-    def __init__(self):
-        self.keys: list = []
-
-    def __iter__(self):
-        return iter(self.keys)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-
-class _ReadByKey:
-    """Dataset of the kept reader processes: key (index, job, size) -> (index, plate or error)."""
-
-    def __getitem__(self, key):
-        i, job, size = key
-        return i, read_plate(job, size)
-
-
-_kept_readers: list = []  # [(workers, prefetch, pin_memory), DataLoader, _Keys]: at most one
-_kept_readers_lock = threading.Lock()
-
-
-def _read_processes(dataset: ViewsDataset, workers: int, lookahead: int, pin_memory: bool):
-    """Plates decoded by reader processes kept for the life of this process.
-
-    A flow embeds its plates chunk by chunk; starting the readers again for every chunk (fork,
-    worker set-up, an empty pipeline) would cost a fixed slice of each chunk. The processes are
-    a DataLoader's persistent workers, fed the next chunk's plates through its sampler. A reader
-    that dies drops the set; the next chunk starts a new one. Two threads reading at once: the
-    second gets readers of its own for that chunk.
-    """
-    from torch.utils.data import DataLoader
-
-    prefetch = max(2, math.ceil(lookahead / workers))
-    config = (workers, prefetch, pin_memory)
-    keys = [(i, job, dataset.size) for i, job in enumerate(dataset.jobs)]
-
-    def loader(persistent: bool):
-        feed = _Keys()
-        return DataLoader(_ReadByKey(), batch_size=None, sampler=feed, collate_fn=_as_is, num_workers=workers,
-                          multiprocessing_context=reader_processes(), pin_memory=pin_memory,
-                          prefetch_factor=prefetch, persistent_workers=persistent), feed
-
-    if not _kept_readers_lock.acquire(blocking=False):
-        readers, feed = loader(persistent=False)
-        feed.keys = keys
-        yield from readers
-        return
-    try:
-        if _kept_readers and _kept_readers[0] != config:
-            stop_reader_processes()
-        if not _kept_readers:
-            _kept_readers.extend([config, *loader(persistent=True)])
-        _, readers, feed = _kept_readers
-        feed.keys = keys
-        try:
-            yield from readers
-        except BaseException:  # a dead reader, or the consumer gave up half-way: start afresh next time
-            stop_reader_processes()
-            raise
-    finally:
-        _kept_readers_lock.release()
-
-
-def stop_reader_processes() -> None:
-    """Stop the kept reader processes, if any (they also end with this process)."""
-    if _kept_readers:
-        readers = _kept_readers[1]
-        if readers._iterator is not None:
-            readers._iterator._shutdown_workers()
-        _kept_readers.clear()
-
-
-def reader_pids() -> list[int]:
-    """The process ids of the kept reader processes (none before the first chunk)."""
-    if not _kept_readers or _kept_readers[1]._iterator is None:
-        return []
-    return [w.pid for w in _kept_readers[1]._iterator._workers]
-
-
-def _as_is(item):
-    return item
-
-
 def embed_jobs(embed, jobs: list[PlateJob], model: LoadedModel, batch_size: int,
                num_workers: int = 2, pin_memory: bool = False, readers: str = "threads",
                stats: dict | None = None) -> Iterator[tuple[PlateJob, np.ndarray | None, str | None]]:
     """Yield (job, vectors, None) or (job, None, error) per plate, each exactly once.
 
     One forward pass serves many plates: a batch holds ``batch_size // views`` plates. Readers
-    are ``num_workers`` threads that decode with Pillow ("threads"), threads that read JPEG bytes
-    for the device to decode ("device"), or processes that decode ("processes"). ``stats``, if
-    given, receives the seconds spent waiting for the readers and on the device.
+    are ``num_workers`` threads that decode with Pillow ("threads"), or that read JPEG bytes for
+    the device to decode ("device"). ``stats``, if given, receives the seconds spent waiting for
+    the readers and on the device.
     """
     if readers not in READER_KINDS:
         raise ValueError(f"readers must be one of {', '.join(READER_KINDS)}, not {readers!r}")
     views_per_plate = max(1, max(len(j.boxes) for j in jobs))
     plates_per_batch = max(1, batch_size // views_per_plate)
-    dataset = ViewsDataset(jobs, model.spec.input_size, encoded=readers == "device")
-    processes = (readers == "processes" and num_workers > 0
-                 and _processes_fit(dataset, plates_per_batch, num_workers))
-    if readers == "processes" and not processes:
-        readers = "threads"
-    # Reader processes leave pinning to DataLoader's pin-memory thread (no CUDA in a worker).
-    dataset.pin_memory = pin_memory and not processes
+    dataset = ViewsDataset(jobs, model.spec.input_size, pin_memory=pin_memory, encoded=readers == "device")
     micro = batch_size
     waited = on_device = 0.0  # where the time goes: the log says which side is the bottleneck
-    batches = prefetch_batches(dataset, plates_per_batch, num_workers, processes=processes,
-                               pin_memory=pin_memory)
+    batches = prefetch_batches(dataset, plates_per_batch, num_workers)
     # One batch in flight: batch k+1 is cut and its forward pass queued before batch k's vectors
     # are waited for, so the device never idles while this thread hands out results and
     # prepares the next batch.
@@ -787,8 +647,6 @@ def run_embedding(jobs: list[PlateJob], spec: ModelSpec, batch_size: int, dtype:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if readers is None:
         readers = "device" if torch.device(device).type == "cuda" else "threads"
-    if readers == "processes":
-        reader_processes()  # starts loading while the model does
     model, embed = embedder(spec, device, dtype, weights_root, model)
     workers = num_workers if num_workers is not None else reader_threads()
     outcome: dict[str, str | None] = {}
@@ -846,7 +704,7 @@ def _release_device_memory(device: str) -> None:
 
 
 def reader_threads() -> int:
-    """Readers (threads or processes): every core but the one that drives the device."""
+    """Reader threads: every core but the one that drives the device."""
     return max(1, (os.cpu_count() or 2) - 1)
 
 
