@@ -153,8 +153,9 @@ def _load_transformers(spec: ModelSpec, local: Path | None) -> LoadedModel:
 # Reader: read each working copy once, nothing more. Decoding (on a GPU), cutting, resizing and
 # letterboxing all of a batch's views happens on the device (Embedder.decode, .extract), where
 # it costs a fraction of the forward pass. On a 16-core H100 host, resizing 16 views per plate
-# on the CPU capped the stage at ~150 plates/s, and Pillow decoding 15 reader threads' plates at
-# ~200, under the ~450 plates/s one H100 embeds; nvJPEG decodes several thousand a second.
+# on the CPU capped the stage at ~150 plates/s, and Pillow decoding in 15 reader threads at 257,
+# under the ~510 plates/s the H100's forward pass allows (8,228 images/s, 16 views a plate);
+# nvJPEG decodes several thousand a second.
 
 
 @dataclass(frozen=True)
@@ -215,17 +216,6 @@ class ViewsDataset:
     def __len__(self) -> int:
         return len(self.jobs)
 
-    def plate_bytes(self, sample: int = 8) -> int:
-        """The most bytes a decoded plate takes, judged from the first working copies' headers."""
-        sizes = []
-        for job in self.jobs[:sample]:
-            try:
-                with Image.open(job.working_copy) as im:
-                    sizes.append(im.width * im.height * 3)
-            except (OSError, SyntaxError, ValueError):
-                continue
-        return max(sizes, default=4 << 20)
-
     def __getitem__(self, i: int):
         """(i, DecodedPlate or EncodedPlate) or (i, error message): an unreadable working copy
         fails only its plate."""
@@ -284,7 +274,8 @@ class Embedder:
     On a GPU with a reduced-precision dtype the weights are held in that dtype, so no forward
     pass spends time casting them (autocast recasts every weight on every call), and each MLP's
     first matmul applies its GELU (``fuse_gelu_epilogue``); on the CPU the model runs in float32
-    as published. LayerScale is folded into the weights on every device (``fold_layer_scale``). ``compile`` (True or a mode) wraps the forward pass in ``torch.compile``.
+    as published. LayerScale is folded into the weights on every device (``fold_layer_scale``).
+    ``compile`` (True or a mode) wraps the forward pass in ``torch.compile``.
     """
 
     def __init__(self, model: LoadedModel, device: str, dtype: str, compile: bool | str = False):
@@ -507,10 +498,11 @@ def prefetch_batches(dataset: ViewsDataset, plates_per_batch: int, workers: int)
 
     On the CPU the threads decode with Pillow (the forward pass needs the cores anyway).
     Feeding a GPU they only read each working copy's bytes (``dataset.encoded``), and the GPU
-    decodes a batch at once: Pillow decoding in 15 threads held the GIL that the thread
-    launching the GPU's kernels needs (a small torch op took 1.7 ms instead of 7 us) and capped
-    an H100 host at ~260 plates/s; reader processes, which avoided the GIL but moved every
-    decoded plate through shared memory, at ~330.
+    decodes a batch at once. Pillow decoding in 15 threads held the GIL that the thread
+    launching the GPU's kernels needs (a small torch op took 1.7 ms instead of 7 us) and held an
+    H100 host to 257 plates/s (436 decoding on the device); reader processes, which avoided the
+    GIL but moved every decoded plate through shared memory, reached 328 on an H200 (422 there
+    decoding on the device), and were removed.
     """
     batch = []
     for item in _read_threads(dataset, workers, _lookahead(plates_per_batch, workers)):
