@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def test_device_readers_decode_each_batch_on_the_device_and_a_bad_plate_fails_al
     jobs = make_jobs(tmp_path, 8)
     png = Path(jobs[2].working_copy).with_suffix(".png")
     read_image(jobs[2].working_copy).save(png)  # not a JPEG: decoded by Pillow
-    jobs[2] = jobs[2].__class__(**{**jobs[2].__dict__, "working_copy": str(png)})
+    jobs[2] = dataclasses.replace(jobs[2], working_copy=str(png))
     whole = Path(jobs[4].working_copy).read_bytes()
     Path(jobs[4].working_copy).write_bytes(whole[: len(whole) // 2])  # truncated: no end marker
     Path(jobs[6].working_copy).write_bytes(whole[:3] + b"\0" * 200 + whole[-2:])  # markers, no image
