@@ -6,7 +6,7 @@ CPU), then embeds the same plates through that pool twice, in the same run:
 
   one run per chunk   every ``--chunk`` plates a flow run of their own (how refresh dispatched
                       before), so every chunk pays a run's start: a new process, imports, the
-                      model's weights, the reader processes
+                      model's weights
   one run per worker  refresh's dispatch now (plateflow/routing.py:split_runs): one run per
                       online worker, its chunks embed-chunk tasks inside it
 
