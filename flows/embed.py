@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger
 from plateflow.atomic import write_json
 from plateflow.errors import ConfigError
 from plateflow.profiles import load_profiles
-from tasks.embeddings import PlateJob, embed_chunk
+from tasks.embeddings import PlateJob, embed_chunk, vectors_problem
 
 
 @flow(name="embed-plates")
@@ -41,7 +41,8 @@ def embed_plates(model: str, gpu_class: str, jobs: list[PlateJob] | None = None,
     spec = profiles.model(model)
     batch_size, dtype = profiles.plan(model, gpu_class)
     readers = profiles.gpu_class(gpu_class).readers
-    outcome: dict[str, str | None] = {j.plate_id: None for j in jobs if Path(j.cache_file).is_file()}
+    outcome: dict[str, str | None] = {j.plate_id: None for j in jobs
+                                      if vectors_problem(j.cache_file, len(j.boxes), spec.embed_dim) is None}
     todo = [j for j in jobs if j.plate_id not in outcome]
     logger.info("%s on %s: %d plates (%d stored already), batch %d images, %s, reader %s", model, gpu_class,
                 len(jobs), len(outcome), batch_size, dtype, readers)

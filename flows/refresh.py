@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
@@ -19,19 +18,20 @@ from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from plateflow.artifacts import Progress, publish
-from plateflow.atomic import write_json
+from plateflow.atomic import dumps_json, remove_stale_temps, write_bytes_if_changed
+from plateflow.caching import forget_failure
 from plateflow.config import CharacterizeParams, CropParams, RefreshConfig, default_workers
-from plateflow.corpus import PlateProblem, PlateRef, corpus_lock, discover_plates, state_dir
+from plateflow.corpus import PlateProblem, PlateRef, corpus_lock, discover_plates, natural_key, state_dir
 from plateflow.errors import ConfigError, ImageDecodeError, TooManyPixelsError
 from plateflow.hardware import gpu_class as detect_gpu_class
 from plateflow.profiles import load_profiles
 from plateflow.routing import Dispatch, GpuRoute, choose_route, run_on_pool
 from tasks.characterize import characterize, hash_source
 from tasks.crops import WORKING_COPY, crop_candidates
-from tasks.embeddings import PlateJob, embedding_key, require_weights, store_path
+from tasks.embeddings import PlateJob, embedding_key, load_vectors, require_weights, store_path, vectors_problem
 from tasks.report import build_report
-from tasks.save import (read_corpus_table, save_failure_record, save_plate, save_smart_crop,
-                        write_corpus_table, write_embeddings_table)
+from tasks.save import (embeddings_table_path, read_corpus_table, read_parquet, save_failure_record, save_plate,
+                        save_smart_crop, write_corpus_table, write_embeddings_table)
 
 # Columns of plates.parquet copied from a plate's input_image.json record.
 _TABLE_FIELDS = (
@@ -59,7 +59,7 @@ def _step_outcome(future: PrefectFuture) -> tuple[str, BaseException | None]:
     return "not_run", None
 
 
-def _plate_row(run: PlateRun) -> dict:
+def _plate_row(run: PlateRun, logger) -> dict:
     row = {"plate_dir": run.plate.folder, "plate_id": run.plate.plate_id,
            "source_image": run.plate.source_image, "status": "ok"}
     for step in ("hash", "characterize", "save"):
@@ -70,7 +70,10 @@ def _plate_row(run: PlateRun) -> dict:
             _fail(row, step, exc)
             row.setdefault("characterize_status", "not_run")
             if isinstance(exc, (ImageDecodeError, TooManyPixelsError)):
-                save_failure_record(run.plate, run.plate.plate_dir.parents[1], str(exc))
+                try:
+                    save_failure_record(run.plate, run.plate.plate_dir.parents[1], str(exc))
+                except OSError as write_error:  # a full disk, say: the table still records the failure
+                    logger.warning("%s: could not write its failure record: %s", run.plate.folder, write_error)
             return row
     result = run.futures["characterize"].result()
     row.update({k: result.metadata[k] for k in _TABLE_FIELDS})
@@ -115,7 +118,10 @@ def refresh_corpus(
     any plate failed; the other plates are complete either way.
     """
     logger = get_run_logger()
-    started = time.perf_counter()
+    if plates is not None:  # a refresh of some plates merges into the tables: they must be readable
+        read_corpus_table(Path(root).expanduser())
+        for m in models:
+            read_parquet(embeddings_table_path(Path(root).expanduser(), m), f"embeddings table of {m}")
     if models:
         # Configuration errors surface before any work: unknown model, a model too big for the class.
         # So does a GPU class with no work pool on the server.
@@ -140,7 +146,12 @@ def refresh_corpus(
             "another refresh holds this corpus (%s): waiting for it to finish", other)):
         started = time.perf_counter()  # the summary's time is the work's, not the wait's
         waited = started - asked
-        write_json(state_dir(root_path) / "config.json", cfg.model_dump(mode="json"))
+        for stale in remove_stale_temps(root_path, skip=("source",)):
+            logger.info("removed %s, left behind by a writer that stopped", stale.relative_to(root_path))
+        try:
+            write_bytes_if_changed(state_dir(root_path) / "config.json", dumps_json(cfg.model_dump(mode="json")))
+        except OSError as exc:  # a full disk: each plate's step says so for itself
+            logger.warning("could not write the effective configuration: %s", exc)
         found = discover_plates(root_path)
         if plates is not None:
             wanted = set(plates)
@@ -173,15 +184,26 @@ def refresh_corpus(
             progress.advance()
         timings["characterisation"] = time.perf_counter() - started
 
-        rows = [_plate_row(run) for run in runs] + [_problem_row(p) for p in problems]
+        rows = [_plate_row(run, logger) for run in runs] + [_problem_row(p) for p in problems]
+        for run in runs:
+            if run.futures["characterize"].state.is_failed():
+                forget_failure(run.futures["characterize"].state, state_dir(root_path) / "results")
         if models:
             run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
             _embed_and_crop(root_path, runs, {r["plate_dir"]: r for r in rows}, models, crop_model,
                             crop_params, route, weights_root, run_id, chunk_size, partial, progress, timings,
                             worker_wait_minutes)
-        rows.sort(key=lambda r: r["plate_dir"])
+        rows.sort(key=lambda r: natural_key(r["plate_dir"]))
         t = time.perf_counter()
-        table_path = write_corpus_table(root_path, rows, partial=partial)
+        failed = [r for r in rows if r["status"] == "failed"]
+        try:
+            table_path = write_corpus_table(root_path, rows, partial=partial, flow_runs=(str(flow_run.id), str(flow_run.root_flow_run_id)))
+        except OSError as exc:  # a full disk: say so, and what this run found, never the old table's counts
+            message = (f"could not write the corpus table: {exc}; it still holds an earlier run's rows. "
+                       f"This run: {len(rows) - len(failed)} of {len(rows)} plates ok, {len(failed)} failed"
+                       + (f": {_failures(failed)}" if failed else ""))
+            logger.error(message)
+            return Failed(message=message)
         try:
             report = build_report(root_path)
         except Exception:  # the plates' outputs stand; a report bug must not fail the refresh
@@ -190,9 +212,8 @@ def refresh_corpus(
         timings["tables and report"] = time.perf_counter() - t
         progress.advance(progress.total, force=True)
         # The table and summary cover the whole corpus, also after a refresh of some plates.
-        table_rows = sorted(read_corpus_table(root_path).to_pylist(), key=lambda r: r["plate_dir"]) if partial else rows
+        table_rows = read_corpus_table(root_path).to_pylist() if partial else rows
         publish(root_path, table_rows, timings, report, models)
-        failed = [r for r in rows if r["status"] == "failed"]
         counts = {s: sum(r.get("characterize_status") == s for r in rows)
                   for s in ("computed", "cached")}
         embedded = ""
@@ -245,6 +266,9 @@ def _embed_and_crop(root: Path, runs: list[PlateRun], rows: dict[str, dict], mod
             sha, size = info[run.plate.folder]
             path = store_path(root, spec, sha, crop_params)
             files[run.plate.folder][model] = str(path)
+            if path.is_file() and (problem := vectors_problem(path, len(boxes[run.plate.folder]), spec.embed_dim)):
+                logger.warning("%s: %s; removed, its vectors are computed again", run.plate.folder, problem)
+                path.unlink(missing_ok=True)
             if not path.is_file():
                 jobs.append(PlateJob(run.plate.folder, str(run.plate.plate_dir / WORKING_COPY), size,
                                      tuple(map(tuple, boxes[run.plate.folder])), str(path)))
@@ -279,7 +303,7 @@ def _embed_and_crop(root: Path, runs: list[PlateRun], rows: dict[str, dict], mod
             + [f"{m}:{embedding_key(profiles.model(m), crop_params)}" for m in models]).encode()).hexdigest()[:20]
         crops[run.plate.folder] = save_smart_crop.submit(
             run.plate, run_id, key, files[run.plate.folder], boxes[run.plate.folder], crop_model,
-            crop_params, size)
+            crop_params, size, sha)
     for run in ok:
         row = rows[run.plate.folder]
         outcome, exc = _step_outcome(crops[run.plate.folder])
@@ -292,7 +316,7 @@ def _embed_and_crop(root: Path, runs: list[PlateRun], rows: dict[str, dict], mod
     timings["smart crop"] = time.perf_counter() - started
     for model in models:
         table_rows = [(run.plate.plate_id, info[run.plate.folder][0], boxes[run.plate.folder],
-                       np.load(files[run.plate.folder][model])) for run in ok
+                       load_vectors(files[run.plate.folder][model], len(boxes[run.plate.folder]))) for run in ok
                       if rows[run.plate.folder]["status"] == "ok"]
         logger.info("wrote %s", write_embeddings_table(root, model, table_rows, profiles.model(model).embed_dim,
                                                          partial=partial))

@@ -9,6 +9,7 @@ from prefect.states import Completed, Failed
 
 from flows.refresh import refresh_corpus
 from plateflow.config import CharacterizeParams, CropParams
+from plateflow.corpus import natural_key
 from plateflow.errors import ConfigError
 from plateflow.routing import Dispatch
 from tasks.save import read_corpus_table
@@ -19,7 +20,7 @@ def failed_plates(root: Path) -> list[str]:
     table = read_corpus_table(root)
     if table is None:
         raise ConfigError(f"{root} has no plates.parquet yet: run `plateflow refresh --root {root}` first")
-    return sorted(r["plate_dir"] for r in table.to_pylist() if r["status"] == "failed")
+    return sorted((r["plate_dir"] for r in table.to_pylist() if r["status"] == "failed"), key=natural_key)
 
 
 @flow(name="retry-failed-plates")

@@ -27,8 +27,10 @@ RootOpt = Annotated[Path, typer.Option("--root", "-r", help="Corpus root (holds 
 def ingest(
     sources: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
     root: RootOpt,
+    max_megapixels: Annotated[float, typer.Option(help="Images above this size are skipped (refresh's limit).")] = 250.0,
 ) -> None:
-    """Copy images into ROOT in the notebooks' layout; sources are never moved or modified."""
+    """Copy images into ROOT in the notebooks' layout; sources are never moved or modified.
+    Files that are not images, or have more pixels than the limit, are listed as skipped."""
     from rich.progress import Progress
 
     from plateflow.corpus import ingest as ingest_files, iter_source_files
@@ -36,7 +38,8 @@ def ingest(
     total = sum(1 for _ in iter_source_files(sources))
     with Progress(console=console, transient=True) as progress:
         bar = progress.add_task("ingesting", total=total)
-        report = ingest_files(sources, root, progress=lambda p: progress.advance(bar))
+        report = ingest_files(sources, root, progress=lambda p: progress.advance(bar),
+                              max_pixels=int(max_megapixels * 1e6))
     for src, plate_id in report.added:
         console.print(f"[green]added[/] {plate_id} <- {src}")
     for src, reason in report.skipped:
@@ -78,6 +81,7 @@ def refresh(
     from flows.retry import retry_failed_plates
     from plateflow.config import CharacterizeParams, CropParams, RefreshConfig
     from plateflow.errors import ConfigError
+    from plateflow.server import temporary_server
 
     try:
         params = CharacterizeParams(viz=not no_viz, max_pixels=int(max_megapixels * 1e6))
@@ -89,22 +93,52 @@ def refresh(
     flow_fn = retry_failed_plates if failed_only else refresh_corpus.with_options(task_runner=runner_)
     model_list = [m.strip() for m in models.split(",") if m.strip()]
     try:
-        state = flow_fn(root=str(cfg.root), characterize_params=params, models=model_list,
-                        crop_model=crop_model, crop_params=crop, gpu_class=gpu_class,
-                        weights_root=str(weights) if weights else None, gpu_dispatch=gpu_dispatch,
-                        chunk_size=chunk_size, worker_wait_minutes=worker_wait_minutes or None,
-                        return_state=True)
-    except ValueError as exc:  # parameters that do not validate
+        if failed_only:  # said here, before a server starts: the flow would say it with a traceback
+            _read_tables(cfg.root, model_list)
+        with temporary_server():
+            state = flow_fn(root=str(cfg.root), characterize_params=params, models=model_list,
+                            crop_model=crop_model, crop_params=crop, gpu_class=gpu_class,
+                            weights_root=str(weights) if weights else None, gpu_dispatch=gpu_dispatch,
+                            chunk_size=chunk_size, worker_wait_minutes=worker_wait_minutes or None,
+                            return_state=True)
+    except ValueError as exc:  # parameters that do not validate, an unreadable table
         console.print(f"[red]configuration error:[/] {exc}")
         raise typer.Exit(2) from None
     failure = state.result(raise_on_failure=False) if state.is_failed() else None
     if isinstance(failure, ConfigError):  # raised by the flow before any work: nothing to summarise
         console.print(f"[red]configuration error:[/] {failure}")
         raise typer.Exit(2)
-    _print_status(cfg.root)
+    if _table_of_run(cfg.root, state):
+        _print_status(cfg.root)
+    else:
+        console.print(f"[red]{cfg.root / 'plates.parquet'} was not written by this run[/]: its counts are "
+                      f"an earlier run's and are not shown")
     console.print(f"flow run {state.name}: {state.message}")
     if not state.is_completed():
         raise typer.Exit(1)
+
+
+def _read_tables(root: Path, models: list[str]) -> None:
+    """Read the corpus table and the models' embeddings tables; ``CorpusTableError`` if one is unreadable."""
+    from tasks.save import embeddings_table_path, read_corpus_table, read_parquet
+
+    read_corpus_table(root)
+    for m in models:
+        read_parquet(embeddings_table_path(root, m), f"embeddings table of {m}")
+
+
+def _table_of_run(root: Path, state) -> bool:
+    """True if plates.parquet was written by the flow run of ``state``, or by a subflow of it
+    (retry-failed-plates runs a refresh)."""
+    from plateflow.errors import CorpusTableError
+    from tasks.save import read_corpus_table, table_flow_runs
+
+    try:
+        table = read_corpus_table(root)
+    except CorpusTableError:
+        return False
+    run_id = state.state_details.flow_run_id
+    return table is not None and run_id is not None and str(run_id) in table_flow_runs(table)
 
 
 @app.command()
@@ -184,14 +218,26 @@ def server(
 @app.command()
 def status(root: RootOpt) -> None:
     """Summarise ROOT/plates.parquet: plates per status and every failure with its reason."""
-    if not _print_status(root.expanduser().resolve()):
+    from plateflow.errors import CorpusTableError
+
+    try:
+        printed, unreadable = _print_status(root.expanduser().resolve())
+    except CorpusTableError as exc:
+        console.print(f"[red]unreadable table:[/] {exc}")
+        raise typer.Exit(2) from None
+    if unreadable:
+        raise typer.Exit(2)
+    if not printed:
         console.print(f"no plates.parquet under {root}: run `plateflow refresh --root {root}`")
         raise typer.Exit(1)
 
 
-def _print_status(root: Path) -> bool:
+def _print_status(root: Path) -> tuple[bool, int]:
+    """Print the corpus table's summary; (whether there is a table, how many embeddings tables
+    could not be read). An unreadable corpus table raises ``CorpusTableError``."""
     from collections import Counter
 
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -199,8 +245,9 @@ def _print_status(root: Path) -> bool:
 
     table = read_corpus_table(root)
     if table is None:
-        return False
+        return False, 0
     rows = table.to_pylist()
+    unreadable = 0
     failed = [r for r in rows if r["status"] == "failed"]
 
     def counts(column: str) -> str:
@@ -212,8 +259,14 @@ def _print_status(root: Path) -> bool:
     if any(r.get("embed_status") for r in rows):
         console.print(f"embeddings: {counts('embed_status')}; smart crop: {counts('crop_status')}")
     for path in sorted((root / "embeddings").glob("*.parquet")):
-        ids = pq.read_table(path, columns=["plate_id"]).column("plate_id")
-        dim = pq.read_schema(path).field("vector").type.list_size
+        try:
+            ids = pq.read_table(path, columns=["plate_id"]).column("plate_id")
+            dim = pq.read_schema(path).field("vector").type.list_size
+        except (OSError, KeyError, pa.ArrowException) as exc:
+            console.print(f"[red]{path.relative_to(root)}: unreadable[/] ({type(exc).__name__}: {exc}); a "
+                          f"refresh with --models {path.stem} rebuilds it")
+            unreadable += 1
+            continue
         console.print(f"{path.relative_to(root)}: {pc.count_distinct(ids).as_py()} plates, "
                       + (f"{len(ids)} vectors of {dim} floats" if len(ids) else "no vectors"))
     if failed:
@@ -221,7 +274,7 @@ def _print_status(root: Path) -> bool:
         for r in failed:
             t.add_row(r["plate_dir"], r["failed_step"] or "", r["error"] or "")
         console.print(t)
-    return True
+    return True, unreadable
 
 
 @app.command()
@@ -236,7 +289,7 @@ def demo(
     root = root.expanduser().resolve()
     sources = write_demo_sources(root / ".plateflow" / "demo-sources")
     console.print(f"demo sources: {len(sources)} plates written under {sources[0].parent}")
-    ingest(sources, root)
+    ingest(sources, root, max_megapixels=250.0)
     refresh(root, workers=None, no_viz=False, max_megapixels=250.0, models=models, crop_model=None,
             crop_format="jpeg", min_crop_area=0.0, gpu_class=None, weights=weights, failed_only=False)
     console.print(f"open {root / 'plates_structured'} to see each plate's JSON and viz/ files")

@@ -10,24 +10,35 @@ ROOT/.plateflow/                                  plateflow's own state (cached 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
-import tempfile
+import stat
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from plateflow.atomic import make_temp_dir, write_bytes
 from plateflow.errors import DuplicatePlateError, ManifestError, PlateError, UnsafePathError
+from plateflow.hashindex import SourceIndex, sha256_file  # noqa: F401 - sha256_file is public here
 
 PLATES_DIR = "plates_structured"
 MANIFEST = "manifest.json"
 STATE_DIR = ".plateflow"
 PLATE_NAME = re.compile(r"^plate-(\d+)$")
+# Folders plateflow writes into inside a plate folder: a symlink there must not lead out of it.
+OUTPUT_DIRS = ("viz", "runs")
+DEFAULT_MAX_PIXELS = 250_000_000  # CharacterizeParams.max_pixels: ingest applies the same limit
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders numbers by value: plate-2 < plate-10 < plate-101 < plate-1000."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 @dataclass(frozen=True)
@@ -71,7 +82,7 @@ def corpus_lock(root: Path, holder: str, on_wait=None) -> Iterator[None]:
     """
     path = state_dir(root) / "refresh.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -79,24 +90,36 @@ def corpus_lock(root: Path, holder: str, on_wait=None) -> Iterator[None]:
             if on_wait is not None:
                 on_wait(os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown")
             fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, holder.encode(), 0)
+        with contextlib.suppress(OSError):  # who holds it is news for whoever waits, not a need (a full disk)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, holder.encode(), 0)
         try:
             yield
         finally:
-            os.ftruncate(fd, 0)
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # releases the lock
 
 
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def read_manifest(plate_dir: Path) -> PlateRef:
-    """Parse and check one plate's manifest; raise a ``PlateError`` that says what is wrong."""
+    """Parse and check one plate's manifest; raise a ``PlateError`` that says what is wrong.
+
+    A plate folder, manifest or output folder (viz/, runs/) that resolves outside
+    plates_structured/ is refused: nothing outside the corpus is read or written."""
     path = plate_dir / MANIFEST
+    top = plate_dir.parent.resolve()
+    if not plate_dir.resolve().is_relative_to(top) or plate_dir.resolve() == top:
+        raise UnsafePathError(f"plate folder {plate_dir.name}/ is a symlink to {plate_dir.resolve()}, "
+                              f"outside {PLATES_DIR}/; refused")
+    if path.is_symlink() and not path.resolve().is_relative_to(plate_dir.resolve()):
+        raise UnsafePathError(f"{MANIFEST} of {plate_dir.name}/ is a symlink to {path.resolve()}, "
+                              f"outside the plate folder; refused")
+    for name in OUTPUT_DIRS:
+        out = plate_dir / name
+        if out.is_symlink() and not out.resolve().is_relative_to(plate_dir.resolve()):
+            raise UnsafePathError(f"{plate_dir.name}/{name} is a symlink to {out.resolve()}, outside the "
+                                  f"plate folder; refused (plateflow writes there)")
     if not path.is_file():
         raise ManifestError(f"missing {MANIFEST} in {plate_dir.name}/")
     try:
@@ -131,8 +154,10 @@ def resolve_inside(plate_dir: Path, relative: str) -> Path:
 
 
 def plate_folders(root: Path) -> list[Path]:
+    """The plate folders under ROOT/plates_structured, in natural order (plate-101 before plate-1000)."""
     top = plates_dir(root)
-    return sorted(p for p in top.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted((p for p in top.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda p: natural_key(p.name))
 
 
 def discover_plates(root: Path) -> list[PlateRef | PlateProblem]:
@@ -168,96 +193,146 @@ class IngestReport:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
-def iter_source_files(sources: Iterable[Path]) -> Iterator[Path]:
+def iter_source_files(sources: Iterable[Path]) -> Iterator[tuple[Path, str | None]]:
+    """(path, None) for each regular file in ``sources`` (folders searched recursively, in
+    natural order, hidden names left out), and (path, reason) for each entry that is not one:
+    missing, a broken symlink or a symlink loop, a FIFO, socket or device (never opened)."""
+    seen: set[tuple[int, int]] = set()
     for src in sources:
-        src = Path(src)
-        if src.is_dir():
-            yield from sorted(
-                p for p in src.rglob("*") if p.is_file() and not any(
-                    part.startswith(".") for part in p.relative_to(src).parts)
-            )
-        else:
-            yield src
+        yield from _walk(Path(src), seen)
 
 
-def _sniff_image(path: Path) -> str | None:
-    """None if Pillow recognises the file as an image, else the reason it is not one."""
-    from PIL import Image, UnidentifiedImageError
-
+def _walk(path: Path, seen: set[tuple[int, int]]) -> Iterator[tuple[Path, str | None]]:
     try:
-        if path.stat().st_size == 0:
-            return "empty file"
-        with Image.open(path) as im:
-            im.size  # header parsed
-    except UnidentifiedImageError:
-        return "not an image (no decoder recognises its contents)"
-    except (OSError, SyntaxError, ValueError) as exc:
-        return f"unreadable image header: {exc}"
-    return None
+        st = path.stat()
+    except FileNotFoundError:
+        yield path, ("broken symlink (its target does not exist)" if path.is_symlink() else "does not exist")
+        return
+    except OSError as exc:
+        yield path, ("symlink loop" if exc.errno == errno.ELOOP else f"cannot be read: {exc.strerror}")
+        return
+    if stat.S_ISREG(st.st_mode):
+        yield path, None
+    elif stat.S_ISDIR(st.st_mode):
+        if (st.st_dev, st.st_ino) in seen:
+            yield path, "symlink loop (this folder is already being ingested)"
+            return
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            children = sorted((p for p in path.iterdir() if not p.name.startswith(".")),
+                              key=lambda p: natural_key(p.name))
+        except OSError as exc:
+            yield path, f"cannot list this folder: {exc.strerror}"
+            return
+        for child in children:
+            yield from _walk(child, seen)
+    else:
+        yield path, f"{_kind(st.st_mode)}, not a regular file: not read"
 
 
-def _known_hashes(root: Path) -> dict[str, str]:
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a special file"
+
+
+def _read_regular(path: Path) -> bytes:
+    """The file's bytes; refuses anything that became a non-regular file (never blocks on a FIFO)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise PlateError(f"{_kind(st.st_mode)}, not a regular file: not read")
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            return fh.read()
+    finally:
+        os.close(fd)
+
+
+def _known(root: Path, index: SourceIndex) -> tuple[dict[str, str], set[str]]:
+    """(sha256 of each plate's current source -> its plate_id, every plate_id and folder name in use)."""
     known: dict[str, str] = {}
+    used: set[str] = set()
     for item in discover_plates(root):
+        used.update((item.folder, item.plate_id))
         if isinstance(item, PlateRef):
-            sha = item.manifest.get("sha256")
-            if not isinstance(sha, str):
-                sha = sha256_file(item.source_path)
-            known.setdefault(sha, item.plate_id)
-    return known
+            try:
+                known.setdefault(index.sha256(item.source_path), item.plate_id)
+            except OSError:
+                continue
+    return known, used
 
 
-def _next_number(root: Path) -> int:
-    nums = [int(m.group(1)) for p in plate_folders(root) if (m := PLATE_NAME.match(p.name))]
-    return max(nums, default=0) + 1
-
-
-def ingest(sources: Iterable[Path], root: Path, progress=None) -> IngestReport:
+def ingest(sources: Iterable[Path], root: Path, progress=None,
+           max_pixels: int = DEFAULT_MAX_PIXELS) -> IngestReport:
     """Copy image files into ROOT in the notebooks' layout. Sources are never moved or modified.
 
     Each new plate is assembled in a hidden temp folder and renamed into place, so a plate folder
-    is either complete or absent. Files whose bytes are already in the corpus are skipped.
+    is either complete or absent. Files whose bytes are one of the corpus's current sources are
+    skipped, and so is anything that is not an image of at most ``max_pixels`` (the refresh's
+    limit), each with its reason. New plate ids are unique among folder names and manifests.
     """
+    from plateflow.imagefile import read_header
+
     root = Path(root)
     plates_dir(root).mkdir(parents=True, exist_ok=True)
-    known = _known_hashes(root)
-    number = _next_number(root)
+    index = SourceIndex(root)
+    known, used = _known(root, index)
+    number = max([int(m.group(1)) for name in used if (m := PLATE_NAME.match(name))], default=0) + 1
     report = IngestReport()
-    files = list(iter_source_files(sources))
-    for path in files:
+    for path, reason in iter_source_files(sources):
         if progress:
             progress(path)
-        if not path.exists():
-            report.skipped.append((path, "does not exist"))
-            continue
-        if reason := _sniff_image(path):
+        if reason is None:
+            try:
+                data = _read_regular(path)
+                read_header(data, path.name, max_pixels)
+            except PlateError as exc:
+                reason = str(exc)
+            except OSError as exc:
+                reason = f"cannot be read: {exc.strerror or exc}"
+        if reason is not None:
             report.skipped.append((path, reason))
             continue
-        sha = sha256_file(path)
+        sha = hashlib.sha256(data).hexdigest()
         if sha in known:
             report.skipped.append((path, f"same bytes already ingested as {known[sha]}"))
             continue
-        plate_id = f"plate-{number:03d}"
-        number += 1
-        _write_plate(plates_dir(root), plate_id, path, sha)
+        while (plate_id := f"plate-{number:03d}") in used:
+            number += 1
+        copy = _write_plate(plates_dir(root), plate_id, path, data, sha)
+        index.record(copy, sha)
         known[sha] = plate_id
+        used.add(plate_id)
         report.added.append((path, plate_id))
+    index.save()
     return report
 
 
-def _write_plate(top: Path, plate_id: str, src: Path, sha: str) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{plate_id}.", dir=top))
+def _write_plate(top: Path, plate_id: str, src: Path, data: bytes, sha: str) -> Path:
+    """Assemble the plate in a temp folder and rename it into place; returns its source's path.
+    The copy holds exactly the bytes that were checked and hashed, with the source's times."""
+    fd, tmp = make_temp_dir(top, plate_id)
     try:
-        (tmp / "source").mkdir()
-        shutil.copy2(src, tmp / "source" / src.name)
+        copy = tmp / "source" / src.name
+        write_bytes(copy, data)
+        st = src.stat()
+        os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
         manifest = {
             "plate_id": plate_id,
             "source_image": f"source/{src.name}",
             "original_path": str(src.resolve()),
             "sha256": sha,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
         os.rename(tmp, top / plate_id)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(fd)
+    return top / plate_id / "source" / src.name

@@ -38,6 +38,18 @@ class TooManyPixelsError(PlateError):
     """The image has more pixels than the configured limit allows."""
 
 
+class SourceChangedError(PlateError):
+    """The source's bytes are not the ones characterised earlier in the same refresh."""
+
+
+class CorpusTableError(ConfigError):
+    """plates.parquet or an embeddings table cannot be read; the message says how to recover."""
+
+
+class CacheEntryError(PlateflowError, ValueError):
+    """A cached result on disk is damaged (truncated, garbage, wrong shape): it is recomputed."""
+
+
 class TransientError(PlateflowError):
     """A failure that may not happen again (resources, a busy device): worth a retry."""
 

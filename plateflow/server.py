@@ -3,12 +3,16 @@ ready to use from the UI. One foreground command; Ctrl-C stops everything it sta
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 
@@ -84,11 +88,89 @@ def start(corpus: Path, port: int = 4200, host: str = "127.0.0.1", gpu_class: st
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
-    for proc in reversed(procs):
+    """Stop the workers first and wait for them, then the server (procs[0]): a worker that
+    loses its server mid-shutdown prints connection tracebacks."""
+    _terminate(procs[1:])
+    _terminate(procs[:1])
+
+
+def _terminate(procs: list[subprocess.Popen], grace: float = 20) -> None:
+    for proc in procs:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-    for proc in reversed(procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
         try:
-            proc.wait(20)
+            proc.wait(grace)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the child, before exec: get SIGTERM when the parent dies, however it dies (kill -9)."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def temporary_server(timeout: float = 120) -> Iterator[str | None]:
+    """Prefect's temporary server for one command, when no server is configured (PREFECT_API_URL
+    unset); yields its API URL, or None when a server is configured (then nothing is started).
+
+    What Prefect's own ephemeral server does, with three differences: it ends with this process
+    however this process ends (a kill -9 would otherwise leave it running for good); its output
+    goes to PREFECT_HOME/plateflow-temporary-server.log, not the terminal; and this process's
+    logs and events are flushed to it before it is stopped, which it is gracefully, so a clean
+    run prints no traceback from it.
+    """
+    import prefect
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, get_current_settings, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield None
+        return
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    home = Path(PREFECT_HOME.value()).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
+           "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    cmd = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+           "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+           "--log-level", "error", "--lifespan", "on"]
+    parent = os.getpid()
+    with open(home / "plateflow-temporary-server.log", "ab") as log:
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: _die_with_parent(parent), start_new_session=True)
+    try:
+        wait_healthy(url, proc, timeout)
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            try:
+                yield url
+            finally:
+                _drain_client()
+    finally:
+        _terminate([proc])
+
+
+def _drain_client() -> None:
+    """Send this process's buffered logs and events to the server before it stops."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    with contextlib.suppress(RuntimeError):
+        APILogWorker.drain_all(timeout=30)
+    with contextlib.suppress(RuntimeError):
+        EventsWorker.drain_all(timeout=30)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 
-from plateflow.caching import TRANSIENT_RETRIES, code_version
+from plateflow.caching import TRANSIENT_RETRIES, code_version, drop_damaged_result
 from plateflow.config import CharacterizeParams
 from plateflow.corpus import sha256_file
 from tasks.crops import jpeg_bytes, make_working_copy
@@ -60,7 +60,13 @@ def characterize_image(
 
 
 def _task_key(context, parameters) -> str:
-    return cache_key(parameters["sha256"], parameters["params"])
+    """The cache key; a damaged persisted result under that key is removed first (and logged),
+    so it is recomputed instead of trusted."""
+    key = cache_key(parameters["sha256"], parameters["params"])
+    storage = getattr(context.task, "result_storage", None)
+    if isinstance(storage, (str, Path)):
+        drop_damaged_result(Path(storage) / key, Characterization, get_run_logger())
+    return key
 
 
 @task(name="hash-source", task_run_name="hash-{plate_id}", **TRANSIENT_RETRIES)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from prefect import task
 
 from plateflow.atomic import write_json
 from plateflow.config import CropParams
+from plateflow.errors import SourceChangedError
 
 CANDIDATES = "crop_candidates.json"
 TIE = 1e-6  # similarities this close are equal: the earlier candidate wins, on any device
@@ -106,20 +108,28 @@ def choose_best_crop(vectors: np.ndarray, boxes: list[list[int]], params: CropPa
     return best, min(best_sim, 1.0)  # unit vectors: anything above 1 is rounding
 
 
-def cut_crop(source: Path, box: list[int], fmt: str) -> bytes:
+def cut_crop(source: Path, box: list[int], fmt: str, expected_sha256: str | None = None) -> bytes:
     """The crop from the full-resolution source (not the working copy), encoded as PNG or JPEG.
+
+    The source is read once; with ``expected_sha256`` (the hash it was characterised with), a
+    source whose bytes have changed since raises ``SourceChangedError`` instead of giving a
+    crop of another image cut with the old box.
 
     8-bit RGB or grayscale JPEG sources (the usual scan) go through libvips, which streams:
     it decodes rows only as far as the crop's bottom edge and encodes while it decodes, so
     saving costs about one plain decode. Every other source goes through Pillow, exactly as
     the CPU stage decoded it (16-bit, alpha, palettes, multi-frame, EXIF orientation).
     """
-    streamed = _cut_crop_streaming(Path(source), box, fmt)
+    data = Path(source).read_bytes()
+    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise SourceChangedError(f"source changed during the refresh: {Path(source).name} is not the file "
+                                 f"that was characterised; the next refresh redoes this plate")
+    streamed = _cut_crop_streaming(data, box, fmt)
     if streamed is not None:
         return streamed
-    from tasks.image import decode_image
+    from tasks.image import decode_bytes
 
-    rgb = decode_image(source, max_pixels=2**31 - 1).image
+    rgb = decode_bytes(data, Path(source).name, max_pixels=2**31 - 1).image
     crop = rgb.crop(tuple(box))
     if fmt == "png":
         buf = io.BytesIO()
@@ -128,18 +138,25 @@ def cut_crop(source: Path, box: list[int], fmt: str) -> bytes:
     return jpeg_bytes(crop)
 
 
-def _cut_crop_streaming(source: Path, box: list[int], fmt: str) -> bytes | None:
-    """The crop through libvips, or None where Pillow must do it (not an 8-bit RGB/gray JPEG,
-    libvips missing, or libvips cannot read the file: Pillow then gives the precise error)."""
+def _cut_crop_streaming(source: Path | bytes, box: list[int], fmt: str) -> bytes | None:
+    """The crop through libvips from a file or its bytes, or None where Pillow must do it (not
+    an 8-bit RGB/gray JPEG, libvips missing, or libvips cannot read it: Pillow then gives the
+    precise error)."""
     try:
         import pyvips
     except (ImportError, OSError):
         return None
     pyvips.cache_set_max(0)  # never serve a cached decode of a file that has since changed
+
+    def load(**kw):
+        if isinstance(source, bytes):
+            return pyvips.Image.new_from_buffer(source, "", access="sequential", **kw)
+        return pyvips.Image.new_from_file(str(source), access="sequential", **kw)
+
     try:
-        if pyvips.Image.new_from_file(str(source), access="sequential").get("vips-loader") != "jpegload":
+        if load().get("vips-loader") not in ("jpegload", "jpegload_buffer"):
             return None  # (a header read)
-        im = pyvips.Image.new_from_file(str(source), access="sequential", autorotate=True, fail_on="error")
+        im = load(autorotate=True, fail_on="error")
         if im.format != "uchar" or im.bands not in (1, 3):
             return None  # CMYK or 16-bit: Pillow's conversions
         x0, y0, x1, y1 = (int(v) for v in box)

@@ -32,7 +32,7 @@ from plateflow.atomic import write_bytes
 from plateflow.caching import code_version
 from plateflow.config import CropParams
 from plateflow.caching import retry_transient
-from plateflow.errors import ConfigError, GpuOutOfMemoryError
+from plateflow.errors import CacheEntryError, ConfigError, GpuOutOfMemoryError
 from plateflow.profiles import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -615,6 +615,45 @@ def embedding_key(spec: ModelSpec, params: CropParams) -> str:
 
 def store_path(root: Path, spec: ModelSpec, sha256: str, params: CropParams) -> Path:
     return Path(root) / ".plateflow" / "embeddings" / spec.name / f"{sha256}-{embedding_key(spec, params)}.npy"
+
+
+def load_vectors(path: Path, views: int, dim: int | None = None) -> np.ndarray:
+    """A plate's cached vectors, checked: a whole .npy file of float32, ``views`` rows (of
+    ``dim`` floats when given), every value finite. Anything else raises ``CacheEntryError``
+    naming the file (truncated, garbage, another shape): the caller recomputes it."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise CacheEntryError(f"cached vectors {path} are missing") from None
+    fh = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(fh)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(fh)
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+        raise CacheEntryError(f"cached vectors {path} are not a .npy file ({exc})") from None
+    expected = (views, dim) if dim is not None else (views,)
+    if dtype != np.dtype("<f4") or fortran or shape[:len(expected)] != expected or len(shape) != 2:
+        raise CacheEntryError(f"cached vectors {path} hold {dtype} {shape}, expected float32 "
+                              f"({views}, {dim if dim is not None else 'dim'})")
+    body = len(data) - fh.tell()
+    if body != int(np.prod(shape)) * 4:
+        raise CacheEntryError(f"cached vectors {path} are {'truncated' if body < np.prod(shape) * 4 else 'too long'}: "
+                              f"{body} bytes of data for shape {shape}")
+    vectors = np.frombuffer(data, "<f4", offset=fh.tell()).reshape(shape)
+    if not np.isfinite(vectors).all():
+        raise CacheEntryError(f"cached vectors {path} hold values that are not finite")
+    return vectors
+
+
+def vectors_problem(path: Path, views: int, dim: int) -> str | None:
+    """None if ``path`` holds usable vectors (see ``load_vectors``), else what is wrong with it."""
+    try:
+        load_vectors(path, views, dim)
+    except CacheEntryError as exc:
+        return str(exc)
+    return None
 
 
 def save_vectors(path: Path, vectors: np.ndarray) -> None:

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from plateflow.errors import ImageDecodeError, TooManyPixelsError
-
-# plateflow enforces its own, configurable pixel limit (CharacterizeParams.max_pixels) before
-# decoding, with a message that names the setting; Pillow's global bomb check would fire first.
-Image.MAX_IMAGE_PIXELS = None
+from plateflow.errors import ImageDecodeError
+from plateflow.imagefile import check_pixels, float_to_uint8, open_pillow, read_header, read_tiff_frame
 # Allocate each decoded image as one block so its pixels can be viewed without a copy
 # (Pillow's Arrow export is zero-copy only for single-block images).
 Image.core.set_block_size(1 << 30)
@@ -54,23 +50,17 @@ def decode_image(path: Path, max_pixels: int, expected_sha256: str | None = None
     sha = hashlib.sha256(data).hexdigest()
     if expected_sha256 is not None and sha != expected_sha256:
         raise OSError(f"{path.name} changed while it was being read (hash mismatch); retrying")
-    if not data:
-        raise ImageDecodeError("empty file (0 bytes)")
-    try:
-        im = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ImageDecodeError(
-            f"not an image, or a corrupt one: no decoder recognises the contents of {Path(path).name}"
-        ) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageDecodeError(f"corrupt or truncated image header: {exc}") from None
+    return decode_bytes(data, Path(path).name, max_pixels, sha)
+
+
+def decode_bytes(data: bytes, name: str, max_pixels: int, sha256: str | None = None) -> DecodedImage:
+    """Decode a source file's bytes (its first frame) to RGB in display orientation."""
+    sha = sha256 or hashlib.sha256(data).hexdigest()
+    im = open_pillow(data, name)
+    if im is None:  # a TIFF only tifffile reads
+        return _decode_tifffile(data, max_pixels, sha)
     fmt = im.format or "unknown"
-    width, height = im.size
-    if width * height > max_pixels:
-        raise TooManyPixelsError(
-            f"{width}x{height} = {width * height / 1e6:.1f} MP exceeds the limit of "
-            f"{max_pixels / 1e6:.1f} MP; raise max_pixels if this plate is meant to be processed"
-        )
+    check_pixels(*im.size, max_pixels)
     try:
         frames = int(getattr(im, "n_frames", 1))
         if frames > 1:
@@ -80,9 +70,7 @@ def decode_image(path: Path, max_pixels: int, expected_sha256: str | None = None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(f"corrupt or truncated {fmt} data: {exc}") from None
     mode = im.mode
-    rgb = to_rgb(im)
-    if orientation in _TRANSPOSE:
-        rgb = rgb.transpose(_TRANSPOSE[orientation])
+    rgb = _oriented(to_rgb(im), orientation)
     return DecodedImage(
         image=rgb,
         sha256=sha,
@@ -93,6 +81,39 @@ def decode_image(path: Path, max_pixels: int, expected_sha256: str | None = None
         has_alpha=mode in _ALPHA_MODES or (mode == "P" and "transparency" in im.info),
         frames=frames,
         exif_orientation=orientation,
+    )
+
+
+def _oriented(rgb: Image.Image, orientation: int) -> Image.Image:
+    return rgb.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else rgb
+
+
+_SAMPLE_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+
+
+def _decode_tifffile(data: bytes, max_pixels: int, sha: str) -> DecodedImage:
+    """A TIFF Pillow refuses (float or planar samples, say), read with tifffile: first frame,
+    8 bits by ``plateflow.imagefile.to_uint8``; 2 or 4 samples are taken as having alpha,
+    more than 4 keep the first three as RGB. ``mode`` records the samples and their type
+    (``RGB;float64``)."""
+    header = read_header(data, "", max_pixels)
+    frame = read_tiff_frame(data)
+    pixels = frame.pixels if frame.pixels.ndim == 3 else frame.pixels[..., None]
+    samples = pixels.shape[2]
+    if samples > 4:
+        pixels, samples = pixels[..., :3], 3
+    mode = _SAMPLE_MODES[samples]
+    im = Image.fromarray(np.ascontiguousarray(pixels if samples > 1 else pixels[..., 0]), mode)
+    return DecodedImage(
+        image=_oriented(to_rgb(im), frame.orientation),
+        sha256=sha,
+        file_size_bytes=len(data),
+        image_format=header.format,
+        mode=f"{mode};{frame.dtype}",
+        bit_depth=frame.bits,
+        has_alpha=mode in _ALPHA_MODES,
+        frames=frame.frames,
+        exif_orientation=frame.orientation,
     )
 
 
@@ -116,7 +137,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
         hi = np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8
         return Image.fromarray(hi.astype(np.uint8), "L").convert("RGB")
     if mode == "F":
-        return Image.fromarray(np.clip(np.asarray(im), 0, 255).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(float_to_uint8(np.asarray(im)), "L").convert("RGB")
     if mode == "P" and "transparency" in im.info:
         im, mode = im.convert("RGBA"), "RGBA"
     if mode in _ALPHA_MODES:

@@ -13,9 +13,11 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from plateflow.atomic import write_bytes
+from plateflow.atomic import write_bytes_if_changed
+from plateflow.corpus import natural_key
 from tasks.save import read_corpus_table
 
 REPORT = Path("reports") / "index.html"
@@ -170,7 +172,7 @@ def build_report(root: Path, models: list[str] | None = None, duplicate_threshol
     table = read_corpus_table(root)
     if table is None:
         return None
-    rows = sorted(table.to_pylist(), key=lambda r: r["plate_dir"])
+    rows = sorted(table.to_pylist(), key=lambda r: natural_key(r["plate_dir"]))
     ok = [r for r in rows if r["status"] == "ok" and r.get("megapixels") is not None]
     failed = [r for r in rows if r["status"] == "failed"]
     flags = {f.replace("_", " "): sum(bool(r.get(f)) for r in ok) for f in FLAGS}
@@ -188,7 +190,12 @@ def build_report(root: Path, models: list[str] | None = None, duplicate_threshol
     for model in models:
         if not (root / "embeddings" / f"{model}.parquet").is_file():
             continue
-        ids, vectors = whole_plate_vectors(root, model)
+        try:
+            ids, vectors = whole_plate_vectors(root, model)
+        except (OSError, pa.ArrowException) as exc:
+            sections.append(f"<h2>Embeddings: {_esc(model)}</h2><p>embeddings/{_esc(model)}.parquet is not "
+                            f"readable ({_esc(exc)}); a refresh with --models {_esc(model)} rebuilds it.</p>")
+            continue
         dups = near_duplicates(ids, vectors, duplicate_threshold)
         odd = outliers(ids, vectors)
         dup_rows = "".join(f"<tr><td>{_esc(a)}</td><td>{_esc(b)}</td><td>{s:.4f}</td></tr>" for a, b, s in dups)
@@ -208,7 +215,7 @@ def build_report(root: Path, models: list[str] | None = None, duplicate_threshol
             f"Median size {(_median([r['megapixels'] for r in ok])):.1f} MP.</p>"
             + "".join(sections) + "</body></html>")
     path = root / REPORT
-    write_bytes(path, page.encode())
+    write_bytes_if_changed(path, page.encode())
     return path
 
 

@@ -15,9 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
-from plateflow.atomic import dumps_json, write_bytes, write_parquet
+from plateflow.atomic import dumps_json, write_bytes, write_bytes_if_changed, write_parquet
 from plateflow.caching import TRANSIENT_RETRIES
-from plateflow.corpus import PlateRef
+from plateflow.corpus import PlateRef, natural_key
+from plateflow.errors import CorpusTableError
 from tasks.characterize import Characterization
 from tasks.crops import WORKING_COPY
 from tasks.viz import histogram_plots
@@ -67,13 +68,14 @@ def save_characterization(plate: PlateRef, root: Path, result: Characterization)
     return True
 
 
-def save_failure_record(plate: PlateRef, root: Path, error: str) -> None:
-    """input_image.json for a plate whose image could not be loaded (loadable: false)."""
+def save_failure_record(plate: PlateRef, root: Path, error: str) -> bool:
+    """input_image.json for a plate whose image could not be loaded (loadable: false); written
+    only when it differs from the file on disk (an unchanged failed plate rewrites nothing)."""
     try:
         size = plate.source_path.stat().st_size
     except OSError:
         size = None
-    write_bytes(
+    return write_bytes_if_changed(
         plate.plate_dir / INPUT_IMAGE,
         dumps_json({
             "plate_id": plate.plate_id,
@@ -138,47 +140,84 @@ SCHEMA = pa.schema([
 ])
 
 
-def write_corpus_table(root: Path, rows: list[dict[str, Any]], partial: bool = False) -> Path:
-    """Write ROOT/plates.parquet atomically with the typed schema.
+RUN_KEYS = (b"plateflow.flow_run_id", b"plateflow.root_flow_run_id")  # schema metadata: who wrote it
+
+
+def write_corpus_table(root: Path, rows: list[dict[str, Any]], partial: bool = False,
+                       flow_runs: tuple[str, ...] = ()) -> Path:
+    """Write ROOT/plates.parquet atomically with the typed schema, rows in natural folder order.
 
     ``partial``: ``rows`` cover only some plates (a retry); the others keep their rows as they
-    are. Columns plateflow does not know (added by a notebook, say) are kept for plate_ids that
-    are still in the corpus.
+    are. Columns plateflow does not know (added by a notebook, say) are kept, each value with
+    its plate folder. ``flow_runs`` (the writing flow run's id and its root run's) are recorded
+    in the table's metadata, so a reader can tell whether a run wrote it. An old table that cannot be read is kept beside it as
+    ``plates.parquet.unreadable`` (a full refresh replaces it; a partial one refuses).
     """
     now = datetime.now(timezone.utc).replace(microsecond=0)
     full = [{**{f.name: None for f in SCHEMA}, "updated_at": now, **row} for row in rows]
-    old = read_corpus_table(root) if partial else None
-    if old is not None:
+    path = Path(root) / TABLE
+    try:
+        old = read_corpus_table(root)
+    except CorpusTableError:
+        if partial:
+            raise
+        path.rename(path.with_name(TABLE + ".unreadable"))
+        old = None
+    if partial and old is not None:
         mine = {r["plate_dir"] for r in full}
         kept = [{**{f.name: None for f in SCHEMA}, **{k: v for k, v in r.items() if k in SCHEMA.names}}
                 for r in old.to_pylist() if r.get("plate_dir") not in mine]
-        full = sorted(full + kept, key=lambda r: r["plate_dir"])
+        full = full + kept
+    full.sort(key=lambda r: natural_key(r["plate_dir"]))
     table = pa.Table.from_pylist([{k: r[k] for k in SCHEMA.names} for r in full], schema=SCHEMA)
-    path = Path(root) / TABLE
-    write_parquet(path, _carry_foreign_columns(path, table))
+    table = _carry_foreign_columns(old, table)
+    if flow_runs:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               **{k: v.encode() for k, v in zip(RUN_KEYS, flow_runs) if v}})
+    write_parquet(path, table)
     return path
 
 
-def _carry_foreign_columns(path: Path, table: pa.Table) -> pa.Table:
-    if not path.is_file():
+def _carry_foreign_columns(old: pa.Table | None, table: pa.Table) -> pa.Table:
+    """Columns of the old table that plateflow does not write, carried over by plate folder
+    (plate ids may repeat: duplicates are a plate error, and a note must stay with its folder)
+    or, in a table with no plate_dir column, by plate_id."""
+    key = next((k for k in ("plate_dir", "plate_id") if old is not None and k in old.column_names), None)
+    extra = [c for c in old.column_names if c not in SCHEMA.names] if key else []
+    if not extra:
         return table
-    try:
-        old = pq.read_table(path)
-    except (OSError, pa.ArrowException):
-        return table  # unreadable old table: it is replaced, not merged
-    extra = [c for c in old.column_names if c not in SCHEMA.names]
-    if not extra or "plate_id" not in old.column_names:
-        return table
-    old_rows = {r["plate_id"]: r for r in old.select(["plate_id", *extra]).to_pylist()}
+    # A table a notebook wrote may have no plate_dir: its plate_ids then name the rows.
+    old_rows = {r[key]: r for r in old.select([key, *extra]).to_pylist()}
+    folders = table.column(key).to_pylist()
     for name in extra:
-        values = [old_rows.get(pid, {}).get(name) for pid in table.column("plate_id").to_pylist()]
-        table = table.append_column(old.schema.field(name), pa.array(values, old.schema.field(name).type))
+        field = old.schema.field(name)
+        table = table.append_column(field, pa.array([old_rows.get(d, {}).get(name) for d in folders], field.type))
     return table
 
 
+def read_parquet(path: Path, what: str) -> pa.Table | None:
+    """The table at ``path``, None if there is none; a file that is not a readable table
+    raises ``CorpusTableError`` saying which file and how to recover."""
+    try:
+        return pq.read_table(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, pa.ArrowException) as exc:
+        root = Path(path).parents[1] if what != "corpus table" else Path(path).parent
+        raise CorpusTableError(
+            f"{path} is not a readable {what} ({type(exc).__name__}: {exc}); a plain "
+            f"`plateflow refresh --root {root}` rebuilds it") from None
+
+
 def read_corpus_table(root: Path) -> pa.Table | None:
-    path = Path(root) / TABLE
-    return pq.read_table(path) if path.is_file() else None
+    """ROOT/plates.parquet, None if there is none; raises ``CorpusTableError`` if unreadable."""
+    return read_parquet(Path(root) / TABLE, "corpus table")
+
+
+def table_flow_runs(table: pa.Table) -> set[str]:
+    """The flow run ids recorded in a corpus table by ``write_corpus_table``."""
+    meta = table.schema.metadata or {}
+    return {meta[k].decode() for k in RUN_KEYS if meta.get(k)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,8 +241,9 @@ def find_run(plate_dir: Path, key: str) -> str | None:
 
 def save_run_outputs(plate: PlateRef, run_id: str, key: str, vectors: dict[str, "object"],
                      boxes: list[list[int]], crop_model: str, best: int, similarity: float,
-                     original_size: tuple[int, int], crop_format: str) -> str:
-    """Write runs/<run_id>/: embeddings/<model>.npy, smart_crop.json, the best crop, metrics.json."""
+                     original_size: tuple[int, int], crop_format: str, sha256: str | None = None) -> str:
+    """Write runs/<run_id>/: embeddings/<model>.npy, smart_crop.json, the best crop, metrics.json.
+    With ``sha256``, a source that no longer has that hash fails the plate before anything is written."""
     import io
 
     import numpy as np
@@ -211,14 +251,15 @@ def save_run_outputs(plate: PlateRef, run_id: str, key: str, vectors: dict[str, 
     from tasks.crops import cut_crop
 
     run_dir = plate.plate_dir / "runs" / run_id
+    crop_name = f"best_crop.{'png' if crop_format == 'png' else 'jpg'}"
+    crop = cut_crop(plate.source_path, boxes[best], crop_format, expected_sha256=sha256)
     outputs = []
     for model, vec in vectors.items():
         buf = io.BytesIO()
         np.save(buf, np.asarray(vec, np.float32))
         write_bytes(run_dir / "embeddings" / f"{model}.npy", buf.getvalue())
         outputs.append(f"embeddings/{model}.npy")
-    crop_name = f"best_crop.{'png' if crop_format == 'png' else 'jpg'}"
-    write_bytes(run_dir / crop_name, cut_crop(plate.source_path, boxes[best], crop_format))
+    write_bytes(run_dir / crop_name, crop)
     outputs.append(crop_name)
     write_bytes(run_dir / "smart_crop.json", dumps_json({
         "plate_id": plate.plate_id, "crop_box": boxes[best], "similarity": similarity,
@@ -265,11 +306,11 @@ def write_embeddings_table(root: Path, model: str, rows: list[tuple[str, str, li
         "box": pa.array(boxes, pa.list_(pa.int32(), 4)),
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim),
     })
-    path = Path(root) / "embeddings" / f"{model}.parquet"
-    if partial and path.is_file():
+    path = embeddings_table_path(root, model)
+    old = read_parquet(path, f"embeddings table of {model}") if partial else None
+    if old is not None:
         import pyarrow.compute as pc
 
-        old = pq.read_table(path)
         if old.schema.equals(table.schema):
             keep = pc.invert(pc.is_in(old.column("plate_id"), value_set=pa.array(sorted(set(plate_ids)), pa.string())))
             table = pa.concat_tables([old.filter(keep), table])
@@ -277,19 +318,24 @@ def write_embeddings_table(root: Path, model: str, rows: list[tuple[str, str, li
     return path
 
 
+def embeddings_table_path(root: Path, model: str) -> Path:
+    return Path(root) / "embeddings" / f"{model}.parquet"
+
+
 def smart_crop_plate(plate: PlateRef, run_id: str, key: str, vector_files: dict[str, str],
-                     boxes: list[list[int]], crop_model: str, crop_params, original_size: tuple[int, int]) -> dict:
-    """Choose the best crop and write this run's outputs, unless an earlier run has them for ``key``."""
-    import numpy as np
-
+                     boxes: list[list[int]], crop_model: str, crop_params, original_size: tuple[int, int],
+                     sha256: str | None = None) -> dict:
+    """Choose the best crop and write this run's outputs, unless an earlier run has them for
+    ``key``. The crop is cut only from a source whose bytes still have ``sha256``."""
     from tasks.crops import choose_best_crop
+    from tasks.embeddings import load_vectors
 
-    vectors = {m: np.load(f) for m, f in vector_files.items()}
+    vectors = {m: load_vectors(f, len(boxes)) for m, f in vector_files.items()}
     best, similarity = choose_best_crop(vectors[crop_model], boxes, crop_params)
     existing = find_run(plate.plate_dir, key)
     if existing is None:
         save_run_outputs(plate, run_id, key, vectors, boxes, crop_model, best, similarity,
-                         original_size, crop_params.crop_format)
+                         original_size, crop_params.crop_format, sha256)
     return {"run_id": existing or run_id, "crop_status": "cached" if existing else "computed",
             "best_crop_idx": best, "crop_box": boxes[best], "similarity": similarity,
             "original_size": list(original_size)}
@@ -297,5 +343,7 @@ def smart_crop_plate(plate: PlateRef, run_id: str, key: str, vector_files: dict[
 
 @task(name="save-smart-crop", task_run_name="smart-crop-{plate.plate_id}", **TRANSIENT_RETRIES)
 def save_smart_crop(plate: PlateRef, run_id: str, key: str, vector_files: dict[str, str],
-                    boxes: list[list[int]], crop_model: str, crop_params, original_size: tuple[int, int]) -> dict:
-    return smart_crop_plate(plate, run_id, key, vector_files, boxes, crop_model, crop_params, original_size)
+                    boxes: list[list[int]], crop_model: str, crop_params, original_size: tuple[int, int],
+                    sha256: str | None = None) -> dict:
+    return smart_crop_plate(plate, run_id, key, vector_files, boxes, crop_model, crop_params, original_size,
+                            sha256)

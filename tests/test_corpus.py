@@ -66,7 +66,7 @@ def test_ingest_copies_into_the_layout_and_never_touches_sources(tmp_path):
     root = tmp_path / "corpus"
     report = ingest([src], root)
     assert [pid for _, pid in report.added] == ["plate-001", "plate-002"]
-    assert [(p.name, r) for p, r in report.skipped] == [("notes.txt", "not an image (no decoder recognises its contents)")]
+    assert [(p.name, r) for p, r in report.skipped] == [("notes.txt", "not an image, or a corrupt one: no decoder recognises the contents of notes.txt")]
     after = {p: (sha256_file(p), p.stat().st_mtime_ns) for p in src.rglob("*") if p.is_file()}
     assert before == after
     manifest = json.loads((root / "plates_structured" / "plate-002" / "manifest.json").read_text())

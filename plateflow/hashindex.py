@@ -1,0 +1,109 @@
+"""ROOT/.plateflow/source-index.parquet: each source's stat signature with its sha256.
+
+As git's index and rsync do, a file whose size, mtime_ns, inode and ctime_ns are what they were
+when it was hashed is taken to hold the same bytes, and is not read again. A file modified
+within ``RACY_NS`` of its hashing is hashed again next time (git's "racily clean" entries: a
+write in the same clock tick as the hash would leave the stat unchanged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from pathlib import Path
+
+INDEX = "source-index.parquet"
+RACY_NS = 2_000_000_000
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _signature(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
+
+
+class SourceIndex:
+    """sha256 of files under ``root``, read only where their stat changed. Thread-safe."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+        self.path = self.root / ".plateflow" / INDEX
+        self._entries: dict[str, tuple[int, int, int, int, int, str]] = {}
+        self._changed = False
+        self._lock = threading.Lock()
+        self._load()
+
+    def _load(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(self.path)
+            cols = [table.column(c).to_pylist() for c in
+                    ("path", "size", "mtime_ns", "ino", "ctime_ns", "hashed_ns", "sha256")]
+        except FileNotFoundError:
+            return
+        except (OSError, KeyError, pa.ArrowException):
+            self._changed = True  # an unreadable index is a cold one: it is rebuilt
+            return
+        self._entries = {p: tuple(rest) for p, *rest in zip(*cols)}
+
+    def _key(self, path: Path) -> str:
+        path = Path(path).resolve()
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
+
+    def sha256(self, path: Path) -> str:
+        """The file's sha256: from the index if its stat is unchanged, else by reading it."""
+        key = self._key(path)
+        st = os.stat(path)
+        sig = _signature(st)
+        entry = self._entries.get(key)
+        if entry is not None and entry[:4] == sig and entry[4] - sig[1] > RACY_NS:
+            return entry[5]
+        hashed_ns = time.time_ns()
+        sha = sha256_file(path)
+        if _signature(os.stat(path)) == sig:  # it did not change while it was read
+            self.record(path, sha, st, hashed_ns)
+        return sha
+
+    def record(self, path: Path, sha256: str, st: os.stat_result | None = None,
+               hashed_ns: int | None = None) -> None:
+        """Record a hash computed elsewhere (from bytes just written, say)."""
+        st = st or os.stat(path)
+        with self._lock:
+            self._entries[self._key(path)] = (*_signature(st), hashed_ns or time.time_ns(), sha256)
+            self._changed = True
+
+    def forget_missing(self, keep: set[str]) -> None:
+        """Drop entries whose paths are not in ``keep`` (relative paths, as stored)."""
+        with self._lock:
+            gone = [k for k in self._entries if k not in keep]
+            for k in gone:
+                del self._entries[k]
+            self._changed |= bool(gone)
+
+    def save(self) -> None:
+        """Write the index atomically if anything changed."""
+        import pyarrow as pa
+
+        from plateflow.atomic import write_parquet
+
+        with self._lock:
+            if not self._changed:
+                return
+            items = sorted(self._entries.items())
+            self._changed = False
+        types = {"size": pa.int64(), "mtime_ns": pa.int64(), "ino": pa.uint64(), "ctime_ns": pa.int64(),
+                 "hashed_ns": pa.int64()}
+        table = pa.table({"path": pa.array([k for k, _ in items], pa.string()),
+                          **{n: pa.array([v[i] for _, v in items], t) for i, (n, t) in enumerate(types.items())},
+                          "sha256": pa.array([v[5] for _, v in items], pa.string())})
+        write_parquet(self.path, table)

@@ -1,0 +1,221 @@
+"""The refresh under faults and hostile corpora, end to end: through the flow on the test
+server, and through `plateflow refresh` as a user runs it (its own temporary server)."""
+
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from flows.refresh import refresh_corpus
+from plateflow.cli import app
+from plateflow.config import CharacterizeParams
+
+from conftest import make_plate, paper_plate, wait_until
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def run(root, **kw):
+    state = refresh_corpus(str(root), return_state=True, **kw)
+    table = {r["plate_dir"]: r for r in pq.read_table(root / "plates.parquet").to_pylist()}
+    return state, table
+
+
+def snapshot(root: Path) -> dict[Path, tuple[int, int]]:
+    """(inode, mtime_ns) of every file under ROOT but plates.parquet (the record of each run)
+    and the lock (which names the run that holds the corpus)."""
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in root.rglob("*")
+            if p.is_file() and p.name not in ("plates.parquet", "refresh.lock")}
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_every_file_and_folder_a_refresh_writes_has_the_umask_mode(corpus, tiny_env):
+    old = os.umask(0o022)
+    try:
+        state, _ = run(corpus, models=["tiny_dinov2"], gpu_class="CPU")
+    finally:
+        os.umask(old)
+    assert state.is_completed(), state.message
+    made = [p for p in corpus.rglob("*") if "source" not in p.relative_to(corpus).parts]
+    assert len(made) > 30
+    wrong = {str(p.relative_to(corpus)): oct(stat.S_IMODE(p.stat().st_mode)) for p in made
+             if stat.S_IMODE(p.stat().st_mode) != (0o755 if p.is_dir() else 0o644)}
+    assert wrong == {}
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_plate_folder_symlinked_outside_the_corpus_is_refused_and_nothing_is_written_there(tmp_path):
+    root = tmp_path / "corpus"
+    make_plate(root, "plate-001", paper_plate(seed=1))
+    outside = make_plate(tmp_path / "elsewhere", "victim", paper_plate(seed=2))
+    (root / "plates_structured" / "plate-002").symlink_to(outside)
+    before = {p.name for p in outside.rglob("*")}
+    state, table = run(root)
+    assert state.is_failed() and table["plate-001"]["status"] == "ok"
+    assert table["plate-002"]["failed_step"] == "manifest"
+    assert "is a symlink to" in table["plate-002"]["error"] and "outside plates_structured/" in table["plate-002"]["error"]
+    assert {p.name for p in outside.rglob("*")} == before
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_an_unchanged_corpus_with_failed_plates_rewrites_nothing(tmp_path):
+    root = tmp_path / "corpus"
+    make_plate(root, "plate-001", paper_plate(seed=1))
+    make_plate(root, "plate-002", b"\xff\xd8\xff\xe0garbage", filename="corrupt.jpg")
+    make_plate(root, "plate-003", b"", filename="empty.jpg")
+    run(root)
+    run(root)  # the cached run: statuses settle
+    before = snapshot(root)
+    state, table = run(root)
+    assert state.is_failed() and table["plate-002"]["status"] == "failed"
+    assert snapshot(root) == before
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_damaged_cache_entries_are_recomputed_and_the_log_names_them(corpus, tiny_env, caplog):
+    caplog.set_level(logging.WARNING)
+    state, table = run(corpus, models=["tiny_dinov2"], gpu_class="CPU")
+    assert state.is_completed(), state.message
+    vectors = sorted((corpus / ".plateflow" / "embeddings" / "tiny_dinov2").glob("*.npy"))
+    results = sorted((corpus / ".plateflow" / "results").iterdir())
+    assert len(vectors) == 3 and len(results) == 3
+    vectors[0].write_bytes(vectors[0].read_bytes()[:100])  # truncated
+    vectors[1].write_bytes(b"\x93NUMPY garbage" * 20)
+    np.save(vectors[2], np.ones((3, 32), np.float32))  # another shape
+    results[0].write_bytes(b"{not a result")
+    state, table = run(corpus, models=["tiny_dinov2"], gpu_class="CPU")
+    assert state.is_completed(), state.message
+    assert {r["embed_status"] for r in table.values()} == {"computed"}
+    assert sorted(r["characterize_status"] for r in table.values()) == ["cached", "cached", "computed"]
+    for path in vectors + results[:1]:
+        assert str(path) in caplog.text
+    assert "recomputed" in caplog.text
+    # And what was recomputed is whole again: the next run trusts it.
+    caplog.clear()
+    state, table = run(corpus, models=["tiny_dinov2"], gpu_class="CPU")
+    assert {r["embed_status"] for r in table.values()} == {"cached"} and "damaged" not in caplog.text
+    for path in vectors:
+        assert np.load(path).shape == (16, 32)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_plates_sort_naturally_in_the_table_and_the_status(tmp_path):
+    for name in ("plate-1000", "plate-101", "plate-2", "plate-10"):
+        make_plate(tmp_path, name, b"", filename="empty.jpg")  # failing: listed by status
+    state = refresh_corpus(str(tmp_path), return_state=True)
+    order = ["plate-2", "plate-10", "plate-101", "plate-1000"]
+    assert pq.read_table(tmp_path / "plates.parquet").column("plate_dir").to_pylist() == order
+    assert state.message.index("plate-2,") < state.message.index("plate-10,") < state.message.index("plate-1000")
+    out = runner.invoke(app, ["status", "--root", str(tmp_path)], terminal_width=300).output
+    assert [out.index(f"{name} ") for name in order] == sorted(out.index(f"{name} ") for name in order)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB tmpfs (as root, as CI runs), unmounted afterwards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.fail(f"this test needs to mount a small tmpfs (as root): {done.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with open(filler, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_full_disk_names_the_path_and_never_reports_the_old_table_as_this_run(small_disk):
+    root = small_disk / "corpus"
+    for i in range(3):
+        make_plate(root, f"plate-{i + 1:03d}", paper_plate(seed=i))
+    first = runner.invoke(app, ["refresh", "--root", str(root), "--no-viz"], terminal_width=400)
+    assert first.exit_code == 0, first.output
+    old_table = (root / "plates.parquet").read_bytes()
+    make_plate(root, "plate-004", paper_plate(seed=7))
+    filler = fill(small_disk)
+    result = runner.invoke(app, ["refresh", "--root", str(root), "--no-viz"], terminal_width=400)
+    assert result.exit_code == 1, result.output
+    assert "No space left on device" in result.output
+    assert "could not write the corpus table: [Errno 28]" in result.output
+    assert f"No space left on device: '{root / 'plates.parquet'}'" in result.output
+    assert "This run: 3 of 4 plates ok, 1 failed: plate-004" in result.output
+    assert "was not written by this run" in result.output and "4 plates:" not in result.output
+    assert "3 plates: 3 ok" not in result.output  # the old table's counts are not shown as this run's
+    assert (root / "plates.parquet").read_bytes() == old_table  # nothing corrupted
+    assert not [p for p in root.rglob("*.tmp")]
+    filler.unlink()
+    again = runner.invoke(app, ["refresh", "--root", str(root), "--no-viz"], terminal_width=400)
+    assert again.exit_code == 0, again.output
+    assert "4 plates: 4 ok, 0 failed" in again.output
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.slow
+def test_a_killed_cli_refresh_takes_its_server_along_and_the_next_one_cleans_up_and_prints_no_traceback(tmp_path):
+    root = tmp_path / "corpus"
+    for i in range(40):
+        make_plate(root, f"plate-{i + 1:03d}", paper_plate(seed=i))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               COLUMNS="300")
+    cmd = [str(Path(sys.executable).with_name("plateflow")), "refresh", "--root", str(root)]
+    log = tmp_path / "killed.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "[3/40]" in log.read_text(), 120, "the refresh to be under way", every=0.1)
+        servers = [k for k in _children(proc.pid) if "uvicorn" in Path(f"/proc/{k}/cmdline").read_text()]
+        assert len(servers) == 1, log.read_text()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        wait_until(lambda: not _alive(servers[0]), 30, "the temporary server to end with its parent", every=0.2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stale = root / "plates_structured" / "plate-001" / ".input_image.json.k1ll3d_9.tmp"
+    stale.write_bytes(b"left by a killed writer")
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "40 plates: 40 ok, 0 failed" in output
+    assert "removed plates_structured/plate-001/.input_image.json.k1ll3d_9.tmp" in output
+    assert "Traceback" not in output and "Error" not in output and "CancelledError" not in output
+    assert not [p for p in root.rglob("*.tmp")]
