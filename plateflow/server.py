@@ -136,7 +136,8 @@ def temporary_server(timeout: float = 120) -> Iterator[str | None]:
     run prints no traceback from it.
     """
     import prefect
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, get_current_settings, temporary_settings
+    from prefect.settings import (PREFECT_API_URL, PREFECT_HOME, PREFECT_UI_URL, get_current_settings,
+                                  temporary_settings)
 
     if PREFECT_API_URL.value():
         yield None
@@ -156,7 +157,8 @@ def temporary_server(timeout: float = 120) -> Iterator[str | None]:
                                 preexec_fn=lambda: _die_with_parent(parent), start_new_session=True)
     try:
         wait_healthy(url, proc, timeout)
-        with temporary_settings(updates={PREFECT_API_URL: url}):
+        # No "View at" links: this server has no UI, and it is gone when the command ends.
+        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_UI_URL: ""}):
             try:
                 yield url
             finally:

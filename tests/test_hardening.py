@@ -19,10 +19,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from plateflow.atomic import remove_stale_temps, temp_file, write_bytes
+from plateflow.atomic import write_bytes
 from plateflow.cli import app
-from plateflow.corpus import discover_plates, ingest, natural_key, plate_folders, PlateProblem, PlateRef
-from plateflow.errors import CacheEntryError, SourceChangedError, UnsafePathError
+from plateflow.corpus import PlateProblem, PlateRef, discover_plates, ingest, plate_folders
+from plateflow.errors import UnsafePathError
 
 from conftest import make_plate, paper_plate
 
@@ -181,6 +181,8 @@ def test_plate_folders_and_output_folders_that_lead_outside_the_corpus_are_refus
 
 
 def test_stale_temp_files_are_removed_and_live_ones_kept(tmp_path):
+    from plateflow.atomic import remove_stale_temps, temp_file
+
     plate = tmp_path / "plates_structured" / "plate-001"
     (plate / "source").mkdir(parents=True)
     stale = [plate / ".input_image.json.k3j_x9a2.tmp", tmp_path / ".plateflow" / ".config.json.abcdefgh.tmp"]
@@ -201,6 +203,8 @@ def test_stale_temp_files_are_removed_and_live_ones_kept(tmp_path):
 
 
 def test_a_writer_killed_mid_write_leaves_a_temp_file_the_next_sweep_removes(tmp_path):
+    from plateflow.atomic import remove_stale_temps
+
     target = tmp_path / "plates_structured" / "plate-001" / "input_image.json"
     code = ("import sys, time; from pathlib import Path; from plateflow.atomic import temp_file\n"
             "with temp_file(Path(sys.argv[1])) as (fd, tmp):\n"
@@ -231,6 +235,7 @@ def _npy(array) -> bytes:
     (lambda good: good + b"\x00" * 8, "too long"),
 ])
 def test_damaged_cached_vectors_are_refused_with_the_file_named(tmp_path, damage, words):
+    from plateflow.errors import CacheEntryError
     from tasks.embeddings import load_vectors, vectors_problem
 
     path = tmp_path / "v.npy"
@@ -289,6 +294,7 @@ def test_a_source_changed_before_its_crop_is_cut_fails_that_plate_and_writes_not
 
     from plateflow.config import CropParams
     from plateflow.corpus import read_manifest
+    from plateflow.errors import SourceChangedError
     from tasks.save import smart_crop_plate
 
     d = make_plate(tmp_path, "plate-001", paper_plate(seed=1))
@@ -309,6 +315,8 @@ def test_a_source_changed_before_its_crop_is_cut_fails_that_plate_and_writes_not
 # --- Output -----------------------------------------------------------------------------------
 
 def test_plate_folders_sort_naturally(tmp_path):
+    from plateflow.corpus import natural_key
+
     for name in ("plate-1000", "plate-101", "plate-2", "plate-10"):
         make_plate(tmp_path, name, paper_plate())
     assert [p.name for p in plate_folders(tmp_path)] == ["plate-2", "plate-10", "plate-101", "plate-1000"]
