@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from plateflow.atomic import make_temp_dir, write_bytes
+from plateflow.config import CharacterizeParams
 from plateflow.errors import DuplicatePlateError, ManifestError, PlateError, UnsafePathError
 from plateflow.hashindex import SourceIndex, sha256_file  # noqa: F401 - sha256_file is public here
 
@@ -33,7 +34,8 @@ STATE_DIR = ".plateflow"
 PLATE_NAME = re.compile(r"^plate-(\d+)$")
 # Folders plateflow writes into inside a plate folder: a symlink there must not lead out of it.
 OUTPUT_DIRS = ("viz", "runs")
-DEFAULT_MAX_PIXELS = 250_000_000  # CharacterizeParams.max_pixels: ingest applies the same limit
+# Ingest applies the refresh's pixel limit.
+DEFAULT_MAX_PIXELS: int = CharacterizeParams.model_fields["max_pixels"].default
 
 
 def natural_key(name: str) -> list:
