@@ -7,11 +7,13 @@ import os
 import socket
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.exceptions import MissingResult
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
@@ -19,19 +21,20 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from plateflow.artifacts import Progress, publish
 from plateflow.atomic import dumps_json, remove_stale_temps, write_bytes_if_changed
-from plateflow.caching import forget_failure
 from plateflow.config import CharacterizeParams, CropParams, RefreshConfig, default_workers
 from plateflow.corpus import PlateProblem, PlateRef, corpus_lock, discover_plates, natural_key, state_dir
-from plateflow.errors import ConfigError, ImageDecodeError, TooManyPixelsError
+from plateflow.errors import ConfigError
+from plateflow.hashindex import SourceIndex
 from plateflow.hardware import gpu_class as detect_gpu_class
 from plateflow.profiles import load_profiles
 from plateflow.routing import Dispatch, GpuRoute, choose_route, run_on_pool
-from tasks.characterize import characterize, hash_source
+from tasks.batch import PlateOutcome, characterize_batch, run_batch
+from tasks.characterize import cache_key
 from tasks.crops import WORKING_COPY, crop_candidates
 from tasks.embeddings import PlateJob, embedding_key, load_vectors, require_weights, store_path, vectors_problem
 from tasks.report import build_report
-from tasks.save import (embeddings_table_path, read_corpus_table, read_parquet, save_failure_record, save_plate,
-                        save_smart_crop, write_corpus_table, write_embeddings_table)
+from tasks.save import (current_record, embeddings_table_path, read_corpus_table, read_parquet, save_smart_crop,
+                        write_corpus_table, write_embeddings_table)
 
 # Columns of plates.parquet copied from a plate's input_image.json record.
 _TABLE_FIELDS = (
@@ -42,42 +45,137 @@ _TABLE_FIELDS = (
 
 
 @dataclass
-class PlateRun:
+class PlateRecord:
+    """One plate through a refresh: its source's hash, its corpus-table row and, once
+    characterised (or found current), its input_image.json fields."""
+
     plate: PlateRef
-    futures: dict[str, PrefectFuture] = field(default_factory=dict)
+    sha256: str | None = None
+    metadata: dict | None = None
+    row: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.row = {"plate_dir": self.plate.folder, "plate_id": self.plate.plate_id,
+                    "source_image": self.plate.source_image, "status": "ok"}
+
+    @property
+    def ok(self) -> bool:
+        return self.row["status"] == "ok"
+
+    def settle(self, status: str, metadata: dict) -> None:
+        self.metadata = metadata
+        self.row.update({k: metadata[k] for k in _TABLE_FIELDS}, characterize_status=status)
+
+    def fail(self, step: str, error: str, **extra) -> None:
+        """Mark the plate failed at ``step``, with the error that says why."""
+        self.row.update(status="failed", failed_step=step, error=error, **extra)
+        self.row.setdefault("characterize_status", "not_run")
 
 
 def _step_outcome(future: PrefectFuture) -> tuple[str, BaseException | None]:
-    """('computed' | 'cached' | 'failed' | 'not_run', exception)."""
+    """('computed' | 'failed' | 'not_run', exception) of a per-plate task of the GPU stage."""
     future.wait()
     state = future.state
     if state.is_completed():
-        return ("cached" if state.name == "Cached" else "computed"), None
+        return "computed", None
     if state.is_failed() or state.is_crashed():
         exc = state.result(raise_on_failure=False)
         return "failed", exc if isinstance(exc, BaseException) else RuntimeError(state.message)
     return "not_run", None
 
 
-def _plate_row(run: PlateRun, logger) -> dict:
-    row = {"plate_dir": run.plate.folder, "plate_id": run.plate.plate_id,
-           "source_image": run.plate.source_image, "status": "ok"}
-    for step in ("hash", "characterize", "save"):
-        outcome, exc = _step_outcome(run.futures[step])
-        if step == "characterize":
-            row["characterize_status"] = outcome
-        if outcome == "failed":
-            _fail(row, step, exc)
-            row.setdefault("characterize_status", "not_run")
-            if isinstance(exc, (ImageDecodeError, TooManyPixelsError)):
-                try:
-                    save_failure_record(run.plate, run.plate.plate_dir.parents[1], str(exc))
-                except OSError as write_error:  # a full disk, say: the table still records the failure
-                    logger.warning("%s: could not write its failure record: %s", run.plate.folder, write_error)
-            return row
-    result = run.futures["characterize"].result()
-    row.update({k: result.metadata[k] for k in _TABLE_FIELDS})
-    return row
+def hash_sources(records: list[PlateRecord], root: Path, verify: bool, workers: int, logger,
+                  whole_corpus: bool = True) -> None:
+    """Each source's sha256, from ROOT/.plateflow/source-index.parquet where its stat is unchanged
+    (all read again with ``verify``); a source that cannot be read fails its plate. A refresh of
+    the whole corpus drops the entries of sources that are gone."""
+    index = SourceIndex(root)
+
+    def one(rec: PlateRecord) -> None:
+        path = rec.plate.source_path
+        for attempt in range(3):
+            try:
+                rec.sha256 = index.rehash(path) if verify else index.sha256(path)
+                return
+            except OSError as exc:
+                if attempt == 2:
+                    rec.fail("hash", f"{type(exc).__name__}: {exc}")
+                    logger.warning("%s: cannot read its source: %s", rec.plate.folder, exc)
+                else:
+                    time.sleep(2 ** attempt)
+
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="plateflow-hash") as pool:
+        list(pool.map(one, records))
+    if whole_corpus:
+        index.forget_missing({index.key(r.plate.source_path) for r in records})
+    try:
+        index.save()
+    except OSError as exc:  # a full disk: the next refresh hashes these sources again, nothing is lost
+        logger.warning("could not write the source index: %s", exc)
+
+
+def settle_current(records: list[PlateRecord], root: Path, params: CharacterizeParams) -> list[PlateRecord]:
+    """Settle, without a task, every plate whose outputs (or failure record) are in place for
+    its cache key; return the plates that have work to do."""
+    todo = []
+    for rec in records:
+        if not rec.ok:
+            continue
+        record = current_record(rec.plate, root, cache_key(rec.sha256, params), params.viz, params.working_copy)
+        if record is None:
+            todo.append(rec)
+        elif record.get("loadable") is False:  # bad input, already found bad with these bytes and code
+            rec.fail("characterize", record.get("plateflow_error") or record.get("error", ""),
+                     characterize_status="cached")
+        else:
+            rec.settle("cached", record)
+    return todo
+
+
+def batches(records: list[PlateRecord], max_plates: int, max_bytes: int) -> list[list[PlateRecord]]:
+    """Consecutive plates grouped by expected work (source bytes), at most ``max_plates`` each."""
+    out: list[list[PlateRecord]] = []
+    size = 0
+    for rec in records:
+        try:
+            cost = rec.plate.source_path.stat().st_size
+        except OSError:
+            cost = 0
+        if not out or len(out[-1]) >= max_plates or (size + cost > max_bytes and out[-1]):
+            out.append([])
+            size = 0
+        out[-1].append(rec)
+        size += cost
+    return out
+
+
+def characterize_plates(todo: list[PlateRecord], params: CharacterizeParams, root: Path, max_plates: int,
+                        max_bytes: int, progress: Progress, logger) -> None:
+    """The plates with work, in characterize-batch tasks; a log line per batch and per failure."""
+    groups = batches(todo, max_plates, max_bytes)
+    futures = {characterize_batch.submit([(r.plate, r.sha256) for r in group], params, str(root),
+                                         name=f"{i + 1}of{len(groups)}"): group
+               for i, group in enumerate(groups)}
+    for done, future in enumerate(as_completed(list(futures)), start=1):
+        group = futures[future]
+        try:
+            outcomes = future.result(raise_on_failure=False)
+        except MissingResult:  # finished, but its outcome did not come back (a busy server): idempotent, so
+            logger.warning("batch %d/%d: its outcome was lost; running it again here", done, len(groups))
+            outcomes = run_batch([(r.plate, r.sha256) for r in group], params, root, logger)
+        if not isinstance(outcomes, list):  # the task itself died (a lost worker): its plates fail
+            outcomes = [PlateOutcome(r.plate.folder, "failed", failed_step="characterize",
+                                     error=f"the batch failed: {future.state.message}") for r in group]
+        for rec, outcome in zip(group, outcomes):
+            if outcome.status == "failed":
+                rec.fail(outcome.failed_step, outcome.error,
+                         characterize_status="failed" if outcome.failed_step == "characterize" else "computed")
+                logger.warning("%s failed at %s: %s", rec.plate.folder, outcome.failed_step, outcome.error)
+            else:
+                rec.settle(outcome.status, outcome.metadata)
+        logger.info("batch %d/%d: %d plates, %d failed", done, len(groups), len(group),
+                    sum(o.status == "failed" for o in outcomes))
+        progress.advance(len(group))
 
 
 def _problem_row(problem: PlateProblem) -> dict:
@@ -103,6 +201,9 @@ def refresh_corpus(
     gpu_dispatch: Dispatch = "auto",
     chunk_size: int = 512,
     worker_wait_minutes: float | None = 30.0,
+    verify: bool = False,
+    batch_plates: int = 64,
+    batch_megabytes: float = 256.0,
 ):
     """Characterise every plate under ROOT/plates_structured; with ``models``, also build crop
     candidates, embed them with each model, choose and save the smart crop. Writes
@@ -116,6 +217,10 @@ def refresh_corpus(
     pool has no online worker for ``worker_wait_minutes`` (None: no limit), the plates no worker
     took fail saying so. Ends Failed (with every failed plate and its reason in the message) if
     any plate failed; the other plates are complete either way.
+
+    Sources are hashed only where their stat changed (``verify``: all of them). A plate whose
+    outputs are in place for its cache key creates no task run; the others go through
+    characterize-batch tasks of at most ``batch_plates`` plates and ``batch_megabytes`` of source.
     """
     logger = get_run_logger()
     if plates is not None:  # a refresh of some plates merges into the tables: they must be readable
@@ -164,35 +269,20 @@ def refresh_corpus(
 
         timings: dict[str, float] = {"waiting for the corpus": waited} if waited >= 1 else {}
         progress = Progress(root_path, len(plates) * (2 + len(models)) if models else len(plates))
-        char_task = characterize.with_options(result_storage=state_dir(root_path) / "results")
-        runs: list[PlateRun] = []
-        for plate in plates:
-            run = PlateRun(plate)
-            run.futures["hash"] = hash_source.submit(plate.source_path, plate.plate_id)
-            run.futures["characterize"] = char_task.submit(
-                plate.source_path, run.futures["hash"], cfg.characterize, plate.plate_id)
-            run.futures["save"] = save_plate.submit(plate, root_path, run.futures["characterize"])
-            runs.append(run)
-
-        by_future = {run.futures["save"]: run for run in runs}
-        for done, future in enumerate(as_completed(list(by_future)), start=1):
-            run = by_future[future]
-            saved, _ = _step_outcome(future)
-            outcome, _ = _step_outcome(run.futures["characterize"])
-            logger.info("[%d/%d] %s %s", done, len(runs), run.plate.plate_id,
-                        outcome if saved != "failed" and outcome != "failed" else "FAILED")
-            progress.advance()
+        records = [PlateRecord(plate) for plate in plates]
+        hash_sources(records, root_path, verify, cfg.workers, logger, whole_corpus=not partial)
+        todo = settle_current(records, root_path, cfg.characterize)
+        progress.advance(len(records) - len(todo))
+        logger.info("%d plates current, %d to characterise", len(records) - len(todo), len(todo))
+        characterize_plates(todo, cfg.characterize, root_path, batch_plates, int(batch_megabytes * 2**20),
+                            progress, logger)
         timings["characterisation"] = time.perf_counter() - started
 
-        rows = [_plate_row(run, logger) for run in runs] + [_problem_row(p) for p in problems]
-        for run in runs:
-            if run.futures["characterize"].state.is_failed():
-                forget_failure(run.futures["characterize"].state, state_dir(root_path) / "results")
+        rows = [rec.row for rec in records] + [_problem_row(p) for p in problems]
         if models:
             run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-            _embed_and_crop(root_path, runs, {r["plate_dir"]: r for r in rows}, models, crop_model,
-                            crop_params, route, weights_root, run_id, chunk_size, partial, progress, timings,
-                            worker_wait_minutes)
+            _embed_and_crop(root_path, records, models, crop_model, crop_params, route, weights_root, run_id,
+                            chunk_size, partial, progress, timings, worker_wait_minutes)
         rows.sort(key=lambda r: natural_key(r["plate_dir"]))
         t = time.perf_counter()
         failed = [r for r in rows if r["status"] == "failed"]
@@ -230,7 +320,7 @@ def refresh_corpus(
         return Completed(message=summary)
 
 
-def _embed_and_crop(root: Path, runs: list[PlateRun], rows: dict[str, dict], models: list[str],
+def _embed_and_crop(root: Path, records: list[PlateRecord], models: list[str],
                     crop_model: str, crop_params: CropParams, route: GpuRoute,
                     weights_root: str | None, run_id: str, chunk_size: int, partial: bool,
                     progress: Progress, timings: dict[str, float],
@@ -241,10 +331,11 @@ def _embed_and_crop(root: Path, runs: list[PlateRun], rows: dict[str, dict], mod
     started = time.perf_counter()
     logger = get_run_logger()
     profiles = load_profiles()
-    ok = [run for run in runs if rows[run.plate.folder]["status"] == "ok"]
+    rows = {rec.plate.folder: rec.row for rec in records}
+    ok = [rec for rec in records if rec.ok]
     boxes_f, info = {}, {}
     for run in ok:
-        meta = run.futures["characterize"].result().metadata
+        meta = run.metadata
         info[run.plate.folder] = (meta["sha256"], (meta["width"], meta["height"]))
         boxes_f[run.plate.folder] = crop_candidates.submit(
             run.plate.plate_dir, run.plate.plate_id, info[run.plate.folder][1], crop_params)

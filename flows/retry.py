@@ -35,6 +35,9 @@ def retry_failed_plates(
     gpu_dispatch: Dispatch = "auto",
     chunk_size: int = 512,
     worker_wait_minutes: float | None = 30.0,
+    verify: bool = False,
+    batch_plates: int = 64,
+    batch_megabytes: float = 256.0,
 ):
     """Refresh only the failed plates (same parameters as refresh-corpus); the rest stay as they are."""
     logger = get_run_logger()
@@ -44,7 +47,8 @@ def retry_failed_plates(
     logger.info("retrying %d failed plates: %s", len(failed), ", ".join(failed))
     state = refresh_corpus(root, characterize_params, models, crop_model, crop_params, gpu_class,
                            weights_root, plates=failed, gpu_dispatch=gpu_dispatch, chunk_size=chunk_size,
-                           worker_wait_minutes=worker_wait_minutes, return_state=True)
+                           worker_wait_minutes=worker_wait_minutes, verify=verify, batch_plates=batch_plates,
+                           batch_megabytes=batch_megabytes, return_state=True)
     failure = state.result(raise_on_failure=False) if state.is_failed() else None
     if isinstance(failure, ConfigError):  # stopped before any work: fail as that error, not as plates
         raise failure

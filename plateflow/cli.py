@@ -69,6 +69,9 @@ def refresh(
     worker_wait_minutes: Annotated[float, typer.Option(help="With a work pool: how long its having no online worker is waited out before those plates fail (0: no limit).")] = 30.0,
     weights: Annotated[Optional[Path], typer.Option(help="Folder with <model>/ weights (else the HF cache).")] = None,
     failed_only: Annotated[bool, typer.Option("--failed-only", help="Retry only the plates whose last status is failed (the retry-failed-plates flow).")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Hash every source again, not only those whose size, mtime, inode or ctime changed.")] = False,
+    batch_plates: Annotated[int, typer.Option(help="Most plates in one characterize-batch task.", min=1)] = 64,
+    batch_megabytes: Annotated[float, typer.Option(help="Most source megabytes in one characterize-batch task.", min=0.001)] = 256.0,
 ) -> None:
     """Run the refresh flow: only plates whose content, parameters or code changed are recomputed.
 
@@ -100,6 +103,7 @@ def refresh(
                             crop_model=crop_model, crop_params=crop, gpu_class=gpu_class,
                             weights_root=str(weights) if weights else None, gpu_dispatch=gpu_dispatch,
                             chunk_size=chunk_size, worker_wait_minutes=worker_wait_minutes or None,
+                            verify=verify, batch_plates=batch_plates, batch_megabytes=batch_megabytes,
                             return_state=True)
     except ValueError as exc:  # parameters that do not validate, an unreadable table
         console.print(f"[red]configuration error:[/] {exc}")
@@ -291,7 +295,8 @@ def demo(
     console.print(f"demo sources: {len(sources)} plates written under {sources[0].parent}")
     ingest(sources, root, max_megapixels=250.0)
     refresh(root, workers=None, no_viz=False, max_megapixels=250.0, models=models, crop_model=None,
-            crop_format="jpeg", min_crop_area=0.0, gpu_class=None, weights=weights, failed_only=False)
+            crop_format="jpeg", min_crop_area=0.0, gpu_class=None, weights=weights, failed_only=False,
+            verify=False, batch_plates=64, batch_megabytes=256.0)
     console.print(f"open {root / 'plates_structured'} to see each plate's JSON and viz/ files")
 
 

@@ -27,6 +27,11 @@ def _signature(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
 
+def _trusted(entry: tuple) -> bool:
+    """An entry hashed well after its file's last modification (not racily clean)."""
+    return entry[4] - entry[1] > RACY_NS
+
+
 class SourceIndex:
     """sha256 of files under ``root``, read only where their stat changed. Thread-safe."""
 
@@ -53,7 +58,8 @@ class SourceIndex:
             return
         self._entries = {p: tuple(rest) for p, *rest in zip(*cols)}
 
-    def _key(self, path: Path) -> str:
+    def key(self, path: Path) -> str:
+        """How ``path`` is named in the index: relative to the root where it lies inside it."""
         path = Path(path).resolve()
         try:
             return path.relative_to(self.root).as_posix()
@@ -62,12 +68,17 @@ class SourceIndex:
 
     def sha256(self, path: Path) -> str:
         """The file's sha256: from the index if its stat is unchanged, else by reading it."""
-        key = self._key(path)
         st = os.stat(path)
         sig = _signature(st)
-        entry = self._entries.get(key)
-        if entry is not None and entry[:4] == sig and entry[4] - sig[1] > RACY_NS:
+        entry = self._entries.get(self.key(path))
+        if entry is not None and entry[:4] == sig and _trusted(entry):
             return entry[5]
+        return self.rehash(path, st)
+
+    def rehash(self, path: Path, st: os.stat_result | None = None) -> str:
+        """The file's sha256 by reading it (and recorded, unless it changed while it was read)."""
+        st = st or os.stat(path)
+        sig = _signature(st)
         hashed_ns = time.time_ns()
         sha = sha256_file(path)
         if _signature(os.stat(path)) == sig:  # it did not change while it was read
@@ -78,9 +89,14 @@ class SourceIndex:
                hashed_ns: int | None = None) -> None:
         """Record a hash computed elsewhere (from bytes just written, say)."""
         st = st or os.stat(path)
+        entry = (*_signature(st), hashed_ns or time.time_ns(), sha256)
+        key = self.key(path)
         with self._lock:
-            self._entries[self._key(path)] = (*_signature(st), hashed_ns or time.time_ns(), sha256)
-            self._changed = True
+            old = self._entries.get(key)
+            self._entries[key] = entry
+            # Worth writing: a new file, new bytes or stat, or an entry that has stopped being racy.
+            self._changed |= (old is None or old[:4] != entry[:4] or old[5] != sha256
+                              or (not _trusted(old) and _trusted(entry)))
 
     def forget_missing(self, keep: set[str]) -> None:
         """Drop entries whose paths are not in ``keep`` (relative paths, as stored)."""

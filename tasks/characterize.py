@@ -1,19 +1,20 @@
 """The CPU characterisation step: one decode per plate feeds metadata, histograms and the preview.
 
-``characterize_image`` is the plain function; ``characterize`` is its Prefect task, cached on the
-source's content hash, the step's parameters and the code version of the modules it runs.
+``characterize_image`` is the plain function. Its result is stored per plate under a key made
+of the source's content hash, the step's parameters and the code version of the modules it
+runs (``result_path``); ``tasks/batch.py`` runs it for batches of plates.
 """
 
 from __future__ import annotations
 
+import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import get_run_logger, task
-
-from plateflow.caching import TRANSIENT_RETRIES, code_version, drop_damaged_result
+from plateflow.atomic import write_bytes
+from plateflow.caching import code_version
 from plateflow.config import CharacterizeParams
-from plateflow.corpus import sha256_file
 from tasks.crops import jpeg_bytes, make_working_copy
 from tasks.histograms import compute_histograms, histogram_record
 from tasks.image import decode_image
@@ -59,28 +60,35 @@ def characterize_image(
     )
 
 
-def _task_key(context, parameters) -> str:
-    """The cache key; a damaged persisted result under that key is removed first (and logged),
-    so it is recomputed instead of trusted."""
-    key = cache_key(parameters["sha256"], parameters["params"])
-    storage = getattr(context.task, "result_storage", None)
-    if isinstance(storage, (str, Path)):
-        drop_damaged_result(Path(storage) / key, Characterization, get_run_logger())
-    return key
+# ---------------------------------------------------------------------------------------------
+# The per-plate result store: ROOT/.plateflow/results/<cache key>.pkl
 
 
-@task(name="hash-source", task_run_name="hash-{plate_id}", **TRANSIENT_RETRIES)
-def hash_source(source: Path, plate_id: str) -> str:
-    """sha256 of the source file: the content half of every cache key downstream."""
-    return sha256_file(source)
+def result_path(results_dir: Path, key: str) -> Path:
+    return Path(results_dir) / f"{key}.pkl"
 
 
-@task(
-    name="characterize",
-    task_run_name="characterize-{plate_id}",
-    cache_key_fn=_task_key,
-    persist_result=True,
-    **TRANSIENT_RETRIES,
-)
-def characterize(source: Path, sha256: str, params: CharacterizeParams, plate_id: str) -> Characterization:
-    return characterize_image(source, params, expected_sha256=sha256)
+def store_result(results_dir: Path, result: Characterization) -> None:
+    write_bytes(result_path(results_dir, result.cache_key), pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def load_result(results_dir: Path, key: str, logger=None) -> Characterization | None:
+    """The stored result for ``key``, None if there is none. One that cannot be read back as
+    that result (truncated, garbage, another key's) is removed and named in the log."""
+    path = result_path(results_dir, key)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        result = pickle.loads(data)
+        problem = (None if isinstance(result, Characterization) and result.cache_key == key
+                   else f"it holds {type(result).__name__} {getattr(result, 'cache_key', '')}")
+    except Exception as exc:  # noqa: BLE001 - any failure to read it back means it is damaged
+        problem = f"{type(exc).__name__}: {str(exc)[:200]}"
+    if problem is None:
+        return result
+    (logger or logging.getLogger(__name__)).warning(
+        "cached result %s is damaged (%s): removed, the plate is recomputed", path, problem)
+    path.unlink(missing_ok=True)
+    return None

@@ -7,6 +7,7 @@ key, so its presence with matching bytes means the rest were written for the sam
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -46,14 +47,36 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
+def _expected_outputs(plate_dir: Path, viz: bool, working_copy: bool) -> list[Path]:
+    """The files besides input_image.json that a characterisation leaves in a plate folder."""
+    return ([plate_dir / HISTOGRAMS] + ([plate_dir / VIZ / f for f in VIZ_FILES] if viz else [])
+            + ([plate_dir / WORKING_COPY] if working_copy else []))
+
+
+def current_record(plate: PlateRef, root: Path, key: str, viz: bool, working_copy: bool) -> dict | None:
+    """The plate's input_image.json record if every output of the characterisation ``key`` is in
+    place (the record carries the key and names this plate and source), else None. This is how
+    a refresh knows, without a task or a decode, that a plate has nothing to do. A failure
+    record (``loadable: false``) made with ``key`` is returned as it is."""
+    try:
+        record = json.loads((plate.plate_dir / INPUT_IMAGE).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(record, dict) and record.get("plateflow_cache_key") == key
+            and record.get("plate_id") == plate.plate_id and record.get("filename") == plate.source_path.name
+            and record.get("path") == _relative(plate.source_path, root)):
+        return None
+    if record.get("loadable") is False:  # the key's result is a failure: nothing else to find
+        return record
+    return record if all(p.is_file() for p in _expected_outputs(plate.plate_dir, viz, working_copy)) else None
+
+
 def save_characterization(plate: PlateRef, root: Path, result: Characterization) -> bool:
     """Write input_image.json, input_color_histograms.json and viz/; False if all were current."""
     d = plate.plate_dir
     record = dumps_json(input_image_record(plate, root, result))
     viz_wanted = result.preview_png is not None
-    expected = [d / HISTOGRAMS] + ([d / VIZ / f for f in VIZ_FILES] if viz_wanted else [])
-    if result.working_jpeg is not None:
-        expected.append(d / WORKING_COPY)
+    expected = _expected_outputs(d, viz_wanted, result.working_jpeg is not None)
     current = d / INPUT_IMAGE
     if current.is_file() and current.read_bytes() == record and all(p.is_file() for p in expected):
         return False
@@ -68,9 +91,13 @@ def save_characterization(plate: PlateRef, root: Path, result: Characterization)
     return True
 
 
-def save_failure_record(plate: PlateRef, root: Path, error: str) -> bool:
+def save_failure_record(plate: PlateRef, root: Path, error: str, key: str | None = None,
+                        full_error: str | None = None) -> bool:
     """input_image.json for a plate whose image could not be loaded (loadable: false); written
-    only when it differs from the file on disk (an unchanged failed plate rewrites nothing)."""
+    only when it differs from the file on disk (an unchanged failed plate rewrites nothing).
+    With the characterisation's ``key``, the record is that key's result: bad input is
+    deterministic, so the next refresh of the same bytes, parameters and code reads the failure
+    (``full_error``, as the corpus table shows it) instead of decoding the file again."""
     try:
         size = plate.source_path.stat().st_size
     except OSError:
@@ -84,17 +111,9 @@ def save_failure_record(plate: PlateRef, root: Path, error: str) -> bool:
             "file_size_bytes": size,
             "loadable": False,
             "error": error,
+            **({"plateflow_cache_key": key, "plateflow_error": full_error or error} if key else {}),
         }),
     )
-
-
-@task(
-    name="save-characterization",
-    task_run_name="save-{plate.plate_id}",
-    **TRANSIENT_RETRIES,
-)
-def save_plate(plate: PlateRef, root: Path, result: Characterization) -> bool:
-    return save_characterization(plate, root, result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,8 +245,6 @@ def table_flow_runs(table: pa.Table) -> set[str]:
 
 def find_run(plate_dir: Path, key: str) -> str | None:
     """The run id of an earlier run whose outputs for this plate were made with ``key``."""
-    import json
-
     for metrics in sorted((plate_dir / "runs").glob("*/metrics.json"), reverse=True):
         try:
             data = json.loads(metrics.read_text())

@@ -1,6 +1,7 @@
 """The refresh under faults and hostile corpora, end to end: through the flow on the test
 server, and through `plateflow refresh` as a user runs it (its own temporary server)."""
 
+import json
 import logging
 import os
 import signal
@@ -74,6 +75,8 @@ def test_an_unchanged_corpus_with_failed_plates_rewrites_nothing(tmp_path):
     make_plate(root, "plate-001", paper_plate(seed=1))
     make_plate(root, "plate-002", b"\xff\xd8\xff\xe0garbage", filename="corrupt.jpg")
     make_plate(root, "plate-003", b"", filename="empty.jpg")
+    for source in root.glob("plates_structured/*/source/*"):  # scans made an hour ago, as most are
+        os.utime(source, (time.time() - 3600, time.time() - 3600))
     run(root)
     run(root)  # the cached run: statuses settle
     before = snapshot(root)
@@ -94,6 +97,10 @@ def test_damaged_cache_entries_are_recomputed_and_the_log_names_them(corpus, tin
     vectors[1].write_bytes(b"\x93NUMPY garbage" * 20)
     np.save(vectors[2], np.ones((3, 32), np.float32))  # another shape
     results[0].write_bytes(b"{not a result")
+    # A result is read when an output is missing: this plate's must come from a recomputation.
+    [damaged] = [d for d in (corpus / "plates_structured").iterdir()
+                 if json.loads((d / "input_image.json").read_text())["sha256"] in results[0].name]
+    (damaged / "input_color_histograms.json").unlink()
     state, table = run(corpus, models=["tiny_dinov2"], gpu_class="CPU")
     assert state.is_completed(), state.message
     assert {r["embed_status"] for r in table.values()} == {"computed"}
@@ -195,12 +202,12 @@ def test_a_killed_cli_refresh_takes_its_server_along_and_the_next_one_cleans_up_
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                COLUMNS="300")
-    cmd = [str(Path(sys.executable).with_name("plateflow")), "refresh", "--root", str(root)]
+    cmd = [str(Path(sys.executable).with_name("plateflow")), "refresh", "--root", str(root), "--batch-plates", "2"]
     log = tmp_path / "killed.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: "[3/40]" in log.read_text(), 120, "the refresh to be under way", every=0.1)
+        wait_until(lambda: "batch 2/20" in log.read_text(), 120, "the refresh to be under way", every=0.1)
         servers = [k for k in _children(proc.pid) if "uvicorn" in Path(f"/proc/{k}/cmdline").read_text()]
         assert len(servers) == 1, log.read_text()
         os.kill(proc.pid, signal.SIGKILL)

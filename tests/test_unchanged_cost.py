@@ -1,0 +1,98 @@
+"""A refresh costs what changed: unchanged sources are not read, current plates create no task
+run, and the plates with work go in batches, each plate isolated inside."""
+
+import os
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from flows.refresh import PlateRecord, batches, refresh_corpus
+from plateflow.corpus import read_manifest
+from plateflow.hashindex import SourceIndex, sha256_file
+
+from conftest import make_plate, paper_plate
+
+
+def age(path, seconds=3600):
+    os.utime(path, (time.time() - seconds, time.time() - seconds))
+
+
+def test_an_unchanged_source_is_taken_from_the_index_without_reading_it(tmp_path):
+    src = tmp_path / "plates_structured" / "plate-001" / "source" / "scan.png"
+    src.parent.mkdir(parents=True)
+    paper_plate().save(src)
+    age(src)
+    index = SourceIndex(tmp_path)
+    real = index.sha256(src)
+    assert real == sha256_file(src)
+    # What the index holds for this exact stat is what it answers: it did not read the file.
+    index.record(src, "f" * 64, hashed_ns=time.time_ns())
+    assert index.sha256(src) == "f" * 64
+    index.save()
+    assert SourceIndex(tmp_path).sha256(src) == "f" * 64  # kept across processes
+    assert SourceIndex(tmp_path).rehash(src) == real  # --verify reads it
+    os.utime(src)  # any change to the stat (here mtime and ctime): read again
+    assert SourceIndex(tmp_path).sha256(src) == real
+
+
+def test_a_source_hashed_in_the_same_moment_it_was_written_is_read_again(tmp_path):
+    src = tmp_path / "scan.png"
+    paper_plate().save(src)  # modified just now: a write in the same clock tick would not show
+    index = SourceIndex(tmp_path)
+    index.record(src, "f" * 64, hashed_ns=src.stat().st_mtime_ns + 1000)
+    assert index.sha256(src) == sha256_file(src)
+
+
+def test_an_unreadable_index_is_a_cold_one(tmp_path):
+    src = tmp_path / "scan.png"
+    paper_plate().save(src)
+    (tmp_path / ".plateflow").mkdir()
+    (tmp_path / ".plateflow" / "source-index.parquet").write_bytes(b"garbage")
+    assert SourceIndex(tmp_path).sha256(src) == sha256_file(src)
+
+
+def test_batches_are_bounded_by_plate_count_and_source_bytes(tmp_path):
+    recs = []
+    for i, size in enumerate([10, 10, 10, 50, 10, 10, 10, 10]):
+        d = make_plate(tmp_path, f"plate-{i}", b"x" * size, filename="s.bin")
+        recs.append(PlateRecord(read_manifest(d)))
+    sizes = [[r.plate.source_path.stat().st_size for r in b] for b in batches(recs, max_plates=3, max_bytes=40)]
+    assert sizes == [[10, 10, 10], [50], [10, 10, 10], [10]]
+    assert sum(len(b) for b in batches(recs, 100, 10**9)) == 8 and len(batches(recs, 100, 10**9)) == 1
+
+
+def task_runs(flow_run_id):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_current_plates_create_no_task_run_and_changed_ones_go_in_batches(tmp_path):
+    for i in range(7):
+        make_plate(tmp_path, f"plate-{i + 1:03d}", paper_plate(seed=i))
+    make_plate(tmp_path, "plate-008", b"", filename="empty.jpg")
+    for src in tmp_path.glob("plates_structured/*/source/*"):
+        age(src)
+    first = refresh_corpus(str(tmp_path), batch_plates=3, return_state=True)
+    assert len(task_runs(first.state_details.flow_run_id)) == 3  # 8 plates in batches of 3
+
+    unchanged = refresh_corpus(str(tmp_path), batch_plates=3, return_state=True)
+    assert task_runs(unchanged.state_details.flow_run_id) == []  # the bad plate too: its failure is its result
+    table = {r["plate_dir"]: r for r in pq.read_table(tmp_path / "plates.parquet").to_pylist()}
+    assert {table[f"plate-00{i}"]["characterize_status"] for i in range(1, 8)} == {"cached"}
+    assert table["plate-008"]["status"] == "failed" and "empty file" in table["plate-008"]["error"]
+    assert table["plate-003"]["width"] == 320  # its row from its input_image.json
+
+    paper_plate(seed=99).save(tmp_path / "plates_structured" / "plate-005" / "source" / "scan.jpg")
+    (tmp_path / "plates_structured" / "plate-002" / "input_color_histograms.json").unlink()
+    changed = refresh_corpus(str(tmp_path), batch_plates=3, return_state=True)
+    [batch] = task_runs(changed.state_details.flow_run_id)
+    assert batch.name.startswith("characterize-")
+    table = {r["plate_dir"]: r["characterize_status"] for r in pq.read_table(tmp_path / "plates.parquet").to_pylist()}
+    assert table["plate-005"] == "computed" and table["plate-002"] == "cached"  # from the stored result
+    assert (tmp_path / "plates_structured" / "plate-002" / "input_color_histograms.json").is_file()
+    assert {table[f"plate-00{i}"] for i in (1, 3, 4, 6, 7)} == {"cached"}
