@@ -95,7 +95,7 @@ def hash_sources(records: list[PlateRecord], root: Path, verify: bool, workers: 
         path = rec.plate.source_path
         for attempt in range(3):
             try:
-                rec.sha256 = index.rehash(path) if verify else index.sha256(path)
+                rec.sha256 = index.rehash(path)
                 return
             except OSError as exc:
                 if attempt == 2:
@@ -104,8 +104,16 @@ def hash_sources(records: list[PlateRecord], root: Path, verify: bool, workers: 
                 else:
                     time.sleep(2 ** attempt)
 
+    to_read = []
+    for rec in records:  # a stat each: most sources are unchanged, and threads would cost more
+        try:
+            rec.sha256 = None if verify else index.known(rec.plate.source_path)
+        except OSError:
+            rec.sha256 = None
+        if rec.sha256 is None:
+            to_read.append(rec)
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="plateflow-hash") as pool:
-        list(pool.map(one, records))
+        list(pool.map(one, to_read))
     if whole_corpus:
         index.forget_missing({index.key(r.plate.source_path) for r in records})
     try:

@@ -104,22 +104,24 @@ def corpus_lock(root: Path, holder: str, on_wait=None) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def read_manifest(plate_dir: Path) -> PlateRef:
+def read_manifest(plate_dir: Path, top: Path | None = None) -> PlateRef:
     """Parse and check one plate's manifest; raise a ``PlateError`` that says what is wrong.
 
     A plate folder, manifest or output folder (viz/, runs/) that resolves outside
-    plates_structured/ is refused: nothing outside the corpus is read or written."""
+    plates_structured/ (``top``, resolved; by default the folder's parent) is refused: nothing
+    outside the corpus is read or written."""
     path = plate_dir / MANIFEST
-    top = plate_dir.parent.resolve()
-    if not plate_dir.resolve().is_relative_to(top) or plate_dir.resolve() == top:
-        raise UnsafePathError(f"plate folder {plate_dir.name}/ is a symlink to {plate_dir.resolve()}, "
+    top = top or plate_dir.parent.resolve()
+    real = plate_dir.resolve() if plate_dir.is_symlink() else top / plate_dir.name
+    if not real.is_relative_to(top) or real == top:
+        raise UnsafePathError(f"plate folder {plate_dir.name}/ is a symlink to {real}, "
                               f"outside {PLATES_DIR}/; refused")
-    if path.is_symlink() and not path.resolve().is_relative_to(plate_dir.resolve()):
+    if path.is_symlink() and not path.resolve().is_relative_to(real):
         raise UnsafePathError(f"{MANIFEST} of {plate_dir.name}/ is a symlink to {path.resolve()}, "
                               f"outside the plate folder; refused")
     for name in OUTPUT_DIRS:
         out = plate_dir / name
-        if out.is_symlink() and not out.resolve().is_relative_to(plate_dir.resolve()):
+        if out.is_symlink() and not out.resolve().is_relative_to(real):
             raise UnsafePathError(f"{plate_dir.name}/{name} is a symlink to {out.resolve()}, outside the "
                                   f"plate folder; refused (plateflow writes there)")
     if not path.is_file():
@@ -138,15 +140,16 @@ def read_manifest(plate_dir: Path) -> PlateRef:
     source_image = manifest.get("source_image")
     if not isinstance(source_image, str) or not source_image.strip():
         raise ManifestError(f"{MANIFEST} needs a string 'source_image', found {source_image!r}")
-    source_path = resolve_inside(plate_dir, source_image)
+    source_path = resolve_inside(plate_dir, source_image, base=real)
     if not source_path.is_file():
         raise ManifestError(f"source_image {source_image!r} does not exist in {plate_dir.name}/")
     return PlateRef(plate_dir.name, plate_dir, plate_id, source_path, source_image, manifest)
 
 
-def resolve_inside(plate_dir: Path, relative: str) -> Path:
-    """Resolve ``relative`` against the plate folder, refusing anything that leaves it."""
-    base = plate_dir.resolve()
+def resolve_inside(plate_dir: Path, relative: str, base: Path | None = None) -> Path:
+    """Resolve ``relative`` against the plate folder (``base``: its resolved path), refusing
+    anything that leaves it."""
+    base = base or plate_dir.resolve()
     candidate = (base / relative).resolve()
     if not candidate.is_relative_to(base):
         raise UnsafePathError(
@@ -165,9 +168,10 @@ def plate_folders(root: Path) -> list[Path]:
 def discover_plates(root: Path) -> list[PlateRef | PlateProblem]:
     """Every plate folder under ROOT, in folder order, each either valid or with its problem."""
     found: list[PlateRef | PlateProblem] = []
+    top = plates_dir(root).resolve()
     for plate_dir in plate_folders(root):
         try:
-            found.append(read_manifest(plate_dir))
+            found.append(read_manifest(plate_dir, top))
         except PlateError as exc:
             found.append(PlateProblem(plate_dir.name, plate_dir, plate_dir.name, exc))
     by_id: dict[str, list[int]] = defaultdict(list)

@@ -60,7 +60,10 @@ class SourceIndex:
 
     def key(self, path: Path) -> str:
         """How ``path`` is named in the index: relative to the root where it lies inside it."""
-        path = Path(path).resolve()
+        path = Path(path)
+        if path.is_absolute() and path.is_relative_to(self.root):  # a resolved path (the usual case)
+            return path.relative_to(self.root).as_posix()
+        path = path.resolve()
         try:
             return path.relative_to(self.root).as_posix()
         except ValueError:
@@ -69,11 +72,13 @@ class SourceIndex:
     def sha256(self, path: Path) -> str:
         """The file's sha256: from the index if its stat is unchanged, else by reading it."""
         st = os.stat(path)
-        sig = _signature(st)
+        return self.known(path, st) or self.rehash(path, st)
+
+    def known(self, path: Path, st: os.stat_result | None = None) -> str | None:
+        """The file's sha256 if the index has it for the file's current stat, else None (a stat, no read)."""
+        sig = _signature(st or os.stat(path))
         entry = self._entries.get(self.key(path))
-        if entry is not None and entry[:4] == sig and _trusted(entry):
-            return entry[5]
-        return self.rehash(path, st)
+        return entry[5] if entry is not None and entry[:4] == sig and _trusted(entry) else None
 
     def rehash(self, path: Path, st: os.stat_result | None = None) -> str:
         """The file's sha256 by reading it (and recorded, unless it changed while it was read)."""

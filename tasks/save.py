@@ -41,6 +41,8 @@ def input_image_record(plate: PlateRef, root: Path, result: Characterization) ->
 
 
 def _relative(path: Path, root: Path) -> str:
+    if path.is_absolute() and path.is_relative_to(root):  # both resolved already (the refresh's case)
+        return path.relative_to(root).as_posix()
     try:
         return path.resolve().relative_to(Path(root).resolve()).as_posix()
     except ValueError:
