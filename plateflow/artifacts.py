@@ -74,11 +74,30 @@ def summary_markdown(root: Path, rows: list[dict], timings: dict[str, float], re
     return "\n".join(lines)
 
 
+TABLE_FAILED = 1000  # failed plates in the table artifact, at most
+TABLE_SAMPLE = 100  # other plates in it, evenly spread over the corpus
+
+
+def table_rows(rows: list[dict], failed_max: int = TABLE_FAILED, sample: int = TABLE_SAMPLE) -> list[dict]:
+    """The rows the table artifact holds: the failed plates (up to ``failed_max``), then an even
+    sample of ``sample`` of the others. Every row again on every refresh would grow Prefect's
+    database by megabytes per nightly run of a large corpus; plates.parquet has them all."""
+    failed = [r for r in rows if r["status"] == "failed"][:failed_max]
+    others = [r for r in rows if r["status"] != "failed"]
+    step = max(1, -(-len(others) // sample)) if sample else len(others) + 1
+    return failed + others[::step][:sample]
+
+
 def publish(root: Path, rows: list[dict], timings: dict[str, float], report: Path | None,
             models: list[str]) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    create_table_artifact(plate_table(rows), key=artifact_key(root, "plates"),
-                          description=f"Plates of {root}")
+    shown = table_rows(rows)
+    failed = sum(r["status"] == "failed" for r in rows)
+    create_table_artifact(plate_table(shown), key=artifact_key(root, "plates"),
+                          description=(f"Plates of {root}: {len(rows)} in all, {failed} failed; shown: "
+                                       f"{sum(r['status'] == 'failed' for r in shown)} failed and a sample of "
+                                       f"{sum(r['status'] != 'failed' for r in shown)} others. Every plate: "
+                                       f"{Path(root) / 'plates.parquet'}"))
     create_markdown_artifact(summary_markdown(root, rows, timings, report, models),
                              key=artifact_key(root, "summary"), description=f"Refresh of {root}")

@@ -96,3 +96,15 @@ def test_current_plates_create_no_task_run_and_changed_ones_go_in_batches(tmp_pa
     assert table["plate-005"] == "computed" and table["plate-002"] == "cached"  # from the stored result
     assert (tmp_path / "plates_structured" / "plate-002" / "input_color_histograms.json").is_file()
     assert {table[f"plate-00{i}"] for i in (1, 3, 4, 6, 7)} == {"cached"}
+
+
+def test_the_table_artifact_holds_the_failures_and_a_bounded_sample():
+    from plateflow.artifacts import table_rows
+
+    rows = [{"plate_dir": f"plate-{i}", "status": "failed" if i % 1000 == 7 else "ok"} for i in range(20_000)]
+    shown = table_rows(rows, sample=100)
+    assert [r["plate_dir"] for r in shown[:20]] == [f"plate-{i}" for i in range(7, 20_000, 1000)]
+    others = shown[20:]
+    assert len(others) == 100 and all(r["status"] == "ok" for r in others)
+    assert others[0]["plate_dir"] == "plate-0" and int(others[-1]["plate_dir"].split("-")[1]) > 19_000
+    assert len(table_rows(rows[:50])) == 50  # a small corpus: every plate
