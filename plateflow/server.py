@@ -112,8 +112,10 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent(parent: int) -> None:
-    """In the child, before exec: get SIGTERM when the parent dies, however it dies (kill -9)."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    """In the child, before exec: be killed when the parent dies, however it dies (kill -9).
+    SIGKILL, not SIGTERM: a graceful stop of a busy server can take longer than anyone waits, and
+    with its only client gone there is nothing left to flush (SQLite recovers its journal)."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
 
