@@ -2,7 +2,6 @@
 (or file) with a message, loses nothing, and never reaches outside the corpus."""
 
 import io
-import json
 import os
 import socket
 import stat

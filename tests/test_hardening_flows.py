@@ -14,12 +14,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from flows.refresh import refresh_corpus
 from plateflow.cli import app
-from plateflow.config import CharacterizeParams
 
 from conftest import make_plate, paper_plate, wait_until
 
