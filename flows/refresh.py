@@ -52,7 +52,7 @@ class PlateRecord:
     plate: PlateRef
     sha256: str | None = None
     metadata: dict | None = None
-    row: dict = field(default_factory=dict)
+    row: dict = field(init=False)
 
     def __post_init__(self):
         self.row = {"plate_dir": self.plate.folder, "plate_id": self.plate.plate_id,
