@@ -1,7 +1,20 @@
-"""refresh_corpus: characterise every plate of a corpus; a refresh only redoes what changed."""
+"""refresh_corpus: characterise every plate of a corpus; a refresh only redoes what changed.
+
+The stages, each counted in plates (``Progress``):
+
+1. hash: each source's sha256, from the source index where its stat is unchanged;
+2. characterise: plates whose outputs are in place for their cache key are settled here, with no
+   task run; the others go through characterize-batch tasks;
+3. with models: candidates (candidates-batch tasks), embed <model> (the GPU flow, embed-plates,
+   in-process or on a work pool), smart crop (smart-crop-batch tasks);
+4. plates.parquet, the embeddings tables, the corpus report and the run's artifacts.
+
+The batch tasks run on this process's threads, or on Dask (``RefreshConfig.dask``).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -11,30 +24,34 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 from prefect import flow, get_run_logger
 from prefect.exceptions import MissingResult
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
-from prefect.states import Completed, Failed
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.states import Completed, Failed, State
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from plateflow.artifacts import Progress, publish
 from plateflow.atomic import dumps_json, remove_stale_temps, write_bytes_if_changed
-from plateflow.config import CharacterizeParams, CropParams, RefreshConfig, default_workers
+from plateflow.config import CharacterizeParams, RefreshConfig, corpus_root
 from plateflow.corpus import PlateProblem, PlateRef, corpus_lock, discover_plates, natural_key, state_dir
-from plateflow.errors import ConfigError
-from plateflow.hashindex import SourceIndex
 from plateflow.hardware import gpu_class as detect_gpu_class
+from plateflow.hashindex import SourceIndex
 from plateflow.profiles import load_profiles
-from plateflow.routing import Dispatch, GpuRoute, choose_route, run_on_pool
-from tasks.batch import PlateOutcome, characterize_batch, run_batch
+from plateflow.routing import GpuRoute, choose_route, run_on_pool
+from tasks.batch import (CropJob, PlateOutcome, candidates_batch, characterize_batch, run_candidates,
+                         run_characterize, run_smart_crop, smart_crop_batch)
 from tasks.characterize import cache_key
-from tasks.crops import WORKING_COPY, crop_candidates
+from tasks.crops import WORKING_COPY
 from tasks.embeddings import PlateJob, embedding_key, load_vectors, require_weights, store_path, vectors_problem
 from tasks.report import build_report
-from tasks.save import (current_record, embeddings_table_path, read_corpus_table, read_parquet, save_smart_crop,
+from tasks.save import (current_record, embeddings_table_path, read_corpus_table, read_parquet,
                         write_corpus_table, write_embeddings_table)
+
+HASH, CHARACTERISE, CANDIDATES, SMART_CROP = "hash", "characterise", "candidates", "smart crop"
+HASH_ATTEMPTS = 3  # a source that cannot be read is tried again after 1 s and 2 s
 
 # Columns of plates.parquet copied from a plate's input_image.json record.
 _TABLE_FIELDS = (
@@ -44,14 +61,21 @@ _TABLE_FIELDS = (
 )
 
 
+def embed_stage(model: str) -> str:
+    return f"embed {model}"
+
+
 @dataclass
 class PlateRecord:
-    """One plate through a refresh: its source's hash, its corpus-table row and, once
-    characterised (or found current), its input_image.json fields."""
+    """One plate through a refresh: its source's hash, its corpus-table row and what each stage
+    found (input_image.json fields, crop boxes, vector files)."""
 
     plate: PlateRef
     sha256: str | None = None
     metadata: dict | None = None
+    boxes: list[list[int]] | None = None
+    vector_files: dict[str, str] = field(default_factory=dict)
+    embedded: bool = False  # some model's vectors were computed by this refresh
     row: dict = field(init=False)
 
     def __post_init__(self):
@@ -62,6 +86,10 @@ class PlateRecord:
     def ok(self) -> bool:
         return self.row["status"] == "ok"
 
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.metadata["width"], self.metadata["height"]
+
     def settle(self, status: str, metadata: dict) -> None:
         self.metadata = metadata
         self.row.update({k: metadata[k] for k in _TABLE_FIELDS}, characterize_status=status)
@@ -71,55 +99,261 @@ class PlateRecord:
         self.row.update(status="failed", failed_step=step, error=error, **extra)
         self.row.setdefault("characterize_status", "not_run")
 
-
-def _step_outcome(future: PrefectFuture) -> tuple[str, BaseException | None]:
-    """('computed' | 'failed' | 'not_run', exception) of a per-plate task of the GPU stage."""
-    future.wait()
-    state = future.state
-    if state.is_completed():
-        return "computed", None
-    if state.is_failed() or state.is_crashed():
-        exc = state.result(raise_on_failure=False)
-        return "failed", exc if isinstance(exc, BaseException) else RuntimeError(state.message)
-    return "not_run", None
+    def source_bytes(self) -> int:
+        return _file_size(self.plate.source_path)
 
 
-def hash_sources(records: list[PlateRecord], root: Path, verify: bool, workers: int, logger,
-                  whole_corpus: bool = True) -> None:
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+@dataclass
+class Refresh:
+    """One refresh run: where, with what, and what it has measured so far."""
+
+    root: Path
+    config: RefreshConfig
+    partial: bool
+    logger: Any
+    progress: Progress
+    run_id: str
+    started: float = field(default_factory=time.perf_counter)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def params(self) -> CharacterizeParams:
+        return self.config.effective_characterize()
+
+    @contextlib.contextmanager
+    def timed(self, what: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        self.timings[what] = self.timings.get(what, 0.0) + time.perf_counter() - t
+
+
+@flow(name="refresh-corpus", validate_parameters=True)
+def refresh_corpus(root: str, config: RefreshConfig = RefreshConfig(), plates: list[str] | None = None):
+    """Characterise every plate under ROOT/plates_structured; with ``config.models``, also build
+    crop candidates, embed them with each model, choose and save the smart crop. Writes
+    ROOT/plates.parquet (and ROOT/embeddings/<model>.parquet). ``config``: RefreshConfig
+    (plateflow/config.py), written to ROOT/.plateflow/config.json.
+
+    ``plates`` (folder names) limits the run to those plates; the other plates' rows in the
+    tables are kept as they are. Sources are hashed only where their stat changed. A plate whose
+    outputs are in place for its cache key creates no task run; the others go in batch tasks.
+    Ends Failed (every failed plate and its reason in the message) if any plate failed; the
+    other plates are complete either way.
+    """
+    logger = get_run_logger()
+    root_path = corpus_root(root)
+    route = check_config(root_path, config, plates is not None, logger)
+    holder = f"flow run {flow_run.name} ({flow_run.id}) on {socket.gethostname()}, pid {os.getpid()}"
+    asked = time.perf_counter()
+    with corpus_lock(root_path, holder, on_wait=lambda other: logger.warning(
+            "another refresh holds this corpus (%s): waiting for it to finish", other)):
+        run = start(root_path, config, plates is not None, logger, waited=time.perf_counter() - asked)
+        records, problems = find_plates(run, plates)
+        with plate_runner(config) as runner:
+            characterize_stage(run, records, runner)
+            if config.models:
+                gpu_stage(run, records, route, runner)
+        return finish(run, records, problems)
+
+
+def check_config(root: Path, config: RefreshConfig, partial: bool, logger) -> GpuRoute | None:
+    """Configuration errors surface before any work: unreadable tables a partial refresh merges
+    into, an unknown model or one too big for the class, a GPU class with no pool on the server."""
+    if partial:
+        read_corpus_table(root)
+        for m in config.models:
+            read_parquet(embeddings_table_path(root, m), f"embeddings table of {m}")
+    if not config.models:
+        return None
+    profiles = load_profiles()
+    route = choose_route(config.gpu_class, config.gpu_dispatch, profiles,
+                         detected=config.gpu_class or detect_gpu_class(profiles))
+    logger.info("GPU step: %s", route.describe())
+    for m in config.models:
+        profiles.plan(m, route.gpu_class)
+        if route.local:  # a pool's workers load weights of their own
+            require_weights(profiles.model(m), Path(config.weights_root) if config.weights_root else None)
+    return route
+
+
+def start(root: Path, config: RefreshConfig, partial: bool, logger, waited: float) -> Refresh:
+    """Under the corpus lock: clear what stopped writers left, record the configuration."""
+    for stale in remove_stale_temps(root, skip=("source",)):
+        logger.info("removed %s, left behind by a writer that stopped", stale.relative_to(root))
+    try:
+        write_bytes_if_changed(state_dir(root) / "config.json",
+                               dumps_json({"root": str(root), **config.model_dump(mode="json")}))
+    except OSError as exc:  # a full disk: each plate's step says so for itself
+        logger.warning("could not write the effective configuration: %s", exc)
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    run = Refresh(root, config, partial, logger, Progress(root), run_id)
+    if waited >= 1:
+        run.timings["waiting for the corpus"] = waited
+    return run
+
+
+def find_plates(run: Refresh, wanted: list[str] | None) -> tuple[list[PlateRecord], list[PlateProblem]]:
+    """The corpus's plate folders (those named in ``wanted`` only, when given): the valid plates
+    as records, in folder order, and those whose manifest has a problem."""
+    found = discover_plates(run.root)
+    if wanted is not None:
+        names = set(wanted)
+        found = [p for p in found if p.folder in names]
+    records = [PlateRecord(p) for p in found if isinstance(p, PlateRef)]
+    problems = [p for p in found if isinstance(p, PlateProblem)]
+    run.logger.info("%d plate folders: %d to process, %d with manifest problems",
+                    len(found), len(records), len(problems))
+    stages = [HASH, CHARACTERISE] + ([CANDIDATES, *map(embed_stage, run.config.models), SMART_CROP]
+                                     if run.config.models else [])
+    for stage in stages:  # all known from the start, so the overall progress never goes back
+        run.progress.stage(stage, len(records))
+    return records, problems
+
+
+@contextlib.contextmanager
+def plate_runner(config: RefreshConfig) -> Iterator[TaskRunner]:
+    """Where the batch tasks run: ``config.workers`` threads here, or Dask (a scheduler's
+    address, or ``local:N`` worker processes started for this refresh)."""
+    if config.dask is None:
+        runner = ThreadPoolTaskRunner(max_workers=config.workers)
+    else:
+        from prefect_dask import DaskTaskRunner
+
+        if config.dask.startswith("local:"):
+            runner = DaskTaskRunner(cluster_kwargs={
+                "n_workers": int(config.dask.removeprefix("local:")), "threads_per_worker": 1,
+                "processes": True, "dashboard_address": None})
+        else:
+            runner = DaskTaskRunner(address=config.dask)
+    with runner:
+        yield runner
+
+
+def batches(items: list, cost: Callable[[Any], int], max_plates: int, max_cost: int) -> list[list]:
+    """Consecutive items grouped by expected work (``cost``: source bytes), at most ``max_plates`` each."""
+    out: list[list] = []
+    size = 0
+    for item in items:
+        c = cost(item)
+        if not out or len(out[-1]) >= max_plates or size + c > max_cost:
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += c
+    return out
+
+
+def in_batches(run: Refresh, runner: TaskRunner, stage: str, items: list, task, parameters: Callable,
+               rerun: Callable, apply: Callable[[Any, PlateOutcome], None],
+               cost: Callable[[Any], int] = lambda _: 0) -> None:
+    """``task`` over ``items`` in batches on ``runner`` (``parameters(batch)``: its arguments);
+    each plate's outcome goes to ``apply(item, outcome)``. A log line per batch and per failure."""
+    groups = batches(items, cost, run.config.batch_plates, run.config.batch_bytes)
+    futures = {runner.submit(task, {**parameters(group), "name": f"{i + 1}of{len(groups)}"}): group
+               for i, group in enumerate(groups)}
+    for done, future in enumerate(as_completed(list(futures)), start=1):
+        group = futures[future]
+        outcomes = _outcomes(future, group, rerun, stage, run.logger)
+        for item, outcome in zip(group, outcomes):
+            apply(item, outcome)
+            if outcome.failed:
+                run.logger.warning("%s failed at %s: %s", outcome.folder, outcome.failed_step, outcome.error)
+        failed = sum(o.failed for o in outcomes)
+        run.logger.info("%s batch %d/%d: %d plates, %d failed", stage, done, len(groups), len(group), failed)
+        run.progress.advance(stage, len(group), failed)
+
+
+def _outcomes(future, group: list, rerun: Callable, stage: str, logger) -> list[PlateOutcome]:
+    """A batch's outcomes; a batch whose outcome was lost runs again here; a batch that died (a
+    lost Dask worker, a crash) fails its plates with the reason, and the next refresh redoes them."""
+    try:
+        outcomes = future.result(raise_on_failure=False)
+    except MissingResult:  # finished, but its outcome did not come back (a busy server): idempotent
+        logger.warning("a %s batch's outcome was lost; running it again here", stage)
+        return rerun(group)
+    except Exception as exc:  # noqa: BLE001 - e.g. distributed's KilledWorker: the batch is lost, not the run
+        outcomes = exc
+    if isinstance(outcomes, list):
+        return outcomes
+    reason = f"{type(outcomes).__name__}: {outcomes}" if isinstance(outcomes, BaseException) else future.state.message
+    step = stage.replace(" ", "_").replace("characterise", "characterize")
+    return [PlateOutcome(_folder(item), "failed", failed_step=step, error=f"its {stage} batch was lost: {reason}")
+            for item in group]
+
+
+def _folder(item) -> str:
+    return item.plate.folder
+
+
+def characterize_stage(run: Refresh, records: list[PlateRecord], runner: TaskRunner) -> None:
+    with run.timed("hashing"):
+        hash_sources(run, records)
+    with run.timed("characterisation"):
+        todo = settle_current(records, run.root, run.params)
+        run.progress.advance(CHARACTERISE, len(records) - len(todo), sum(not r.ok for r in records))
+        run.logger.info("%d plates current, %d to characterise", len(records) - len(todo), len(todo))
+
+        def apply(rec: PlateRecord, outcome: PlateOutcome) -> None:
+            if outcome.failed:
+                rec.fail(outcome.failed_step, outcome.error,
+                         characterize_status="failed" if outcome.failed_step == "characterize" else "computed")
+            else:
+                rec.settle(outcome.status, outcome.value)
+
+        in_batches(run, runner, CHARACTERISE, todo, characterize_batch,
+                   lambda group: {"items": _items(group), "params": run.params, "root": str(run.root)},
+                   lambda group: run_characterize(_items(group), run.params, run.root, run.logger),
+                   apply, cost=PlateRecord.source_bytes)
+
+
+def _items(group: list[PlateRecord]) -> list[tuple[PlateRef, str]]:
+    return [(r.plate, r.sha256) for r in group]
+
+
+def hash_sources(run: Refresh, records: list[PlateRecord]) -> None:
     """Each source's sha256, from ROOT/.plateflow/source-index.parquet where its stat is unchanged
     (all read again with ``verify``); a source that cannot be read fails its plate. A refresh of
     the whole corpus drops the entries of sources that are gone."""
-    index = SourceIndex(root)
-
-    def one(rec: PlateRecord) -> None:
-        path = rec.plate.source_path
-        for attempt in range(3):
-            try:
-                rec.sha256 = index.rehash(path)
-                return
-            except OSError as exc:
-                if attempt == 2:
-                    rec.fail("hash", f"{type(exc).__name__}: {exc}")
-                    logger.warning("%s: cannot read its source: %s", rec.plate.folder, exc)
-                else:
-                    time.sleep(2 ** attempt)
-
+    index = SourceIndex(run.root)
     to_read = []
     for rec in records:  # a stat each: most sources are unchanged, and threads would cost more
         try:
-            rec.sha256 = None if verify else index.known(rec.plate.source_path)
+            rec.sha256 = None if run.config.verify else index.known(rec.plate.source_path)
         except OSError:
             rec.sha256 = None
         if rec.sha256 is None:
             to_read.append(rec)
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="plateflow-hash") as pool:
-        list(pool.map(one, to_read))
-    if whole_corpus:
+    run.progress.advance(HASH, len(records) - len(to_read))
+    with ThreadPoolExecutor(run.config.workers, thread_name_prefix="plateflow-hash") as pool:
+        for rec in pool.map(lambda rec: _rehash(index, rec, run.logger), to_read):
+            run.progress.advance(HASH, 1, int(not rec.ok))
+    if not run.partial:
         index.forget_missing({index.key(r.plate.source_path) for r in records})
     try:
         index.save()
     except OSError as exc:  # a full disk: the next refresh hashes these sources again, nothing is lost
-        logger.warning("could not write the source index: %s", exc)
+        run.logger.warning("could not write the source index: %s", exc)
+
+
+def _rehash(index: SourceIndex, rec: PlateRecord, logger) -> PlateRecord:
+    for attempt in range(HASH_ATTEMPTS):
+        try:
+            rec.sha256 = index.rehash(rec.plate.source_path)
+            return rec
+        except OSError as exc:
+            if attempt == HASH_ATTEMPTS - 1:
+                rec.fail("hash", f"{type(exc).__name__}: {exc}")
+                logger.warning("%s: cannot read its source: %s", rec.plate.folder, exc)
+            else:
+                time.sleep(2 ** attempt)
+    return rec
 
 
 def settle_current(records: list[PlateRecord], root: Path, params: CharacterizeParams) -> list[PlateRecord]:
@@ -140,285 +374,154 @@ def settle_current(records: list[PlateRecord], root: Path, params: CharacterizeP
     return todo
 
 
-def batches(records: list[PlateRecord], max_plates: int, max_bytes: int) -> list[list[PlateRecord]]:
-    """Consecutive plates grouped by expected work (source bytes), at most ``max_plates`` each."""
-    out: list[list[PlateRecord]] = []
-    size = 0
+def gpu_stage(run: Refresh, records: list[PlateRecord], route: GpuRoute, runner: TaskRunner) -> None:
+    """Candidates, embeddings (only plates without stored vectors go to the GPU flow), smart crop,
+    and the embeddings tables."""
+    with run.timed("candidates and embeddings"):
+        candidates_stage(run, records, runner)
+        for model in run.config.models:
+            embed_model(run, [r for r in records if r.ok], model, route)
+    with run.timed("smart crop"):
+        smart_crop_stage(run, records, runner)
+    profiles = load_profiles()
+    for model in run.config.models:
+        rows = [(r.plate.plate_id, r.metadata["sha256"], r.boxes, load_vectors(r.vector_files[model], len(r.boxes)))
+                for r in records if r.ok]
+        run.logger.info("wrote %s", write_embeddings_table(run.root, model, rows, profiles.model(model).embed_dim,
+                                                             partial=run.partial))
+
+
+def candidates_stage(run: Refresh, records: list[PlateRecord], runner: TaskRunner) -> None:
+    ok = [r for r in records if r.ok]
+    run.progress.stage(CANDIDATES, len(ok))
+    crop = run.config.crop
+
+    def apply(rec: PlateRecord, outcome: PlateOutcome) -> None:
+        if outcome.failed:
+            rec.fail(outcome.failed_step, outcome.error, embed_status="not_run")
+        else:
+            rec.boxes = outcome.value
+
+    in_batches(run, runner, CANDIDATES, ok, candidates_batch,
+               lambda group: {"items": [(r.plate, r.size) for r in group], "params": crop},
+               lambda group: run_candidates([(r.plate, r.size) for r in group], crop, run.logger), apply)
+
+
+def embed_model(run: Refresh, records: list[PlateRecord], model: str, route: GpuRoute) -> None:
+    """``model``'s vectors for each plate: stored ones are kept (damaged ones removed and
+    computed again), the others are computed by the embed-plates flow, here or on a work pool."""
+    spec = load_profiles().model(model)
+    stage, jobs = embed_stage(model), {}
+    run.progress.stage(stage, len(records))
     for rec in records:
-        try:
-            cost = rec.plate.source_path.stat().st_size
-        except OSError:
-            cost = 0
-        if not out or len(out[-1]) >= max_plates or (size + cost > max_bytes and out[-1]):
-            out.append([])
-            size = 0
-        out[-1].append(rec)
-        size += cost
-    return out
+        path = store_path(run.root, spec, rec.metadata["sha256"], run.config.crop)
+        rec.vector_files[model] = str(path)
+        if path.is_file() and (problem := vectors_problem(path, len(rec.boxes), spec.embed_dim)):
+            run.logger.warning("%s: %s; removed, its vectors are computed again", rec.plate.folder, problem)
+            path.unlink(missing_ok=True)
+        if not path.is_file():
+            jobs[rec.plate.folder] = (rec, PlateJob(rec.plate.folder, str(rec.plate.plate_dir / WORKING_COPY),
+                                                    rec.size, tuple(map(tuple, rec.boxes)), str(path)))
+    run.logger.info("%s: %d plates cached, %d to embed", model, len(records) - len(jobs), len(jobs))
+    run.progress.advance(stage, len(records) - len(jobs))
+    if not jobs:
+        return
+    outcome = _embed(run, model, route, [job for _, job in jobs.values()])
+    failed = 0
+    for folder, (rec, _) in jobs.items():
+        error = outcome.get(folder, "no result came back for this plate")
+        if error is not None:
+            rec.fail("embed", f"RuntimeError: {model}: {error}", embed_status="failed")
+            failed += 1
+        rec.embedded = True
+    run.progress.advance(stage, len(jobs), failed)
 
 
-def characterize_plates(todo: list[PlateRecord], params: CharacterizeParams, root: Path, max_plates: int,
-                        max_bytes: int, progress: Progress, logger) -> None:
-    """The plates with work, in characterize-batch tasks; a log line per batch and per failure."""
-    groups = batches(todo, max_plates, max_bytes)
-    futures = {characterize_batch.submit([(r.plate, r.sha256) for r in group], params, str(root),
-                                         name=f"{i + 1}of{len(groups)}"): group
-               for i, group in enumerate(groups)}
-    for done, future in enumerate(as_completed(list(futures)), start=1):
-        group = futures[future]
-        try:
-            outcomes = future.result(raise_on_failure=False)
-        except MissingResult:  # finished, but its outcome did not come back (a busy server): idempotent, so
-            logger.warning("batch %d/%d: its outcome was lost; running it again here", done, len(groups))
-            outcomes = run_batch([(r.plate, r.sha256) for r in group], params, root, logger)
-        if not isinstance(outcomes, list):  # the task itself died (a lost worker): its plates fail
-            outcomes = [PlateOutcome(r.plate.folder, "failed", failed_step="characterize",
-                                     error=f"the batch failed: {future.state.message}") for r in group]
-        for rec, outcome in zip(group, outcomes):
-            if outcome.status == "failed":
-                rec.fail(outcome.failed_step, outcome.error,
-                         characterize_status="failed" if outcome.failed_step == "characterize" else "computed")
-                logger.warning("%s failed at %s: %s", rec.plate.folder, outcome.failed_step, outcome.error)
-            else:
-                rec.settle(outcome.status, outcome.metadata)
-        logger.info("batch %d/%d: %d plates, %d failed", done, len(groups), len(group),
-                    sum(o.status == "failed" for o in outcomes))
-        progress.advance(len(group))
+def _embed(run: Refresh, model: str, route: GpuRoute, jobs: list[PlateJob]) -> dict[str, str | None]:
+    """plate_id -> None or its error, from the embed-plates flow: a subflow here, or pool runs."""
+    from flows.embed import embed_plates
+
+    cfg = run.config
+    if not route.local:
+        wait = None if cfg.worker_wait_minutes is None else 60 * cfg.worker_wait_minutes
+        return run_on_pool(route, model, jobs, cfg.chunk_size, cfg.weights_root,
+                           state_dir(run.root) / "dispatch" / run.run_id, run.logger, worker_wait_s=wait)
+    state = embed_plates(model, route.gpu_class, jobs=jobs, chunk_size=cfg.chunk_size,
+                         weights_root=cfg.weights_root, return_state=True)
+    return state.result() if state.is_completed() else {job.plate_id: state.message for job in jobs}
+
+
+def smart_crop_stage(run: Refresh, records: list[PlateRecord], runner: TaskRunner) -> None:
+    cfg, profiles = run.config, load_profiles()
+    keys = [f"{m}:{embedding_key(profiles.model(m), cfg.crop)}" for m in cfg.models]
+    for rec in records:
+        if rec.row.get("embed_status") is None and rec.boxes is not None:
+            rec.row["embed_status"] = "computed" if rec.embedded else "cached"
+    ok = {r.plate.folder: r for r in records if r.ok}
+    run.progress.stage(SMART_CROP, len(ok))
+    jobs = [CropJob(r.plate, hashlib.sha256("|".join([r.metadata["sha256"], cfg.best_crop_model,
+                                                        cfg.crop.model_dump_json(), *keys]).encode()).hexdigest()[:20],
+                    dict(r.vector_files), r.boxes, r.size, r.metadata["sha256"]) for r in ok.values()]
+
+    def apply(job: CropJob, outcome: PlateOutcome) -> None:
+        if outcome.failed:
+            ok[job.plate.folder].fail(outcome.failed_step, outcome.error)
+        else:
+            ok[job.plate.folder].row.update(outcome.value)
+
+    in_batches(run, runner, SMART_CROP, jobs, smart_crop_batch,
+               lambda group: {"jobs": group, "run_id": run.run_id, "crop_model": cfg.best_crop_model,
+                              "params": cfg.crop},
+               lambda group: run_smart_crop(group, run.run_id, cfg.best_crop_model, cfg.crop, run.logger),
+               apply, cost=lambda job: _file_size(job.plate.source_path))
+
+
+def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem]) -> State:
+    """Write plates.parquet and the report, publish the artifacts; the run's final state."""
+    rows = sorted([rec.row for rec in records] + [_problem_row(p) for p in problems],
+                  key=lambda r: natural_key(r["plate_dir"]))
+    failed = [r for r in rows if r["status"] == "failed"]
+    t = time.perf_counter()
+    try:
+        table_path = write_corpus_table(run.root, rows, partial=run.partial,
+                                        flow_runs=(str(flow_run.id), str(flow_run.root_flow_run_id)))
+    except OSError as exc:  # a full disk: say so, and what this run found, never the old table's counts
+        message = (f"could not write the corpus table: {exc}; it still holds an earlier run's rows. "
+                   f"This run: {len(rows) - len(failed)} of {len(rows)} plates ok, {len(failed)} failed"
+                   + (f": {_failures(failed)}" if failed else ""))
+        run.logger.error(message)
+        return Failed(message=message)
+    try:
+        report = build_report(run.root)
+    except Exception:  # noqa: BLE001 - the plates' outputs stand; a report bug must not fail the refresh
+        run.logger.exception("could not write the corpus report")
+        report = None
+    run.timings["tables and report"] = time.perf_counter() - t
+    run.progress.publish()
+    # The table and summary cover the whole corpus, also after a refresh of some plates.
+    publish(run.root, read_corpus_table(run.root).to_pylist() if run.partial else rows, run.timings, report,
+            run.config.models)
+    summary = _summary(rows, failed, run, table_path, report)
+    run.logger.info(summary)
+    return Failed(message=f"{summary}. Failed plates: {_failures(failed)}") if failed else Completed(message=summary)
+
+
+def _summary(rows: list[dict], failed: list[dict], run: Refresh, table_path: Path, report: Path | None) -> str:
+    counts = {s: sum(r.get("characterize_status") == s for r in rows) for s in ("computed", "cached")}
+    embedded = ""
+    if run.config.models:
+        e = {k: sum(r.get("embed_status") == k for r in rows) for k in ("computed", "cached")}
+        embedded = f"; embeddings {e['computed']} computed, {e['cached']} cached"
+    return (f"{len(rows) - len(failed)} of {len(rows)} plates ok "
+            f"(characterisation {counts['computed']} computed, {counts['cached']} cached{embedded}), "
+            f"{len(failed)} failed in {time.perf_counter() - run.started:.1f} s; table: {table_path}; "
+            f"report: {report}")
 
 
 def _problem_row(problem: PlateProblem) -> dict:
     return {"plate_dir": problem.folder, "plate_id": problem.plate_id, "status": "failed",
             "failed_step": "manifest", "error": f"{type(problem.error).__name__}: {problem.error}",
             "characterize_status": "not_run"}
-
-
-@flow(
-    name="refresh-corpus",
-    task_runner=ThreadPoolTaskRunner(max_workers=default_workers()),
-    validate_parameters=True,
-)
-def refresh_corpus(
-    root: str,
-    characterize_params: CharacterizeParams = CharacterizeParams(),
-    models: list[str] = [],
-    crop_model: str | None = None,
-    crop_params: CropParams = CropParams(),
-    gpu_class: str | None = None,
-    weights_root: str | None = None,
-    plates: list[str] | None = None,
-    gpu_dispatch: Dispatch = "auto",
-    chunk_size: int = 512,
-    worker_wait_minutes: float | None = 30.0,
-    verify: bool = False,
-    batch_plates: int = 64,
-    batch_megabytes: float = 256.0,
-):
-    """Characterise every plate under ROOT/plates_structured; with ``models``, also build crop
-    candidates, embed them with each model, choose and save the smart crop. Writes
-    ROOT/plates.parquet (and ROOT/embeddings/<model>.parquet).
-
-    ``plates`` (folder names) limits the run to those plates; the other plates' rows in the
-    tables are kept as they are. ``gpu_dispatch``: where the GPU step runs (plateflow/routing.py):
-    ``auto`` sends it as runs of the class's embed-plates deployment (one per online worker of
-    its pool) when the server has such deployments, else runs it in-process; either way the
-    plates go through embed-chunk tasks of ``chunk_size`` plates (the unit of retry). If that
-    pool has no online worker for ``worker_wait_minutes`` (None: no limit), the plates no worker
-    took fail saying so. Ends Failed (with every failed plate and its reason in the message) if
-    any plate failed; the other plates are complete either way.
-
-    Sources are hashed only where their stat changed (``verify``: all of them). A plate whose
-    outputs are in place for its cache key creates no task run; the others go through
-    characterize-batch tasks of at most ``batch_plates`` plates and ``batch_megabytes`` of source.
-    """
-    logger = get_run_logger()
-    if plates is not None:  # a refresh of some plates merges into the tables: they must be readable
-        read_corpus_table(Path(root).expanduser())
-        for m in models:
-            read_parquet(embeddings_table_path(Path(root).expanduser(), m), f"embeddings table of {m}")
-    if models:
-        # Configuration errors surface before any work: unknown model, a model too big for the class.
-        # So does a GPU class with no work pool on the server.
-        profiles = load_profiles()
-        route = choose_route(gpu_class, gpu_dispatch, profiles,
-                             detected=gpu_class or detect_gpu_class(profiles))
-        logger.info("GPU step: %s", route.describe())
-        for m in models:
-            profiles.plan(m, route.gpu_class)
-            if route.local:  # a pool's workers load weights of their own
-                require_weights(profiles.model(m), Path(weights_root) if weights_root else None)
-        crop_model = crop_model or models[0]
-        if crop_model not in models:
-            raise ConfigError(f"--crop-model {crop_model} is not among --models {', '.join(models)}")
-        characterize_params = characterize_params.model_copy(update={"working_copy": True})
-    cfg = RefreshConfig(root=Path(root), characterize=characterize_params)
-    root_path = cfg.root
-    # One refresh of a corpus at a time: each writes the whole corpus table.
-    holder = f"flow run {flow_run.name} ({flow_run.id}) on {socket.gethostname()}, pid {os.getpid()}"
-    asked = time.perf_counter()
-    with corpus_lock(root_path, holder, on_wait=lambda other: logger.warning(
-            "another refresh holds this corpus (%s): waiting for it to finish", other)):
-        started = time.perf_counter()  # the summary's time is the work's, not the wait's
-        waited = started - asked
-        for stale in remove_stale_temps(root_path, skip=("source",)):
-            logger.info("removed %s, left behind by a writer that stopped", stale.relative_to(root_path))
-        try:
-            write_bytes_if_changed(state_dir(root_path) / "config.json", dumps_json(cfg.model_dump(mode="json")))
-        except OSError as exc:  # a full disk: each plate's step says so for itself
-            logger.warning("could not write the effective configuration: %s", exc)
-        found = discover_plates(root_path)
-        if plates is not None:
-            wanted = set(plates)
-            found = [p for p in found if p.folder in wanted]
-        partial = plates is not None
-        plates = [p for p in found if isinstance(p, PlateRef)]
-        problems = [p for p in found if isinstance(p, PlateProblem)]
-        logger.info("%d plate folders: %d to process, %d with manifest problems",
-                    len(found), len(plates), len(problems))
-
-        timings: dict[str, float] = {"waiting for the corpus": waited} if waited >= 1 else {}
-        progress = Progress(root_path, len(plates) * (2 + len(models)) if models else len(plates))
-        records = [PlateRecord(plate) for plate in plates]
-        hash_sources(records, root_path, verify, cfg.workers, logger, whole_corpus=not partial)
-        todo = settle_current(records, root_path, cfg.characterize)
-        progress.advance(len(records) - len(todo))
-        logger.info("%d plates current, %d to characterise", len(records) - len(todo), len(todo))
-        characterize_plates(todo, cfg.characterize, root_path, batch_plates, int(batch_megabytes * 2**20),
-                            progress, logger)
-        timings["characterisation"] = time.perf_counter() - started
-
-        rows = [rec.row for rec in records] + [_problem_row(p) for p in problems]
-        if models:
-            run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-            _embed_and_crop(root_path, records, models, crop_model, crop_params, route, weights_root, run_id,
-                            chunk_size, partial, progress, timings, worker_wait_minutes)
-        rows.sort(key=lambda r: natural_key(r["plate_dir"]))
-        t = time.perf_counter()
-        failed = [r for r in rows if r["status"] == "failed"]
-        try:
-            table_path = write_corpus_table(root_path, rows, partial=partial, flow_runs=(str(flow_run.id), str(flow_run.root_flow_run_id)))
-        except OSError as exc:  # a full disk: say so, and what this run found, never the old table's counts
-            message = (f"could not write the corpus table: {exc}; it still holds an earlier run's rows. "
-                       f"This run: {len(rows) - len(failed)} of {len(rows)} plates ok, {len(failed)} failed"
-                       + (f": {_failures(failed)}" if failed else ""))
-            logger.error(message)
-            return Failed(message=message)
-        try:
-            report = build_report(root_path)
-        except Exception:  # the plates' outputs stand; a report bug must not fail the refresh
-            logger.exception("could not write the corpus report")
-            report = None
-        timings["tables and report"] = time.perf_counter() - t
-        progress.advance(progress.total, force=True)
-        # The table and summary cover the whole corpus, also after a refresh of some plates.
-        table_rows = read_corpus_table(root_path).to_pylist() if partial else rows
-        publish(root_path, table_rows, timings, report, models)
-        counts = {s: sum(r.get("characterize_status") == s for r in rows)
-                  for s in ("computed", "cached")}
-        embedded = ""
-        if models:
-            e = {k: sum(r.get("embed_status") == k for r in rows) for k in ("computed", "cached")}
-            embedded = f"; embeddings {e['computed']} computed, {e['cached']} cached"
-        summary = (f"{len(rows) - len(failed)} of {len(rows)} plates ok "
-                   f"(characterisation {counts['computed']} computed, {counts['cached']} cached{embedded}), "
-                   f"{len(failed)} failed "
-                   f"in {time.perf_counter() - started:.1f} s; table: {table_path}; report: {report}")
-        logger.info(summary)
-        if failed:
-            return Failed(message=f"{summary}. Failed plates: {_failures(failed)}")
-        return Completed(message=summary)
-
-
-def _embed_and_crop(root: Path, records: list[PlateRecord], models: list[str],
-                    crop_model: str, crop_params: CropParams, route: GpuRoute,
-                    weights_root: str | None, run_id: str, chunk_size: int, partial: bool,
-                    progress: Progress, timings: dict[str, float],
-                    worker_wait_minutes: float | None = None) -> None:
-    """Candidates, embeddings (only plates without cached vectors go to the GPU flow), smart crop."""
-    from flows.embed import embed_plates
-
-    started = time.perf_counter()
-    logger = get_run_logger()
-    profiles = load_profiles()
-    rows = {rec.plate.folder: rec.row for rec in records}
-    ok = [rec for rec in records if rec.ok]
-    boxes_f, info = {}, {}
-    for run in ok:
-        meta = run.metadata
-        info[run.plate.folder] = (meta["sha256"], (meta["width"], meta["height"]))
-        boxes_f[run.plate.folder] = crop_candidates.submit(
-            run.plate.plate_dir, run.plate.plate_id, info[run.plate.folder][1], crop_params)
-    boxes = {}
-    for run in ok:
-        outcome, exc = _step_outcome(boxes_f[run.plate.folder])
-        if outcome == "failed":
-            _fail(rows[run.plate.folder], "candidates", exc, embed_status="not_run")
-        else:
-            boxes[run.plate.folder] = boxes_f[run.plate.folder].result()
-    ok = [run for run in ok if run.plate.folder in boxes]
-
-    files: dict[str, dict[str, str]] = {run.plate.folder: {} for run in ok}
-    computed: set[str] = set()
-    for model in models:
-        spec = profiles.model(model)
-        jobs = []
-        for run in ok:
-            sha, size = info[run.plate.folder]
-            path = store_path(root, spec, sha, crop_params)
-            files[run.plate.folder][model] = str(path)
-            if path.is_file() and (problem := vectors_problem(path, len(boxes[run.plate.folder]), spec.embed_dim)):
-                logger.warning("%s: %s; removed, its vectors are computed again", run.plate.folder, problem)
-                path.unlink(missing_ok=True)
-            if not path.is_file():
-                jobs.append(PlateJob(run.plate.folder, str(run.plate.plate_dir / WORKING_COPY), size,
-                                     tuple(map(tuple, boxes[run.plate.folder])), str(path)))
-        logger.info("%s: %d plates cached, %d to embed", model, len(ok) - len(jobs), len(jobs))
-        progress.advance(len(ok) - len(jobs))
-        if not jobs:
-            continue
-        if route.local:
-            state = embed_plates(model, route.gpu_class, jobs=jobs, chunk_size=chunk_size,
-                                 weights_root=weights_root, return_state=True)
-            outcome = (state.result() if state.is_completed()
-                       else {job.plate_id: state.message for job in jobs})
-        else:
-            outcome = run_on_pool(route, model, jobs, chunk_size, weights_root,
-                                  state_dir(root) / "dispatch" / run_id, logger,
-                                  worker_wait_s=None if worker_wait_minutes is None else 60 * worker_wait_minutes)
-        for job in jobs:
-            error = outcome.get(job.plate_id, "no result came back for this plate")
-            if error is not None:
-                _fail(rows[job.plate_id], "embed", RuntimeError(f"{model}: {error}"), embed_status="failed")
-            computed.add(job.plate_id)
-        progress.advance(len(jobs))
-
-    timings["candidates and embeddings"] = time.perf_counter() - started
-    started = time.perf_counter()
-    ok = [run for run in ok if rows[run.plate.folder]["status"] == "ok"]
-    crops = {}
-    for run in ok:
-        sha, size = info[run.plate.folder]
-        key = hashlib.sha256("|".join(
-            [sha, crop_model, crop_params.model_dump_json()]
-            + [f"{m}:{embedding_key(profiles.model(m), crop_params)}" for m in models]).encode()).hexdigest()[:20]
-        crops[run.plate.folder] = save_smart_crop.submit(
-            run.plate, run_id, key, files[run.plate.folder], boxes[run.plate.folder], crop_model,
-            crop_params, size, sha)
-    for run in ok:
-        row = rows[run.plate.folder]
-        outcome, exc = _step_outcome(crops[run.plate.folder])
-        row["embed_status"] = "computed" if run.plate.folder in computed else "cached"
-        if outcome == "failed":
-            _fail(row, "smart_crop", exc)
-        else:
-            row.update(crops[run.plate.folder].result())
-        progress.advance()
-    timings["smart crop"] = time.perf_counter() - started
-    for model in models:
-        table_rows = [(run.plate.plate_id, info[run.plate.folder][0], boxes[run.plate.folder],
-                       load_vectors(files[run.plate.folder][model], len(boxes[run.plate.folder]))) for run in ok
-                      if rows[run.plate.folder]["status"] == "ok"]
-        logger.info("wrote %s", write_embeddings_table(root, model, table_rows, profiles.model(model).embed_dim,
-                                                         partial=partial))
 
 
 def _failures(failed: list[dict]) -> str:
@@ -428,10 +531,3 @@ def _failures(failed: list[dict]) -> str:
     for r in failed:
         by_error.setdefault(r["error"], []).append(r["plate_dir"])
     return "; ".join(f"{', '.join(folders)}: {error}" for error, folders in by_error.items())
-
-
-def _fail(row: dict, step: str, exc: BaseException | None, embed_status: str | None = None) -> None:
-    """Mark a plate's corpus-table row failed at ``step``, with the error that says why."""
-    row.update(status="failed", failed_step=step, error=f"{type(exc).__name__}: {exc}")
-    if embed_status is not None:
-        row["embed_status"] = embed_status

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
+from typing import Callable
 
 FLAGS = ("grayscale_like", "very_large", "extreme_aspect")
 
@@ -17,27 +18,50 @@ def artifact_key(root: Path, what: str) -> str:
     return f"plateflow-{slug}-{what}"[:100]
 
 
-class Progress:
-    """A progress artifact over ``total`` units of work, updated at most every ``every_s``."""
+# Called as listener(stage, done, total, failed) whenever a stage advances: the CLI draws its
+# progress bars from these; the flow knows nothing of them.
+listeners: list[Callable[[str, int, int, int], None]] = []
 
-    def __init__(self, root: Path, total: int, every_s: float = 0.5):
+
+class Progress:
+    """A refresh's progress, stage by stage (hash, characterise, candidates, embed <model>, smart
+    crop), counted in plates: one progress artifact over all stages (updated at most every
+    ``every_s``) and the listeners' bars."""
+
+    def __init__(self, root: Path, every_s: float = 0.5):
         from prefect.artifacts import create_progress_artifact
 
-        self.total, self.done, self.every_s, self.last = max(1, total), 0, every_s, 0.0
+        self.stages: dict[str, list[int]] = {}  # name -> [done, total, failed]
+        self.every_s, self.last = every_s, 0.0
         self.id = create_progress_artifact(progress=0.0, key=artifact_key(root, "progress"),
                                            description=f"Plates of {Path(root).name} processed")
 
-    def add(self, units: int) -> None:
-        self.total += units
+    def stage(self, name: str, total: int) -> None:
+        """Open a stage of ``total`` plates."""
+        self.stages[name] = [0, total, 0]
+        self._tell(name)
 
-    def advance(self, units: int = 1, force: bool = False) -> None:
+    def advance(self, name: str, plates: int = 1, failed: int = 0) -> None:
+        entry = self.stages[name]
+        entry[0] = min(entry[1], entry[0] + plates)
+        entry[2] += failed
+        self._tell(name)
+        now = time.monotonic()
+        if entry[0] == entry[1] or now - self.last >= self.every_s:
+            self.publish()
+            self.last = now
+
+    def publish(self) -> None:
         from prefect.artifacts import update_progress_artifact
 
-        self.done = min(self.total, self.done + units)
-        now = time.monotonic()
-        if force or self.done == self.total or now - self.last >= self.every_s:
-            update_progress_artifact(self.id, 100.0 * self.done / self.total)
-            self.last = now
+        done = sum(e[0] for e in self.stages.values())
+        total = sum(e[1] for e in self.stages.values())
+        update_progress_artifact(self.id, 100.0 * done / total if total else 100.0)
+
+    def _tell(self, name: str) -> None:
+        done, total, failed = self.stages[name]
+        for listener in listeners:
+            listener(name, done, total, failed)
 
 
 def plate_table(rows: list[dict]) -> list[dict]:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
-
-from prefect.tasks import exponential_backoff
+import importlib.util
+from pathlib import Path
 
 from plateflow.errors import is_transient
 
@@ -17,8 +15,8 @@ def code_version(*module_names: str) -> str:
     Any edit to those modules changes the key, so outputs computed by old code are not reused.
     """
     digest = hashlib.sha256()
-    for name in module_names:
-        digest.update(inspect.getsource(importlib.import_module(name)).encode())
+    for name in module_names:  # read, not imported: a flow that only needs keys skips their imports
+        digest.update(Path(importlib.util.find_spec(name).origin).read_bytes())
     return digest.hexdigest()[:12]
 
 
@@ -31,13 +29,3 @@ def retry_transient(task, task_run, state) -> bool:
         except BaseException as raised:  # noqa: BLE001 - we only classify it
             exc = raised
     return exc is not None and is_transient(exc)
-
-
-# Task options for steps whose failures may be transient: retried with backoff and jitter,
-# but only for I/O-like errors (bad input fails at once).
-TRANSIENT_RETRIES = dict(
-    retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=1),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_transient,
-)

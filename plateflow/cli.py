@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -71,40 +72,40 @@ def refresh(
     failed_only: Annotated[bool, typer.Option("--failed-only", help="Retry only the plates whose last status is failed (the retry-failed-plates flow).")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Hash every source again, not only those whose size, mtime, inode or ctime changed.")] = False,
     batch_plates: Annotated[int, typer.Option(help="Most plates in one characterize-batch task.", min=1)] = 64,
-    batch_megabytes: Annotated[float, typer.Option(help="Most source megabytes in one characterize-batch task.", min=0.001)] = 256.0,
+    batch_megabytes: Annotated[float, typer.Option(help="Most source megabytes in one batch task.", min=0.001)] = 256.0,
+    dask: Annotated[Optional[str], typer.Option(help="Run the CPU batches on Dask: a scheduler address (tcp://host:8786) or local:N (N worker processes here). Workers need the corpus at the same path.")] = None,
 ) -> None:
     """Run the refresh flow: only plates whose content, parameters or code changed are recomputed.
 
-    With no Prefect server configured (PREFECT_API_URL unset) it runs on Prefect's embedded one.
+    With no Prefect server configured (PREFECT_API_URL unset) it runs on plateflow's local
+    server, started in the background on first use and reused (`plateflow local-server --stop`).
     Exits 1 when any plate failed; every other plate is still complete.
     """
-    from prefect.task_runners import ThreadPoolTaskRunner
-
     from flows.refresh import refresh_corpus
     from flows.retry import retry_failed_plates
-    from plateflow.config import CharacterizeParams, CropParams, RefreshConfig
+    from plateflow.config import CharacterizeParams, CropParams, RefreshConfig, corpus_root
     from plateflow.errors import ConfigError
-    from plateflow.server import temporary_server
+    from plateflow.server import local_api
 
     try:
-        params = CharacterizeParams(viz=not no_viz, max_pixels=int(max_megapixels * 1e6))
-        crop = CropParams(crop_format=crop_format, min_area_fraction=min_crop_area)
-        cfg = RefreshConfig(root=root, characterize=params, **({"workers": workers} if workers else {}))
+        root = corpus_root(root)
+        cfg = RefreshConfig(
+            characterize=CharacterizeParams(viz=not no_viz, max_pixels=int(max_megapixels * 1e6)),
+            models=models.split(","), crop_model=crop_model, gpu_class=gpu_class,
+            crop=CropParams(crop_format=crop_format, min_area_fraction=min_crop_area),
+            weights_root=str(weights) if weights else None, gpu_dispatch=gpu_dispatch, chunk_size=chunk_size,
+            worker_wait_minutes=worker_wait_minutes or None, verify=verify, batch_plates=batch_plates,
+            batch_megabytes=batch_megabytes, dask=dask, **({"workers": workers} if workers else {}))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    runner_ = ThreadPoolTaskRunner(max_workers=cfg.workers)
-    flow_fn = retry_failed_plates if failed_only else refresh_corpus.with_options(task_runner=runner_)
-    model_list = [m.strip() for m in models.split(",") if m.strip()]
     try:
         if failed_only:  # said here, before a server starts: the flow would say it with a traceback
-            _read_tables(cfg.root, model_list)
-        with temporary_server():
-            state = flow_fn(root=str(cfg.root), characterize_params=params, models=model_list,
-                            crop_model=crop_model, crop_params=crop, gpu_class=gpu_class,
-                            weights_root=str(weights) if weights else None, gpu_dispatch=gpu_dispatch,
-                            chunk_size=chunk_size, worker_wait_minutes=worker_wait_minutes or None,
-                            verify=verify, batch_plates=batch_plates, batch_megabytes=batch_megabytes,
-                            return_state=True)
+            _read_tables(root, cfg.models)
+        with local_api(), progress_bars():
+            if failed_only:
+                state = retry_failed_plates(str(root), cfg, return_state=True)
+            else:
+                state = refresh_corpus(str(root), cfg, return_state=True)
     except ValueError as exc:  # parameters that do not validate, an unreadable table
         console.print(f"[red]configuration error:[/] {exc}")
         raise typer.Exit(2) from None
@@ -112,14 +113,45 @@ def refresh(
     if isinstance(failure, ConfigError):  # raised by the flow before any work: nothing to summarise
         console.print(f"[red]configuration error:[/] {failure}")
         raise typer.Exit(2)
-    if _table_of_run(cfg.root, state):
-        _print_status(cfg.root)
+    if _table_of_run(root, state):
+        _print_status(root)
     else:
-        console.print(f"[red]{cfg.root / 'plates.parquet'} was not written by this run[/]: its counts are "
+        console.print(f"[red]{root / 'plates.parquet'} was not written by this run[/]: its counts are "
                       f"an earlier run's and are not shown")
     console.print(f"flow run {state.name}: {state.message}")
     if not state.is_completed():
         raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def progress_bars() -> Iterator[None]:
+    """A progress bar per stage of the refresh (done / total, rate, ETA, failures so far),
+    drawn from the flow's progress (plateflow.artifacts.listeners)."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                               TimeRemainingColumn)
+    from rich.text import Text
+
+    from plateflow import artifacts
+
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed:,.0f} plates/s" if task.speed else "", style="progress.data.speed")
+
+    bars = Progress(TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(), Rate(),
+                    TimeRemainingColumn(), TextColumn("[red]{task.fields[failed]} failed"), console=console)
+    tasks: dict[str, int] = {}
+
+    def show(stage: str, done: int, total: int, failed: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(stage, total=total, failed=0)
+        bars.update(tasks[stage], completed=done, total=total, failed=failed)
+
+    artifacts.listeners.append(show)
+    try:
+        with bars:
+            yield
+    finally:
+        artifacts.listeners.remove(show)
 
 
 def _read_tables(root: Path, models: list[str]) -> None:
@@ -217,6 +249,23 @@ def server(
         pass
     finally:
         srv.stop(procs)
+
+
+@app.command("local-server")
+def local_server(
+    stop: Annotated[bool, typer.Option("--stop", help="Stop it.")] = False,
+) -> None:
+    """The local Prefect server `plateflow refresh` uses when PREFECT_API_URL is unset: started in
+    the background by the first refresh, reused by the next ones, stopped by itself after
+    PLATEFLOW_LOCAL_SERVER_IDLE_MINUTES (60) without a request, or by `--stop`. One per PREFECT_HOME."""
+    from plateflow.server import local_server_info, stop_local_server
+
+    if stop:
+        pid = stop_local_server()
+        console.print(f"stopped the local server (pid {pid})" if pid else "no local server was running")
+        return
+    info = local_server_info()
+    console.print(f"local server: {info['url']} (pid {info['pid']})" if info else "no local server is running")
 
 
 @app.command()

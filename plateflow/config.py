@@ -5,9 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from plateflow.errors import ConfigError
 
 
 class CharacterizeParams(BaseModel):
@@ -70,22 +74,76 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+Dispatch = Literal["auto", "local", "pool"]
+_DASK = re.compile(r"^(local:[1-9][0-9]*|(tcp|tls|inproc|ucx)://\S+|[\w.-]+:[0-9]+)$")
+
+
 class RefreshConfig(BaseModel):
-    """Everything a corpus refresh needs; written next to the outputs as ``.plateflow/config.json``."""
+    """One refresh's settings, shared by refresh-corpus and retry-failed-plates (flow parameter
+    ``config``) and written whole, with the corpus root, to ``.plateflow/config.json``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    root: Path = Field(description="Corpus root holding plates_structured/.")
     characterize: CharacterizeParams = Field(default_factory=CharacterizeParams)
-    workers: int = Field(default_factory=default_workers, ge=1, le=64)
+    # The GPU stage: none without models.
+    models: list[str] = Field(default_factory=list, description="Embedding models (profiles/models.toml).")
+    crop_model: str | None = Field(None, description="Model whose similarity picks the crop (default: the first).")
+    crop: CropParams = Field(default_factory=CropParams)
+    gpu_class: str | None = Field(None, description="GPU class of the GPU step (default: detected).")
+    weights_root: str | None = Field(None, description="Folder with <model>/ weights (default: the HF cache).")
+    gpu_dispatch: Dispatch = Field("auto", description="auto, local (in-process) or pool (embed-plates runs).")
+    chunk_size: int = Field(512, ge=1, description="Plates per embed-chunk task (the GPU step's unit of retry).")
+    worker_wait_minutes: float | None = Field(
+        30.0, gt=0, description="How long a work pool with no online worker is waited for (None: no limit).")
+    # The CPU stage.
+    workers: int = Field(default_factory=default_workers, ge=1, le=64,
+                         description="Batches run at once in this process (threads); also the hashing threads.")
+    dask: str | None = Field(None, description="Run the CPU batches on Dask: a scheduler address "
+                                               "(tcp://host:8786) or local:N (N worker processes here).")
+    verify: bool = Field(False, description="Hash every source again, not only those whose stat changed.")
+    batch_plates: int = Field(64, ge=1, le=100_000, description="Most plates in one batch task.")
+    batch_megabytes: float = Field(256.0, gt=0, description="Most source megabytes in one batch task.")
 
-    @field_validator("root")
+    @field_validator("dask")
     @classmethod
-    def _root_exists(cls, v: Path) -> Path:
-        v = Path(v).expanduser().resolve()
-        if not (v / "plates_structured").is_dir():
-            raise ValueError(
-                f"{v} is not a plate corpus: it has no plates_structured/ folder "
-                "(create one with `plateflow ingest SRC --root ROOT`)"
-            )
+    def _dask_address(cls, v: str | None) -> str | None:
+        if v is not None and not _DASK.match(v):
+            raise ValueError(f"dask must be a scheduler address (tcp://host:8786, host:8786) or local:N, got {v!r}")
         return v
+
+    @field_validator("models")
+    @classmethod
+    def _models_unique(cls, v: list[str]) -> list[str]:
+        v = [m.strip() for m in v if m.strip()]
+        if len(set(v)) != len(v):
+            raise ValueError(f"models are listed twice: {', '.join(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _crop_model_among_models(self) -> "RefreshConfig":
+        if self.crop_model is not None and self.crop_model not in self.models:
+            raise ValueError(f"crop_model {self.crop_model} is not among models {', '.join(self.models) or '(none)'}")
+        return self
+
+    @property
+    def best_crop_model(self) -> str | None:
+        return self.crop_model or (self.models[0] if self.models else None)
+
+    @property
+    def batch_bytes(self) -> int:
+        return int(self.batch_megabytes * 2**20)
+
+    def effective_characterize(self) -> CharacterizeParams:
+        """The CPU step's parameters: the GPU step reads the working copy, so models need one."""
+        if self.models and not self.characterize.working_copy:
+            return self.characterize.model_copy(update={"working_copy": True})
+        return self.characterize
+
+
+def corpus_root(root: str | Path) -> Path:
+    """ROOT, resolved; ``ConfigError`` unless it holds plates_structured/."""
+    path = Path(root).expanduser().resolve()
+    if not (path / "plates_structured").is_dir():
+        raise ConfigError(f"{path} is not a plate corpus: it has no plates_structured/ folder "
+                          "(create one with `plateflow ingest SRC --root ROOT`)")
+    return path

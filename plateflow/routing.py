@@ -18,14 +18,13 @@ import time
 from dataclasses import asdict, dataclass
 from itertools import accumulate
 from pathlib import Path
-from typing import Literal
 
+from plateflow.config import Dispatch
 from plateflow.errors import ConfigError
 from plateflow.pools import PoolDef, pool_definitions
 from plateflow.profiles import Profiles
 
 EMBED_FLOW = "embed-plates"
-Dispatch = Literal["auto", "local", "pool"]
 CRASH_RETRIES = 2  # a run that crashed (a lost worker) is sent again this many times
 # Plates per embed-plates run at most. A run is a new process on the worker: imports, CUDA
 # start-up, the model's weights (38 s on a 2-core machine,

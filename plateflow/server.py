@@ -4,7 +4,6 @@ ready to use from the UI. One foreground command; Ctrl-C stops everything it sta
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -108,65 +107,162 @@ def _terminate(procs: list[subprocess.Popen], grace: float = 20) -> None:
             proc.wait()
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent: int) -> None:
-    """In the child, before exec: be killed when the parent dies, however it dies (kill -9).
-    SIGKILL, not SIGTERM: a graceful stop of a busy server can take longer than anyone waits, and
-    with its only client gone there is nothing left to flush (SQLite recovers its journal)."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def temporary_server(timeout: float = 120) -> Iterator[str | None]:
-    """Prefect's temporary server for one command, when no server is configured (PREFECT_API_URL
-    unset); yields its API URL, or None when a server is configured (then nothing is started).
+LOCAL_SERVER = "plateflow-local-server"  # PREFECT_HOME/<this>.json (pid, url), .lock, .log
+IDLE_MINUTES = float(os.environ.get("PLATEFLOW_LOCAL_SERVER_IDLE_MINUTES", "60"))
 
-    What Prefect's own ephemeral server does, with three differences: it ends with this process
-    however this process ends (a kill -9 would otherwise leave it running for good); its output
-    goes to PREFECT_HOME/plateflow-temporary-server.log, not the terminal; and this process's
-    logs and events are flushed to it before it is stopped, which it is gracefully, so a clean
-    run prints no traceback from it.
-    """
+
+def _home() -> Path:
+    from prefect.settings import PREFECT_HOME
+
+    home = Path(PREFECT_HOME.value()).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def local_server_info() -> dict | None:
+    """{"pid", "url", "prefect"} of the local server of this PREFECT_HOME if it is up and answers, else None."""
+    import json
+
     import prefect
-    from prefect.settings import (PREFECT_API_URL, PREFECT_HOME, PREFECT_UI_URL, get_current_settings,
-                                  temporary_settings)
+
+    try:
+        info = json.loads((_home() / f"{LOCAL_SERVER}.json").read_text())
+        os.kill(info["pid"], 0)
+        if info.get("prefect") == prefect.__version__ and httpx.get(f"{info['url']}/health", timeout=5).status_code == 200:
+            return info
+    except (OSError, ValueError, KeyError, TypeError, httpx.HTTPError):
+        pass
+    return None
+
+
+def start_local_server(timeout: float = 120) -> dict:
+    """The local server of this PREFECT_HOME: the running one, or a new one started in the
+    background (its own session: it outlives this command, and stops itself after
+    ``IDLE_MINUTES`` without a request). One at a time per PREFECT_HOME (a lock file)."""
+    import fcntl
+
+    import prefect
+    from prefect.settings import get_current_settings
+
+    from plateflow.atomic import dumps_json, write_bytes
+
+    home = _home()
+    fd = os.open(home / f"{LOCAL_SERVER}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another command may be starting it right now
+        if (info := local_server_info()) is not None:
+            return info
+        stop_local_server()  # one that no longer answers, or of another Prefect version
+        port = _free_port()
+        env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
+               "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+               "PLATEFLOW_LOCAL_SERVER_IDLE_MINUTES": str(IDLE_MINUTES)}
+        env.pop("PREFECT_API_URL", None)
+        cmd = [sys.executable, "-m", "uvicorn", "--factory", "plateflow.server:idle_app", "--host", "127.0.0.1",
+               "--port", str(port), "--log-level", "error", "--lifespan", "on"]
+        with open(home / f"{LOCAL_SERVER}.log", "ab") as log:
+            proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}/api"
+        try:
+            wait_healthy(url, proc, timeout)
+        except BaseException:
+            _terminate([proc])
+            raise
+        info = {"pid": proc.pid, "url": url, "prefect": prefect.__version__}
+        write_bytes(home / f"{LOCAL_SERVER}.json", dumps_json(info))
+        return info
+    finally:
+        os.close(fd)
+
+
+def stop_local_server(grace: float = 20) -> int | None:
+    """Stop the local server of this PREFECT_HOME, if one runs; its pid, or None."""
+    import json
+
+    path = _home() / f"{LOCAL_SERVER}.json"
+    try:
+        pid = json.loads(path.read_text())["pid"]
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, KeyError, TypeError):
+        path.unlink(missing_ok=True)
+        return None
+    path.unlink(missing_ok=True)
+    if b"plateflow.server:idle_app" not in cmdline:  # the pid was reused by another process
+        return None
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        if Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+class _IdleExit:
+    """ASGI wrapper: stops its server (SIGTERM to itself) after ``idle_s`` with no request in flight."""
+
+    def __init__(self, app, idle_s: float):
+        import threading
+
+        self.app, self.idle_s, self.active, self.last, self.seen = app, idle_s, 0, time.monotonic(), False
+        threading.Thread(target=self._watch, daemon=True, name="plateflow-idle").start()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            return await self.app(scope, receive, send)
+        self.active += 1
+        self.seen = True
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+            self.last = time.monotonic()
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(30.0, self.idle_s / 4))
+            # Before its first request the server may still be starting (10 s or more on a busy machine).
+            idle_s = self.idle_s if self.seen else self.idle_s + 120
+            if self.active == 0 and time.monotonic() - self.last > idle_s:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+
+def idle_app():
+    """uvicorn factory of the local server: Prefect's API app, stopped when idle."""
+    from prefect.server.api.server import create_app
+
+    return _IdleExit(create_app(), 60 * float(os.environ.get("PLATEFLOW_LOCAL_SERVER_IDLE_MINUTES", "60")))
+
+
+@contextlib.contextmanager
+def local_api() -> Iterator[str | None]:
+    """The API for one command: the configured server (PREFECT_API_URL; then nothing is started
+    and None is yielded), else plateflow's local server (``start_local_server``), whose URL is
+    yielded. This process's logs and events reach the server before the command ends."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
     if PREFECT_API_URL.value():
         yield None
         return
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    home = Path(PREFECT_HOME.value()).expanduser()
-    home.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
-           "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-    cmd = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
-           "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "error", "--lifespan", "on"]
-    parent = os.getpid()
-    with open(home / "plateflow-temporary-server.log", "ab") as log:
-        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                preexec_fn=lambda: _die_with_parent(parent), start_new_session=True)
-    try:
-        wait_healthy(url, proc, timeout)
-        # No "View at" links: this server has no UI, and it is gone when the command ends.
-        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_UI_URL: ""}):
-            try:
-                yield url
-            finally:
-                _drain_client()
-    finally:
-        _terminate([proc])
+    url = start_local_server()["url"]
+    # No "View at" links: this server has no UI.
+    with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_UI_URL: ""}):
+        try:
+            yield url
+        finally:
+            _drain_client()
 
 
 def _drain_client() -> None:

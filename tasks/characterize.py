@@ -15,11 +15,6 @@ from pathlib import Path
 from plateflow.atomic import write_bytes
 from plateflow.caching import code_version
 from plateflow.config import CharacterizeParams
-from tasks.crops import jpeg_bytes, make_working_copy
-from tasks.histograms import compute_histograms, histogram_record
-from tasks.image import decode_image
-from tasks.metadata import image_metadata
-from tasks.viz import make_preview, png_bytes
 
 CODE_VERSION = code_version(
     "tasks.image", "tasks.histograms", "tasks.metadata", "tasks.viz", "tasks.crops", "tasks.characterize"
@@ -45,6 +40,13 @@ def cache_key(sha256: str, params: CharacterizeParams) -> str:
 def characterize_image(
     source: Path, params: CharacterizeParams, expected_sha256: str | None = None
 ) -> Characterization:
+    # Imported here: the flow process needs only cache keys, and numba alone costs a second to import.
+    from tasks.crops import jpeg_bytes, make_working_copy
+    from tasks.histograms import compute_histograms, histogram_record
+    from tasks.image import decode_image
+    from tasks.metadata import image_metadata
+    from tasks.viz import make_preview, png_bytes
+
     decoded = decode_image(source, params.max_pixels, expected_sha256)
     hist = compute_histograms(decoded.image, params.background_threshold)
     working = make_working_copy(decoded.image, params.working_short_side) if params.working_copy else None

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from prefect import task
 
 from plateflow.atomic import write_json
 from plateflow.config import CropParams
@@ -74,11 +73,6 @@ def write_candidates(plate_dir: Path, plate_id: str, size: tuple[int, int], para
         "working_copy": WORKING_COPY, "boxes": boxes,
     })
     return boxes
-
-
-@task(name="crop-candidates", task_run_name="candidates-{plate_id}")
-def crop_candidates(plate_dir: Path, plate_id: str, size: tuple[int, int], params: CropParams) -> list[list[int]]:
-    return write_candidates(plate_dir, plate_id, size, params)
 
 
 def choose_best_crop(vectors: np.ndarray, boxes: list[list[int]], params: CropParams,

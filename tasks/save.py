@@ -14,10 +14,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
 
 from plateflow.atomic import dumps_json, write_bytes, write_bytes_if_changed, write_parquet
-from plateflow.caching import TRANSIENT_RETRIES
 from plateflow.corpus import PlateRef, natural_key
 from plateflow.errors import CorpusTableError
 from tasks.characterize import Characterization
@@ -358,11 +356,3 @@ def smart_crop_plate(plate: PlateRef, run_id: str, key: str, vector_files: dict[
     return {"run_id": existing or run_id, "crop_status": "cached" if existing else "computed",
             "best_crop_idx": best, "crop_box": boxes[best], "similarity": similarity,
             "original_size": list(original_size)}
-
-
-@task(name="save-smart-crop", task_run_name="smart-crop-{plate.plate_id}", **TRANSIENT_RETRIES)
-def save_smart_crop(plate: PlateRef, run_id: str, key: str, vector_files: dict[str, str],
-                    boxes: list[list[int]], crop_model: str, crop_params, original_size: tuple[int, int],
-                    sha256: str | None = None) -> dict:
-    return smart_crop_plate(plate, run_id, key, vector_files, boxes, crop_model, crop_params, original_size,
-                            sha256)

@@ -13,6 +13,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stop_local_server():
+    """A refresh run in this process without a harness starts plateflow's local server in the
+    background; it is stopped when the session ends, not left to its idle timeout."""
+    yield
+    from plateflow.server import stop_local_server
+
+    stop_local_server()
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One temporary Prefect server for every flow test (starting one costs ~10 s)."""

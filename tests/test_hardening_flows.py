@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.refresh import refresh_corpus
+from plateflow.config import RefreshConfig
 from plateflow.cli import app
 
 from conftest import make_plate, paper_plate, wait_until
@@ -26,7 +27,7 @@ runner = CliRunner()
 
 
 def run(root, **kw):
-    state = refresh_corpus(str(root), return_state=True, **kw)
+    state = refresh_corpus(str(root), RefreshConfig(**kw), return_state=True)
     table = {r["plate_dir"]: r for r in pq.read_table(root / "plates.parquet").to_pylist()}
     return state, table
 
@@ -178,13 +179,6 @@ def test_a_full_disk_names_the_path_and_never_reports_the_old_table_as_this_run(
     assert "4 plates: 4 ok, 0 failed" in again.output
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        kids += [int(k) for k in (task / "children").read_text().split()]
-    return kids
-
-
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
@@ -192,35 +186,67 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _local_server_pid(home: Path) -> int:
+    return json.loads((home / "plateflow-local-server.json").read_text())["pid"]
+
+
 @pytest.mark.slow
-def test_a_killed_cli_refresh_takes_its_server_along_and_the_next_one_cleans_up_and_prints_no_traceback(tmp_path):
+def test_a_killed_cli_refresh_leaves_the_local_server_to_the_next_one_which_cleans_up_and_prints_no_traceback(
+        tmp_path):
     root = tmp_path / "corpus"
     for i in range(40):
         make_plate(root, f"plate-{i + 1:03d}", paper_plate(seed=i))
+    home = tmp_path / "prefect-home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               COLUMNS="300")
-    cmd = [str(Path(sys.executable).with_name("plateflow")), "refresh", "--root", str(root), "--batch-plates", "2"]
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", COLUMNS="300")
+    plateflow = str(Path(sys.executable).with_name("plateflow"))
+    cmd = [plateflow, "refresh", "--root", str(root), "--batch-plates", "2"]
     log = tmp_path / "killed.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: "batch 2/20" in log.read_text(), 120, "the refresh to be under way", every=0.1)
-        servers = [k for k in _children(proc.pid) if "uvicorn" in Path(f"/proc/{k}/cmdline").read_text()]
-        assert len(servers) == 1, log.read_text()
+        server = _local_server_pid(home)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        wait_until(lambda: not _alive(servers[0]), 30, "the temporary server to end with its parent", every=0.2)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    stale = root / "plates_structured" / "plate-001" / ".input_image.json.k1ll3d_9.tmp"
-    stale.write_bytes(b"left by a killed writer")
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output
-    assert "40 plates: 40 ok, 0 failed" in output
-    assert "removed plates_structured/plate-001/.input_image.json.k1ll3d_9.tmp" in output
-    assert "Traceback" not in output and "Error" not in output and "CancelledError" not in output
-    assert not [p for p in root.rglob("*.tmp")]
+    try:
+        assert _alive(server)  # the local server outlives the command: the next one reuses it
+        stale = root / "plates_structured" / "plate-001" / ".input_image.json.k1ll3d_9.tmp"
+        stale.write_bytes(b"left by a killed writer")
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, output
+        assert "40 plates: 40 ok, 0 failed" in output
+        assert "removed plates_structured/plate-001/.input_image.json.k1ll3d_9.tmp" in output
+        assert "Traceback" not in output and "Error" not in output and "CancelledError" not in output
+        assert not [p for p in root.rglob("*.tmp")]
+        assert _local_server_pid(home) == server
+        stopped = subprocess.run([plateflow, "local-server", "--stop"], env=env, capture_output=True, text=True)
+        assert f"stopped the local server (pid {server})" in stopped.stdout, stopped.stdout + stopped.stderr
+        wait_until(lambda: not _alive(server), 30, "the local server to stop", every=0.2)
+    finally:
+        if _alive(server):
+            os.kill(server, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_the_local_server_stops_by_itself_once_idle(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PLATEFLOW_LOCAL_SERVER_IDLE_MINUTES="0.1")
+    script = "from plateflow.server import start_local_server; print(start_local_server()['pid'])"
+    pid = int(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                             check=True, timeout=180).stdout)
+    try:
+        assert _alive(pid)
+        wait_until(lambda: not _alive(pid), 60, "the idle local server to stop", every=0.5)
+        status = subprocess.run([str(Path(sys.executable).with_name("plateflow")), "local-server"], env=env,
+                                capture_output=True, text=True)
+        assert "no local server is running" in status.stdout
+    finally:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from flows.refresh import refresh_corpus
-from plateflow.config import CropParams
+from plateflow.config import CropParams, RefreshConfig
 
 from conftest import paper_plate, read_image
 
@@ -17,13 +17,13 @@ MODELS = ["tiny_dinov2", "tiny_clip"]
 
 
 def run(root, **kw):
-    state = refresh_corpus(str(root), models=MODELS, gpu_class="CPU", return_state=True, **kw)
+    state = refresh_corpus(str(root), RefreshConfig(models=MODELS, gpu_class="CPU", **kw), return_state=True)
     table = {r["plate_dir"]: r for r in pq.read_table(root / "plates.parquet").to_pylist()}
     return state, table
 
 
 def test_full_pipeline_with_both_backends(corpus, tiny_env):
-    state, table = run(corpus, crop_params=CropParams(crop_format="png"))
+    state, table = run(corpus, crop=CropParams(crop_format="png"))
     assert state.is_completed(), state.message
     row = table["plate-002"]
     assert row["embed_status"] == "computed" and row["crop_status"] == "computed"
@@ -64,7 +64,7 @@ def test_a_gpu_class_decodes_on_the_device_in_the_flow_and_gets_the_thread_reade
     caplog.set_level(logging.INFO, logger="tasks.embeddings")
     for root, cls in ((corpus, "CPU"), (other, "T4_16GB")):  # T4's plan on this CPU: device decoding, batch 64
         caplog.clear()
-        state = refresh_corpus(str(root), models=["tiny_dinov2"], gpu_class=cls, return_state=True)
+        state = refresh_corpus(str(root), RefreshConfig(models=["tiny_dinov2"], gpu_class=cls), return_state=True)
         assert f"waiting for the readers ({'threads' if cls == 'CPU' else 'device'})" in caplog.text
         assert state.is_completed(), state.message
         table = {r["plate_dir"]: r for r in pq.read_table(root / "plates.parquet").to_pylist()}
@@ -100,9 +100,9 @@ def test_a_plate_that_fails_to_decode_fails_alone_in_the_full_pipeline(corpus, t
 
 
 def test_bad_model_configuration_fails_before_any_work(corpus, tiny_env):
-    state = refresh_corpus(str(corpus), models=["huge_dinov2"], gpu_class="T4_16GB", return_state=True)
+    state = refresh_corpus(str(corpus), RefreshConfig(models=["huge_dinov2"], gpu_class="T4_16GB"), return_state=True)
     assert state.is_failed() and "does not fit GPU class T4_16GB" in state.message
-    state = refresh_corpus(str(corpus), models=["nope"], gpu_class="CPU", return_state=True)
+    state = refresh_corpus(str(corpus), RefreshConfig(models=["nope"], gpu_class="CPU"), return_state=True)
     assert state.is_failed() and "unknown model 'nope'" in state.message
     assert not (corpus / "plates.parquet").exists()
     assert not (corpus / "plates_structured" / "plate-001" / "input_image.json").exists()
@@ -114,7 +114,7 @@ def test_missing_weights_fail_an_in_process_refresh_before_any_work_with_one_mes
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     monkeypatch.delenv("PLATEFLOW_WEIGHTS", raising=False)
     monkeypatch.delenv("PLATEFLOW_PROFILES", raising=False)
-    state = refresh_corpus(str(corpus), models=["dinov2_small"], gpu_class="CPU", gpu_dispatch="local",
+    state = refresh_corpus(str(corpus), RefreshConfig(models=["dinov2_small"], gpu_class="CPU", gpu_dispatch="local"),
                            return_state=True)
     assert state.is_failed()
     assert state.message.count("no weights for model dinov2_small") == 1  # said once, not per plate
@@ -149,7 +149,7 @@ def test_retry_with_models_keeps_the_other_plates_embeddings(corpus, tiny_env):
     assert set(pq.read_table(corpus / "embeddings" / "tiny_clip.parquet").column("plate_id").to_pylist()) == {
         "plate-001", "plate-002"}
     scan.write_bytes(good)
-    state = retry_failed_plates(str(corpus), models=MODELS, gpu_class="CPU", return_state=True)
+    state = retry_failed_plates(str(corpus), RefreshConfig(models=MODELS, gpu_class="CPU"), return_state=True)
     assert state.is_completed(), state.message
     emb = pq.read_table(corpus / "embeddings" / "tiny_clip.parquet")
     assert sorted(set(emb.column("plate_id").to_pylist())) == ["plate-001", "plate-002", "plate-003"]

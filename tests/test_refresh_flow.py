@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from flows.refresh import refresh_corpus
-from plateflow.config import CharacterizeParams
+from plateflow.config import CharacterizeParams, RefreshConfig
 
 from conftest import copy_corpus, make_plate, paper_plate, read_image, wait_until
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def run(root, **params):
-    state = refresh_corpus(str(root), CharacterizeParams(**params), return_state=True)
+    state = refresh_corpus(str(root), RefreshConfig(characterize=CharacterizeParams(**params)), return_state=True)
     table = {r["plate_dir"]: r for r in pq.read_table(root / "plates.parquet").to_pylist()}
     return state, table
 

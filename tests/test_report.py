@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from flows.refresh import refresh_corpus
+from plateflow.config import RefreshConfig
 from plateflow.artifacts import artifact_key
 from tasks.report import near_duplicates, outliers
 
@@ -33,7 +34,7 @@ def test_refresh_writes_the_report_and_publishes_progress_table_and_summary(corp
 
     make_plate(corpus, "plate-004", b"\x89PNG\r\n\x1a\n broken")
     make_plate(corpus, "plate-005", paper_plate(seed=0, photo_colour=(0, 90, 160)))  # = plate-001's pixels
-    state = refresh_corpus(str(corpus), models=["tiny_dinov2"], gpu_class="CPU", return_state=True)
+    state = refresh_corpus(str(corpus), RefreshConfig(models=["tiny_dinov2"], gpu_class="CPU"), return_state=True)
     assert state.is_failed() and "plate-004" in state.message
 
     page = (corpus / "reports" / "index.html").read_text()

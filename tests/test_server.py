@@ -115,9 +115,10 @@ def test_prefect_deploy_all_creates_every_deployment_with_its_pool_schedule_and_
 
 def test_gpu_work_runs_as_a_deployment_run_on_the_class_pool_and_its_worker(live, client, tiny_env):
     from flows.refresh import refresh_corpus
+    from plateflow.config import RefreshConfig
 
     root = new_corpus(live, "routed")
-    state = refresh_corpus(str(root), models=["tiny_dinov2"], gpu_class="T4_16GB", chunk_size=2,
+    state = refresh_corpus(str(root), RefreshConfig(models=["tiny_dinov2"], gpu_class="T4_16GB", chunk_size=2),
                            return_state=True)
     assert state.is_completed(), state.message
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -144,10 +145,11 @@ def test_gpu_work_runs_as_a_deployment_run_on_the_class_pool_and_its_worker(live
 
 def test_a_class_without_a_pool_fails_before_any_work_naming_the_pools(live, client, tiny_env):
     from flows.refresh import refresh_corpus
+    from plateflow.config import RefreshConfig
 
     client.delete_work_pool("plates-gpu-l4-24gb")
     root = new_corpus(live, "no-pool", n=1)
-    state = refresh_corpus(str(root), models=["tiny_dinov2"], gpu_class="L4_24GB", return_state=True)
+    state = refresh_corpus(str(root), RefreshConfig(models=["tiny_dinov2"], gpu_class="L4_24GB"), return_state=True)
     assert state.is_failed()
     assert "GPU class L4_24GB" in state.message and "no work pool plates-gpu-l4-24gb" in state.message
     assert "plates-gpu-t4-16gb" in state.message and "plates-cpu" in state.message  # the pools there
@@ -159,6 +161,7 @@ def test_retry_failed_plates_deployment_touches_only_the_failed_plates(live, cli
     from prefect.deployments import run_deployment
 
     from flows.refresh import refresh_corpus
+    from plateflow.config import RefreshConfig
 
     root = new_corpus(live, "retry")
     broken = root / "plates_structured" / "plate-002" / "source" / "scan.jpg"
