@@ -1,16 +1,18 @@
 """Scale benchmark: what a refresh costs per plate, end to end through `plateflow refresh`.
 
 Builds N tiny plates (64x64 PNG on paper) and runs, in one run and each as its own
-`plateflow refresh` process on the embedded default (a temporary server, a Prefect database of
+`plateflow refresh` process on the embedded default (plateflow's local server, started by a
+first refresh of an empty corpus that no variant is charged for, with a Prefect database of
 its own):
 
-  empty       a corpus with no plates: the fixed cost (imports, the server's start)
+  empty       a corpus with no plates: the fixed cost (imports, connecting, the tables)
   first       every plate characterised
   unchanged   nothing changed: every plate found current without a task run
   one changed one source rewritten
 
-and reports each one's seconds, its cost per plate above the empty refresh, the process's peak
-RSS and how much Prefect's database grew.
+and reports each one's seconds, its cost per plate above the empty refresh, the refresh
+process's peak RSS and how much Prefect's database grew; then the same with `--dask local:2`
+(on a copy of the corpus as it was before its first refresh).
 
     uv run python benchmarks/scale.py --plates 20000
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,28 +42,70 @@ def build(root: Path, n: int) -> None:
         os.utime(d / "source" / "scan.png", (old, old))
 
 
-def refresh(root: Path, home: Path) -> tuple[float, float, str]:
-    """(seconds, peak RSS in MB of the refresh process, its last line)."""
+PLATEFLOW = str(Path(sys.executable).with_name("plateflow"))
+
+
+def _env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return env
+
+
+def refresh(root: Path, home: Path, *options: str) -> tuple[float, float, str]:
+    """(seconds, peak RSS in MB of the refresh process itself, its last line)."""
     t = time.perf_counter()
-    done = subprocess.run([str(Path(sys.executable).with_name("plateflow")), "refresh", "--root", str(root)],
-                          env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - t
-    if done.returncode != 0:
-        raise SystemExit(f"refresh failed ({done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
-    peak = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
-    return seconds, peak, done.stdout.strip().splitlines()[-1]
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen([PLATEFLOW, "refresh", "--root", str(root), *options], env=_env(home),
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - t
+        out.seek(0)
+        text = out.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"refresh failed ({proc.returncode}):\n{text[-5000:]}")
+    return seconds, usage.ru_maxrss / 1024, text.strip().splitlines()[-1]
 
 
 def db_mb(home: Path) -> float:
     return sum(p.stat().st_size for p in home.glob("prefect.db*")) / 2**20
 
 
+def variants(root: Path, empty: Path, home: Path, options: tuple[str, ...]) -> list[tuple]:
+    def change():
+        from conftest import paper_plate
+
+        paper_plate(64, 64, seed=10**6 + len(options)).save(root / "plates_structured" / "plate-000001" / "source"
+                                                             / "scan.png")
+
+    rows = []
+    for name, prepare, where in [("empty", None, empty), ("first", None, root), ("unchanged", None, root),
+                                 ("one changed", change, root)]:
+        if prepare:
+            prepare()
+        db = db_mb(home)
+        seconds, peak, last = refresh(where, home, *options)
+        rows.append((name, seconds, peak, db_mb(home) - db, last))
+    return rows
+
+
+def table(rows: list[tuple], plates: int, title: str) -> None:
+    empty_s = rows[0][1]
+    print(f"\n| {title} ({plates} plates) | seconds | ms per plate above empty | peak RSS MB | Prefect DB growth MB |")
+    print("|---|---|---|---|---|")
+    for name, seconds, peak, grew, _ in rows:
+        per = "" if name == "empty" else f"{1000 * (seconds - empty_s) / plates:.2f}"
+        if name == "one changed":
+            per = f"{seconds - empty_s:.1f} s above empty, {seconds - rows[2][1]:+.1f} s vs unchanged"
+        print(f"| {name} | {seconds:.1f} | {per} | {peak:.0f} | {grew:.2f} |")
+    for name, *_, last in rows:
+        print(f"{name}: {last}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plates", type=int, default=20_000)
+    ap.add_argument("--no-dask", action="store_true", help="Skip the --dask local:2 variants.")
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="plateflow-scale-"))
     home = base / "prefect-home"
@@ -71,32 +115,16 @@ def main() -> None:
     t = time.perf_counter()
     build(root, args.plates)
     print(f"{args.plates} plates built in {time.perf_counter() - t:.0f} s under {base}")
-
-    refresh(empty, home)  # the database's creation is not any variant's cost
-    rows = []
-    for name, prepare, where in [
-        ("empty", None, empty),
-        ("first", None, root),
-        ("unchanged", None, root),
-        ("one changed", lambda: __import__("conftest").paper_plate(64, 64, seed=10**6).save(
-            root / "plates_structured" / "plate-000001" / "source" / "scan.png"), root),
-    ]:
-        if prepare:
-            prepare()
-        db = db_mb(home)
-        seconds, peak, last = refresh(where, home)
-        rows.append((name, seconds, peak, db_mb(home) - db, last))
-    empty_s = rows[0][1]
-    print(f"\n| refresh ({args.plates} plates) | seconds | ms per plate above empty | peak RSS MB (max so far) "
-          f"| Prefect DB growth MB |")
-    print("|---|---|---|---|---|")
-    for name, seconds, peak, grew, _ in rows:
-        per = "" if name == "empty" else f"{1000 * (seconds - empty_s) / args.plates:.2f}"
-        if name == "one changed":
-            per = f"{seconds - empty_s:.1f} s above empty (one plate)"
-        print(f"| {name} | {seconds:.1f} | {per} | {peak:.0f} | {grew:.2f} |")
-    for name, *_, last in rows:
-        print(f"{name}: {last}")
+    if not args.no_dask:
+        shutil.copytree(root, base / "corpus-dask", copy_function=shutil.copy2)
+    try:
+        refresh(empty, home)  # the local server's start and the database's creation are no variant's cost
+        table(variants(root, empty, home, ()), args.plates, "refresh")
+        if not args.no_dask:
+            table(variants(base / "corpus-dask", empty, home, ("--dask", "local:2")), args.plates,
+                  "refresh --dask local:2")
+    finally:
+        subprocess.run([PLATEFLOW, "local-server", "--stop"], env=_env(home), capture_output=True)
 
 
 if __name__ == "__main__":
