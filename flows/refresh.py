@@ -236,13 +236,17 @@ def plate_runner(config: RefreshConfig) -> Iterator[TaskRunner]:
         yield runner
 
 
-def batches(items: list, cost: Callable[[Any], int], max_plates: int, max_cost: int) -> list[list]:
-    """Consecutive items grouped by expected work (``cost``: source bytes), at most ``max_plates`` each."""
+def batches(items: list, cost: Callable[[Any], int], max_plates: int, max_cost: int,
+            places: int = 1) -> list[list]:
+    """Consecutive items grouped by expected work (``cost``: source bytes), at most ``max_plates``
+    and ``max_cost`` each, and small enough that ``places`` workers get four batches each when
+    there are plates enough: a few large plates must not share one batch while workers idle."""
+    per_batch = max(1, min(max_plates, -(-len(items) // (4 * places))))
     out: list[list] = []
     size = 0
     for item in items:
         c = cost(item)
-        if not out or len(out[-1]) >= max_plates or size + c > max_cost:
+        if not out or len(out[-1]) >= per_batch or size + c > max_cost:
             out.append([])
             size = 0
         out[-1].append(item)
@@ -250,12 +254,22 @@ def batches(items: list, cost: Callable[[Any], int], max_plates: int, max_cost: 
     return out
 
 
+def places(runner: TaskRunner, config: RefreshConfig) -> int:
+    """How many batches ``runner`` runs at once: its threads, or its Dask cluster's worker threads."""
+    if config.dask is None:
+        return config.workers
+    try:
+        return max(1, sum(runner.client.nthreads().values()))
+    except Exception:  # noqa: BLE001 - only a hint for sizing batches
+        return config.workers
+
+
 def in_batches(run: Refresh, runner: TaskRunner, stage: str, items: list, task, parameters: Callable,
                rerun: Callable, apply: Callable[[Any, PlateOutcome], None],
                cost: Callable[[Any], int] = lambda _: 0) -> None:
     """``task`` over ``items`` in batches on ``runner`` (``parameters(batch)``: its arguments);
     each plate's outcome goes to ``apply(item, outcome)``. A log line per batch and per failure."""
-    groups = batches(items, cost, run.config.batch_plates, run.config.batch_bytes)
+    groups = batches(items, cost, run.config.batch_plates, run.config.batch_bytes, places(runner, run.config))
     futures = {runner.submit(task, {**parameters(group), "name": f"{i + 1}of{len(groups)}"}): group
                for i, group in enumerate(groups)}
     for done, future in enumerate(as_completed(list(futures)), start=1):

@@ -133,8 +133,10 @@ def to_rgb(im: Image.Image) -> Image.Image:
     mode = im.mode
     if mode == "RGB":
         return im
-    if mode.startswith("I;16") or mode == "I":
-        hi = np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8
+    if mode.startswith("I;16"):  # unsigned 16 bits: the high byte, no clipping or widening needed
+        return Image.fromarray((np.asarray(im) >> 8).astype(np.uint8), "L").convert("RGB")
+    if mode == "I":  # signed 32 bits holding 16-bit samples, as Pillow opens some PNGs and TIFFs
+        hi = np.clip(np.asarray(im), 0, 65535) >> 8
         return Image.fromarray(hi.astype(np.uint8), "L").convert("RGB")
     if mode == "F":
         return Image.fromarray(float_to_uint8(np.asarray(im)), "L").convert("RGB")
