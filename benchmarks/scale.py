@@ -89,7 +89,28 @@ def variants(root: Path, empty: Path, home: Path, options: tuple[str, ...]) -> l
     return rows
 
 
-def table(rows: list[tuple], plates: int, title: str) -> None:
+def work_alone(base: Path, n: int, workers: int) -> float:
+    """Seconds per plate of the per-plate functions alone (``run_characterize``: decode,
+    statistics, files) on ``n`` fresh tiny plates with ``workers`` threads: what a computed plate
+    costs without any orchestration. The first refresh's cost above it is orchestration."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from plateflow.config import CharacterizeParams
+    from plateflow.corpus import discover_plates
+    from plateflow.hashindex import sha256_file
+    from tasks.batch import run_characterize
+
+    root = base / "work-alone"
+    build(root, n)
+    items = [(p, sha256_file(p.source_path)) for p in discover_plates(root)]
+    chunks = [items[i:i + 64] for i in range(0, len(items), 64)]
+    t = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda c: run_characterize(c, CharacterizeParams(), root), chunks))
+    return (time.perf_counter() - t) / n
+
+
+def table(rows: list[tuple], plates: int, title: str, alone: float | None = None) -> None:
     empty_s = rows[0][1]
     print(f"\n| {title} ({plates} plates) | seconds | ms per plate above empty | peak RSS MB | Prefect DB growth MB |")
     print("|---|---|---|---|---|")
@@ -98,6 +119,11 @@ def table(rows: list[tuple], plates: int, title: str) -> None:
         if name == "one changed":
             per = f"{seconds - empty_s:.1f} s above empty, {seconds - rows[2][1]:+.1f} s vs unchanged"
         print(f"| {name} | {seconds:.1f} | {per} | {peak:.0f} | {grew:.2f} |")
+    if alone is not None:
+        first = (rows[1][1] - empty_s) / plates
+        print(f"\nper computed plate: {1000 * first:.2f} ms in the first refresh (above empty), "
+              f"{1000 * alone:.2f} ms for the per-plate functions alone (same threads): orchestration "
+              f"{1000 * (first - alone):.2f} ms per plate")
     for name, *_, last in rows:
         print(f"{name}: {last}")
 
@@ -119,7 +145,10 @@ def main() -> None:
         shutil.copytree(root, base / "corpus-dask", copy_function=shutil.copy2)
     try:
         refresh(empty, home)  # the local server's start and the database's creation are no variant's cost
-        table(variants(root, empty, home, ()), args.plates, "refresh")
+        in_process = variants(root, empty, home, ())
+        from plateflow.config import default_workers
+
+        table(in_process, args.plates, "refresh", work_alone(base, min(args.plates, 2000), default_workers()))
         if not args.no_dask:
             table(variants(base / "corpus-dask", empty, home, ("--dask", "local:2")), args.plates,
                   "refresh --dask local:2")

@@ -36,14 +36,15 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from plateflow.artifacts import Progress, publish
 from plateflow.atomic import dumps_json, remove_stale_temps, write_bytes_if_changed
 from plateflow.config import CharacterizeParams, RefreshConfig, corpus_root
-from plateflow.corpus import PlateProblem, PlateRef, corpus_lock, discover_plates, natural_key, state_dir
+from plateflow.corpus import (CLEAN_EXIT, PlateProblem, PlateRef, corpus_lock, discover_plates, natural_key,
+                              state_dir)
 from plateflow.hardware import gpu_class as detect_gpu_class
 from plateflow.hashindex import SourceIndex
 from plateflow.profiles import load_profiles
 from plateflow.routing import GpuRoute, choose_route, run_on_pool
 from tasks.batch import (CropJob, PlateOutcome, candidates_batch, characterize_batch, run_candidates,
                          run_characterize, run_smart_crop, smart_crop_batch)
-from tasks.characterize import cache_key
+from tasks.characterize import key_suffix
 from tasks.crops import WORKING_COPY
 from tasks.embeddings import PlateJob, embedding_key, load_vectors, require_weights, store_path, vectors_problem
 from tasks.report import build_report
@@ -160,7 +161,10 @@ def refresh_corpus(root: str, config: RefreshConfig = RefreshConfig(), plates: l
             characterize_stage(run, records, runner)
             if config.models:
                 gpu_stage(run, records, route, runner)
-        return finish(run, records, problems)
+        state = finish(run, records, problems)
+        if config.dask is None and (route is None or route.local):  # every writer was this process's
+            _mark_clean_exit(root_path, logger)
+        return state
 
 
 def check_config(root: Path, config: RefreshConfig, partial: bool, logger) -> GpuRoute | None:
@@ -184,9 +188,17 @@ def check_config(root: Path, config: RefreshConfig, partial: bool, logger) -> Gp
 
 
 def start(root: Path, config: RefreshConfig, partial: bool, logger, waited: float) -> Refresh:
-    """Under the corpus lock: clear what stopped writers left, record the configuration."""
-    for stale in remove_stale_temps(root, skip=("source",)):
-        logger.info("removed %s, left behind by a writer that stopped", stale.relative_to(root))
+    """Under the corpus lock: clear what stopped writers left, record the configuration.
+
+    The sweep walks every folder of the corpus (2 s at 20,000 plates), so it is skipped after an
+    in-process refresh that ended cleanly (``CLEAN_EXIT``); the marker goes now, so if this
+    refresh dies the next one sweeps."""
+    clean = state_dir(root) / CLEAN_EXIT
+    if clean.exists():
+        clean.unlink(missing_ok=True)
+    else:
+        for stale in remove_stale_temps(root, skip=("source",)):
+            logger.info("removed %s, left behind by a writer that stopped", stale.relative_to(root))
     try:
         write_bytes_if_changed(state_dir(root) / "config.json",
                                dumps_json({"root": str(root), **config.model_dump(mode="json")}))
@@ -197,6 +209,13 @@ def start(root: Path, config: RefreshConfig, partial: bool, logger, waited: floa
     if waited >= 1:
         run.timings["waiting for the corpus"] = waited
     return run
+
+
+def _mark_clean_exit(root: Path, logger) -> None:
+    try:
+        write_bytes_if_changed(state_dir(root) / CLEAN_EXIT, f"{flow_run.id}\n".encode())
+    except OSError as exc:  # the next refresh sweeps, that is all
+        logger.warning("could not write %s: %s", CLEAN_EXIT, exc)
 
 
 def find_plates(run: Refresh, wanted: list[str] | None) -> tuple[list[PlateRecord], list[PlateProblem]]:
@@ -373,11 +392,12 @@ def _rehash(index: SourceIndex, rec: PlateRecord, logger) -> PlateRecord:
 def settle_current(records: list[PlateRecord], root: Path, params: CharacterizeParams) -> list[PlateRecord]:
     """Settle, without a task, every plate whose outputs (or failure record) are in place for
     its cache key; return the plates that have work to do."""
-    todo = []
+    todo, suffix = [], key_suffix(params)
     for rec in records:
         if not rec.ok:
             continue
-        record = current_record(rec.plate, root, cache_key(rec.sha256, params), params.viz, params.working_copy)
+        record = current_record(rec.plate, root, f"characterize-{rec.sha256}{suffix}", params.viz,
+                                params.working_copy)
         if record is None:
             todo.append(rec)
         elif record.get("loadable") is False:  # bad input, already found bad with these bytes and code

@@ -65,6 +65,11 @@ class PlateProblem:
     error: PlateError
 
 
+# ROOT/.plateflow/<this>: the last writer of the corpus was an in-process refresh that ended
+# cleanly, so no writer of its left a temp file and the next refresh need not sweep for them.
+CLEAN_EXIT = "clean-exit"
+
+
 def plates_dir(root: Path) -> Path:
     return Path(root) / PLATES_DIR
 
@@ -109,29 +114,42 @@ def read_manifest(plate_dir: Path, top: Path | None = None) -> PlateRef:
 
     A plate folder, manifest or output folder (viz/, runs/) that resolves outside
     plates_structured/ (``top``, resolved; by default the folder's parent) is refused: nothing
-    outside the corpus is read or written."""
-    path = plate_dir / MANIFEST
-    top = top or plate_dir.parent.resolve()
-    real = plate_dir.resolve() if plate_dir.is_symlink() else top / plate_dir.name
-    if not real.is_relative_to(top) or real == top:
-        raise UnsafePathError(f"plate folder {plate_dir.name}/ is a symlink to {real}, "
-                              f"outside {PLATES_DIR}/; refused")
-    if path.is_symlink() and not path.resolve().is_relative_to(real):
-        raise UnsafePathError(f"{MANIFEST} of {plate_dir.name}/ is a symlink to {path.resolve()}, "
-                              f"outside the plate folder; refused")
-    for name in OUTPUT_DIRS:
-        out = plate_dir / name
-        if out.is_symlink() and not out.resolve().is_relative_to(real):
-            raise UnsafePathError(f"{plate_dir.name}/{name} is a symlink to {out.resolve()}, outside the "
-                                  f"plate folder; refused (plateflow writes there)")
-    if not path.is_file():
-        raise ManifestError(f"missing {MANIFEST} in {plate_dir.name}/")
+    outside the corpus is read or written.
+
+    This runs for every plate on every refresh, so it works on strings and on one listing of the
+    folder (whose entries say which are symlinks) rather than a stat per question."""
+    plate_dir = Path(plate_dir)
+    name, folder = plate_dir.name, os.fspath(plate_dir)
+    top_s = os.fspath(top or plate_dir.parent.resolve())
+    real = os.path.realpath(folder) if os.path.islink(folder) else f"{top_s}/{name}"
+    if not real.startswith(top_s + os.sep):
+        raise UnsafePathError(f"plate folder {name}/ is a symlink to {real}, outside {PLATES_DIR}/; refused")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        with os.scandir(folder) as it:
+            entries = {e.name: e for e in it}
+    except OSError as exc:
+        raise ManifestError(f"cannot list {name}/: {exc}") from None
+    manifest_entry = entries.get(MANIFEST)
+    if manifest_entry is not None and manifest_entry.is_symlink() and not _inside(
+            os.path.realpath(manifest_entry.path), real):
+        raise UnsafePathError(f"{MANIFEST} of {name}/ is a symlink to {os.path.realpath(manifest_entry.path)}, "
+                              f"outside the plate folder; refused")
+    for out in OUTPUT_DIRS:
+        entry = entries.get(out)
+        if entry is not None and entry.is_symlink() and not _inside(os.path.realpath(entry.path), real):
+            raise UnsafePathError(f"{name}/{out} is a symlink to {os.path.realpath(entry.path)}, outside the "
+                                  f"plate folder; refused (plateflow writes there)")
+    if manifest_entry is None or not manifest_entry.is_file():
+        raise ManifestError(f"missing {MANIFEST} in {name}/")
+    try:
+        with open(manifest_entry.path, "rb") as fh:
+            manifest = json.loads(fh.read().decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ManifestError(f"{MANIFEST} is not UTF-8 text: {exc}") from None
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{MANIFEST} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise ManifestError(f"cannot read {MANIFEST} of {name}/: {exc}") from None
     if not isinstance(manifest, dict):
         raise ManifestError(f"{MANIFEST} must hold a JSON object, found {type(manifest).__name__}")
     plate_id = manifest.get("plate_id")
@@ -140,10 +158,35 @@ def read_manifest(plate_dir: Path, top: Path | None = None) -> PlateRef:
     source_image = manifest.get("source_image")
     if not isinstance(source_image, str) or not source_image.strip():
         raise ManifestError(f"{MANIFEST} needs a string 'source_image', found {source_image!r}")
-    source_path = resolve_inside(plate_dir, source_image, base=real)
-    if not source_path.is_file():
-        raise ManifestError(f"source_image {source_image!r} does not exist in {plate_dir.name}/")
-    return PlateRef(plate_dir.name, plate_dir, plate_id, source_path, source_image, manifest)
+    source_path = _source_inside(plate_dir, source_image, real, entries)
+    if source_path is None:
+        raise ManifestError(f"source_image {source_image!r} does not exist in {name}/")
+    return PlateRef(name, plate_dir, plate_id, source_path, source_image, manifest)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path.startswith(folder + os.sep)
+
+
+def _source_inside(plate_dir: Path, relative: str, real: str, entries: dict) -> Path | None:
+    """The source's resolved path if it is a file inside the plate folder (None if there is no
+    such file); ``UnsafePathError`` if it leads outside. The usual ``source/<file>``, with no
+    symlink on the way (the listing and one lstat say so), needs no walk of the path."""
+    parts = relative.split("/")
+    if (len(parts) == 2 and parts[0] not in ("", ".", "..") and parts[1] not in ("", ".", "..")
+            and os.sep == "/" and (entry := entries.get(parts[0])) is not None
+            and entry.is_dir(follow_symlinks=False)):
+        path = f"{real}/{relative}"
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        if stat.S_ISREG(st.st_mode):
+            return Path(path)
+        if not stat.S_ISLNK(st.st_mode):
+            return None
+    candidate = resolve_inside(plate_dir, relative, base=Path(real))
+    return candidate if candidate.is_file() else None
 
 
 def resolve_inside(plate_dir: Path, relative: str, base: Path | None = None) -> Path:
@@ -286,6 +329,7 @@ def ingest(sources: Iterable[Path], root: Path, progress=None,
 
     root = Path(root)
     plates_dir(root).mkdir(parents=True, exist_ok=True)
+    (state_dir(root) / CLEAN_EXIT).unlink(missing_ok=True)  # if this ingest dies, the next refresh sweeps
     index = SourceIndex(root)
     known, used = _known(root, index)
     number = max([int(m.group(1)) for name in used if (m := PLATE_NAME.match(name))], default=0) + 1

@@ -37,6 +37,7 @@ class SourceIndex:
 
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
+        self._prefix = os.fspath(self.root) + os.sep
         self.path = self.root / ".plateflow" / INDEX
         self._entries: dict[str, tuple[int, int, int, int, int, str]] = {}
         self._changed = False
@@ -60,10 +61,10 @@ class SourceIndex:
 
     def key(self, path: Path) -> str:
         """How ``path`` is named in the index: relative to the root where it lies inside it."""
-        path = Path(path)
-        if path.is_absolute() and path.is_relative_to(self.root):  # a resolved path (the usual case)
-            return path.relative_to(self.root).as_posix()
-        path = path.resolve()
+        path_s = os.fspath(path)
+        if path_s.startswith(self._prefix) and os.path.isabs(path_s):  # a resolved path (the usual case)
+            return path_s[len(self._prefix):].replace(os.sep, "/")
+        path = Path(path).resolve()
         try:
             return path.relative_to(self.root).as_posix()
         except ValueError:

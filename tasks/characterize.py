@@ -34,7 +34,12 @@ class Characterization:
 
 
 def cache_key(sha256: str, params: CharacterizeParams) -> str:
-    return f"characterize-{sha256}-{params.fingerprint()}-{CODE_VERSION}"
+    return f"characterize-{sha256}{key_suffix(params)}"
+
+
+def key_suffix(params: CharacterizeParams) -> str:
+    """What every plate's key shares: the parameters' fingerprint and the code version."""
+    return f"-{params.fingerprint()}-{CODE_VERSION}"
 
 
 def characterize_image(

@@ -8,6 +8,7 @@ key, so its presence with matching bytes means the rest were written for the sam
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -39,10 +40,11 @@ def input_image_record(plate: PlateRef, root: Path, result: Characterization) ->
 
 
 def _relative(path: Path, root: Path) -> str:
-    if path.is_absolute() and path.is_relative_to(root):  # both resolved already (the refresh's case)
-        return path.relative_to(root).as_posix()
+    path_s, root_s = os.fspath(path), os.fspath(root)
+    if path_s.startswith(root_s + os.sep) and os.path.isabs(path_s):  # both resolved already (a refresh)
+        return path_s[len(root_s) + 1:].replace(os.sep, "/")
     try:
-        return path.resolve().relative_to(Path(root).resolve()).as_posix()
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
     except ValueError:
         return str(path)
 
@@ -57,9 +59,12 @@ def current_record(plate: PlateRef, root: Path, key: str, viz: bool, working_cop
     """The plate's input_image.json record if every output of the characterisation ``key`` is in
     place (the record carries the key and names this plate and source), else None. This is how
     a refresh knows, without a task or a decode, that a plate has nothing to do. A failure
-    record (``loadable: false``) made with ``key`` is returned as it is."""
+    record (``loadable: false``) made with ``key`` is returned as it is. It runs for every plate
+    of every refresh: strings and one listing of viz/, not a Path and a stat per file."""
+    folder = os.fspath(plate.plate_dir)
     try:
-        record = json.loads((plate.plate_dir / INPUT_IMAGE).read_bytes())
+        with open(f"{folder}/{INPUT_IMAGE}", "rb") as fh:
+            record = json.loads(fh.read())
     except (OSError, ValueError):
         return None
     if not (isinstance(record, dict) and record.get("plateflow_cache_key") == key
@@ -68,7 +73,18 @@ def current_record(plate: PlateRef, root: Path, key: str, viz: bool, working_cop
         return None
     if record.get("loadable") is False:  # the key's result is a failure: nothing else to find
         return record
-    return record if all(p.is_file() for p in _expected_outputs(plate.plate_dir, viz, working_copy)) else None
+    files = [HISTOGRAMS] + ([WORKING_COPY] if working_copy else [])
+    if not all(os.path.isfile(f"{folder}/{f}") for f in files):
+        return None
+    if viz:
+        try:
+            with os.scandir(f"{folder}/{VIZ}") as it:
+                present = {e.name for e in it if e.is_file()}
+        except OSError:
+            return None
+        if not present.issuperset(VIZ_FILES):
+            return None
+    return record
 
 
 def save_characterization(plate: PlateRef, root: Path, result: Characterization) -> bool:
