@@ -36,7 +36,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from plateflow.artifacts import Progress, publish
 from plateflow.atomic import dumps_json, remove_stale_temps, write_bytes_if_changed
 from plateflow.config import CharacterizeParams, RefreshConfig, corpus_root
-from plateflow.corpus import (CLEAN_EXIT, PlateProblem, PlateRef, corpus_lock, discover_plates, natural_key,
+from plateflow.corpus import (SWEEP_NEEDED, PlateProblem, PlateRef, corpus_lock, discover_plates, natural_key,
                               state_dir)
 from plateflow.hardware import gpu_class as detect_gpu_class
 from plateflow.hashindex import SourceIndex
@@ -154,16 +154,16 @@ def refresh_corpus(root: str, config: RefreshConfig = RefreshConfig(), plates: l
     holder = f"flow run {flow_run.name} ({flow_run.id}) on {socket.gethostname()}, pid {os.getpid()}"
     asked = time.perf_counter()
     with corpus_lock(root_path, holder, on_wait=lambda other: logger.warning(
-            "another refresh holds this corpus (%s): waiting for it to finish", other)):
-        run = start(root_path, config, plates is not None, logger, waited=time.perf_counter() - asked)
+            "another refresh holds this corpus (%s): waiting for it to finish", other)) as died:
+        run = start(root_path, config, plates is not None, logger, waited=time.perf_counter() - asked, died=died)
         records, problems = find_plates(run, plates)
         with plate_runner(config) as runner:
             characterize_stage(run, records, runner)
             if config.models:
                 gpu_stage(run, records, route, runner)
         state = finish(run, records, problems)
-        if config.dask is None and (route is None or route.local):  # every writer was this process's
-            _mark_clean_exit(root_path, logger)
+        if config.dask is not None or not (route is None or route.local):  # writers on other machines
+            _touch(state_dir(root_path) / SWEEP_NEEDED, logger)
         return state
 
 
@@ -187,18 +187,19 @@ def check_config(root: Path, config: RefreshConfig, partial: bool, logger) -> Gp
     return route
 
 
-def start(root: Path, config: RefreshConfig, partial: bool, logger, waited: float) -> Refresh:
+def start(root: Path, config: RefreshConfig, partial: bool, logger, waited: float, died: str = "") -> Refresh:
     """Under the corpus lock: clear what stopped writers left, record the configuration.
 
-    The sweep walks every folder of the corpus (2 s at 20,000 plates), so it is skipped after an
-    in-process refresh that ended cleanly (``CLEAN_EXIT``); the marker goes now, so if this
-    refresh dies the next one sweeps."""
-    clean = state_dir(root) / CLEAN_EXIT
-    if clean.exists():
-        clean.unlink(missing_ok=True)
-    else:
+    The sweep walks every folder of the corpus (2 s at 20,000 plates), so it runs only when a
+    writer may have died mid-write: the last refresh died holding the lock (``died`` names it),
+    or ``SWEEP_NEEDED`` says an ingest or remote workers have written since the last sweep."""
+    marker = state_dir(root) / SWEEP_NEEDED
+    if died or marker.exists():
+        if died:
+            logger.info("the last refresh (%s) did not finish: looking for what its writers left", died)
         for stale in remove_stale_temps(root, skip=("source",)):
             logger.info("removed %s, left behind by a writer that stopped", stale.relative_to(root))
+        marker.unlink(missing_ok=True)
     try:
         write_bytes_if_changed(state_dir(root) / "config.json",
                                dumps_json({"root": str(root), **config.model_dump(mode="json")}))
@@ -211,11 +212,11 @@ def start(root: Path, config: RefreshConfig, partial: bool, logger, waited: floa
     return run
 
 
-def _mark_clean_exit(root: Path, logger) -> None:
+def _touch(marker: Path, logger) -> None:
     try:
-        write_bytes_if_changed(state_dir(root) / CLEAN_EXIT, f"{flow_run.id}\n".encode())
-    except OSError as exc:  # the next refresh sweeps, that is all
-        logger.warning("could not write %s: %s", CLEAN_EXIT, exc)
+        marker.touch()
+    except OSError as exc:  # a full disk: the temp files of a lost remote writer wait for a later sweep
+        logger.warning("could not write %s: %s", marker.name, exc)
 
 
 def find_plates(run: Refresh, wanted: list[str] | None) -> tuple[list[PlateRecord], list[PlateProblem]]:
@@ -258,9 +259,9 @@ def plate_runner(config: RefreshConfig) -> Iterator[TaskRunner]:
 def batches(items: list, cost: Callable[[Any], int], max_plates: int, max_cost: int,
             places: int = 1) -> list[list]:
     """Consecutive items grouped by expected work (``cost``: source bytes), at most ``max_plates``
-    and ``max_cost`` each, and small enough that ``places`` workers get four batches each when
-    there are plates enough: a few large plates must not share one batch while workers idle."""
-    per_batch = max(1, min(max_plates, -(-len(items) // (4 * places))))
+    and ``max_cost`` each; with ``places`` > 1 workers, small enough that each gets about four
+    batches: a few large plates must not share one batch while the other workers idle."""
+    per_batch = max_plates if places <= 1 else max(1, min(max_plates, -(-len(items) // (4 * places))))
     out: list[list] = []
     size = 0
     for item in items:

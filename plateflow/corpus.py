@@ -65,9 +65,9 @@ class PlateProblem:
     error: PlateError
 
 
-# ROOT/.plateflow/<this>: the last writer of the corpus was an in-process refresh that ended
-# cleanly, so no writer of its left a temp file and the next refresh need not sweep for them.
-CLEAN_EXIT = "clean-exit"
+# ROOT/.plateflow/<this>: a writer that may have died mid-write has been at work (an ingest
+# under way, or a refresh's Dask or pool workers), so the next refresh sweeps for temp files.
+SWEEP_NEEDED = "sweep-needed"
 
 
 def plates_dir(root: Path) -> Path:
@@ -79,13 +79,15 @@ def state_dir(root: Path) -> Path:
 
 
 @contextlib.contextmanager
-def corpus_lock(root: Path, holder: str, on_wait=None) -> Iterator[None]:
+def corpus_lock(root: Path, holder: str, on_wait=None) -> Iterator[str]:
     """Hold the corpus for one refresh at a time (ROOT/.plateflow/refresh.lock, flock).
 
     A scheduled refresh and one started by an ingest event may overlap; each writes the whole
     corpus table, so the second waits for the first. ``on_wait(holder)`` is called once, with
     what the holder wrote (its run, host and process), when it has to wait. The lock goes with
-    its process: a refresh that dies holds nothing.
+    its process: a refresh that dies holds nothing. Yields what the lock file still named when
+    it was taken: empty, or the holder that died without letting go (then its writers may have
+    left temp files behind).
     """
     path = state_dir(root) / "refresh.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,11 +99,12 @@ def corpus_lock(root: Path, holder: str, on_wait=None) -> Iterator[None]:
             if on_wait is not None:
                 on_wait(os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown")
             fcntl.flock(fd, fcntl.LOCK_EX)
+        died = os.pread(fd, 4096, 0).decode(errors="replace").strip()
         with contextlib.suppress(OSError):  # who holds it is news for whoever waits, not a need (a full disk)
             os.ftruncate(fd, 0)
             os.pwrite(fd, holder.encode(), 0)
         try:
-            yield
+            yield died
         finally:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
@@ -329,7 +332,9 @@ def ingest(sources: Iterable[Path], root: Path, progress=None,
 
     root = Path(root)
     plates_dir(root).mkdir(parents=True, exist_ok=True)
-    (state_dir(root) / CLEAN_EXIT).unlink(missing_ok=True)  # if this ingest dies, the next refresh sweeps
+    marker = state_dir(root) / SWEEP_NEEDED  # if this ingest dies, the next refresh sweeps
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     index = SourceIndex(root)
     known, used = _known(root, index)
     number = max([int(m.group(1)) for name in used if (m := PLATE_NAME.match(name))], default=0) + 1

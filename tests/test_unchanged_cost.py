@@ -62,6 +62,9 @@ def test_batches_are_bounded_by_plate_count_and_source_bytes(tmp_path):
     sizes = [[r.source_bytes() for r in b] for b in batches(recs, cost, max_plates=3, max_cost=40)]
     assert sizes == [[10, 10, 10], [50], [10, 10, 10], [10]]
     assert sum(len(b) for b in batches(recs, cost, 100, 10**9)) == 8 and len(batches(recs, cost, 100, 10**9)) == 1
+    # Two workers: about four batches each, so eight plates go one to a batch, not three and three.
+    assert [len(b) for b in batches(recs, cost, 3, 10**9, places=2)] == [1] * 8
+    assert [len(b) for b in batches(recs * 4, cost, 3, 10**9, places=2)] == [3] * 10 + [2]
 
 
 def task_runs(flow_run_id):
@@ -79,10 +82,10 @@ def test_current_plates_create_no_task_run_and_changed_ones_go_in_batches(tmp_pa
     make_plate(tmp_path, "plate-008", b"", filename="empty.jpg")
     for src in tmp_path.glob("plates_structured/*/source/*"):
         age(src)
-    first = refresh_corpus(str(tmp_path), RefreshConfig(batch_plates=3), return_state=True)
+    first = refresh_corpus(str(tmp_path), RefreshConfig(batch_plates=3, workers=1), return_state=True)
     assert len(task_runs(first.state_details.flow_run_id)) == 3  # 8 plates in batches of 3
 
-    unchanged = refresh_corpus(str(tmp_path), RefreshConfig(batch_plates=3), return_state=True)
+    unchanged = refresh_corpus(str(tmp_path), RefreshConfig(batch_plates=3, workers=1), return_state=True)
     assert task_runs(unchanged.state_details.flow_run_id) == []  # the bad plate too: its failure is its result
     table = {r["plate_dir"]: r for r in pq.read_table(tmp_path / "plates.parquet").to_pylist()}
     assert {table[f"plate-00{i}"]["characterize_status"] for i in range(1, 8)} == {"cached"}
@@ -91,7 +94,7 @@ def test_current_plates_create_no_task_run_and_changed_ones_go_in_batches(tmp_pa
 
     paper_plate(seed=99).save(tmp_path / "plates_structured" / "plate-005" / "source" / "scan.jpg")
     (tmp_path / "plates_structured" / "plate-002" / "input_color_histograms.json").unlink()
-    changed = refresh_corpus(str(tmp_path), RefreshConfig(batch_plates=3), return_state=True)
+    changed = refresh_corpus(str(tmp_path), RefreshConfig(batch_plates=3, workers=1), return_state=True)
     [batch] = task_runs(changed.state_details.flow_run_id)
     assert batch.name.startswith("characterize-")
     table = {r["plate_dir"]: r["characterize_status"] for r in pq.read_table(tmp_path / "plates.parquet").to_pylist()}
