@@ -157,7 +157,7 @@ def refresh_corpus(root: str, config: RefreshConfig = RefreshConfig(), plates: l
             "another refresh holds this corpus (%s): waiting for it to finish", other)) as died:
         run = start(root_path, config, plates is not None, logger, waited=time.perf_counter() - asked, died=died)
         records, problems = find_plates(run, plates)
-        with plate_runner(config) as runner:
+        with PlateRunner(config) as runner:
             characterize_stage(run, records, runner)
             if config.models:
                 gpu_stage(run, records, route, runner)
@@ -237,23 +237,47 @@ def find_plates(run: Refresh, wanted: list[str] | None) -> tuple[list[PlateRecor
     return records, problems
 
 
-@contextlib.contextmanager
-def plate_runner(config: RefreshConfig) -> Iterator[TaskRunner]:
+class PlateRunner:
     """Where the batch tasks run: ``config.workers`` threads here, or Dask (a scheduler's
-    address, or ``local:N`` worker processes started for this refresh)."""
-    if config.dask is None:
-        runner = ThreadPoolTaskRunner(max_workers=config.workers)
-    else:
+    address, or ``local:N`` worker processes started for this refresh). Started on first use,
+    so a refresh with nothing to compute starts no cluster; stopped with the ``with`` block."""
+
+    def __init__(self, config: RefreshConfig):
+        self.config = config
+        self._runner: TaskRunner | None = None
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "PlateRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def get(self) -> TaskRunner:
+        if self._runner is None:
+            self._runner = self._stack.enter_context(self._make())
+        return self._runner
+
+    def _make(self) -> TaskRunner:
+        dask = self.config.dask
+        if dask is None:
+            return ThreadPoolTaskRunner(max_workers=self.config.workers)
         from prefect_dask import DaskTaskRunner
 
-        if config.dask.startswith("local:"):
-            runner = DaskTaskRunner(cluster_kwargs={
-                "n_workers": int(config.dask.removeprefix("local:")), "threads_per_worker": 1,
-                "processes": True, "dashboard_address": None})
-        else:
-            runner = DaskTaskRunner(address=config.dask)
-    with runner:
-        yield runner
+        if dask.startswith("local:"):
+            return DaskTaskRunner(cluster_kwargs={"n_workers": int(dask.removeprefix("local:")),
+                                                  "threads_per_worker": 1, "processes": True,
+                                                  "dashboard_address": None})
+        return DaskTaskRunner(address=dask)
+
+    def places(self) -> int:
+        """How many batches run at once: the threads, or the Dask cluster's worker threads."""
+        if self.config.dask is None:
+            return self.config.workers
+        try:
+            return max(1, sum(self.get().client.nthreads().values()))
+        except Exception:  # noqa: BLE001 - only a hint for sizing batches
+            return self.config.workers
 
 
 def batches(items: list, cost: Callable[[Any], int], max_plates: int, max_cost: int,
@@ -274,23 +298,15 @@ def batches(items: list, cost: Callable[[Any], int], max_plates: int, max_cost: 
     return out
 
 
-def places(runner: TaskRunner, config: RefreshConfig) -> int:
-    """How many batches ``runner`` runs at once: its threads, or its Dask cluster's worker threads."""
-    if config.dask is None:
-        return config.workers
-    try:
-        return max(1, sum(runner.client.nthreads().values()))
-    except Exception:  # noqa: BLE001 - only a hint for sizing batches
-        return config.workers
-
-
-def in_batches(run: Refresh, runner: TaskRunner, stage: str, items: list, task, parameters: Callable,
+def in_batches(run: Refresh, runner: PlateRunner, stage: str, items: list, task, parameters: Callable,
                rerun: Callable, apply: Callable[[Any, PlateOutcome], None],
                cost: Callable[[Any], int] = lambda _: 0) -> None:
     """``task`` over ``items`` in batches on ``runner`` (``parameters(batch)``: its arguments);
     each plate's outcome goes to ``apply(item, outcome)``. A log line per batch and per failure."""
-    groups = batches(items, cost, run.config.batch_plates, run.config.batch_bytes, places(runner, run.config))
-    futures = {runner.submit(task, {**parameters(group), "name": f"{i + 1}of{len(groups)}"}): group
+    if not items:
+        return
+    groups = batches(items, cost, run.config.batch_plates, run.config.batch_bytes, runner.places())
+    futures = {runner.get().submit(task, {**parameters(group), "name": f"{i + 1}of{len(groups)}"}): group
                for i, group in enumerate(groups)}
     for done, future in enumerate(as_completed(list(futures)), start=1):
         group = futures[future]
@@ -326,7 +342,7 @@ def _folder(item) -> str:
     return item.plate.folder
 
 
-def characterize_stage(run: Refresh, records: list[PlateRecord], runner: TaskRunner) -> None:
+def characterize_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunner) -> None:
     with run.timed("hashing"):
         hash_sources(run, records)
     with run.timed("characterisation"):
@@ -409,7 +425,7 @@ def settle_current(records: list[PlateRecord], root: Path, params: CharacterizeP
     return todo
 
 
-def gpu_stage(run: Refresh, records: list[PlateRecord], route: GpuRoute, runner: TaskRunner) -> None:
+def gpu_stage(run: Refresh, records: list[PlateRecord], route: GpuRoute, runner: PlateRunner) -> None:
     """Candidates, embeddings (only plates without stored vectors go to the GPU flow), smart crop,
     and the embeddings tables."""
     with run.timed("candidates and embeddings"):
@@ -426,7 +442,7 @@ def gpu_stage(run: Refresh, records: list[PlateRecord], route: GpuRoute, runner:
                                                              partial=run.partial))
 
 
-def candidates_stage(run: Refresh, records: list[PlateRecord], runner: TaskRunner) -> None:
+def candidates_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunner) -> None:
     ok = [r for r in records if r.ok]
     run.progress.stage(CANDIDATES, len(ok))
     crop = run.config.crop
@@ -486,7 +502,7 @@ def _embed(run: Refresh, model: str, route: GpuRoute, jobs: list[PlateJob]) -> d
     return state.result() if state.is_completed() else {job.plate_id: state.message for job in jobs}
 
 
-def smart_crop_stage(run: Refresh, records: list[PlateRecord], runner: TaskRunner) -> None:
+def smart_crop_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunner) -> None:
     cfg, profiles = run.config, load_profiles()
     keys = [f"{m}:{embedding_key(profiles.model(m), cfg.crop)}" for m in cfg.models]
     for rec in records:

@@ -13,7 +13,7 @@ runner = CliRunner()
 
 
 def test_every_command_has_help():
-    for cmd in ([], ["ingest"], ["refresh"], ["status"], ["hardware"], ["demo"], ["pools"], ["worker"]):
+    for cmd in ([], ["ingest"], ["refresh"], ["status"], ["hardware"], ["demo"], ["pools"], ["worker"], ["local-server"]):
         result = runner.invoke(app, [*cmd, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output
 
