@@ -13,10 +13,11 @@ measured per variant):
     uv run python benchmarks/cpu_stage.py [--plates 4] [--megapixels 32] [--workers 1]
 
 With ``--end-to-end`` it builds a mixed corpus of large plates instead (a 32 MP JPEG, a 24 MP
-LZW TIFF, a 24 MP 16-bit grayscale PNG and a 10:1 panorama JPEG of 40 MP) and times, in the same
+LZW TIFF, a 24 MP 16-bit grayscale PNG and a 10:1 panorama JPEG of 40 MP, twice) and times, in the same
 run, plain decoding of those sources against `plateflow refresh` of a fresh copy of the corpus
-(its cost above a refresh of an empty corpus: the fixed cost of a command), with and without
-the viz files, with the same number of workers:
+(its cost above a refresh of a corpus of one tiny plate: the fixed cost of a command that has
+work, imports of the CPU stage included), with and without the viz files, with the same
+number of workers. Two distinct images of each kind, so 8 plates:
 
     uv run python benchmarks/cpu_stage.py --end-to-end --workers 2
 """
@@ -158,30 +159,35 @@ def check_agreement(path: Path) -> float:
     return max(diffs)
 
 
-def build_mixed(folder: Path) -> list[Path]:
-    """The mixed corpus's sources: JPEG, LZW TIFF, 16-bit PNG, a 10:1 panorama."""
+def build_mixed(folder: Path, copies: int = 2) -> list[Path]:
+    """The mixed corpus's sources, ``copies`` distinct images of each kind: JPEG, LZW TIFF,
+    16-bit PNG, a 10:1 panorama."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    jpeg = build_plates(folder / "jpeg", 1, 32.0)[0]
-    out = {"jpeg": jpeg, "tiff": folder / "plate-lzw-5657x4243.tif", "png16": folder / "plate-gray16-5657x4243.png",
-           "panorama": folder / "plate-panorama-20000x2000.jpg"}
-    if not out["tiff"].exists():
-        with Image.open(build_plates(folder / "src24", 1, 24.0)[0]) as im:
-            im.save(out["tiff"], compression="tiff_lzw")
-    if not out["png16"].exists():
-        with Image.open(out["tiff"]) as im:
-            grey = np.asarray(im.convert("L"), np.uint16) * 257 + np.random.default_rng(0).integers(
-                0, 200, (im.height, im.width), dtype=np.uint16)
-        Image.fromarray(grey).save(out["png16"], compress_level=6)  # uint16: mode I;16
-    if not out["panorama"].exists():
-        with Image.open(jpeg) as im:
-            strip = im.crop((0, im.height // 2 - 1000, im.width, im.height // 2 + 1000))
-            pano = Image.new("RGB", (20000, 2000))
-            for x in range(0, 20000, strip.width):
-                pano.paste(strip, (x, 0))
-            pano.save(out["panorama"], quality=92)
-    return list(out.values())
+    jpegs = build_plates(folder / "jpeg", copies, 32.0)
+    bases = build_plates(folder / "src24", copies, 24.0)
+    out = []
+    for i, (jpeg, base) in enumerate(zip(jpegs, bases)):
+        tiff, png16 = folder / f"plate-{i}-lzw-5657x4243.tif", folder / f"plate-{i}-gray16-5657x4243.png"
+        pano = folder / f"plate-{i}-panorama-20000x2000.jpg"
+        if not tiff.exists():
+            with Image.open(base) as im:
+                im.save(tiff, compression="tiff_lzw")
+        if not png16.exists():
+            with Image.open(base) as im:
+                grey = np.asarray(im.convert("L"), np.uint16) * 257 + np.random.default_rng(i).integers(
+                    0, 200, (im.height, im.width), dtype=np.uint16)
+            Image.fromarray(grey).save(png16, compress_level=6)  # uint16: mode I;16
+        if not pano.exists():
+            with Image.open(jpeg) as im:
+                strip = im.crop((0, im.height // 2 - 1000, im.width, im.height // 2 + 1000))
+                wide = Image.new("RGB", (20000, 2000))
+                for x in range(0, 20000, strip.width):
+                    wide.paste(strip, (x, 0))
+                wide.save(pano, quality=92)
+        out += [jpeg, tiff, png16, pano]
+    return out
 
 
 def end_to_end(args) -> None:
@@ -215,10 +221,21 @@ def end_to_end(args) -> None:
         with Image.open(path) as im:
             im.load()
 
+    def one_tiny_plate(name: str) -> Path:
+        from PIL import Image
+
+        root = base / name
+        d = root / "plates_structured" / "plate-001"
+        (d / "source").mkdir(parents=True)
+        Image.new("RGB", (64, 64), (240, 238, 230)).save(d / "source" / "tiny.png")
+        (d / "manifest.json").write_text(json.dumps({"plate_id": "plate-001", "source_image": "source/tiny.png"}))
+        return root
+
     (base / "empty" / "plates_structured").mkdir(parents=True)
     try:
         refresh(base / "empty")  # starts the local server: no variant's cost
-        results: dict[str, list[float]] = {"decode": [], "empty refresh": [], "refresh --no-viz": [], "refresh": []}
+        results: dict[str, list[float]] = {"decode": [], "empty refresh": [], "one tiny plate": [],
+                                           "refresh --no-viz": [], "refresh": []}
         for r in range(args.repeats):
             for p in sources:
                 p.read_bytes()  # the page cache holds them for every variant alike
@@ -227,19 +244,21 @@ def end_to_end(args) -> None:
                 list(pool.map(decode, sources))
             results["decode"].append(time.perf_counter() - t)
             results["empty refresh"].append(refresh(base / "empty"))
+            results["one tiny plate"].append(refresh(one_tiny_plate(f"tiny-{r}")))
             results["refresh --no-viz"].append(refresh(corpus(f"noviz-{r}"), "--no-viz"))
             results["refresh"].append(refresh(corpus(f"viz-{r}")))
     finally:
         subprocess.run([plateflow, "local-server", "--stop"], env=env, capture_output=True)
     best = {k: min(v) for k, v in results.items()}
-    floor, fixed = best["decode"], best["empty refresh"]
+    floor, fixed = best["decode"], best["one tiny plate"]
     mp = sum(w * h for w, h in (Image.open(p).size for p in sources)) / 1e6
     print(f"{len(sources)} plates, {mp:.0f} MP in all ({', '.join(p.suffix for p in sources)}); "
           f"{args.workers} worker(s), best of {args.repeats}")
-    print("\n| variant | seconds | above the empty refresh | x decode | target |")
+    print("\n| variant | seconds | above a refresh of one tiny plate | x decode | target |")
     print("|---|---|---|---|---|")
     print(f"| plain decode (floor) | {floor:.2f} | | 1.00 | |")
-    print(f"| empty refresh (fixed cost) | {fixed:.2f} | | | |")
+    print(f"| empty refresh | {best['empty refresh']:.2f} | | | |")
+    print(f"| one tiny plate (fixed cost of a refresh with work) | {fixed:.2f} | | | |")
     for name in ("refresh --no-viz", "refresh"):
         print(f"| {name} | {best[name]:.2f} | {best[name] - fixed:.2f} | {(best[name] - fixed) / floor:.2f} | "
               f"<= 1.5x |")
