@@ -7,7 +7,7 @@ CPU), then embeds the same plates through that pool twice, in the same run:
   one run per chunk   every ``--chunk`` plates a flow run of their own (how refresh dispatched
                       before), so every chunk pays a run's start: a new process, imports, the
                       model's weights
-  one run per worker  refresh's dispatch now (plateflow/routing.py:split_runs): one run per
+  one run per worker  refresh's dispatch now (flows/routing.py:split_runs): one run per
                       online worker, its chunks embed-chunk tasks inside it
 
 and reports seconds, plates/s, the ratio, and the start-up a run costs on this machine
@@ -52,8 +52,8 @@ def main() -> None:
 
     from embed import make_stage_inputs
     from plateflow.pools import pool_definitions
-    from plateflow.routing import GpuRoute, embed_deployment_name, run_on_pool
-    from plateflow.server import start, stop
+    from flows.routing import GpuRoute, embed_deployment_name, run_on_pool
+    from app.server import start, stop
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("dispatch")

@@ -1,6 +1,6 @@
 """embed_plates: the GPU flow. One model over a list of plates, chunk by chunk, one chunk at a
 time (one GPU never runs two batches of ours at once). Deployed once per GPU-class work pool
-(prefect.yaml); refresh sends it runs there (plateflow/routing.py), or calls it in-process."""
+(prefect.yaml); refresh sends it runs there (flows/routing.py), or calls it in-process."""
 
 from __future__ import annotations
 

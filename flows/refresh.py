@@ -41,7 +41,7 @@ from plateflow.corpus import (SWEEP_NEEDED, PlateProblem, PlateRef, corpus_lock,
 from plateflow.hardware import gpu_class as detect_gpu_class
 from plateflow.hashindex import SourceIndex
 from plateflow.profiles import load_profiles
-from plateflow.routing import GpuRoute, choose_route, run_on_pool
+from flows.routing import GpuRoute, choose_route, run_on_pool
 from tasks.batch import (CropJob, PlateOutcome, candidates_batch, characterize_batch, run_candidates,
                          run_characterize, run_smart_crop, smart_crop_batch)
 from tasks.characterize import key_suffix

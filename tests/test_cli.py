@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from plateflow.cli import app
+from app.cli import app
 from tasks.save import write_corpus_table, write_embeddings_table
 
 from conftest import paper_plate, read_image
@@ -120,7 +120,7 @@ def test_worker_serves_the_pool_of_the_local_class(monkeypatch):
 def test_demo_builds_the_corpus_and_runs_the_whole_pipeline_on_it(tmp_path, tiny_env):
     import pyarrow.parquet as pq
 
-    from plateflow.demo import DEMO_PLATES
+    from app.demo import DEMO_PLATES
 
     result = runner.invoke(app, ["demo", "--root", str(tmp_path / "demo"), "--models", "tiny_dinov2"],
                            terminal_width=200)

@@ -19,7 +19,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from plateflow.atomic import write_bytes
-from plateflow.cli import app
+from app.cli import app
 from plateflow.corpus import PlateProblem, PlateRef, discover_plates, ingest, plate_folders
 from plateflow.errors import UnsafePathError
 
@@ -323,7 +323,7 @@ def test_plate_folders_sort_naturally(tmp_path):
 
 
 def test_server_stop_ends_the_workers_before_the_server(tmp_path):
-    from plateflow.server import stop
+    from app.server import stop
 
     log = tmp_path / "order.log"
 

@@ -18,7 +18,7 @@ def test_pools_are_created_once_and_then_left_alone():
 
 
 def test_a_pool_gets_one_run_per_free_place_never_one_per_chunk():
-    from plateflow.routing import split_runs
+    from flows.routing import split_runs
 
     def sizes(*args, **kw):
         runs = split_runs(*args, **kw)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import free_port, make_plate, paper_plate, wait_until
-from plateflow.server import server_env, start, stop
+from app.server import server_env, start, stop
 
 pytestmark = pytest.mark.server
 REPO = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ BIN = Path(sys.executable).parent
 
 
 class LiveServer:
-    """What `plateflow server` starts (plateflow/server.py): `prefect server start` on a free port
+    """What `plateflow server` starts (app/server.py): `prefect server start` on a free port
     with its own PREFECT_HOME (SQLite), the pools, the deployments, and process workers for a
     simulated T4_16GB class and the CPU."""
 
@@ -229,7 +229,7 @@ def test_a_crashed_gpu_run_is_sent_again_then_its_plates_fail_with_the_reason(li
 
     from prefect.states import Crashed
 
-    from plateflow.routing import CRASH_RETRIES, GpuRoute, run_on_pool
+    from flows.routing import CRASH_RETRIES, GpuRoute, run_on_pool
     from tasks.embeddings import PlateJob
 
     route = GpuRoute("H100_80GB", "plates-gpu-h100-80gb", "embed-plates/embed-plates-h100-80gb")
@@ -271,7 +271,7 @@ def test_a_pool_with_no_online_worker_fails_its_plates_after_the_wait(live, clie
     cancelled, and their plates fail saying why and what to do."""
     import logging
 
-    from plateflow.routing import GpuRoute, run_on_pool
+    from flows.routing import GpuRoute, run_on_pool
     from tasks.embeddings import PlateJob
 
     route = GpuRoute("H100_80GB", "plates-gpu-h100-80gb", "embed-plates/embed-plates-h100-80gb")
@@ -300,7 +300,7 @@ def test_a_run_already_running_on_the_pool_takes_a_place_so_the_plates_go_as_few
 
     from prefect.states import Cancelled, Running
 
-    from plateflow.routing import GpuRoute, run_on_pool
+    from flows.routing import GpuRoute, run_on_pool
     from tasks.embeddings import PlateJob
 
     caplog.set_level(logging.INFO)

@@ -85,7 +85,7 @@ def refresh(
     from flows.retry import retry_failed_plates
     from plateflow.config import CharacterizeParams, CropParams, RefreshConfig, corpus_root
     from plateflow.errors import ConfigError
-    from plateflow.server import local_api
+    from app.server import local_api
 
     try:
         root = corpus_root(root)
@@ -230,7 +230,7 @@ def server(
     corpus, and start workers for this machine's class and the CPU pool. Ctrl-C stops it all."""
     import signal as _signal
 
-    from plateflow import server as srv
+    from app import server as srv
 
     procs = srv.start(root.expanduser().resolve(), port, host, gpu_class, say=console.print)
     console.print(f"[green]ready[/]: open http://{host}:{port} — deployments refresh-corpus, "
@@ -258,7 +258,7 @@ def local_server(
     """The local Prefect server `plateflow refresh` uses when PREFECT_API_URL is unset: started in
     the background by the first refresh, reused by the next ones, stopped by itself after
     PLATEFLOW_LOCAL_SERVER_IDLE_MINUTES (60) without a request, or by `--stop`. One per PREFECT_HOME."""
-    from plateflow.server import local_server_info, stop_local_server
+    from app.server import local_server_info, stop_local_server
 
     if stop:
         pid = stop_local_server()
@@ -337,7 +337,7 @@ def demo(
     weights: Annotated[Optional[Path], typer.Option(help="Folder with <model>/ weights (else the HF cache).")] = None,
 ) -> None:
     """Build a demo corpus from scikit-image's sample photographs, ingest it and refresh it."""
-    from plateflow.demo import write_demo_sources
+    from app.demo import write_demo_sources
 
     root = root.expanduser().resolve()
     sources = write_demo_sources(root / ".plateflow" / "demo-sources")

@@ -164,7 +164,7 @@ def start_local_server(timeout: float = 120) -> dict:
                "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
                "PLATEFLOW_LOCAL_SERVER_IDLE_MINUTES": str(IDLE_MINUTES)}
         env.pop("PREFECT_API_URL", None)
-        cmd = [sys.executable, "-m", "uvicorn", "--factory", "plateflow.server:idle_app", "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "uvicorn", "--factory", "app.server:idle_app", "--host", "127.0.0.1",
                "--port", str(port), "--log-level", "error", "--lifespan", "on"]
         with open(home / f"{LOCAL_SERVER}.log", "ab") as log:
             proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
@@ -194,7 +194,7 @@ def stop_local_server(grace: float = 20) -> int | None:
         path.unlink(missing_ok=True)
         return None
     path.unlink(missing_ok=True)
-    if b"plateflow.server:idle_app" not in cmdline:  # the pid was reused by another process
+    if b"app.server:idle_app" not in cmdline:  # the pid was reused by another process
         return None
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)

@@ -1,0 +1,1 @@
+"""The application floor: the plateflow command line, its local server, the demo."""

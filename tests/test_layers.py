@@ -1,0 +1,35 @@
+"""Floors point down: application (app/) -> flows/ -> tasks/ -> library (plateflow/). A module
+never imports one from a floor above its own."""
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FLOORS = {"plateflow": 0, "tasks": 1, "flows": 2, "app": 3}
+
+
+def imported_packages(path: Path) -> set[str]:
+    """Top-level names of the packages a module imports, at any depth of the file."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_no_module_imports_from_a_floor_above_its_own():
+    upward = []
+    for package, floor in FLOORS.items():
+        for path in sorted((REPO / package).rglob("*.py")):
+            for name in imported_packages(path) & FLOORS.keys():
+                if FLOORS[name] > floor:
+                    upward.append(f"{path.relative_to(REPO)} imports {name}")
+    assert upward == []
+
+
+def test_the_check_sees_an_upward_import(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from flows.refresh import refresh_corpus\n")
+    assert "flows" in imported_packages(module)
