@@ -194,7 +194,7 @@ def stop_local_server(grace: float = 20) -> int | None:
         path.unlink(missing_ok=True)
         return None
     path.unlink(missing_ok=True)
-    if b"app.server:idle_app" not in cmdline:  # the pid was reused by another process
+    if b"server:idle_app" not in cmdline:  # the pid was reused by another process (or: ours, before app/ existed)
         return None
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
