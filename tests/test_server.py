@@ -88,6 +88,13 @@ def wait_for_run(client, run_id, timeout=240):
                       f"flow run {run_id} to finish", every=2)
 
 
+def children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
 def runs_of(client, deployment: str):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
@@ -191,6 +198,13 @@ def test_retrying_a_failed_refresh_run_like_the_ui_reruns_only_the_failed_plate(
     run = wait_for_run(client, run.id)
     assert run.state.is_failed() and "plate-003" in run.state.message
     broken.write_bytes(good)
+    # As a person would, retry once the worker has let go of the run: a retry in the same second
+    # can find the worker still holding the run's slot, and Prefect 3.8's process worker then
+    # stops ("this borrower is already holding one of this CapacityLimiter's tokens",
+    # PrefectHQ/prefect#10632, #16806).
+    cpu_worker = live.procs[-1].pid  # server, the T4_16GB worker, the CPU worker
+    wait_until(lambda: not children(cpu_worker), 120, "the worker's flow-run process to exit", every=0.5)
+    time.sleep(2)  # and the worker to note that it has
     # What the UI's Retry button sends.
     client.set_flow_run_state(run.id, AwaitingRetry(message="Retry from the UI"))
     run = wait_until(lambda: (r := client.read_flow_run(run.id)).state.is_final() and r.run_count > 1 and r,
