@@ -168,7 +168,6 @@ def test_retry_failed_plates_deployment_touches_only_the_failed_plates(live, cli
     from prefect.deployments import run_deployment
 
     from flows.refresh import refresh_corpus
-    from plateflow.config import RefreshConfig
 
     root = new_corpus(live, "retry")
     broken = root / "plates_structured" / "plate-002" / "source" / "scan.jpg"
