@@ -52,6 +52,7 @@ from tasks.save import (current_record, embeddings_table_path, read_corpus_table
                         write_corpus_table, write_embeddings_table)
 
 HASH, CHARACTERISE, CANDIDATES, SMART_CROP = "hash", "characterise", "candidates", "smart crop"
+FAILED_STEP = {CHARACTERISE: "characterize", CANDIDATES: "candidates", SMART_CROP: "smart_crop"}  # table's names
 HASH_ATTEMPTS = 3  # a source that cannot be read is tried again after 1 s and 2 s
 
 # Columns of plates.parquet copied from a plate's input_image.json record.
@@ -333,8 +334,7 @@ def _outcomes(future, group: list, rerun: Callable, stage: str, logger) -> list[
     if isinstance(outcomes, list):
         return outcomes
     reason = f"{type(outcomes).__name__}: {outcomes}" if isinstance(outcomes, BaseException) else future.state.message
-    step = stage.replace(" ", "_").replace("characterise", "characterize")
-    return [PlateOutcome(_folder(item), "failed", failed_step=step, error=f"its {stage} batch was lost: {reason}")
+    return [PlateOutcome(_folder(item), "failed", failed_step=FAILED_STEP[stage], error=f"its {stage} batch was lost: {reason}")
             for item in group]
 
 
