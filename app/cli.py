@@ -57,7 +57,7 @@ def ingest(
 @app.command()
 def refresh(
     root: RootOpt,
-    workers: Annotated[Optional[int], typer.Option(help="Plates processed at once.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Batches run at once (default: one per core, at most profiles/dispatch.toml's max_workers).")] = None,
     no_viz: Annotated[bool, typer.Option("--no-viz", help="Skip the viz/ PNG files.")] = False,
     max_megapixels: Annotated[float, typer.Option(help="Plates above this size fail.")] = 250.0,
     models: Annotated[str, typer.Option(help="Comma-separated embedding models (see profiles/models.toml).")] = "",
@@ -65,14 +65,14 @@ def refresh(
     crop_format: Annotated[str, typer.Option(help="jpeg or png.")] = "jpeg",
     min_crop_area: Annotated[float, typer.Option(help="Smallest crop, as a fraction of the plate area.")] = 0.0,
     gpu_class: Annotated[Optional[str], typer.Option(help="GPU class to run the GPU step on (default: detected, or with work pools the best class that has one).")] = None,
-    chunk_size: Annotated[int, typer.Option(help="Plates per embed-chunk task of the GPU step (its unit of retry and progress).")] = 512,
+    chunk_size: Annotated[Optional[int], typer.Option(help="Plates per embed-chunk task of the GPU step (its unit of retry and progress; default: profiles/dispatch.toml).", min=1)] = None,
     gpu_dispatch: Annotated[str, typer.Option(help="auto: runs of the class's embed-plates deployment when the server has them, else in-process; local; pool.")] = "auto",
-    worker_wait_minutes: Annotated[float, typer.Option(help="With a work pool: how long its having no online worker is waited out before those plates fail (0: no limit).")] = 30.0,
+    worker_wait_minutes: Annotated[Optional[float], typer.Option(help="With a work pool: how long its having no online worker is waited out before those plates fail (0: no limit; default: profiles/dispatch.toml).", min=0)] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Folder with <model>/ weights (else the HF cache).")] = None,
     failed_only: Annotated[bool, typer.Option("--failed-only", help="Retry only the plates whose last status is failed (the retry-failed-plates flow).")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Hash every source again, not only those whose size, mtime, inode or ctime changed.")] = False,
-    batch_plates: Annotated[int, typer.Option(help="Most plates in one characterize-batch task.", min=1)] = 64,
-    batch_megabytes: Annotated[float, typer.Option(help="Most source megabytes in one batch task.", min=0.001)] = 256.0,
+    batch_plates: Annotated[Optional[int], typer.Option(help="Most plates in one batch task (default: profiles/dispatch.toml).", min=1)] = None,
+    batch_megabytes: Annotated[Optional[float], typer.Option(help="Most source megabytes in one batch task (default: profiles/dispatch.toml).", min=0.001)] = None,
     dask: Annotated[Optional[str], typer.Option(help="Run the CPU batches on Dask: a scheduler address (tcp://host:8786) or local:N (N worker processes here). Workers need the corpus at the same path.")] = None,
 ) -> None:
     """Run the refresh flow: only plates whose content, parameters or code changed are recomputed.
@@ -82,6 +82,7 @@ def refresh(
     Exits 1 when any plate failed; every other plate is still complete.
     """
     from flows.refresh import refresh_corpus
+    from plateflow.layout import CorpusLayout
     from flows.retry import retry_failed_plates
     from plateflow.config import CharacterizeParams, CropParams, RefreshConfig, corpus_root
     from plateflow.errors import ConfigError
@@ -89,13 +90,17 @@ def refresh(
 
     try:
         root = corpus_root(root)
+        given = {"workers": workers, "chunk_size": chunk_size, "batch_plates": batch_plates,
+                 "batch_megabytes": batch_megabytes, "worker_wait_minutes": worker_wait_minutes}
+        dispatch = {k: v for k, v in given.items() if v is not None}  # the rest: profiles/dispatch.toml
+        if worker_wait_minutes == 0:
+            dispatch["worker_wait_minutes"] = None  # no limit
         cfg = RefreshConfig(
             characterize=CharacterizeParams(viz=not no_viz, max_pixels=int(max_megapixels * 1e6)),
             models=models.split(","), crop_model=crop_model, gpu_class=gpu_class,
             crop=CropParams(crop_format=crop_format, min_area_fraction=min_crop_area),
-            weights_root=str(weights) if weights else None, gpu_dispatch=gpu_dispatch, chunk_size=chunk_size,
-            worker_wait_minutes=worker_wait_minutes or None, verify=verify, batch_plates=batch_plates,
-            batch_megabytes=batch_megabytes, dask=dask, **({"workers": workers} if workers else {}))
+            weights_root=str(weights) if weights else None, gpu_dispatch=gpu_dispatch, verify=verify, dask=dask,
+            **dispatch)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     try:
@@ -116,7 +121,7 @@ def refresh(
     if _table_of_run(root, state):
         _print_status(root)
     else:
-        console.print(f"[red]{root / 'plates.parquet'} was not written by this run[/]: its counts are "
+        console.print(f"[red]{CorpusLayout(root).table} was not written by this run[/]: its counts are "
                       f"an earlier run's and are not shown")
     console.print(f"flow run {state.name}: {state.message}")
     if not state.is_completed():
@@ -156,18 +161,19 @@ def progress_bars() -> Iterator[None]:
 
 def _read_tables(root: Path, models: list[str]) -> None:
     """Read the corpus table and the models' embeddings tables; ``CorpusTableError`` if one is unreadable."""
-    from tasks.save import embeddings_table_path, read_corpus_table, read_parquet
+    from plateflow.layout import CorpusLayout
+    from plateflow.tables import read_corpus_table, read_parquet
 
     read_corpus_table(root)
     for m in models:
-        read_parquet(embeddings_table_path(root, m), f"embeddings table of {m}")
+        read_parquet(CorpusLayout(root).embeddings_table(m), f"embeddings table of {m}")
 
 
 def _table_of_run(root: Path, state) -> bool:
     """True if plates.parquet was written by the flow run of ``state``, or by a subflow of it
     (retry-failed-plates runs a refresh)."""
     from plateflow.errors import CorpusTableError
-    from tasks.save import read_corpus_table, table_flow_runs
+    from plateflow.tables import read_corpus_table, table_flow_runs
 
     try:
         table = read_corpus_table(root)
@@ -183,19 +189,39 @@ def hardware() -> None:
     import json
 
     from plateflow.hardware import hardware_report
+    from plateflow.pools import pool_for_class
     from plateflow.profiles import load_profiles
 
-    print(json.dumps(hardware_report(load_profiles()), indent=2))
+    report = hardware_report(load_profiles())
+    print(json.dumps({**report, "pool": pool_for_class(report["gpu_class"]).name}, indent=2))
 
 
 @app.command()
 def pools() -> None:
-    """Create the work pools of deployments/work-pools.toml on the configured Prefect server
-    (PREFECT_API_URL), or update them to match; running it again changes nothing."""
+    """Create the work pools (one per GPU class of profiles/gpu_classes.toml, named by
+    deployments/work-pools.toml) on the configured Prefect server (PREFECT_API_URL), or update
+    them to match; running it again changes nothing. `plateflow deploy` does this too."""
     from plateflow.pools import ensure_pools
 
     for name, action in ensure_pools():
         console.print(f"{action:9s} {name}")
+
+
+@app.command()
+def deploy(
+    root: Annotated[Optional[Path], typer.Option("--root", "-r", help="Default corpus root of refresh-corpus and retry-failed-plates (else $PLATEFLOW_CORPUS).")] = None,
+) -> None:
+    """Create the work pools and every deployment on the configured Prefect server
+    (PREFECT_API_URL): refresh-corpus and retry-failed-plates from prefect.yaml, and one
+    embed-plates-<class> per GPU class of profiles/gpu_classes.toml. Running it again
+    updates them to match."""
+    from app.deploy import deploy_all
+
+    try:
+        deploy_all(root.expanduser().resolve() if root else None, say=console.print)
+    except RuntimeError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -226,8 +252,8 @@ def server(
     gpu_class: Annotated[Optional[str], typer.Option(help="Class of this machine's worker (default: detected).")] = None,
 ) -> None:
     """Start a local Prefect server (SQLite in PREFECT_HOME; PREFECT_API_DATABASE_CONNECTION_URL
-    selects PostgreSQL), create the work pools, deploy prefect.yaml with ROOT as the default
-    corpus, and start workers for this machine's class and the CPU pool. Ctrl-C stops it all."""
+    selects PostgreSQL), create the work pools and deployments (`plateflow deploy`) with ROOT as
+    the default corpus, and start workers for this machine's class and the CPU pool. Ctrl-C stops it all."""
     import signal as _signal
 
     from app import server as srv
@@ -294,7 +320,8 @@ def _print_status(root: Path) -> tuple[bool, int]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from tasks.save import read_corpus_table
+    from plateflow.layout import CorpusLayout
+    from plateflow.tables import read_corpus_table
 
     table = read_corpus_table(root)
     if table is None:
@@ -311,7 +338,7 @@ def _print_status(root: Path) -> tuple[bool, int]:
                   f"(characterize: {counts('characterize_status')})")
     if any(r.get("embed_status") for r in rows):
         console.print(f"embeddings: {counts('embed_status')}; smart crop: {counts('crop_status')}")
-    for path in sorted((root / "embeddings").glob("*.parquet")):
+    for path in CorpusLayout(root).embeddings_tables():
         try:
             ids = pq.read_table(path, columns=["plate_id"]).column("plate_id")
             dim = pq.read_schema(path).field("vector").type.list_size
@@ -338,15 +365,16 @@ def demo(
 ) -> None:
     """Build a demo corpus from scikit-image's sample photographs, ingest it and refresh it."""
     from app.demo import write_demo_sources
+    from plateflow.layout import CorpusLayout
 
     root = root.expanduser().resolve()
-    sources = write_demo_sources(root / ".plateflow" / "demo-sources")
+    sources = write_demo_sources(CorpusLayout(root).demo_sources)
     console.print(f"demo sources: {len(sources)} plates written under {sources[0].parent}")
     ingest(sources, root, max_megapixels=250.0)
     refresh(root, workers=None, no_viz=False, max_megapixels=250.0, models=models, crop_model=None,
             crop_format="jpeg", min_crop_area=0.0, gpu_class=None, weights=weights, failed_only=False,
-            verify=False, batch_plates=64, batch_megabytes=256.0)
-    console.print(f"open {root / 'plates_structured'} to see each plate's JSON and viz/ files")
+            verify=False, batch_plates=None, batch_megabytes=None)
+    console.print(f"open {CorpusLayout(root).plates} to see each plate's JSON and viz/ files")
 
 
 def main() -> None:  # pragma: no cover - console entry point

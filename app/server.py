@@ -47,7 +47,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -> None
 
 def start(corpus: Path, port: int = 4200, host: str = "127.0.0.1", gpu_class: str | None = None,
           log_dir: Path | None = None, say=print, env: dict[str, str] | None = None) -> list[subprocess.Popen]:
-    """Start the server, create pools, deploy prefect.yaml, start the workers; returns the
+    """Start the server, create the pools and deployments (`plateflow deploy`), start the workers; returns the
     processes (server first). Each runs in its own process group. ``env``: more environment for
     all of them."""
     env = {**server_env(port, host, corpus), **(env or {})}
@@ -68,11 +68,11 @@ def start(corpus: Path, port: int = 4200, host: str = "127.0.0.1", gpu_class: st
         server = spawn("server", [str(BIN / "prefect"), "server", "start"])
         wait_healthy(env["PREFECT_API_URL"], server)
         say(f"Prefect server: {env['PREFECT_API_URL']}")
-        for cmd in ([str(BIN / "plateflow"), "pools"], [str(BIN / "prefect"), "--no-prompt", "deploy", "--all"]):
-            done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"{' '.join(cmd[-3:])} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-        say("work pools and deployments are in place (prefect.yaml)")
+        cmd = [str(BIN / "plateflow"), "deploy", "--root", str(corpus)]
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"plateflow deploy failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        say("work pools and deployments are in place (plateflow deploy)")
         from plateflow.hardware import gpu_class as detect
         from plateflow.profiles import load_profiles
 

@@ -52,7 +52,8 @@ def main() -> None:
 
     from embed import make_stage_inputs
     from plateflow.pools import pool_definitions
-    from flows.routing import GpuRoute, embed_deployment_name, run_on_pool
+    from flows.routing import GpuRoute, run_on_pool
+    from plateflow.pools import embed_deployment_name
     from app.server import start, stop
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")

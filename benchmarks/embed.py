@@ -10,7 +10,7 @@ on a CPU-only machine it runs tiny models as a smoke test. Reported per model:
                candidate views, embed, choose the best crop, write vectors and smart_crop.json;
                with reader threads decoding (Pillow) and with the device decoding (nvJPEG on a
                GPU), with and without the forward pass, and how long the device loop waited for
-               the readers; then run_embedding chunk by chunk, as the refresh flow runs it
+               the readers; then embed_and_store chunk by chunk, as the refresh flow runs it
   crop save    cutting + encoding the full-resolution best crop vs plain decoding of the sources
   device loop  microseconds per small torch op (a kernel launch's GIL round trip) in the thread
                that drives the device, with no readers and with each kind of reader
@@ -46,7 +46,7 @@ CLIP_CONFIGS = {
 def random_model(spec):
     """A LoadedModel of the spec's architecture with random weights (no download)."""
 
-    from tasks.embeddings import LoadedModel
+    from tasks.embed.models import LoadedModel
 
     if spec.backend == "timm":
         import timm
@@ -77,7 +77,7 @@ def flops_per_image(embed, size: int) -> float:
 def model_only(embed, size: int, batch: int, device: str, seconds: float = 2.0) -> float:
     import torch
 
-    x = torch.rand(batch, 3, size, size, device=device) * 255  # views as Embedder.extract leaves them
+    x = torch.rand(batch, 3, size, size, device=device) * 255  # views as ViewEncoder.cut_views leaves them
     embed(x)  # warm-up
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -115,8 +115,8 @@ def make_stage_inputs(folder: Path, plates: int, short_side: int = 1024):
     from skimage import data
 
     from plateflow.config import CropParams
-    from tasks.crops import candidate_boxes
-    from tasks.embeddings import PlateJob
+    from tasks.candidates import candidate_boxes
+    from tasks.embed.reader import PlateJob
 
     folder.mkdir(parents=True, exist_ok=True)
     photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
@@ -139,16 +139,16 @@ def make_stage_inputs(folder: Path, plates: int, short_side: int = 1024):
 
 class NullEmbed:
     """Stands in for the model: the stage's reading, view cutting, choosing and writing without
-    the forward pass (views are still cut on the device by the real Embedder.extract)."""
+    the forward pass (views are still cut on the device by the real ViewEncoder.cut_views)."""
 
-    def __init__(self, embedder):
-        self.embedder, self.device = embedder, embedder.device
+    def __init__(self, encoder):
+        self.encoder, self.device = encoder, encoder.device
 
     def decode(self, plates):
-        return self.embedder.decode(plates)
+        return self.encoder.decode(plates)
 
-    def extract(self, plates):
-        return self.embedder.extract(plates)
+    def cut_views(self, plates):
+        return self.encoder.cut_views(plates)
 
     def launch(self, views):
         import torch
@@ -162,13 +162,14 @@ class NullEmbed:
 
 
 def stage(jobs, boxes, spec, model, embed, batch: int, workers: int, readers: str) -> tuple[float, dict]:
-    """The embedding stage as run_embedding runs it, plus choosing the crop: plates/s, and the
+    """The embedding stage as embed_and_store runs it, plus choosing the crop: plates/s, and the
     seconds the device loop spent waiting for the readers and on the device."""
 
     from plateflow.atomic import write_json
     from plateflow.config import CropParams
-    from tasks.crops import choose_best_crop
-    from tasks.embeddings import embed_jobs, save_vectors
+    from tasks.smart_crop import choose_best_crop
+    from tasks.embed.runner import encode_plates
+    from tasks.embed.writer import save_vectors
 
     params = CropParams()
 
@@ -181,7 +182,7 @@ def stage(jobs, boxes, spec, model, embed, batch: int, workers: int, readers: st
     start = time.perf_counter()
     with ThreadPoolExecutor(2) as writer:
         done = [writer.submit(write, job, vectors)
-                for job, vectors, error in embed_jobs(embed, jobs, model, batch, num_workers=workers,
+                for job, vectors, error in encode_plates(embed, jobs, model, batch, num_workers=workers,
                                                       pin_memory=embed.device.type == "cuda",
                                                       readers=readers, stats=stats)]
         for d in done:
@@ -197,13 +198,13 @@ def launch_latency(jobs, size: int, workers: int, readers: str | None, ops: int 
 
     import torch
 
-    from tasks.embeddings import ViewsDataset, prefetch_batches
+    from tasks.embed.reader import PlateReader, prefetch_batches
 
     x, stop = torch.zeros(64), threading.Event()
 
     def drain():
         while not stop.is_set():
-            for _ in prefetch_batches(ViewsDataset(jobs, size, encoded=readers == "device"), 16, workers):
+            for _ in prefetch_batches(PlateReader(jobs, size, encoded=readers == "device"), 16, workers):
                 if stop.is_set():
                     break
 
@@ -223,19 +224,19 @@ def launch_latency(jobs, size: int, workers: int, readers: str | None, ops: int 
 
 def pipeline(jobs, boxes, spec, model, batch: int, dtype: str, device: str, workers: int, chunk: int,
              readers: str | None = None) -> float:
-    """embed-plates as the refresh flow runs it in-process: ``run_embedding`` per chunk of plates
+    """embed-plates as the refresh flow runs it in-process: ``embed_and_store`` per chunk of plates
     (the model kept between chunks), then each plate's crop chosen from its stored vectors: plates/s."""
     import numpy as np
 
-    import tasks.embeddings as emb
+    from tasks.embed.runner import embed_and_store
     from plateflow.atomic import write_json
     from plateflow.config import CropParams
-    from tasks.crops import choose_best_crop
+    from tasks.smart_crop import choose_best_crop
 
     params = CropParams()
     start = time.perf_counter()
     for i in range(0, len(jobs), chunk):
-        emb.run_embedding(jobs[i:i + chunk], spec, batch, dtype, device=device, num_workers=workers,
+        embed_and_store(jobs[i:i + chunk], spec, batch, dtype, device=device, num_workers=workers,
                           model=model, readers=readers)
     for job in jobs:
         best, sim = choose_best_crop(np.load(job.cache_file), boxes, params)
@@ -247,7 +248,8 @@ def crop_save_ratio(sources: list[Path]) -> tuple[float, float]:
     from PIL import Image
 
     from plateflow.config import CropParams
-    from tasks.crops import candidate_boxes, cut_crop
+    from tasks.candidates import candidate_boxes
+    from tasks.smart_crop import cut_crop
 
     def decode():
         for p in sources:
@@ -275,7 +277,8 @@ def main() -> None:
 
     from plateflow.hardware import classify, detect_device
     from plateflow.profiles import load_profiles
-    from tasks.embeddings import Embedder, reader_threads
+    from tasks.embed.mapper import ViewEncoder
+    from tasks.embed.reader import reader_threads
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=None, help="comma-separated; default: dinov2_base,clip_vit_b32 on CUDA, tiny models on CPU")
@@ -342,20 +345,20 @@ def main() -> None:
         model = random_model(spec)
         batch_cls, dtype_cls = profiles.plan(name, cls) if name in profiles.models and cls in spec.batch else (16, "float32")
         dtypes = ["float32"] + ([dtype_cls] if dtype_cls != "float32" else [])
-        flops = flops_per_image(Embedder(model, "cpu", "float32"), spec.input_size)
+        flops = flops_per_image(ViewEncoder(model, "cpu", "float32"), spec.input_size)
         rows = []
         for dtype in dtypes:
-            embed = Embedder(model, dev, dtype)
+            embed = ViewEncoder(model, dev, dtype)
             for batch in sorted({max(1, batch_cls // 4), batch_cls // 2 or 1, batch_cls}):
                 rows.append(row(name, dtype, batch, model_only(embed, spec.input_size, batch, dev), flops))
         for mode in compile_modes:
-            embed = Embedder(model, dev, dtype_cls, compile=mode)
+            embed = ViewEncoder(model, dev, dtype_cls, compile=mode)
             ips = model_only(embed, spec.input_size, batch_cls, dev, seconds=4.0)
             rows.append(row(name, dtype_cls, batch_cls, ips, flops, mode))
         stages = {}
         if reader_kinds:  # --readers none: the model alone
-            null = NullEmbed(Embedder(model, "cuda" if cuda else "cpu", dtype_cls))
-            embed = Embedder(model, "cuda" if cuda else "cpu", dtype_cls)
+            null = NullEmbed(ViewEncoder(model, "cuda" if cuda else "cpu", dtype_cls))
+            embed = ViewEncoder(model, "cuda" if cuda else "cpu", dtype_cls)
             for readers in reader_kinds:
                 for label, e in (("without the forward pass", null), ("", embed)):
                     stage(jobs[: min(2 * workers, len(jobs))], boxes, spec, model, e, batch_cls, workers, readers)  # warm-up
@@ -366,8 +369,8 @@ def main() -> None:
                           f"on the device {split['device_s']} s]", flush=True)
             pipeline(jobs[: min(2 * workers, len(jobs))], boxes, spec, model, batch_cls, dtype_cls, dev, workers, args.chunk)
             pps = pipeline(jobs, boxes, spec, model, batch_cls, dtype_cls, dev, workers, args.chunk)
-            stages[f"run_embedding in chunks of {args.chunk}"] = {"plates_per_s": round(pps, 1)}
-            print(f"{name:14s} embed-plates as the flow runs it (run_embedding per {args.chunk} plates, then the "
+            stages[f"embed_and_store in chunks of {args.chunk}"] = {"plates_per_s": round(pps, 1)}
+            print(f"{name:14s} embed-plates as the flow runs it (embed_and_store per {args.chunk} plates, then the "
                   f"crop choice): {pps:.1f} plates/s", flush=True)
         report["models"][name] = {"gflops_per_image": round(flops / 1e9, 3), "model_only": rows, "stage": stages}
     sources = sorted(args.sources.glob("*.jpg"))[:4]

@@ -90,7 +90,7 @@ def variants(root: Path, empty: Path, home: Path, options: tuple[str, ...]) -> l
 
 
 def work_alone(base: Path, n: int, workers: int) -> float:
-    """Seconds per plate of the per-plate functions alone (``run_characterize``: decode,
+    """Seconds per plate of the per-plate functions alone (``characterize_plates``: decode,
     statistics, files) on ``n`` fresh tiny plates with ``workers`` threads: what a computed plate
     costs without any orchestration. The first refresh's cost above it is orchestration."""
     from concurrent.futures import ThreadPoolExecutor
@@ -98,7 +98,7 @@ def work_alone(base: Path, n: int, workers: int) -> float:
     from plateflow.config import CharacterizeParams
     from plateflow.corpus import discover_plates
     from plateflow.hashindex import sha256_file
-    from tasks.batch import run_characterize
+    from tasks.characterize import characterize_plates
 
     root = base / "work-alone"
     build(root, n)
@@ -106,7 +106,7 @@ def work_alone(base: Path, n: int, workers: int) -> float:
     chunks = [items[i:i + 64] for i in range(0, len(items), 64)]
     t = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(lambda c: run_characterize(c, CharacterizeParams(), root), chunks))
+        list(pool.map(lambda c: characterize_plates(c, CharacterizeParams(), root), chunks))
     return (time.perf_counter() - t) / n
 
 

@@ -12,16 +12,19 @@ from prefect import flow, get_run_logger
 
 from plateflow.atomic import write_json
 from plateflow.errors import ConfigError
-from plateflow.profiles import load_profiles
-from tasks.embeddings import PlateJob, embed_chunk, vectors_problem
+from plateflow.profiles import dispatch_policy, load_profiles
+from tasks.embed.reader import PlateJob
+from tasks.embed.runner import embed_chunk
+from tasks.embed.writer import vectors_problem
 
 
 @flow(name="embed-plates")
 def embed_plates(model: str, gpu_class: str, jobs: list[PlateJob] | None = None, jobs_file: str | None = None,
-                 chunk_size: int = 512, weights_root: str | None = None,
+                 chunk_size: int | None = None, weights_root: str | None = None,
                  report: str | None = None) -> dict[str, str | None]:
     """Embed the views of ``jobs`` (or of the plates listed in ``jobs_file``, a JSON file of
-    PlateJob fields) with ``model``, ``chunk_size`` plates per embed-chunk task; returns
+    PlateJob fields) with ``model``, ``chunk_size`` plates per embed-chunk task (default: the
+    dispatch policy's, profiles/dispatch.toml); returns
     plate_id -> None or its error, and writes the same to ``report`` (a JSON file) when given.
 
     A plate whose vectors are already stored is not embedded again: a run sent again after its
@@ -38,6 +41,7 @@ def embed_plates(model: str, gpu_class: str, jobs: list[PlateJob] | None = None,
         jobs = [PlateJob(**{**j, "boxes": tuple(map(tuple, j["boxes"])), "original_size": tuple(j["original_size"])})
                 for j in json.loads(Path(jobs_file).read_text())]
     profiles = load_profiles()
+    chunk_size = chunk_size or dispatch_policy().gpu.chunk_size
     spec = profiles.model(model)
     batch_size, dtype = profiles.plan(model, gpu_class)
     readers = profiles.gpu_class(gpu_class).readers

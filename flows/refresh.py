@@ -36,31 +36,27 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from plateflow.artifacts import Progress, publish
 from plateflow.atomic import dumps_json, remove_stale_temps, write_bytes_if_changed
 from plateflow.config import CharacterizeParams, RefreshConfig, corpus_root
-from plateflow.corpus import (SWEEP_NEEDED, PlateProblem, PlateRef, corpus_lock, discover_plates, natural_key,
-                              state_dir)
+from plateflow.corpus import PlateProblem, PlateRef, corpus_lock, discover_plates
 from plateflow.hardware import gpu_class as detect_gpu_class
 from plateflow.hashindex import SourceIndex
+from plateflow.layout import SOURCE, CorpusLayout, PlateLayout, natural_key
 from plateflow.profiles import load_profiles
+from plateflow.tables import (CHARACTERISATION_COLUMNS, read_corpus_table, read_parquet, write_corpus_table,
+                              write_embeddings_table)
 from flows.routing import GpuRoute, choose_route, run_on_pool
-from tasks.batch import (CropJob, PlateOutcome, candidates_batch, characterize_batch, run_candidates,
-                         run_characterize, run_smart_crop, smart_crop_batch)
-from tasks.characterize import key_suffix
-from tasks.crops import WORKING_COPY
-from tasks.embeddings import PlateJob, embedding_key, load_vectors, require_weights, store_path, vectors_problem
+from tasks.batch import PlateOutcome
+from tasks.candidates import candidates_batch, candidates_of_plates
+from tasks.characterize import characterize_batch, characterize_plates, key_suffix
+from tasks.embed.models import require_weights
+from tasks.embed.reader import PlateJob
+from tasks.embed.writer import embedding_key, load_vectors, store_path, vectors_problem
 from tasks.report import build_report
-from tasks.save import (current_record, embeddings_table_path, read_corpus_table, read_parquet,
-                        write_corpus_table, write_embeddings_table)
+from tasks.save import current_record
+from tasks.smart_crop import CropJob, smart_crop_batch, smart_crop_plates
 
 HASH, CHARACTERISE, CANDIDATES, SMART_CROP = "hash", "characterise", "candidates", "smart crop"
 FAILED_STEP = {CHARACTERISE: "characterize", CANDIDATES: "candidates", SMART_CROP: "smart_crop"}  # table's names
 HASH_ATTEMPTS = 3  # a source that cannot be read is tried again after 1 s and 2 s
-
-# Columns of plates.parquet copied from a plate's input_image.json record.
-_TABLE_FIELDS = (
-    "sha256", "image_format", "mode", "file_size_bytes", "width", "height", "megapixels",
-    "aspect_ratio", "mean_rgb", "luminance_mean", "luminance_std", "entropy", "background_ratio",
-    "grayscale_like", "very_large", "extreme_aspect", "frames", "exif_orientation",
-)
 
 
 def embed_stage(model: str) -> str:
@@ -94,7 +90,7 @@ class PlateRecord:
 
     def settle(self, status: str, metadata: dict) -> None:
         self.metadata = metadata
-        self.row.update({k: metadata[k] for k in _TABLE_FIELDS}, characterize_status=status)
+        self.row.update({k: metadata[k] for k in CHARACTERISATION_COLUMNS}, characterize_status=status)
 
     def fail(self, step: str, error: str, **extra) -> None:
         """Mark the plate failed at ``step``, with the error that says why."""
@@ -117,6 +113,7 @@ class Refresh:
     """One refresh run: where, with what, and what it has measured so far."""
 
     root: Path
+    corpus: CorpusLayout
     config: RefreshConfig
     partial: bool
     logger: Any
@@ -164,7 +161,7 @@ def refresh_corpus(root: str, config: RefreshConfig = RefreshConfig(), plates: l
                 gpu_stage(run, records, route, runner)
         state = finish(run, records, problems)
         if config.dask is not None or not (route is None or route.local):  # writers on other machines
-            _touch(state_dir(root_path) / SWEEP_NEEDED, logger)
+            _touch(CorpusLayout(root_path).sweep_needed, logger)
         return state
 
 
@@ -174,7 +171,7 @@ def check_config(root: Path, config: RefreshConfig, partial: bool, logger) -> Gp
     if partial:
         read_corpus_table(root)
         for m in config.models:
-            read_parquet(embeddings_table_path(root, m), f"embeddings table of {m}")
+            read_parquet(CorpusLayout(root).embeddings_table(m), f"embeddings table of {m}")
     if not config.models:
         return None
     profiles = load_profiles()
@@ -193,21 +190,22 @@ def start(root: Path, config: RefreshConfig, partial: bool, logger, waited: floa
 
     The sweep walks every folder of the corpus (2 s at 20,000 plates), so it runs only when a
     writer may have died mid-write: the last refresh died holding the lock (``died`` names it),
-    or ``SWEEP_NEEDED`` says an ingest or remote workers have written since the last sweep."""
-    marker = state_dir(root) / SWEEP_NEEDED
+    or ``sweep-needed`` says an ingest or remote workers have written since the last sweep."""
+    corpus = CorpusLayout(root)
+    marker = corpus.sweep_needed
     if died or marker.exists():
         if died:
             logger.info("the last refresh (%s) did not finish: looking for what its writers left", died)
-        for stale in remove_stale_temps(root, skip=("source",)):
+        for stale in remove_stale_temps(root, skip=(SOURCE,)):
             logger.info("removed %s, left behind by a writer that stopped", stale.relative_to(root))
         marker.unlink(missing_ok=True)
     try:
-        write_bytes_if_changed(state_dir(root) / "config.json",
+        write_bytes_if_changed(corpus.config,
                                dumps_json({"root": str(root), **config.model_dump(mode="json")}))
     except OSError as exc:  # a full disk: each plate's step says so for itself
         logger.warning("could not write the effective configuration: %s", exc)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-    run = Refresh(root, config, partial, logger, Progress(root), run_id)
+    run = Refresh(root, corpus, config, partial, logger, Progress(root), run_id)
     if waited >= 1:
         run.timings["waiting for the corpus"] = waited
     return run
@@ -359,7 +357,7 @@ def characterize_stage(run: Refresh, records: list[PlateRecord], runner: PlateRu
 
         in_batches(run, runner, CHARACTERISE, todo, characterize_batch,
                    lambda group: {"items": _items(group), "params": run.params, "root": str(run.root)},
-                   lambda group: run_characterize(_items(group), run.params, run.root, run.logger),
+                   lambda group: characterize_plates(_items(group), run.params, run.root, run.logger),
                    apply, cost=PlateRecord.source_bytes)
 
 
@@ -455,7 +453,7 @@ def candidates_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunn
 
     in_batches(run, runner, CANDIDATES, ok, candidates_batch,
                lambda group: {"items": [(r.plate, r.size) for r in group], "params": crop},
-               lambda group: run_candidates([(r.plate, r.size) for r in group], crop, run.logger), apply)
+               lambda group: candidates_of_plates([(r.plate, r.size) for r in group], crop, run.logger), apply)
 
 
 def embed_model(run: Refresh, records: list[PlateRecord], model: str, route: GpuRoute) -> None:
@@ -471,7 +469,7 @@ def embed_model(run: Refresh, records: list[PlateRecord], model: str, route: Gpu
             run.logger.warning("%s: %s; removed, its vectors are computed again", rec.plate.folder, problem)
             path.unlink(missing_ok=True)
         if not path.is_file():
-            jobs[rec.plate.folder] = (rec, PlateJob(rec.plate.folder, str(rec.plate.plate_dir / WORKING_COPY),
+            jobs[rec.plate.folder] = (rec, PlateJob(rec.plate.folder, str(PlateLayout(rec.plate.plate_dir).working_copy),
                                                     rec.size, tuple(map(tuple, rec.boxes)), str(path)))
     run.logger.info("%s: %d plates cached, %d to embed", model, len(records) - len(jobs), len(jobs))
     run.progress.advance(stage, len(records) - len(jobs))
@@ -496,7 +494,7 @@ def _embed(run: Refresh, model: str, route: GpuRoute, jobs: list[PlateJob]) -> d
     if not route.local:
         wait = None if cfg.worker_wait_minutes is None else 60 * cfg.worker_wait_minutes
         return run_on_pool(route, model, jobs, cfg.chunk_size, cfg.weights_root,
-                           state_dir(run.root) / "dispatch" / run.run_id, run.logger, worker_wait_s=wait)
+                           run.corpus.dispatch(run.run_id), run.logger, worker_wait_s=wait)
     state = embed_plates(model, route.gpu_class, jobs=jobs, chunk_size=cfg.chunk_size,
                          weights_root=cfg.weights_root, return_state=True)
     return state.result() if state.is_completed() else {job.plate_id: state.message for job in jobs}
@@ -523,7 +521,7 @@ def smart_crop_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunn
     in_batches(run, runner, SMART_CROP, jobs, smart_crop_batch,
                lambda group: {"jobs": group, "run_id": run.run_id, "crop_model": cfg.best_crop_model,
                               "params": cfg.crop},
-               lambda group: run_smart_crop(group, run.run_id, cfg.best_crop_model, cfg.crop, run.logger),
+               lambda group: smart_crop_plates(group, run.run_id, cfg.best_crop_model, cfg.crop, run.logger),
                apply, cost=lambda job: _file_size(job.plate.source_path))
 
 

@@ -9,9 +9,9 @@ from prefect.states import Completed, Failed
 
 from flows.refresh import refresh_corpus
 from plateflow.config import RefreshConfig, corpus_root
-from plateflow.corpus import natural_key
+from plateflow.layout import natural_key
 from plateflow.errors import ConfigError
-from tasks.save import read_corpus_table
+from plateflow.tables import read_corpus_table
 
 
 def failed_plates(root: Path) -> list[str]:

@@ -21,21 +21,9 @@ from pathlib import Path
 
 from plateflow.config import Dispatch
 from plateflow.errors import ConfigError
-from plateflow.pools import PoolDef, pool_definitions
-from plateflow.profiles import Profiles
+from plateflow.pools import EMBED_FLOW, embed_deployment_name, pool_definitions
+from plateflow.profiles import Profiles, dispatch_policy
 
-EMBED_FLOW = "embed-plates"
-CRASH_RETRIES = 2  # a run that crashed (a lost worker) is sent again this many times
-# Plates per embed-plates run at most. A run is a new process on the worker: imports, CUDA
-# start-up, the model's weights (38 s on a 2-core machine,
-# benchmarks/dispatch.py) before its first plate, so a pool gets one run per free place rather
-# than one per chunk; this caps a run past that.
-MAX_RUN_PLATES = 20_000
-
-
-def embed_deployment_name(pool: PoolDef) -> str:
-    """embed-plates-<slug>: plates-gpu-h100-80gb -> embed-plates-h100-80gb, plates-cpu -> embed-plates-cpu."""
-    return f"{EMBED_FLOW}-{pool.name.removeprefix('plates-gpu-').removeprefix('plates-')}"
 
 
 @dataclass(frozen=True)
@@ -86,12 +74,12 @@ def choose_route(requested: str | None, dispatch: Dispatch, profiles: Profiles, 
         if requested not in routable:
             pool = defined.get(requested)
             wanted = (f"work pool {pool.name} with the {EMBED_FLOW}/{embed_deployment_name(pool)} deployment"
-                      if pool else "work pool (none is defined for it in deployments/work-pools.toml)")
+                      if pool else "work pool (profiles/gpu_classes.toml does not list the class)")
             raise ConfigError(
                 f"GPU class {requested}: the server at {url} has no {wanted}. "
                 f"Work pools there: {', '.join(sorted(pools)) or 'none'}; classes with a pool and a "
                 f"deployment: {', '.join(sorted(routable)) or 'none'}. Create the pools with "
-                f"`plateflow pools`, deploy with `prefect deploy --all`, or run the GPU step "
+                f"`plateflow deploy`, or run the GPU step "
                 f"in-process with --gpu-dispatch local.")
         cls = requested
     else:
@@ -103,20 +91,22 @@ def choose_route(requested: str | None, dispatch: Dispatch, profiles: Profiles, 
     return GpuRoute(cls, pool.name, f"{EMBED_FLOW}/{embed_deployment_name(pool)}")
 
 
-def split_runs(n: int, slots: int, chunk_size: int, max_run_plates: int = MAX_RUN_PLATES) -> list[range]:
+def split_runs(n: int, slots: int, chunk_size: int, max_run_plates: int | None = None) -> list[range]:
     """How ``n`` plates are split into runs for a pool with ``slots`` free places (online workers
     times their flow-run limit, less the runs running there): one run per place, more only where a run would pass
-    ``max_run_plates``, and no run smaller than a chunk. Sizes differ by one plate at most."""
+    ``max_run_plates`` (default: the dispatch policy's), and no run smaller than a chunk. Sizes
+    differ by one plate at most."""
     if n <= 0:
         return []
+    max_run_plates = max_run_plates or dispatch_policy().gpu.max_run_plates
     runs = min(max(1, slots, math.ceil(n / max_run_plates)), math.ceil(n / max(1, chunk_size)))
     bounds = list(accumulate((n // runs + (i < n % runs) for i in range(runs)), initial=0))
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 def run_on_pool(route: GpuRoute, model: str, jobs: list, chunk_size: int, weights_root: str | None,
-                report_dir: Path, logger, poll_s: float = 2.0,
-                worker_wait_s: float | None = None, max_run_plates: int = MAX_RUN_PLATES) -> dict[str, str | None]:
+                report_dir: Path, logger, poll_s: float | None = None,
+                worker_wait_s: float | None = None, max_run_plates: int | None = None) -> dict[str, str | None]:
     """Send ``jobs`` as runs of the route's deployment, all at once, and gather every plate's
     outcome: None, or why it failed.
 
@@ -128,7 +118,9 @@ def run_on_pool(route: GpuRoute, model: str, jobs: list, chunk_size: int, weight
     A completed run's files are removed once read (``report_dir`` too, when that empties it);
     a run that failed, crashed or was cancelled keeps its plates file, for a retry from the UI.
 
-    A run that crashed (its worker was lost) is sent again, up to CRASH_RETRIES times; it skips
+    A run that crashed (its worker was lost) is sent again, up to the dispatch policy's
+    ``crash_retries`` times (profiles/dispatch.toml, as are the defaults of ``poll_s`` and
+    ``max_run_plates``); it skips
     the plates whose vectors the lost run already stored. A run that failed fails its plates
     with the run's message. When the pool has had no online worker for ``worker_wait_s`` seconds
     (None: wait for ever), the runs no worker has taken yet are cancelled and their plates fail
@@ -144,6 +136,8 @@ def run_on_pool(route: GpuRoute, model: str, jobs: list, chunk_size: int, weight
 
     from plateflow.atomic import write_json
 
+    policy = dispatch_policy().gpu
+    poll_s = policy.poll_seconds if poll_s is None else poll_s
     report_dir.mkdir(parents=True, exist_ok=True)
     pool = pool_definitions().get(route.gpu_class)
     limit = pool.worker_limit if pool is not None else 1
@@ -213,7 +207,7 @@ def run_on_pool(route: GpuRoute, model: str, jobs: list, chunk_size: int, weight
                     # retry from the UI, and what it reported).
                     for name in ["jobs", *range(attempt + 1)]:
                         (report_dir / f"{model}-{n}-{name}.json").unlink(missing_ok=True)
-                elif state.is_crashed() and attempt < CRASH_RETRIES:
+                elif state.is_crashed() and attempt < policy.crash_retries:
                     logger.warning("%s run %d: crashed (%s); sending it again", model, n + 1, state.message)
                     pending[n] = (*submit(n, attempt + 1), attempt + 1)
                 else:

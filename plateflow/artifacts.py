@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-FLAGS = ("grayscale_like", "very_large", "extreme_aspect")
+from plateflow.layout import CorpusLayout
+from plateflow.tables import FLAG_COLUMNS as FLAGS
+
 
 
 def artifact_key(root: Path, what: str) -> str:
@@ -122,6 +124,6 @@ def publish(root: Path, rows: list[dict], timings: dict[str, float], report: Pat
                           description=(f"Plates of {root}: {len(rows)} in all, {failed} failed; shown: "
                                        f"{sum(r['status'] == 'failed' for r in shown)} failed and a sample of "
                                        f"{sum(r['status'] != 'failed' for r in shown)} others. Every plate: "
-                                       f"{Path(root) / 'plates.parquet'}"))
+                                       f"{CorpusLayout(Path(root)).table}"))
     create_markdown_artifact(summary_markdown(root, rows, timings, report, models),
                              key=artifact_key(root, "summary"), description=f"Refresh of {root}")

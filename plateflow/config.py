@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from plateflow.errors import ConfigError
+from plateflow.layout import CorpusLayout
+from plateflow.profiles import dispatch_policy
 
 
 class CharacterizeParams(BaseModel):
@@ -58,11 +60,33 @@ class CropParams(BaseModel):
 
     n_candidates: int = Field(15, ge=1, le=256, description="Crop candidates besides the whole plate.")
     scales: tuple[float, ...] = Field(
-        (0.8, 0.6, 0.45, 0.3), description="Candidate area as a fraction of the largest box of its aspect."
+        (0.8, 0.6, 0.45, 0.3), min_length=1,
+        description="Candidate area as a fraction of the largest box of its aspect."
     )
+    aspects: tuple[float | Literal["plate"], ...] = Field(
+        ("plate", 1.0, 0.75), min_length=1,
+        description="Candidate width/height ratios; \"plate\" is the plate's own.")
+    positions: tuple[tuple[float, float], ...] = Field(
+        ((0.5, 0.5), (0.3, 0.3), (0.7, 0.7), (0.7, 0.3), (0.3, 0.7)), min_length=1,
+        description="Candidate centres as fractions of the plate's width and height (kept inside it).")
+    min_box_px: int = Field(8, ge=1, description="Candidates narrower or shorter than this (pixels) are dropped.")
     min_area_fraction: float = Field(0.0, ge=0, le=1, description="Smallest allowed crop, as plate area.")
     aspect_range: tuple[float, float] | None = Field(None, description="Allowed width/height of the crop.")
     crop_format: str = Field("jpeg", pattern="^(jpeg|png)$", description="Format of the saved best crop.")
+
+    @field_validator("aspects")
+    @classmethod
+    def _aspects_positive(cls, v: tuple) -> tuple:
+        if any(a != "plate" and not a > 0 for a in v):
+            raise ValueError(f"aspects must be positive width/height ratios or \"plate\", got {v}")
+        return v
+
+    @field_validator("positions")
+    @classmethod
+    def _positions_inside(cls, v: tuple) -> tuple:
+        if any(not (0 <= x <= 1 and 0 <= y <= 1) for x, y in v):
+            raise ValueError(f"positions must be fractions of the plate's width and height (0..1), got {v}")
+        return v
 
     def fingerprint(self) -> str:
         data = self.model_dump(exclude={"crop_format"})
@@ -70,8 +94,16 @@ class CropParams(BaseModel):
 
 
 def default_workers() -> int:
-    """Plates characterised at once: one per core, at most 4 (each holds a decoded image)."""
-    return max(1, min(4, os.cpu_count() or 1))
+    """Batches run at once: one per core, at most the dispatch policy's ``max_workers``."""
+    return max(1, min(dispatch_policy().cpu.max_workers, os.cpu_count() or 1))
+
+
+def _cpu(name: str):
+    return lambda: getattr(dispatch_policy().cpu, name)
+
+
+def _gpu(name: str):
+    return lambda: getattr(dispatch_policy().gpu, name)
 
 
 Dispatch = Literal["auto", "local", "pool"]
@@ -92,17 +124,21 @@ class RefreshConfig(BaseModel):
     gpu_class: str | None = Field(None, description="GPU class of the GPU step (default: detected).")
     weights_root: str | None = Field(None, description="Folder with <model>/ weights (default: the HF cache).")
     gpu_dispatch: Dispatch = Field("auto", description="auto, local (in-process) or pool (embed-plates runs).")
-    chunk_size: int = Field(512, ge=1, description="Plates per embed-chunk task (the GPU step's unit of retry).")
+    chunk_size: int = Field(default_factory=_gpu("chunk_size"), ge=1,
+                            description="Plates per embed-chunk task (the GPU step's unit of retry).")
     worker_wait_minutes: float | None = Field(
-        30.0, gt=0, description="How long a work pool with no online worker is waited for (None: no limit).")
+        default_factory=_gpu("worker_wait_minutes"), gt=0,
+        description="How long a work pool with no online worker is waited for (None: no limit).")
     # The CPU stage.
     workers: int = Field(default_factory=default_workers, ge=1, le=64,
                          description="Batches run at once in this process (threads); also the hashing threads.")
     dask: str | None = Field(None, description="Run the CPU batches on Dask: a scheduler address "
                                                "(tcp://host:8786) or local:N (N worker processes here).")
     verify: bool = Field(False, description="Hash every source again, not only those whose stat changed.")
-    batch_plates: int = Field(64, ge=1, le=100_000, description="Most plates in one batch task.")
-    batch_megabytes: float = Field(256.0, gt=0, description="Most source megabytes in one batch task.")
+    batch_plates: int = Field(default_factory=_cpu("batch_plates"), ge=1, le=100_000,
+                              description="Most plates in one batch task.")
+    batch_megabytes: float = Field(default_factory=_cpu("batch_megabytes"), gt=0,
+                                   description="Most source megabytes in one batch task.")
 
     @field_validator("dask")
     @classmethod
@@ -143,7 +179,7 @@ class RefreshConfig(BaseModel):
 def corpus_root(root: str | Path) -> Path:
     """ROOT, resolved; ``ConfigError`` unless it holds plates_structured/."""
     path = Path(root).expanduser().resolve()
-    if not (path / "plates_structured").is_dir():
+    if not CorpusLayout(path).plates.is_dir():
         raise ConfigError(f"{path} is not a plate corpus: it has no plates_structured/ folder "
                           "(create one with `plateflow ingest SRC --root ROOT`)")
     return path

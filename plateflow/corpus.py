@@ -1,11 +1,5 @@
-"""The corpus on disk, in the notebooks' layout.
-
-ROOT/plates_structured/plate-XXX/manifest.json   {"plate_id", "source_image", ...any other keys}
-ROOT/plates_structured/plate-XXX/source/<image>
-ROOT/plates_structured/plate-XXX/input_image.json, input_color_histograms.json, viz/
-ROOT/plates.parquet                               one row per plate
-ROOT/.plateflow/                                  plateflow's own state (cached results, config)
-"""
+"""The corpus's plates: discovering and checking them (manifests, sources inside their folders),
+ingesting new ones, and the lock one refresh holds. Where things live: plateflow/layout.py."""
 
 from __future__ import annotations
 
@@ -27,20 +21,11 @@ from plateflow.atomic import make_temp_dir, write_bytes
 from plateflow.config import CharacterizeParams
 from plateflow.errors import DuplicatePlateError, ManifestError, PlateError, UnsafePathError
 from plateflow.hashindex import SourceIndex, sha256_file  # noqa: F401 - sha256_file is public here
+from plateflow.layout import MANIFEST, OUTPUT_DIRS, PLATES, SOURCE, CorpusLayout, natural_key
 
-PLATES_DIR = "plates_structured"
-MANIFEST = "manifest.json"
-STATE_DIR = ".plateflow"
 PLATE_NAME = re.compile(r"^plate-(\d+)$")
-# Folders plateflow writes into inside a plate folder: a symlink there must not lead out of it.
-OUTPUT_DIRS = ("viz", "runs")
 # Ingest applies the refresh's pixel limit.
 DEFAULT_MAX_PIXELS: int = CharacterizeParams.model_fields["max_pixels"].default
-
-
-def natural_key(name: str) -> list:
-    """Sort key that orders numbers by value: plate-2 < plate-10 < plate-101 < plate-1000."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 @dataclass(frozen=True)
@@ -65,19 +50,6 @@ class PlateProblem:
     error: PlateError
 
 
-# ROOT/.plateflow/<this>: a writer that may have died mid-write has been at work (an ingest
-# under way, or a refresh's Dask or pool workers), so the next refresh sweeps for temp files.
-SWEEP_NEEDED = "sweep-needed"
-
-
-def plates_dir(root: Path) -> Path:
-    return Path(root) / PLATES_DIR
-
-
-def state_dir(root: Path) -> Path:
-    return Path(root) / STATE_DIR
-
-
 @contextlib.contextmanager
 def corpus_lock(root: Path, holder: str, on_wait=None) -> Iterator[str]:
     """Hold the corpus for one refresh at a time (ROOT/.plateflow/refresh.lock, flock).
@@ -89,7 +61,7 @@ def corpus_lock(root: Path, holder: str, on_wait=None) -> Iterator[str]:
     it was taken: empty, or the holder that died without letting go (then its writers may have
     left temp files behind).
     """
-    path = state_dir(root) / "refresh.lock"
+    path = CorpusLayout(Path(root)).lock
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -126,7 +98,7 @@ def read_manifest(plate_dir: Path, top: Path | None = None) -> PlateRef:
     top_s = os.fspath(top or plate_dir.parent.resolve())
     real = os.path.realpath(folder) if os.path.islink(folder) else f"{top_s}/{name}"
     if not real.startswith(top_s + os.sep):
-        raise UnsafePathError(f"plate folder {name}/ is a symlink to {real}, outside {PLATES_DIR}/; refused")
+        raise UnsafePathError(f"plate folder {name}/ is a symlink to {real}, outside {PLATES}/; refused")
     try:
         with os.scandir(folder) as it:
             entries = {e.name: e for e in it}
@@ -206,7 +178,7 @@ def resolve_inside(plate_dir: Path, relative: str, base: Path | None = None) -> 
 
 def plate_folders(root: Path) -> list[Path]:
     """The plate folders under ROOT/plates_structured, in natural order (plate-101 before plate-1000)."""
-    top = plates_dir(root)
+    top = CorpusLayout(Path(root)).plates
     return sorted((p for p in top.iterdir() if p.is_dir() and not p.name.startswith(".")),
                   key=lambda p: natural_key(p.name))
 
@@ -214,7 +186,7 @@ def plate_folders(root: Path) -> list[Path]:
 def discover_plates(root: Path) -> list[PlateRef | PlateProblem]:
     """Every plate folder under ROOT, in folder order, each either valid or with its problem."""
     found: list[PlateRef | PlateProblem] = []
-    top = plates_dir(root).resolve()
+    top = CorpusLayout(Path(root)).plates.resolve()
     for plate_dir in plate_folders(root):
         try:
             found.append(read_manifest(plate_dir, top))
@@ -331,8 +303,9 @@ def ingest(sources: Iterable[Path], root: Path, progress=None,
     from plateflow.imagefile import read_header
 
     root = Path(root)
-    plates_dir(root).mkdir(parents=True, exist_ok=True)
-    marker = state_dir(root) / SWEEP_NEEDED  # if this ingest dies, the next refresh sweeps
+    corpus = CorpusLayout(root)
+    corpus.plates.mkdir(parents=True, exist_ok=True)
+    marker = corpus.sweep_needed  # if this ingest dies, the next refresh sweeps
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
     index = SourceIndex(root)
@@ -359,7 +332,7 @@ def ingest(sources: Iterable[Path], root: Path, progress=None,
             continue
         while (plate_id := f"plate-{number:03d}") in used:
             number += 1
-        copy = _write_plate(plates_dir(root), plate_id, path, data, sha)
+        copy = _write_plate(corpus.plates, plate_id, path, data, sha)
         index.record(copy, sha)
         known[sha] = plate_id
         used.add(plate_id)
@@ -373,13 +346,13 @@ def _write_plate(top: Path, plate_id: str, src: Path, data: bytes, sha: str) -> 
     The copy holds exactly the bytes that were checked and hashed, with the source's times."""
     fd, tmp = make_temp_dir(top, plate_id)
     try:
-        copy = tmp / "source" / src.name
+        copy = tmp / SOURCE / src.name
         write_bytes(copy, data)
         st = src.stat()
         os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
         manifest = {
             "plate_id": plate_id,
-            "source_image": f"source/{src.name}",
+            "source_image": f"{SOURCE}/{src.name}",
             "original_path": str(src.resolve()),
             "sha256": sha,
         }
@@ -390,4 +363,4 @@ def _write_plate(top: Path, plate_id: str, src: Path, data: bytes, sha: str) -> 
         raise
     finally:
         os.close(fd)
-    return top / plate_id / "source" / src.name
+    return CorpusLayout(top.parent).plate(plate_id).source(src.name)

@@ -6,7 +6,6 @@ import os
 import re
 from dataclasses import asdict, dataclass
 
-from plateflow.pools import pool_for_class
 from plateflow.profiles import Profiles
 
 
@@ -58,5 +57,4 @@ def hardware_report(profiles: Profiles) -> dict:
         except ValueError as exc:
             plans[name] = {"refused": str(exc)}
     return {"device": asdict(device), "gpu_class": cls,
-            "overridden": bool(os.environ.get("PLATEFLOW_GPU_CLASS")),
-            "pool": pool_for_class(cls).name, "models": plans}
+            "overridden": bool(os.environ.get("PLATEFLOW_GPU_CLASS")), "models": plans}

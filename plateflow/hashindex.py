@@ -1,4 +1,4 @@
-"""ROOT/.plateflow/source-index.parquet: each source's stat signature with its sha256.
+"""The source index (ROOT/.plateflow/source-index.parquet): each source's stat signature with its sha256.
 
 As git's index and rsync do, a file whose size, mtime_ns, inode and ctime_ns are what they were
 when it was hashed is taken to hold the same bytes, and is not read again. A file modified
@@ -14,7 +14,8 @@ import threading
 import time
 from pathlib import Path
 
-INDEX = "source-index.parquet"
+from plateflow.layout import CorpusLayout
+
 RACY_NS = 2_000_000_000
 
 
@@ -38,7 +39,7 @@ class SourceIndex:
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
         self._prefix = os.fspath(self.root) + os.sep
-        self.path = self.root / ".plateflow" / INDEX
+        self.path = CorpusLayout(self.root).source_index
         self._entries: dict[str, tuple[int, int, int, int, int, str]] = {}
         self._changed = False
         self._lock = threading.Lock()
@@ -117,15 +118,13 @@ class SourceIndex:
         import pyarrow as pa
 
         from plateflow.atomic import write_parquet
+        from plateflow.tables import SOURCE_INDEX_SCHEMA
 
         with self._lock:
             if not self._changed:
                 return
             items = sorted(self._entries.items())
             self._changed = False
-        types = {"size": pa.int64(), "mtime_ns": pa.int64(), "ino": pa.uint64(), "ctime_ns": pa.int64(),
-                 "hashed_ns": pa.int64()}
-        table = pa.table({"path": pa.array([k for k, _ in items], pa.string()),
-                          **{n: pa.array([v[i] for _, v in items], t) for i, (n, t) in enumerate(types.items())},
-                          "sha256": pa.array([v[5] for _, v in items], pa.string())})
+        columns = [[k for k, _ in items], *([v[i] for _, v in items] for i in range(6))]
+        table = pa.Table.from_arrays(columns, schema=SOURCE_INDEX_SCHEMA)
         write_parquet(self.path, table)

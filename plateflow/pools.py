@@ -1,4 +1,5 @@
-"""Work pools per GPU class, from deployments/work-pools.toml, created idempotently."""
+"""Work pools: one per GPU class of profiles/gpu_classes.toml, made by the pattern in
+deployments/work-pools.toml, created idempotently."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from plateflow.errors import ConfigError
+from plateflow.profiles import load_profiles
 
 POOLS_FILE = Path(__file__).resolve().parents[1] / "deployments" / "work-pools.toml"
+EMBED_FLOW = "embed-plates"  # the GPU step's flow (flows/embed.py), deployed once per pool
 
 
 class PoolDef(BaseModel):
@@ -22,20 +25,42 @@ class PoolDef(BaseModel):
     worker_limit: int = Field(1, ge=1)
 
 
+def class_slug(gpu_class: str) -> str:
+    """H100_80GB -> h100-80gb."""
+    return gpu_class.lower().replace("_", "-")
+
+
+def embed_deployment_name(pool: PoolDef) -> str:
+    """The pool's embed-plates deployment: embed-plates-h100-80gb, embed-plates-cpu."""
+    return f"{EMBED_FLOW}-{class_slug(pool.gpu_class)}"
+
+
 def pool_definitions(path: Path = POOLS_FILE) -> dict[str, PoolDef]:
-    """Pool definitions by GPU class."""
+    """The pool of every GPU class, by class: the pattern, with the class's overrides."""
     try:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read work-pool definitions {path}: {exc}") from None
-    pools = [PoolDef(name=name, **spec) for name, spec in data.get("pools", {}).items()]
-    return {p.gpu_class: p for p in pools}
+    classes = load_profiles().classes
+    overrides = data.get("classes", {})
+    if unknown := sorted(set(overrides) - set(classes)):
+        raise ConfigError(f"{path} overrides {', '.join(unknown)}, which profiles/gpu_classes.toml does not list")
+    pattern = data.get("pattern", {})
+    pools = {}
+    for name, cls in classes.items():
+        spec = {**pattern, "description": cls.description, **overrides.get(name, {})}
+        spec["name"] = spec.get("name", "plates-gpu-{slug}").format(slug=class_slug(name))
+        try:
+            pools[name] = PoolDef(gpu_class=name, **spec)
+        except ValueError as exc:
+            raise ConfigError(f"the work pool of {name} in {path}: {exc}") from None
+    return pools
 
 
 def pool_for_class(gpu_class: str, path: Path = POOLS_FILE) -> PoolDef:
     pools = pool_definitions(path)
     if gpu_class not in pools:
-        raise ConfigError(f"no work pool is defined for GPU class {gpu_class} in {path}")
+        raise ConfigError(f"no work pool for GPU class {gpu_class}: profiles/gpu_classes.toml does not list it")
     return pools[gpu_class]
 
 

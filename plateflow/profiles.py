@@ -1,4 +1,5 @@
-"""Capability tables from profiles/: models, GPU classes and the rules that detect a class."""
+"""The tables in profiles/: models, GPU classes and the rules that detect a class (capability),
+and the dispatch policy (how work is handed out)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class GpuClass(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
+    description: str = ""
     vram_gb: float
     dtype: Literal["float32", "float16", "bfloat16"]
     peak_tflops: float | None = None
@@ -102,3 +104,73 @@ def _load(directory: Path) -> Profiles:
         classes={k: GpuClass(name=k, **v) for k, v in gpus["classes"].items()},
         rules=[DetectionRule(**r) for r in gpus.get("rules", [])],
     )
+
+
+class CpuPolicy(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_workers: int = Field(ge=1)
+    batch_plates: int = Field(ge=1)
+    batch_megabytes: float = Field(gt=0)
+
+
+class GpuPolicy(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    chunk_size: int = Field(ge=1)
+    worker_wait_minutes: float = Field(gt=0)
+    max_run_plates: int = Field(ge=1)
+    crash_retries: int = Field(ge=0)
+    poll_seconds: float = Field(gt=0)
+
+
+class DispatchPolicy(BaseModel):
+    """profiles/dispatch.toml: defaults for handing out work; none of it changes a result."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cpu: CpuPolicy
+    gpu: GpuPolicy
+
+
+def dispatch_policy(directory: Path | None = None) -> DispatchPolicy:
+    """profiles/dispatch.toml, read once per directory (PLATEFLOW_PROFILES overrides)."""
+    return _load_policy(Path(directory or profiles_dir()).resolve())
+
+
+@lru_cache(maxsize=8)
+def _load_policy(directory: Path) -> DispatchPolicy:
+    path = directory / "dispatch.toml"
+    try:
+        return DispatchPolicy(**tomllib.loads(path.read_text()))
+    except (OSError, tomllib.TOMLDecodeError, ValueError) as exc:
+        raise ConfigError(f"cannot read the dispatch policy {path}: {exc}") from None
+
+
+class ReportThresholds(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    embedding_duplicate_cosine: float = Field(gt=0, le=1)
+    embedding_outlier_z: float = Field(gt=0)
+
+
+class QualityProfile(BaseModel):
+    """profiles/quality.toml: what the corpus report flags."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    report: ReportThresholds
+
+
+def quality_profile(directory: Path | None = None) -> QualityProfile:
+    """profiles/quality.toml, read once per directory (PLATEFLOW_PROFILES overrides)."""
+    return _load_quality(Path(directory or profiles_dir()).resolve())
+
+
+@lru_cache(maxsize=8)
+def _load_quality(directory: Path) -> QualityProfile:
+    path = directory / "quality.toml"
+    try:
+        return QualityProfile(**tomllib.loads(path.read_text()))
+    except (OSError, tomllib.TOMLDecodeError, ValueError) as exc:
+        raise ConfigError(f"cannot read the quality profile {path}: {exc}") from None

@@ -2,7 +2,8 @@
 
 ``characterize_image`` is the plain function. Its result is stored per plate under a key made
 of the source's content hash, the step's parameters and the code version of the modules it
-runs (``result_path``); ``tasks/batch.py`` runs it for batches of plates.
+runs (``result_path``). ``characterize_plate`` adds the stored result and the plate's files
+(tasks/save.py) for one plate; ``characterize_batch`` carries many plates.
 """
 
 from __future__ import annotations
@@ -12,12 +13,20 @@ import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
 from plateflow.atomic import write_bytes
 from plateflow.caching import code_version
 from plateflow.config import CharacterizeParams
+from plateflow.corpus import PlateRef
+from plateflow.errors import ImageDecodeError, TooManyPixelsError
+from plateflow.layout import CorpusLayout
+from tasks.batch import PlateOutcome, isolated, summary
+from tasks.save import save_characterization, save_failure_record
 
 CODE_VERSION = code_version(
-    "tasks.image", "tasks.histograms", "tasks.metadata", "tasks.viz", "tasks.crops", "tasks.characterize"
+    "tasks.image", "tasks.histograms", "tasks.metadata", "tasks.viz", "tasks.working_copy", "tasks.characterize"
 )
 
 
@@ -46,7 +55,7 @@ def characterize_image(
     source: Path, params: CharacterizeParams, expected_sha256: str | None = None
 ) -> Characterization:
     # Imported here: the flow process needs only cache keys, and numba alone costs a second to import.
-    from tasks.crops import jpeg_bytes, make_working_copy
+    from tasks.working_copy import jpeg_bytes, make_working_copy
     from tasks.histograms import compute_histograms, histogram_record
     from tasks.image import decode_image
     from tasks.metadata import image_metadata
@@ -99,3 +108,54 @@ def load_result(results_dir: Path, key: str, logger=None) -> Characterization | 
         "cached result %s is damaged (%s): removed, the plate is recomputed", path, problem)
     path.unlink(missing_ok=True)
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# One plate, and a batch of plates
+
+
+def characterize_plate(plate: PlateRef, sha256: str, params: CharacterizeParams, root: Path,
+                       logger=None) -> PlateOutcome:
+    """One plate: its stored result (or a characterisation of its source), then its files."""
+    logger = logger or logging.getLogger(__name__)
+    key = cache_key(sha256, params)
+    results = CorpusLayout(Path(root)).results
+    result = load_result(results, key, logger)
+    status = "cached"
+    if result is None:
+        outcome = isolated(plate.folder, "characterize", lambda: characterize_image(plate.source_path, params),
+                           logger, on_error=lambda exc: _record_bad_input(plate, root, key, exc, logger))
+        if outcome.failed:
+            return outcome
+        result, status = outcome.value, "computed"
+        store_result(results, result)
+
+    def save() -> dict:
+        save_characterization(plate, root, result)
+        return result.metadata
+
+    return isolated(plate.folder, "save", save, logger, status)
+
+
+def _record_bad_input(plate: PlateRef, root: Path, key: str, exc: Exception, logger) -> None:
+    """Deterministic bad input is kept as the key's result: the next refresh does not decode it again."""
+    if not isinstance(exc, (ImageDecodeError, TooManyPixelsError)):
+        return
+    try:
+        save_failure_record(plate, root, str(exc), key, f"{type(exc).__name__}: {exc}")
+    except OSError as exc:  # a full disk, say: the table still records the failure
+        logger.warning("%s: could not write its failure record: %s", plate.folder, exc)
+
+
+def characterize_plates(items: list[tuple[PlateRef, str]], params: CharacterizeParams, root: Path,
+                     logger=None) -> list[PlateOutcome]:
+    """``characterize_plate`` for each (plate, sha256) of a batch, one outcome per plate."""
+    return [characterize_plate(plate, sha, params, Path(root), logger) for plate, sha in items]
+
+
+@task(name="characterize-batch", task_run_name="characterize-{name}", cache_policy=NO_CACHE)
+def characterize_batch(items: list[tuple[PlateRef, str]], params: CharacterizeParams, root: str,
+                       name: str = "0") -> list[PlateOutcome]:
+    """A batch of plates through the CPU stage: metadata, histograms, preview, working copy."""
+    logger = get_run_logger()
+    return summary(logger, "characterisation", characterize_plates(items, params, Path(root), logger))

@@ -17,11 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from plateflow.atomic import write_bytes_if_changed
-from plateflow.corpus import natural_key
-from tasks.save import read_corpus_table
+from plateflow.layout import PLATES, PREVIEW, VIZ, WORKING_COPY, CorpusLayout, natural_key
+from plateflow.profiles import quality_profile
+from plateflow.tables import FLAG_COLUMNS as FLAGS, read_corpus_table
 
-REPORT = Path("reports") / "index.html"
-FLAGS = ("grayscale_like", "very_large", "extreme_aspect")
 
 
 def _esc(value) -> str:
@@ -90,7 +89,7 @@ def svg_bars(counts: dict[str, int], title: str, w: int = 420, h: int = 300) -> 
 
 def whole_plate_vectors(root: Path, model: str) -> tuple[list[str], np.ndarray]:
     """plate_ids and the L2-normalised whole-plate vector (candidate 0) of each, for ``model``."""
-    path = Path(root) / "embeddings" / f"{model}.parquet"
+    path = CorpusLayout(Path(root)).embeddings_table(model)
     table = pq.read_table(path, filters=[("candidate_index", "=", 0)], columns=["plate_id", "vector"])
     if table.num_rows == 0:
         return [], np.zeros((0, 0), np.float32)
@@ -110,7 +109,7 @@ def near_duplicates(ids: list[str], vectors: np.ndarray, threshold: float) -> li
     return [(ids[a], ids[b], float(s)) for a, b, s in pairs]
 
 
-def outliers(ids: list[str], vectors: np.ndarray, z: float = 2.0) -> list[tuple[str, float]]:
+def outliers(ids: list[str], vectors: np.ndarray, z: float) -> list[tuple[str, float]]:
     """Plates whose mean similarity to the others lies more than ``z`` deviations below the mean."""
     n = len(ids)
     if n < 4:
@@ -124,10 +123,10 @@ def outliers(ids: list[str], vectors: np.ndarray, z: float = 2.0) -> list[tuple[
 
 
 def _thumb(root: Path, row: dict) -> str | None:
-    d = Path(root) / "plates_structured" / row["plate_dir"]
-    for name in ("viz/input_preview.png", "working_copy.jpg"):
+    d = CorpusLayout(Path(root)).plate(row["plate_dir"]).dir
+    for name in (f"{VIZ}/{PREVIEW}", WORKING_COPY):
         if (d / name).is_file():
-            return f"../plates_structured/{row['plate_dir']}/{name}"
+            return f"../{PLATES}/{row['plate_dir']}/{name}"
     return None
 
 
@@ -166,9 +165,13 @@ table{border-collapse:collapse} td,th{border:1px solid #ddd;padding:3px 8px;text
 """
 
 
-def build_report(root: Path, models: list[str] | None = None, duplicate_threshold: float = 0.95) -> Path | None:
-    """Write ROOT/reports/index.html atomically; None when the corpus has no plates.parquet."""
+def build_report(root: Path, models: list[str] | None = None) -> Path | None:
+    """Write ROOT/reports/index.html atomically; None when the corpus has no plates.parquet.
+    Thresholds: profiles/quality.toml."""
     root = Path(root)
+    corpus = CorpusLayout(root)
+    thresholds = quality_profile().report
+    duplicate_threshold, outlier_z = thresholds.embedding_duplicate_cosine, thresholds.embedding_outlier_z
     table = read_corpus_table(root)
     if table is None:
         return None
@@ -186,9 +189,9 @@ def build_report(root: Path, models: list[str] | None = None, duplicate_threshol
     ])
     sections = [f"<h2>Plots</h2><div class='plots'>{plots}</div>",
                 f"<h2>Contact sheet</h2><p>Best crop outlined in red.</p>{_contact_sheet(root, rows)}"]
-    models = models if models is not None else sorted(p.stem for p in (root / "embeddings").glob("*.parquet"))
+    models = models if models is not None else [p.stem for p in corpus.embeddings_tables()]
     for model in models:
-        if not (root / "embeddings" / f"{model}.parquet").is_file():
+        if not corpus.embeddings_table(model).is_file():
             continue
         try:
             ids, vectors = whole_plate_vectors(root, model)
@@ -197,7 +200,7 @@ def build_report(root: Path, models: list[str] | None = None, duplicate_threshol
                             f"readable ({_esc(exc)}); a refresh with --models {_esc(model)} rebuilds it.</p>")
             continue
         dups = near_duplicates(ids, vectors, duplicate_threshold)
-        odd = outliers(ids, vectors)
+        odd = outliers(ids, vectors, outlier_z)
         dup_rows = "".join(f"<tr><td>{_esc(a)}</td><td>{_esc(b)}</td><td>{s:.4f}</td></tr>" for a, b, s in dups)
         odd_rows = "".join(f"<tr><td>{_esc(p)}</td><td>{s:.4f}</td></tr>" for p, s in odd)
         sections.append(
@@ -205,7 +208,7 @@ def build_report(root: Path, models: list[str] | None = None, duplicate_threshol
             f"<h3>Near-duplicate pairs (cosine ≥ {duplicate_threshold})</h3>"
             + (f"<table class='duplicates'><tr><th>plate</th><th>plate</th><th>cosine</th></tr>{dup_rows}</table>"
                if dups else "<p>none</p>")
-            + "<h3>Outliers (mean similarity to the others over 2 SD below the corpus mean)</h3>"
+            + f"<h3>Outliers (mean similarity to the others over {outlier_z:g} SD below the corpus mean)</h3>"
             + (f"<table class='outliers'><tr><th>plate</th><th>mean cosine</th></tr>{odd_rows}</table>"
                if odd else "<p>none</p>"))
     title = f"plateflow report: {root.name}"
@@ -214,7 +217,7 @@ def build_report(root: Path, models: list[str] | None = None, duplicate_threshol
             f"<p>{len(rows)} plates: {len(rows) - len(failed)} ok, {len(failed)} failed. "
             f"Median size {(_median([r['megapixels'] for r in ok])):.1f} MP.</p>"
             + "".join(sections) + "</body></html>")
-    path = root / REPORT
+    path = corpus.report
     write_bytes_if_changed(path, page.encode())
     return path
 

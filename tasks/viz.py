@@ -6,6 +6,8 @@ import io
 
 from PIL import Image, ImageDraw, ImageFont
 
+from plateflow.layout import HISTOGRAM_PLOTS
+
 CHANNEL_COLOURS = {"r": (214, 39, 40), "g": (44, 160, 44), "b": (31, 119, 180), "luminance": (60, 60, 60)}
 
 
@@ -54,13 +56,12 @@ def plot_histograms(series: dict[str, list[int]], title: str, width: int = 640, 
 
 def histogram_plots(record: dict) -> dict[str, bytes]:
     """The three histogram PNGs, by file name, from an input_color_histograms.json record."""
+    rgb, foreground, luminance = HISTOGRAM_PLOTS
     return {
-        "histogram_rgb.png": plot_histograms(record["rgb_hist_full"], "RGB histogram (all pixels)"),
-        "histogram_rgb_foreground.png": plot_histograms(
+        rgb: plot_histograms(record["rgb_hist_full"], "RGB histogram (all pixels)"),
+        foreground: plot_histograms(
             record["rgb_hist_foreground"],
             f"RGB histogram (foreground: luminance < {record['background_threshold']})",
         ),
-        "histogram_luminance.png": plot_histograms(
-            {"luminance": record["luminance_hist"]}, "Luminance histogram (Rec. 709)"
-        ),
+        luminance: plot_histograms({"luminance": record["luminance_hist"]}, "Luminance histogram (Rec. 709)"),
     }

@@ -5,7 +5,7 @@ import pytest
 from typer.testing import CliRunner
 
 from app.cli import app
-from tasks.save import write_corpus_table, write_embeddings_table
+from plateflow.tables import write_corpus_table, write_embeddings_table
 
 from conftest import paper_plate, read_image
 

@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from plateflow.errors import PlateError
-from tasks.crops import _cut_crop_streaming, cut_crop
+from tasks.smart_crop import _cut_crop_streaming, cut_crop
 from tasks.image import decode_image
-from tasks.save import write_embeddings_table
+from plateflow.tables import write_embeddings_table
 
 BOX = [100, 50, 500, 400]
 

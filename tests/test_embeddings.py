@@ -10,9 +10,13 @@ from PIL import Image
 from plateflow.config import CropParams
 from plateflow.errors import ConfigError, GpuOutOfMemoryError, is_transient
 from plateflow.profiles import load_profiles
-from tasks.crops import candidate_boxes, choose_best_crop, make_working_copy
-from tasks.embeddings import (Embedder, ModelUnavailableError, PlateJob, embed_jobs, forward_with_backoff,
-                              load_model, require_weights, run_embedding)
+from tasks.candidates import candidate_boxes
+from tasks.smart_crop import choose_best_crop
+from tasks.working_copy import make_working_copy
+from tasks.embed.mapper import ViewEncoder, forward_with_backoff
+from tasks.embed.models import ModelUnavailableError, load_model, require_weights
+from tasks.embed.reader import PlateJob
+from tasks.embed.runner import embed_and_store, encode_plates
 
 from conftest import paper_plate, read_image
 
@@ -46,12 +50,12 @@ def dino(tiny_env):
 
 
 def all_vectors(embed, jobs, model, batch):
-    return {job.plate_id: vec for job, vec, err in embed_jobs(embed, jobs, model, batch, num_workers=2)}
+    return {job.plate_id: vec for job, vec, err in encode_plates(embed, jobs, model, batch, num_workers=2)}
 
 
 def test_batch_gives_the_same_vectors_as_one_plate_at_a_time(dino, tmp_path):
     spec, model = dino
-    embed = Embedder(model, DEVICE, "float32")
+    embed = ViewEncoder(model, DEVICE, "float32")
     jobs = make_jobs(tmp_path, 5)
     batched = all_vectors(embed, jobs, model, batch=64)  # four plates share a forward pass
     for job in jobs:
@@ -63,10 +67,10 @@ def test_batch_gives_the_same_vectors_as_one_plate_at_a_time(dino, tmp_path):
 
 def test_injected_out_of_memory_shrinks_the_batch_and_keeps_every_plate_once(dino, tmp_path):
     spec, model = dino
-    real = Embedder(model, DEVICE, "float32")
+    real = ViewEncoder(model, DEVICE, "float32")
     calls = []
 
-    class Flaky(Embedder):
+    class Flaky(ViewEncoder):
         def launch(self, views):
             calls.append(views.shape[0])
             if views.shape[0] > 12:
@@ -76,11 +80,11 @@ def test_injected_out_of_memory_shrinks_the_batch_and_keeps_every_plate_once(din
     flaky = Flaky(model, DEVICE, "float32")
 
     jobs = make_jobs(tmp_path, 6)
-    seen = [job.plate_id for job, _, _ in embed_jobs(flaky, jobs, model, 64, num_workers=2)]
+    seen = [job.plate_id for job, _, _ in encode_plates(flaky, jobs, model, 64, num_workers=2)]
     assert sorted(seen) == sorted(j.plate_id for j in jobs) and len(seen) == len(set(seen))
     assert calls[:3] == [64, 32, 16] and max(calls[3:]) <= 8
     reference = all_vectors(real, jobs, model, 16)
-    for job, vec, _ in embed_jobs(flaky, jobs, model, 64, num_workers=2):
+    for job, vec, _ in encode_plates(flaky, jobs, model, 64, num_workers=2):
         np.testing.assert_allclose(vec, reference[job.plate_id], atol=1e-5)
 
 
@@ -88,10 +92,10 @@ def test_device_readers_decode_each_batch_on_the_device_and_a_bad_plate_fails_al
     """Reader threads read JPEG bytes; the embedder decodes a batch of them at once (nvJPEG on a
     GPU, libjpeg-turbo through torchvision here). A file that is not a whole JPEG goes to Pillow,
     and a batch the device cannot decode goes to Pillow plate by plate: the others are kept."""
-    import tasks.embeddings as emb
+    import tasks.embed.reader as emb
 
     spec, model = dino
-    embed = Embedder(model, DEVICE, "float32")
+    embed = ViewEncoder(model, DEVICE, "float32")
     jobs = make_jobs(tmp_path, 8)
     png = Path(jobs[2].working_copy).with_suffix(".png")
     read_image(jobs[2].working_copy).save(png)  # not a JPEG: decoded by Pillow
@@ -101,10 +105,10 @@ def test_device_readers_decode_each_batch_on_the_device_and_a_bad_plate_fails_al
     Path(jobs[6].working_copy).write_bytes(whole[:3] + b"\0" * 200 + whole[-2:])  # markers, no image
     assert isinstance(emb.read_encoded(jobs[0], spec.input_size), emb.EncodedPlate)
     assert isinstance(emb.read_encoded(jobs[2], spec.input_size), emb.DecodedPlate)
-    by_threads = {job.plate_id: (vec, err) for job, vec, err in embed_jobs(embed, jobs, model, 64, num_workers=2)}
-    caplog.set_level("INFO", logger="tasks.embeddings")
+    by_threads = {job.plate_id: (vec, err) for job, vec, err in encode_plates(embed, jobs, model, 64, num_workers=2)}
+    caplog.set_level("INFO", logger="tasks.embed.runner")
     seen = []
-    for job, vec, err in embed_jobs(embed, jobs, model, 64, num_workers=2, readers="device",
+    for job, vec, err in encode_plates(embed, jobs, model, 64, num_workers=2, readers="device",
                                     pin_memory=DEVICE == "cuda"):  # 4 plates a batch
         seen.append(job.plate_id)
         ref_vec, ref_err = by_threads[job.plate_id]
@@ -119,9 +123,9 @@ def test_device_readers_decode_each_batch_on_the_device_and_a_bad_plate_fails_al
     # A batch decoded on the device gives the same vectors as its plates decoded one at a time
     # (nvJPEG's batched decode can put a few pixels a level away from its decode of one image).
     good = [jobs[k] for k in (0, 1, 3, 5, 7)]
-    batched = {job.plate_id: vec for job, vec, err in embed_jobs(embed, good, model, 80, readers="device")}
+    batched = {job.plate_id: vec for job, vec, err in encode_plates(embed, good, model, 80, readers="device")}
     for job in good:
-        single = {j.plate_id: v for j, v, e in embed_jobs(embed, [job], model, 16, readers="device")}
+        single = {j.plate_id: v for j, v, e in encode_plates(embed, [job], model, 16, readers="device")}
         np.testing.assert_allclose(batched[job.plate_id], single[job.plate_id], atol=1e-5 if DEVICE == "cpu" else 2e-3)
 
 
@@ -130,14 +134,14 @@ def test_the_next_batch_is_queued_on_the_device_before_a_batch_is_handed_out(din
     spec, model = dino
     events = []
 
-    class Recording(Embedder):
+    class Recording(ViewEncoder):
         def launch(self, views):
             events.append(f"launch {views.shape[0] // 16} plates")
             return super().launch(views)
 
     jobs = make_jobs(tmp_path, 5)
     embed = Recording(model, DEVICE, "float32")
-    for job, vec, err in embed_jobs(embed, jobs, model, 32, num_workers=2):  # 2 plates a batch
+    for job, vec, err in encode_plates(embed, jobs, model, 32, num_workers=2):  # 2 plates a batch
         events.append(job.plate_id)
     assert events == ["launch 2 plates", "launch 2 plates", "plate-0", "plate-1", "launch 1 plates",
                       "plate-2", "plate-3", "plate-4"]
@@ -158,7 +162,7 @@ def test_a_plate_whose_working_copy_cannot_be_read_fails_alone(dino, tmp_path):
     spec, model = dino
     jobs = make_jobs(tmp_path, 3)
     Path(jobs[1].working_copy).write_bytes(b"not a jpeg")
-    outcome = run_embedding(jobs, spec, 32, "float32", device=DEVICE, model=model)
+    outcome = embed_and_store(jobs, spec, 32, "float32", device=DEVICE, model=model)
     assert outcome["plate-0"] is None and outcome["plate-2"] is None
     assert "cannot read working copy" in outcome["plate-1"]
     assert np.load(jobs[0].cache_file).shape == (16, spec.embed_dim)
@@ -170,7 +174,7 @@ def test_both_backends_load_from_a_weights_folder_and_embed(tiny_env, tmp_path):
         spec = profiles.model(name)
         model = load_model(spec)
         assert spec.backend == backend and len(model.mean) == 3
-        out = run_embedding(make_jobs(tmp_path / name, 2), spec, 16, "float32", device=DEVICE, model=model)
+        out = embed_and_store(make_jobs(tmp_path / name, 2), spec, 16, "float32", device=DEVICE, model=model)
         assert out == {"plate-0": None, "plate-1": None}
         assert np.load(tmp_path / name / "vec-0.npy").shape == (16, spec.embed_dim)
 
@@ -178,18 +182,18 @@ def test_both_backends_load_from_a_weights_folder_and_embed(tiny_env, tmp_path):
 def test_the_chunks_of_one_model_load_its_weights_once(tiny_env, tmp_path, monkeypatch):
     import os
 
-    import tasks.embeddings as emb
+    import tasks.embed.mapper as mapper
 
     loads = []
-    real_load = emb.load_model
-    monkeypatch.setattr(emb, "load_model", lambda spec, root=None: loads.append(spec.name) or real_load(spec, root))
-    monkeypatch.setattr(emb, "_last_embedder", [])
+    real_load = mapper.load_model
+    monkeypatch.setattr(mapper, "load_model", lambda spec, root=None: loads.append(spec.name) or real_load(spec, root))
+    monkeypatch.setattr(mapper, "_last_encoder", [])
     profiles = load_profiles()
     dino, clip = profiles.model("tiny_dinov2"), profiles.model("tiny_clip")
     jobs = make_jobs(tmp_path, 4)
 
     def embed(spec, chunk):
-        assert emb.run_embedding(chunk, spec, 16, "float32", device=DEVICE) == {j.plate_id: None for j in chunk}
+        assert embed_and_store(chunk, spec, 16, "float32", device=DEVICE) == {j.plate_id: None for j in chunk}
 
     embed(dino, jobs[:2])
     first = np.load(jobs[0].cache_file)
@@ -274,10 +278,10 @@ def test_every_model_and_class_in_the_table_is_complete():
 
 
 def views_of(model, image: Image.Image, boxes, pin=False):
-    from tasks.embeddings import DecodedPlate
+    from tasks.embed.reader import DecodedPlate
 
     plate = DecodedPlate(torch.from_numpy(np.asarray(image.convert("RGB")).copy()), np.asarray(boxes, np.float64))
-    return Embedder(model, DEVICE, "float32").extract([plate]).cpu().numpy()
+    return ViewEncoder(model, DEVICE, "float32").cut_views([plate]).cpu().numpy()
 
 
 def test_whole_plate_is_letterboxed_not_centre_cropped(dino):
@@ -335,17 +339,17 @@ def test_known_crop_is_chosen_on_a_constructed_plate(dino, tmp_path):
     """On a uniform plate some candidates see exactly the pixels of the whole plate (same
     letterbox), so their embedding equals the whole plate's: the first of them must win, with
     cosine 1, and every candidate whose view differs must score lower."""
-    from tasks.embeddings import ViewsDataset
+    from tasks.embed.reader import PlateReader
 
     spec, model = dino
     params = CropParams()
     jobs = make_jobs(tmp_path, 1, params, colours=[(200, 40, 40)])
-    views = Embedder(model, DEVICE, "float32").extract([ViewsDataset(jobs, spec.input_size)[0][1]]).cpu().numpy()
+    views = ViewEncoder(model, DEVICE, "float32").cut_views([PlateReader(jobs, spec.input_size)[0][1]]).cpu().numpy()
     identical = [i for i in range(1, len(views)) if np.abs(views[i] - views[0]).max() < 1e-3]
     different = [i for i in range(1, len(views)) if i not in identical]
     assert identical and different  # the construction gives both kinds
 
-    vec = all_vectors(Embedder(model, DEVICE, "float32"), jobs, model, 32)["plate-0"]
+    vec = all_vectors(ViewEncoder(model, DEVICE, "float32"), jobs, model, 32)["plate-0"]
     best, sim = choose_best_crop(vec, [list(b) for b in jobs[0].boxes], params)
     assert best == identical[0] and sim == pytest.approx(1.0, abs=1e-5)
     assert max(vec[i] @ vec[0] for i in different) < 0.9999
@@ -353,7 +357,7 @@ def test_known_crop_is_chosen_on_a_constructed_plate(dino, tmp_path):
 
 def test_smart_crop_writes_a_run_once_per_key(tmp_path):
     from plateflow.corpus import PlateRef
-    from tasks.save import smart_crop_plate
+    from tasks.smart_crop import smart_crop_plate
 
     plate_dir = tmp_path / "plate-001"
     (plate_dir / "source").mkdir(parents=True)
@@ -380,7 +384,7 @@ def test_layer_scale_is_folded_into_the_linear_before_it_without_changing_the_ou
 
     from timm.layers import LayerScale
 
-    from tasks.embeddings import fold_layer_scale
+    from tasks.embed.surgery import fold_layer_scale
 
     spec, model = dino
     net = copy.deepcopy(model.net).eval()
@@ -406,7 +410,7 @@ def test_the_gelu_epilogue_mlp_computes_fc1_gelu_fc2_and_only_reduced_precision_
 
     from timm.layers import Mlp
 
-    from tasks.embeddings import fuse_gelu_epilogue
+    from tasks.embed.surgery import fuse_gelu_epilogue
 
     spec, model = dino
     net = copy.deepcopy(model.net).eval().to(DEVICE)
@@ -419,5 +423,5 @@ def test_the_gelu_epilogue_mlp_computes_fc1_gelu_fc2_and_only_reduced_precision_
     if DEVICE == "cpu":
         torch.testing.assert_close(fused, exact, rtol=1e-5, atol=1e-5)
     assert torch.nn.functional.cosine_similarity(fused, exact).min() > 0.9999
-    cpu = Embedder(copy.deepcopy(model), "cpu", "bfloat16")  # the CPU runs float32, the published model
+    cpu = ViewEncoder(copy.deepcopy(model), "cpu", "bfloat16")  # the CPU runs float32, the published model
     assert sum(type(m) is Mlp for m in cpu.net.modules()) == len(cpu.net.blocks)

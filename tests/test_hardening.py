@@ -235,7 +235,7 @@ def _npy(array) -> bytes:
 ])
 def test_damaged_cached_vectors_are_refused_with_the_file_named(tmp_path, damage, words):
     from plateflow.errors import CacheEntryError
-    from tasks.embeddings import load_vectors, vectors_problem
+    from tasks.embed.writer import load_vectors, vectors_problem
 
     path = tmp_path / "v.npy"
     good = _npy(np.arange(32, dtype=np.float32).reshape(4, 8))
@@ -248,7 +248,7 @@ def test_damaged_cached_vectors_are_refused_with_the_file_named(tmp_path, damage
 
 
 def test_unreadable_tables_are_named_with_how_to_recover_and_exit_non_zero(tmp_path):
-    from tasks.save import write_corpus_table
+    from plateflow.tables import write_corpus_table
 
     make_plate(tmp_path, "plate-001", paper_plate())
     (tmp_path / "plates.parquet").write_bytes(b"PAR1 this is not a table PAR1")
@@ -269,7 +269,7 @@ def test_unreadable_tables_are_named_with_how_to_recover_and_exit_non_zero(tmp_p
 def test_a_full_refresh_keeps_an_unreadable_table_aside_and_carries_columns_by_plate_folder(tmp_path):
     import pyarrow as pa
 
-    from tasks.save import write_corpus_table
+    from plateflow.tables import write_corpus_table
 
     (tmp_path / "plates.parquet").write_bytes(b"garbage")
     write_corpus_table(tmp_path, [{"plate_dir": "plate-001", "plate_id": "x", "status": "ok"}])
@@ -294,7 +294,7 @@ def test_a_source_changed_before_its_crop_is_cut_fails_that_plate_and_writes_not
     from plateflow.config import CropParams
     from plateflow.corpus import read_manifest
     from plateflow.errors import SourceChangedError
-    from tasks.save import smart_crop_plate
+    from tasks.smart_crop import smart_crop_plate
 
     d = make_plate(tmp_path, "plate-001", paper_plate(seed=1))
     plate = read_manifest(d)
@@ -314,7 +314,7 @@ def test_a_source_changed_before_its_crop_is_cut_fails_that_plate_and_writes_not
 # --- Output -----------------------------------------------------------------------------------
 
 def test_plate_folders_sort_naturally(tmp_path):
-    from plateflow.corpus import natural_key
+    from plateflow.layout import natural_key
 
     for name in ("plate-1000", "plate-101", "plate-2", "plate-10"):
         make_plate(tmp_path, name, paper_plate())

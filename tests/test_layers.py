@@ -33,3 +33,29 @@ def test_the_check_sees_an_upward_import(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from flows.refresh import refresh_corpus\n")
     assert "flows" in imported_packages(module)
+
+
+def test_the_corpus_layout_is_spelled_only_in_its_own_module():
+    """Every corpus path comes from plateflow/layout.py: no other module holds one of its names
+    as a string of its own (names inside f-strings and docstrings, and dict keys, are not counted)."""
+    from plateflow import layout
+
+    names = {v for k, v in vars(layout).items() if k.isupper() and isinstance(v, str)} | set(layout.VIZ_FILES)
+    names |= {"refresh.lock", "sweep-needed", "source-index.parquet", "config.json", "index.html"}
+    spelled = []
+    for package in FLOORS:
+        for path in sorted((REPO / package).rglob("*.py")):
+            if path == REPO / "plateflow" / "layout.py":
+                continue
+            tree = ast.parse(path.read_text(), str(path))
+            labels = {id(k) for d in ast.walk(tree) if isinstance(d, ast.Dict) for k in d.keys}  # not paths
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Constant) and node.value in names and id(node) not in labels:
+                    spelled.append(f"{path.relative_to(REPO)}:{node.lineno} {node.value!r}")
+    assert spelled == []
+
+
+def test_the_corpus_table_takes_the_characterisation_columns_from_one_schema():
+    from plateflow.tables import CHARACTERISATION_COLUMNS, PLATES_SCHEMA
+
+    assert set(CHARACTERISATION_COLUMNS) <= set(PLATES_SCHEMA.names)

@@ -34,3 +34,43 @@ def test_a_pool_gets_one_run_per_free_place_never_one_per_chunk():
     assert sizes(50_000, 1, 512, max_run_plates=20_000) == [16667, 16667, 16666]  # ...nor past the cap
     assert sizes(96, 1, 16, max_run_plates=16) == [16] * 6
     assert split_runs(0, 2, 512) == []
+
+
+def test_pools_come_from_the_class_list_through_one_pattern(tmp_path):
+    from plateflow.errors import ConfigError
+    from plateflow.pools import embed_deployment_name
+
+    pools = pool_definitions()
+    assert pools["H200_141GB"].name == "plates-gpu-h200-141gb" and pools["CPU"].name == "plates-cpu"
+    assert pools["CPU"].worker_limit == 2 and "H200" in pools["H200_141GB"].description  # override, profile
+    assert embed_deployment_name(pools["LOW_VRAM"]) == "embed-plates-low-vram"
+    bad = tmp_path / "work-pools.toml"
+    bad.write_text('[pattern]\nname = "gpu-{slug}"\n\n[classes.V100_32GB]\nworker_limit = 1\n')
+    with pytest.raises(ConfigError, match="V100_32GB, which profiles/gpu_classes.toml does not list"):
+        pool_definitions(bad)
+    bad.write_text('[pattern]\nname = "gpu-{slug}"\n')
+    assert pool_definitions(bad)["T4_16GB"].name == "gpu-t4-16gb"
+
+
+def test_deploy_creates_one_embed_deployment_per_pool_from_one_pattern():
+    from app.deploy import REPO, deploy_embed_plates
+    from plateflow.pools import embed_deployment_name
+
+    ensure_pools()
+    pools = pool_definitions()
+    with get_client(sync_client=True) as client:
+        try:
+            names = deploy_embed_plates()
+            assert names == [embed_deployment_name(p) for p in pools.values()]
+            for pool in pools.values():
+                d = client.read_deployment_by_name(f"embed-plates/{embed_deployment_name(pool)}")
+                assert (d.work_pool_name, d.parameters) == (pool.name, {"gpu_class": pool.gpu_class})
+                assert d.entrypoint == "flows/embed.py:embed_plates"
+                assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+            first = {d.name: d.id for d in client.read_deployments()}
+            assert deploy_embed_plates() == names  # again: updated in place, nothing added
+            assert {d.name: d.id for d in client.read_deployments()} == first
+        finally:  # the session's other tests run the GPU step in-process: no deployment may linger
+            for d in client.read_deployments():
+                if d.name.startswith("embed-plates-"):
+                    client.delete_deployment(d.id)

@@ -24,7 +24,7 @@ def test_near_duplicates_and_outliers_from_whole_plate_vectors():
     ids = [f"p{i}" for i in range(8)]
     pairs = near_duplicates(ids, vecs, 0.999)
     assert [(a, b) for a, b, _ in pairs] == [("p1", "p3")] and pairs[0][2] > 0.999
-    assert [p for p, _ in outliers(ids, vecs)] == ["p6"]
+    assert [p for p, _ in outliers(ids, vecs, 2.0)] == ["p6"]
 
 
 @pytest.mark.usefixtures("prefect_harness")

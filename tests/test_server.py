@@ -242,8 +242,9 @@ def test_a_crashed_gpu_run_is_sent_again_then_its_plates_fail_with_the_reason(li
 
     from prefect.states import Crashed
 
-    from flows.routing import CRASH_RETRIES, GpuRoute, run_on_pool
-    from tasks.embeddings import PlateJob
+    from flows.routing import GpuRoute, run_on_pool
+    from plateflow.profiles import dispatch_policy
+    from tasks.embed.reader import PlateJob
 
     route = GpuRoute("H100_80GB", "plates-gpu-h100-80gb", "embed-plates/embed-plates-h100-80gb")
     jobs = [PlateJob(f"plate-{i}", str(tmp_path / f"w{i}.jpg"), (100, 100), ((0, 0, 100, 100),),
@@ -271,7 +272,7 @@ def test_a_crashed_gpu_run_is_sent_again_then_its_plates_fail_with_the_reason(li
     finally:
         done.set()
         thread.join(10)
-    assert len(crashed) == 1 + CRASH_RETRIES
+    assert len(crashed) == 1 + dispatch_policy().gpu.crash_retries == 3
     assert set(outcome) == {"plate-0", "plate-1"}
     # A run that failed keeps its plates file, for a retry from the UI.
     assert len(json.loads((tmp_path / "reports" / "tiny_dinov2-0-jobs.json").read_text())) == 2
@@ -285,7 +286,7 @@ def test_a_pool_with_no_online_worker_fails_its_plates_after_the_wait(live, clie
     import logging
 
     from flows.routing import GpuRoute, run_on_pool
-    from tasks.embeddings import PlateJob
+    from tasks.embed.reader import PlateJob
 
     route = GpuRoute("H100_80GB", "plates-gpu-h100-80gb", "embed-plates/embed-plates-h100-80gb")
     jobs = [PlateJob(f"plate-{i}", str(tmp_path / f"w{i}.jpg"), (100, 100), ((0, 0, 100, 100),),
@@ -314,7 +315,7 @@ def test_a_run_already_running_on_the_pool_takes_a_place_so_the_plates_go_as_few
     from prefect.states import Cancelled, Running
 
     from flows.routing import GpuRoute, run_on_pool
-    from tasks.embeddings import PlateJob
+    from tasks.embed.reader import PlateJob
 
     caplog.set_level(logging.INFO)
     refresh = client.read_deployment_by_name("refresh-corpus/refresh-corpus")

@@ -51,7 +51,8 @@ def build_tiny_models(base: Path) -> tuple[Path, Path]:
     torch.manual_seed(0)
     profiles = base / "profiles"
     profiles.mkdir(parents=True)
-    shutil.copy(DEFAULT_PROFILES / "gpu_classes.toml", profiles)
+    for name in ("gpu_classes.toml", "dispatch.toml", "quality.toml"):
+        shutil.copy(DEFAULT_PROFILES / name, profiles)
     (profiles / "models.toml").write_text(TINY_MODELS)
     weights = base / "weights"
     (weights / "tiny_dinov2").mkdir(parents=True)

@@ -1,0 +1,209 @@
+"""Every table plateflow writes, with its schema: plates.parquet (one row per plate), the
+embeddings tables (one row per crop candidate) and the source index. Written atomically."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from plateflow.atomic import write_parquet
+from plateflow.errors import CorpusTableError
+from plateflow.layout import CorpusLayout, natural_key
+
+
+
+PLATES_SCHEMA = pa.schema([
+    ("plate_dir", pa.string()),
+    ("plate_id", pa.string()),
+    ("source_image", pa.string()),
+    ("status", pa.string()),  # ok | failed
+    ("failed_step", pa.string()),
+    ("error", pa.string()),
+    ("characterize_status", pa.string()),  # computed | cached | failed | not_run
+    ("sha256", pa.string()),
+    ("image_format", pa.string()),
+    ("mode", pa.string()),
+    ("file_size_bytes", pa.int64()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("megapixels", pa.float64()),
+    ("aspect_ratio", pa.float64()),
+    # Lists that are null for a failed plate are variable-size lists: Arrow's Parquet reader could
+    # not read a null fixed-size list before 2026 (apache/arrow#35692), nor can many tools.
+    ("mean_rgb", pa.list_(pa.float64())),
+    ("luminance_mean", pa.float64()),
+    ("luminance_std", pa.float64()),
+    ("entropy", pa.float64()),
+    ("background_ratio", pa.float64()),
+    ("grayscale_like", pa.bool_()),
+    ("very_large", pa.bool_()),
+    ("extreme_aspect", pa.bool_()),
+    ("frames", pa.int32()),
+    ("exif_orientation", pa.int32()),
+    ("embed_status", pa.string()),  # computed | cached | failed | not_run | (null: no models)
+    ("crop_status", pa.string()),
+    ("run_id", pa.string()),
+    ("best_crop_idx", pa.int16()),
+    ("crop_box", pa.list_(pa.int32())),
+    ("similarity", pa.float64()),
+    ("original_size", pa.list_(pa.int32())),
+    ("updated_at", pa.timestamp("s", tz="UTC")),
+])
+
+
+# Columns of plates.parquet copied from a plate's input_image.json record.
+CHARACTERISATION_COLUMNS = (
+    "sha256", "image_format", "mode", "file_size_bytes", "width", "height", "megapixels",
+    "aspect_ratio", "mean_rgb", "luminance_mean", "luminance_std", "entropy", "background_ratio",
+    "grayscale_like", "very_large", "extreme_aspect", "frames", "exif_orientation",
+)
+
+# The boolean columns that flag a plate for a curator.
+FLAG_COLUMNS = ("grayscale_like", "very_large", "extreme_aspect")
+
+RUN_KEYS = (b"plateflow.flow_run_id", b"plateflow.root_flow_run_id")  # schema metadata: who wrote it
+
+
+def write_corpus_table(root: Path, rows: list[dict[str, Any]], partial: bool = False,
+                       flow_runs: tuple[str, ...] = ()) -> Path:
+    """Write ROOT/plates.parquet atomically with the typed schema, rows in natural folder order.
+
+    ``partial``: ``rows`` cover only some plates (a retry); the others keep their rows as they
+    are. Columns plateflow does not know (added by a notebook, say) are kept, each value with
+    its plate folder. ``flow_runs`` (the writing flow run's id and its root run's) are recorded
+    in the table's metadata, so a reader can tell whether a run wrote it. An old table that cannot be read is kept beside it as
+    ``plates.parquet.unreadable`` (a full refresh replaces it; a partial one refuses).
+    """
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    full = [{**{f.name: None for f in PLATES_SCHEMA}, "updated_at": now, **row} for row in rows]
+    path = CorpusLayout(Path(root)).table
+    try:
+        old = read_corpus_table(root)
+    except CorpusTableError:
+        if partial:
+            raise
+        path.rename(path.with_name(path.name + ".unreadable"))
+        old = None
+    if partial and old is not None:
+        mine = {r["plate_dir"] for r in full}
+        kept = [{**{f.name: None for f in PLATES_SCHEMA}, **{k: v for k, v in r.items() if k in PLATES_SCHEMA.names}}
+                for r in old.to_pylist() if r.get("plate_dir") not in mine]
+        full = full + kept
+    full.sort(key=lambda r: natural_key(r["plate_dir"]))
+    table = pa.Table.from_pylist([{k: r[k] for k in PLATES_SCHEMA.names} for r in full], schema=PLATES_SCHEMA)
+    table = _carry_foreign_columns(old, table)
+    if flow_runs:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               **{k: v.encode() for k, v in zip(RUN_KEYS, flow_runs) if v}})
+    write_parquet(path, table)
+    return path
+
+
+def _carry_foreign_columns(old: pa.Table | None, table: pa.Table) -> pa.Table:
+    """Columns of the old table that plateflow does not write, carried over by plate folder
+    (plate ids may repeat: duplicates are a plate error, and a note must stay with its folder)
+    or, in a table with no plate_dir column, by plate_id."""
+    key = next((k for k in ("plate_dir", "plate_id") if old is not None and k in old.column_names), None)
+    extra = [c for c in old.column_names if c not in PLATES_SCHEMA.names] if key else []
+    if not extra:
+        return table
+    # A table a notebook wrote may have no plate_dir: its plate_ids then name the rows.
+    old_rows = {r[key]: r for r in old.select([key, *extra]).to_pylist()}
+    folders = table.column(key).to_pylist()
+    for name in extra:
+        field = old.schema.field(name)
+        table = table.append_column(field, pa.array([old_rows.get(d, {}).get(name) for d in folders], field.type))
+    return table
+
+
+def read_parquet(path: Path, what: str) -> pa.Table | None:
+    """The table at ``path``, None if there is none; a file that is not a readable table
+    raises ``CorpusTableError`` saying which file and how to recover."""
+    try:
+        return pq.read_table(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, pa.ArrowException) as exc:
+        root = Path(path).parents[1] if what != "corpus table" else Path(path).parent
+        raise CorpusTableError(
+            f"{path} is not a readable {what} ({type(exc).__name__}: {exc}); a plain "
+            f"`plateflow refresh --root {root}` rebuilds it") from None
+
+
+def read_corpus_table(root: Path) -> pa.Table | None:
+    """ROOT/plates.parquet, None if there is none; raises ``CorpusTableError`` if unreadable."""
+    return read_parquet(CorpusLayout(Path(root)).table, "corpus table")
+
+
+def table_flow_runs(table: pa.Table) -> set[str]:
+    """The flow run ids recorded in a corpus table by ``write_corpus_table``."""
+    meta = table.schema.metadata or {}
+    return {meta[k].decode() for k in RUN_KEYS if meta.get(k)}
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    """ROOT/embeddings/<model>.parquet: one row per crop candidate, ``dim`` float32s a vector."""
+    return pa.schema([
+        ("plate_id", pa.string()),
+        ("sha256", pa.string()),
+        ("candidate_index", pa.int16()),
+        ("box", pa.list_(pa.int32(), 4)),
+        ("vector", pa.list_(pa.float32(), dim)),
+    ])
+
+
+SOURCE_INDEX_SCHEMA = pa.schema([
+    ("path", pa.string()),
+    ("size", pa.int64()),
+    ("mtime_ns", pa.int64()),
+    ("ino", pa.uint64()),
+    ("ctime_ns", pa.int64()),
+    ("hashed_ns", pa.int64()),
+    ("sha256", pa.string()),
+])
+
+
+def write_embeddings_table(root: Path, model: str, rows: list[tuple[str, str, list[list[int]], "object"]],
+                           dim: int, partial: bool = False) -> Path:
+    """ROOT/embeddings/<model>.parquet: plate_id, sha256, candidate_index, box, vector (``dim``
+    float32s; the column keeps its type with no rows, say when every plate failed).
+
+    ``partial``: ``rows`` cover only some plates; the other plates' rows are kept.
+    """
+    import numpy as np
+
+    plate_ids, shas, idx, boxes, vecs = [], [], [], [], []
+    for plate_id, sha, plate_boxes, vectors in rows:
+        vectors = np.asarray(vectors, np.float32)
+        if vectors.shape != (len(plate_boxes), dim):
+            raise ValueError(f"{model} vectors of {plate_id}: shape {vectors.shape}, expected "
+                             f"({len(plate_boxes)}, {dim}): one per box, of the model's dimension")
+        for i, box in enumerate(plate_boxes):
+            plate_ids.append(plate_id)
+            shas.append(sha)
+            idx.append(i)
+            boxes.append(box)
+        vecs.append(vectors)
+    flat = np.concatenate(vecs).reshape(-1) if vecs else np.zeros(0, np.float32)
+    schema = embeddings_schema(dim)
+    table = pa.table({
+        "plate_id": pa.array(plate_ids, pa.string()),
+        "sha256": pa.array(shas, pa.string()),
+        "candidate_index": pa.array(idx, pa.int16()),
+        "box": pa.array(boxes, pa.list_(pa.int32(), 4)),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim),
+    }, schema=schema)
+    path = CorpusLayout(Path(root)).embeddings_table(model)
+    old = read_parquet(path, f"embeddings table of {model}") if partial else None
+    if old is not None:
+        import pyarrow.compute as pc
+
+        if old.schema.equals(table.schema):
+            keep = pc.invert(pc.is_in(old.column("plate_id"), value_set=pa.array(sorted(set(plate_ids)), pa.string())))
+            table = pa.concat_tables([old.filter(keep), table])
+    write_parquet(path, table)
+    return path
