@@ -358,6 +358,43 @@ def _print_status(root: Path) -> tuple[bool, int]:
 
 
 @app.command()
+def report(
+    root: RootOpt,
+    serve: Annotated[bool, typer.Option("--serve", help="Serve it over HTTP until Ctrl-C (the Prefect UI links to it there).")] = False,
+    host: Annotated[str, typer.Option(help="Interface to serve on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 4201,
+) -> None:
+    """Build ROOT/reports/ from plates.parquet (a refresh builds it too); with --serve, serve it."""
+    from app.reports import ReportServer
+    from plateflow.config import corpus_root
+    from plateflow.errors import ConfigError, CorpusTableError
+    from tasks.report import build_report
+
+    try:
+        root = corpus_root(root)
+        path = build_report(root)
+    except (ConfigError, CorpusTableError) as exc:
+        if not serve:
+            console.print(f"[red]{exc}[/]")
+            raise typer.Exit(2) from None
+        console.print(f"[yellow]{exc}[/]: serving what a refresh of it will write")  # `plateflow server`'s new corpus
+        root, path = root.expanduser().resolve(), None
+    if path is None and not serve:
+        console.print(f"[red]{root} has no plates.parquet yet[/]: run `plateflow refresh --root {root}` first")
+        raise typer.Exit(2)
+    console.print(f"report: {path}" if path else "no report yet: the next refresh writes it")
+    if serve:
+        server = ReportServer([root], host, port)
+        console.print(f"serving {server.report_url(root)} (Ctrl-C to stop)")
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.stop()
+
+
+@app.command()
 def demo(
     root: Annotated[Path, typer.Option("--root", "-r", help="Where to build the demo corpus.")] = Path("demo-corpus"),
     models: Annotated[str, typer.Option(help="Also embed and smart-crop with these models (needs their weights; see `refresh --help`).")] = "",

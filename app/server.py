@@ -21,8 +21,10 @@ BIN = Path(sys.executable).parent
 
 def server_env(port: int, host: str, corpus: Path) -> dict[str, str]:
     """The environment of everything `plateflow server` starts. SQLite in PREFECT_HOME unless
-    PREFECT_API_DATABASE_CONNECTION_URL names another database (PostgreSQL, say)."""
+    PREFECT_API_DATABASE_CONNECTION_URL names another database (PostgreSQL, say). The report
+    server listens on the next port; the refreshes the workers run link to it."""
     return {**os.environ,
+            "PLATEFLOW_REPORT_URL": f"http://{host}:{port + 1}",
             "PREFECT_SERVER_API_PORT": str(port),  # (--port would leave the UI pointing at 4200)
             "PREFECT_SERVER_API_HOST": host,
             "PREFECT_API_URL": f"http://{host}:{port}/api",
@@ -68,6 +70,9 @@ def start(corpus: Path, port: int = 4200, host: str = "127.0.0.1", gpu_class: st
         server = spawn("server", [str(BIN / "prefect"), "server", "start"])
         wait_healthy(env["PREFECT_API_URL"], server)
         say(f"Prefect server: {env['PREFECT_API_URL']}")
+        spawn("report-server", [str(BIN / "plateflow"), "report", "--root", str(corpus), "--serve", "--host", host,
+                          "--port", str(port + 1)])
+        say(f"reports: {env['PLATEFLOW_REPORT_URL']}")
         cmd = [str(BIN / "plateflow"), "deploy", "--root", str(corpus)]
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if done.returncode != 0:

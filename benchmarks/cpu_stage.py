@@ -6,6 +6,7 @@ measured per variant):
 
   decode      Image.open(...).load() of every source: the floor
   plateflow   characterize_image + save (JSON only, viz=False)
+  no flags    the same without the quality flags (no pixel hash, no plate_quality): their cost
   +viz        the same with the preview and histogram PNGs
   +working    the same with the working copy the GPU stage reads (refresh with models)
   numpy       a straightforward NumPy implementation of the same statistics
@@ -118,8 +119,19 @@ def run_variant(variant: str, paths: list[Path], workers: int, repeats: int) -> 
         ref = PlateRef(path.stem, plate_dir, path.stem, path, path.name)
         save_characterization(ref, out_root, result)
 
+    if variant.endswith("(no quality flags)"):
+        import functools
+
+        import tasks.histograms
+        import tasks.quality
+
+        tasks.quality.plate_quality = lambda *args, **kw: ({"flags": []}, None)
+        tasks.histograms.compute_histograms = functools.partial(tasks.histograms.compute_histograms, pixel_hash=False)
+
     fn = {
         "decode": decode,
+        "plateflow (no quality flags)": lambda p: plateflow(p, False),
+        "plateflow+viz (no quality flags)": lambda p: plateflow(p, True),
         "plateflow": lambda p: plateflow(p, False),
         "plateflow+viz": lambda p: plateflow(p, True),
         "plateflow+viz+working copy": lambda p: plateflow(p, True, True),
@@ -142,6 +154,26 @@ def run_variant(variant: str, paths: list[Path], workers: int, repeats: int) -> 
     return {"variant": variant, "seconds": min(times), "all_seconds": times,
             "peak_rss": peak_rss(),
             "rss_after_imports": rss_before}
+
+
+def quality_side() -> int:
+    from plateflow.profiles import quality_profile
+
+    return quality_profile().scale.long_side
+
+
+def plot_seconds(path: Path, repeats: int = 20) -> float:
+    """Seconds to draw one plate's three histogram PNGs (after the first, which draws the axes)."""
+    from plateflow.config import CharacterizeParams
+    from tasks.characterize import characterize_image
+    from tasks.viz import histogram_plots
+
+    record = characterize_image(path, CharacterizeParams(viz=False)).histograms
+    histogram_plots(record)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        histogram_plots(record)
+    return (time.perf_counter() - start) / repeats
 
 
 def check_agreement(path: Path) -> float:
@@ -291,7 +323,8 @@ def main() -> None:
           f"{sum(p.stat().st_size for p in paths) / len(paths) / 1e6:.1f} MB JPEG each; "
           f"{args.workers} worker thread(s), best of {args.repeats}")
     results = {}
-    for variant in ("decode", "plateflow", "plateflow+viz", "plateflow+viz+working copy", "numpy"):
+    for variant in ("decode", "plateflow (no quality flags)", "plateflow", "plateflow+viz (no quality flags)",
+                    "plateflow+viz", "plateflow+viz+working copy", "numpy"):
         cmd = [sys.executable, __file__, "--variant", variant, "--plates", str(args.plates),
                "--megapixels", str(args.megapixels), "--workers", str(args.workers),
                "--repeats", str(args.repeats), "--data", str(args.data)]
@@ -300,11 +333,18 @@ def main() -> None:
     limit = 2 * largest_decoded + 400e6
     print("\n| variant | s/plate | x decode | peak RSS (MB) | target |")
     print("|---|---|---|---|---|")
-    targets = {"decode": "floor", "plateflow": "<= 1.5x", "plateflow+viz": "<= 2x",
+    targets = {"decode": "floor", "plateflow (no quality flags)": "", "plateflow": "<= 1.5x",
+               "plateflow+viz (no quality flags)": "", "plateflow+viz": "<= 2x",
                "plateflow+viz+working copy": "(with models)", "numpy": "reference"}
     for v, r in results.items():
         print(f"| {v} | {r['seconds'] / len(paths):.3f} | {r['seconds'] / floor:.2f} | "
               f"{r['peak_rss'] / 1e6:.0f} | {targets[v]} |")
+    print(f"\nquality flags (pixel hash, scores at {quality_side()} px, perceptual hash), target <= 10% of the CPU stage:")
+    for viz, what in (("+viz", "with the viz files (the default; the preview is the flags' image)"),
+                      ("", "without the viz files (--no-viz)")):
+        flags = results[f"plateflow{viz}"]["seconds"] / results[f"plateflow{viz} (no quality flags)"]["seconds"] - 1
+        print(f"  {what}: {100 * flags:+.1f}%")
+    print(f"histogram plots (matplotlib, three PNGs): {1000 * plot_seconds(paths[0]):.1f} ms per plate")
     speedup = results["numpy"]["seconds"] / results["plateflow"]["seconds"]
     print(f"\nplateflow vs NumPy: {speedup:.1f}x faster (target >= 10x)")
     print(f"peak memory limit (2 x largest decoded {largest_decoded / 1e6:.0f} MB + 400 MB): {limit / 1e6:.0f} MB; "

@@ -29,6 +29,16 @@ def embed_plates(model: str, gpu_class: str, jobs: list[PlateJob] | None = None,
 
     A plate whose vectors are already stored is not embedded again: a run sent again after its
     worker was lost does only what the lost run had not finished.
+
+    Args:
+        model: The embedding model, a name from profiles/models.toml (dinov2_base, ...).
+        gpu_class: The GPU class whose batch size and dtype to use (profiles/gpu_classes.toml).
+        jobs: The plates to embed (a refresh in the same process passes them).
+        jobs_file: A JSON file listing the plates instead, in the corpus (a refresh sending a run
+            to a work pool writes it).
+        chunk_size: Plates per embed-chunk task, the unit of retry (empty: profiles/dispatch.toml).
+        weights_root: A folder with <model>/ weights (empty: the Hugging Face cache).
+        report: A JSON file to write each plate's outcome to.
     """
     logger = get_run_logger()
     if (jobs is None) == (jobs_file is None):

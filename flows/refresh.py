@@ -40,7 +40,7 @@ from plateflow.corpus import PlateProblem, PlateRef, corpus_lock, discover_plate
 from plateflow.hardware import gpu_class as detect_gpu_class
 from plateflow.hashindex import SourceIndex
 from plateflow.layout import SOURCE, CorpusLayout, PlateLayout, natural_key
-from plateflow.profiles import load_profiles
+from plateflow.profiles import load_profiles, quality_profile
 from plateflow.tables import (CHARACTERISATION_COLUMNS, read_corpus_table, read_parquet, write_corpus_table,
                               write_embeddings_table)
 from flows.routing import GpuRoute, choose_route, run_on_pool
@@ -50,6 +50,7 @@ from tasks.characterize import characterize_batch, characterize_plates, key_suff
 from tasks.embed.models import require_weights
 from tasks.embed.reader import PlateJob
 from tasks.embed.writer import embedding_key, load_vectors, store_path, vectors_problem
+from tasks.quality import corpus_flags
 from tasks.report import build_report
 from tasks.save import current_record
 from tasks.smart_crop import CropJob, smart_crop_batch, smart_crop_plates
@@ -90,7 +91,10 @@ class PlateRecord:
 
     def settle(self, status: str, metadata: dict) -> None:
         self.metadata = metadata
-        self.row.update({k: metadata[k] for k in CHARACTERISATION_COLUMNS}, characterize_status=status)
+        quality = metadata.get("quality") or {}
+        self.row.update({k: metadata[k] for k in CHARACTERISATION_COLUMNS}, characterize_status=status,
+                        quality_flags=quality.get("flags"), pixel_hash=quality.get("pixel_hash"),
+                        phash=quality.get("phash"))
 
     def fail(self, step: str, error: str, **extra) -> None:
         """Mark the plate failed at ``step``, with the error that says why."""
@@ -145,6 +149,12 @@ def refresh_corpus(root: str, config: RefreshConfig = RefreshConfig(), plates: l
     outputs are in place for its cache key creates no task run; the others go in batch tasks.
     Ends Failed (every failed plate and its reason in the message) if any plate failed; the
     other plates are complete either way.
+
+    Args:
+        root: The corpus root: the folder that holds plates_structured/.
+        config: What to compute and how: CPU parameters, models, crop, GPU dispatch, workers,
+            batching and Dask (each setting described below).
+        plates: Plate folder names to refresh (plate-001, ...); empty for every plate.
     """
     logger = get_run_logger()
     root_path = corpus_root(root)
@@ -497,7 +507,14 @@ def _embed(run: Refresh, model: str, route: GpuRoute, jobs: list[PlateJob]) -> d
                            run.corpus.dispatch(run.run_id), run.logger, worker_wait_s=wait)
     state = embed_plates(model, route.gpu_class, jobs=jobs, chunk_size=cfg.chunk_size,
                          weights_root=cfg.weights_root, return_state=True)
-    return state.result() if state.is_completed() else {job.plate_id: state.message for job in jobs}
+    if not state.is_completed():
+        return {job.plate_id: state.message for job in jobs}
+    try:
+        return state.result()
+    except MissingResult:  # completed, but its outcome did not come back (a busy server): the files say
+        run.logger.warning("%s: embed-plates' outcome was lost; reading the vectors it stored", model)
+        dim = load_profiles().model(model).embed_dim
+        return {job.plate_id: vectors_problem(job.cache_file, len(job.boxes), dim) for job in jobs}
 
 
 def smart_crop_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunner) -> None:
@@ -531,9 +548,13 @@ def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem
                   key=lambda r: natural_key(r["plate_dir"]))
     failed = [r for r in rows if r["status"] == "failed"]
     t = time.perf_counter()
+    profile = quality_profile()
+    if not run.partial:  # the whole corpus: its flags here (the summary shows them); else on the merged table
+        corpus_flags(rows, profile)
     try:
         table_path = write_corpus_table(run.root, rows, partial=run.partial,
-                                        flow_runs=(str(flow_run.id), str(flow_run.root_flow_run_id)))
+                                        flow_runs=(str(flow_run.id), str(flow_run.root_flow_run_id)),
+                                        finalize=(lambda every: corpus_flags(every, profile)) if run.partial else None)
     except OSError as exc:  # a full disk: say so, and what this run found, never the old table's counts
         message = (f"could not write the corpus table: {exc}; it still holds an earlier run's rows. "
                    f"This run: {len(rows) - len(failed)} of {len(rows)} plates ok, {len(failed)} failed"

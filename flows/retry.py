@@ -25,7 +25,12 @@ def failed_plates(root: Path) -> list[str]:
 @flow(name="retry-failed-plates", validate_parameters=True)
 def retry_failed_plates(root: str, config: RefreshConfig = RefreshConfig()):
     """Refresh only the failed plates, with the same configuration as refresh-corpus; the other
-    plates stay as they are."""
+    plates stay as they are.
+
+    Args:
+        root: The corpus root: the folder that holds plates_structured/ and plates.parquet.
+        config: The refresh's settings (as refresh-corpus takes them), used for the failed plates.
+    """
     logger = get_run_logger()
     failed = failed_plates(corpus_root(root))
     if not failed:

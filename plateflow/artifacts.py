@@ -3,13 +3,13 @@ table of plates, and a markdown summary that links to the corpus report."""
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
 from typing import Callable
 
-from plateflow.layout import CorpusLayout
-from plateflow.tables import FLAG_COLUMNS as FLAGS
+from plateflow.layout import PLATES, PREVIEW, REPORTS, VIZ, CorpusLayout
 
 
 
@@ -71,7 +71,7 @@ def plate_table(rows: list[dict]) -> list[dict]:
         "plate": r["plate_dir"],
         "status": r["status"],
         "megapixels": round(r["megapixels"], 1) if r.get("megapixels") is not None else None,
-        "flags": ", ".join(f.replace("_", " ") for f in FLAGS if r.get(f)) or "",
+        "flags": ", ".join(r.get("quality_flags") or ()),
         "best crop similarity": round(r["similarity"], 4) if r.get("similarity") is not None else None,
         "characterisation": r.get("characterize_status"),
         "embeddings": r.get("embed_status"),
@@ -95,9 +95,38 @@ def summary_markdown(root: Path, rows: list[dict], timings: dict[str, float], re
         lines += ["", "## Failed plates", "", "| plate | step | error |", "|---|---|---|"]
         lines += [f"| {r['plate_dir']} | {r.get('failed_step') or ''} | "
                   f"{(r.get('error') or '').replace('|', '/')} |" for r in failed]
-    if report is not None:
-        lines += ["", f"Corpus report: [{report}](file://{report})"]
+    lines += _report_lines(root, rows, report)
     return "\n".join(lines)
+
+
+THUMBS = 8  # flagged plates' previews shown in the summary
+
+
+def report_url(root: Path) -> str | None:
+    """The corpus report's URL on the report server named by PLATEFLOW_REPORT_URL (`plateflow
+    server` sets it for its workers), or None."""
+    base = os.environ.get("PLATEFLOW_REPORT_URL")
+    return f"{base.rstrip('/')}/{CorpusLayout(Path(root)).slug}/{REPORTS}/index.html" if base else None
+
+
+def _report_lines(root: Path, rows: list[dict], report: Path | None) -> list[str]:
+    """The report's link: over HTTP when a report server serves it, with the previews of a few
+    flagged plates; else its path, and how to serve it."""
+    if report is None:
+        return []
+    url = report_url(root)
+    if url is None:
+        return ["", f"Corpus report: `{report}` (serve it to open it from here: "
+                    f"`plateflow report --root {root} --serve`)"]
+    lines = ["", f"Corpus report: [{url}]({url})"]
+    corpus, base = CorpusLayout(Path(root)), url.rsplit(f"/{REPORTS}/", 1)[0]
+    flagged = [r for r in rows if r.get("quality_flags")
+               and corpus.plate(r["plate_dir"]).viz(PREVIEW).is_file()][:THUMBS]
+    if flagged:
+        lines += ["", "Flagged plates:", ""]
+        lines += [f"![{r['plate_id']}: {', '.join(r['quality_flags'])}]"
+                  f"({base}/{PLATES}/{r['plate_dir']}/{VIZ}/{PREVIEW})" for r in flagged]
+    return lines
 
 
 TABLE_FAILED = 1000  # failed plates in the table artifact, at most

@@ -116,11 +116,14 @@ class RefreshConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    characterize: CharacterizeParams = Field(default_factory=CharacterizeParams)
+    characterize: CharacterizeParams = Field(
+        default_factory=CharacterizeParams,
+        description="The CPU step: histograms, preview, pixel limit, flags (part of its cache key).")
     # The GPU stage: none without models.
     models: list[str] = Field(default_factory=list, description="Embedding models (profiles/models.toml).")
     crop_model: str | None = Field(None, description="Model whose similarity picks the crop (default: the first).")
-    crop: CropParams = Field(default_factory=CropParams)
+    crop: CropParams = Field(default_factory=CropParams,
+                             description="Crop candidates and the smart-crop choice (part of their cache keys).")
     gpu_class: str | None = Field(None, description="GPU class of the GPU step (default: detected).")
     weights_root: str | None = Field(None, description="Folder with <model>/ weights (default: the HF cache).")
     gpu_dispatch: Dispatch = Field("auto", description="auto, local (in-process) or pool (embed-plates runs).")

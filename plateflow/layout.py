@@ -166,6 +166,13 @@ class CorpusLayout:
     def demo_sources(self) -> Path:
         return self.state / "demo-sources"
 
+    @property
+    def slug(self) -> str:
+        """The corpus's name in URLs (the report server's): its folder name and a hash of its path."""
+        import hashlib
+
+        return f"{self.root.name}-{hashlib.sha256(os.fsencode(self.root)).hexdigest()[:8]}"
+
 
 def layout(root: str | os.PathLike) -> CorpusLayout:
     return CorpusLayout(Path(root))

@@ -147,19 +147,91 @@ def _load_policy(directory: Path) -> DispatchPolicy:
         raise ConfigError(f"cannot read the dispatch policy {path}: {exc}") from None
 
 
-class ReportThresholds(BaseModel):
+class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+
+class ScaleSection(_Section):
+    long_side: int = Field(ge=16)
+
+
+class PaperSection(_Section):
+    min_luminance: int = Field(ge=0, le=255)
+    width: int = Field(ge=0, le=64)
+    min_share: float = Field(ge=0, le=1)
+    margin: int = Field(ge=0, le=255)
+
+
+class DarkSection(_Section):
+    percentile: float = Field(ge=0, le=100)
+    max_luminance: int = Field(ge=0, le=255)
+
+
+class LightSection(_Section):
+    percentile: float = Field(ge=0, le=100)
+    min_luminance: int = Field(ge=0, le=255)
+    min_foreground: float = Field(ge=0, le=1)
+
+
+class LowInformationSection(_Section):
+    min_foreground: float = Field(ge=0, le=1)
+    min_entropy: float = Field(ge=0, le=8)
+
+
+class BlurrySection(_Section):
+    tile: int = Field(ge=4)
+    min_contrast: float = Field(ge=0)
+    percentile: float = Field(ge=0, le=100)
+    min_edge_strength: float = Field(ge=0)
+
+
+class AspectSection(_Section):
+    max_ratio: float = Field(ge=1)
+
+
+class GrayscaleSection(_Section):
+    max_tint_spread: float = Field(ge=0)
+
+
+class OddSizeSection(_Section):
+    max_deviations: float = Field(gt=0)
+    min_spread: float = Field(ge=0)
+    min_plates: int = Field(ge=2)
+
+
+class NearDuplicatesSection(_Section):
+    max_distance: int = Field(ge=0, le=16)
+
+
+class ReportThresholds(_Section):
     embedding_duplicate_cosine: float = Field(gt=0, le=1)
     embedding_outlier_z: float = Field(gt=0)
 
 
 class QualityProfile(BaseModel):
-    """profiles/quality.toml: what the corpus report flags."""
+    """profiles/quality.toml: the plates' quality flags and what the corpus report flags."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    scale: ScaleSection
+    paper: PaperSection
+    dark: DarkSection
+    light: LightSection
+    low_information: LowInformationSection
+    blurry: BlurrySection
+    odd_aspect_ratio: AspectSection
+    grayscale: GrayscaleSection
+    odd_size: OddSizeSection
+    near_duplicates: NearDuplicatesSection
     report: ReportThresholds
+
+    def fingerprint(self) -> str:
+        """Of the sections a plate's own flags depend on (the per-plate cache key's part)."""
+        import hashlib
+        import json
+
+        data = self.model_dump(exclude={"odd_size", "near_duplicates", "report"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def quality_profile(directory: Path | None = None) -> QualityProfile:

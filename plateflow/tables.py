@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -42,6 +42,12 @@ PLATES_SCHEMA = pa.schema([
     ("grayscale_like", pa.bool_()),
     ("very_large", pa.bool_()),
     ("extreme_aspect", pa.bool_()),
+    # cleanvision's issue names (tasks/quality.py): the plate's own, then the corpus's; the
+    # plate an exact or near duplicate duplicates; the hashes that decide duplicates.
+    ("quality_flags", pa.list_(pa.string())),
+    ("duplicate_of", pa.string()),
+    ("pixel_hash", pa.string()),
+    ("phash", pa.string()),
     ("frames", pa.int32()),
     ("exif_orientation", pa.int32()),
     ("embed_status", pa.string()),  # computed | cached | failed | not_run | (null: no models)
@@ -62,20 +68,18 @@ CHARACTERISATION_COLUMNS = (
     "grayscale_like", "very_large", "extreme_aspect", "frames", "exif_orientation",
 )
 
-# The boolean columns that flag a plate for a curator.
-FLAG_COLUMNS = ("grayscale_like", "very_large", "extreme_aspect")
-
 RUN_KEYS = (b"plateflow.flow_run_id", b"plateflow.root_flow_run_id")  # schema metadata: who wrote it
 
 
 def write_corpus_table(root: Path, rows: list[dict[str, Any]], partial: bool = False,
-                       flow_runs: tuple[str, ...] = ()) -> Path:
+                       flow_runs: tuple[str, ...] = (), finalize: Callable[[list[dict]], None] | None = None) -> Path:
     """Write ROOT/plates.parquet atomically with the typed schema, rows in natural folder order.
 
     ``partial``: ``rows`` cover only some plates (a retry); the others keep their rows as they
     are. Columns plateflow does not know (added by a notebook, say) are kept, each value with
     its plate folder. ``flow_runs`` (the writing flow run's id and its root run's) are recorded
-    in the table's metadata, so a reader can tell whether a run wrote it. An old table that cannot be read is kept beside it as
+    in the table's metadata, so a reader can tell whether a run wrote it. ``finalize(rows)``
+    sees every row of the new table, in order, before it is written (corpus-wide columns). An old table that cannot be read is kept beside it as
     ``plates.parquet.unreadable`` (a full refresh replaces it; a partial one refuses).
     """
     now = datetime.now(timezone.utc).replace(microsecond=0)
@@ -94,6 +98,8 @@ def write_corpus_table(root: Path, rows: list[dict[str, Any]], partial: bool = F
                 for r in old.to_pylist() if r.get("plate_dir") not in mine]
         full = full + kept
     full.sort(key=lambda r: natural_key(r["plate_dir"]))
+    if finalize is not None:
+        finalize(full)
     table = pa.Table.from_pylist([{k: r[k] for k in PLATES_SCHEMA.names} for r in full], schema=PLATES_SCHEMA)
     table = _carry_foreign_columns(old, table)
     if flow_runs:

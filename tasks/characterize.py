@@ -22,11 +22,13 @@ from plateflow.config import CharacterizeParams
 from plateflow.corpus import PlateRef
 from plateflow.errors import ImageDecodeError, TooManyPixelsError
 from plateflow.layout import CorpusLayout
+from plateflow.profiles import quality_profile
 from tasks.batch import PlateOutcome, isolated, summary
 from tasks.save import save_characterization, save_failure_record
 
 CODE_VERSION = code_version(
-    "tasks.image", "tasks.histograms", "tasks.metadata", "tasks.viz", "tasks.working_copy", "tasks.characterize"
+    "tasks.image", "tasks.histograms", "tasks.metadata", "tasks.viz", "tasks.working_copy", "tasks.quality",
+    "tasks.characterize",
 )
 
 
@@ -47,8 +49,9 @@ def cache_key(sha256: str, params: CharacterizeParams) -> str:
 
 
 def key_suffix(params: CharacterizeParams) -> str:
-    """What every plate's key shares: the parameters' fingerprint and the code version."""
-    return f"-{params.fingerprint()}-{CODE_VERSION}"
+    """What every plate's key shares: the parameters' fingerprint, the quality profile's
+    (profiles/quality.toml: its per-plate sections) and the code version."""
+    return f"-{params.fingerprint()}-{quality_profile().fingerprint()}-{CODE_VERSION}"
 
 
 def characterize_image(
@@ -59,17 +62,24 @@ def characterize_image(
     from tasks.histograms import compute_histograms, histogram_record
     from tasks.image import decode_image
     from tasks.metadata import image_metadata
+    from tasks.quality import plate_quality
     from tasks.viz import make_preview, png_bytes
 
+    profile = quality_profile()
     decoded = decode_image(source, params.max_pixels, expected_sha256)
     hist = compute_histograms(decoded.image, params.background_threshold)
     working = make_working_copy(decoded.image, params.working_short_side) if params.working_copy else None
-    # The preview comes from the working copy when there is one: a much smaller image to reduce.
-    preview = png_bytes(make_preview(working or decoded.image, params.preview_size)) if params.viz else None
+    metadata = image_metadata(decoded, hist, params)
+    # The flags are measured at a fixed scale; the preview is that image when it is the same size.
+    metadata["quality"], small = plate_quality(hist, working or decoded.image, decoded.image.size, profile)
+    preview = None
+    if params.viz:
+        same = small is not None and params.preview_size == profile.scale.long_side
+        preview = png_bytes(small if same else make_preview(working or decoded.image, params.preview_size))
     return Characterization(
         sha256=decoded.sha256,
         cache_key=cache_key(decoded.sha256, params),
-        metadata=image_metadata(decoded, hist, params),
+        metadata=metadata,
         histograms=histogram_record(hist, params.bins),
         preview_png=preview,
         working_jpeg=jpeg_bytes(working) if working is not None else None,

@@ -3,7 +3,8 @@
 Pillow's C histogram covers plain RGB, but Rec. 709 luminance and the background/foreground split
 each need another full pass in Pillow (about 3x the decode time on a 36 MP plate). One fused,
 branch-free numba pass over Pillow's own buffer (viewed without a copy) yields all seven
-histograms and the grayscale test.
+histograms, the grayscale test and a 128-bit hash of the pixels (exact duplicates: the same
+pixels from a PNG and a TIFF hash alike).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ W709 = (13933, 46871, 4732)
 
 
 @njit(cache=True, nogil=True)
-def _fused_histograms(px, threshold):  # pragma: no cover - compiled
+def _fused_histograms(px, threshold, with_hash):  # pragma: no cover - compiled
     """Three increments per pixel: joint (foreground, G, R), (foreground, B) and luminance.
 
     The pass is bound by scattered stores, so R and G share one 2 x 256 x 256 table (512 KB,
@@ -31,7 +32,13 @@ def _fused_histograms(px, threshold):  # pragma: no cover - compiled
     lh = np.zeros(256, np.uint32)
     t = np.uint32(threshold)
     notgray = np.uint32(0)
-    for i in range(px.shape[0]):
+    # FNV-1a over each pixel's 24 bits, in two lanes (even and odd pixels), so each multiply
+    # waits on the one two pixels back, not on the last: the hash rides on the scattered stores.
+    h0 = np.uint64(0xCBF29CE484222325)
+    h1 = np.uint64(0x84222325CBF29CE4)
+    prime = np.uint64(0x100000001B3)
+    n = px.shape[0]
+    for i in range(n):
         p = px[i]
         r = p & np.uint32(255)
         g = (p >> np.uint32(8)) & np.uint32(255)
@@ -43,7 +50,13 @@ def _fused_histograms(px, threshold):  # pragma: no cover - compiled
         bh[(fg << np.uint32(8)) | b] += 1
         lh[lum] += 1
         notgray |= (r ^ g) | (g ^ b)
-    return rg, bh, lh, notgray == 0
+        if with_hash:  # loop-invariant: compiled as two loops
+            word = np.uint64(p & np.uint32(0xFFFFFF))
+            if i & 1:
+                h1 = (h1 ^ word) * prime
+            else:
+                h0 = (h0 ^ word) * prime
+    return rg, bh, lh, notgray == 0, h0, h1
 
 
 @dataclass
@@ -54,6 +67,7 @@ class Histograms:
     grayscale_like: bool
     pixels: int
     threshold: int
+    pixel_hash: str = ""  # of the pixels and the image's size: equal for the same decoded image
 
     @property
     def foreground(self) -> np.ndarray:
@@ -64,11 +78,12 @@ class Histograms:
         return int(self.background[0].sum())
 
 
-def compute_histograms(rgb_image, background_threshold: int = 245) -> Histograms:
-    """Exact histograms of every pixel of an RGB Pillow image."""
+def compute_histograms(rgb_image, background_threshold: int = 245, pixel_hash: bool = True) -> Histograms:
+    """Exact histograms of every pixel of an RGB Pillow image (and, with ``pixel_hash``, the
+    pixels' hash; benchmarks/cpu_stage.py measures the stage without it)."""
     if rgb_image.mode != "RGB":
         raise ValueError(f"expected an RGB image, got mode {rgb_image.mode}")
-    rg, bh, lh, gray = _fused_histograms(pixel_words(rgb_image), background_threshold)
+    rg, bh, lh, gray, h0, h1 = _fused_histograms(pixel_words(rgb_image), background_threshold, pixel_hash)
     rg = rg.reshape(2, 256, 256).astype(np.int64)  # [foreground][g][r]
     bh = bh.reshape(2, 256).astype(np.int64)
     rgb = np.stack([rg.sum(axis=(0, 1)), rg.sum(axis=(0, 2)), bh.sum(axis=0)])
@@ -80,6 +95,7 @@ def compute_histograms(rgb_image, background_threshold: int = 245) -> Histograms
         grayscale_like=bool(gray),
         pixels=rgb_image.width * rgb_image.height,
         threshold=background_threshold,
+        pixel_hash=f"{rgb_image.width}x{rgb_image.height}-{int(h0):016x}{int(h1):016x}" if pixel_hash else "",
     )
 
 

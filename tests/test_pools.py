@@ -74,3 +74,20 @@ def test_deploy_creates_one_embed_deployment_per_pool_from_one_pattern():
             for d in client.read_deployments():
                 if d.name.startswith("embed-plates-"):
                     client.delete_deployment(d.id)
+
+
+@pytest.mark.parametrize("flow", ["flows.refresh:refresh_corpus", "flows.retry:retry_failed_plates",
+                                  "flows.embed:embed_plates"])
+def test_every_parameter_of_a_deployment_form_has_a_description(flow):
+    """The UI's run form shows these: the flow docstring's Args, and each config field's description."""
+    import importlib
+
+    from prefect.utilities.callables import parameter_schema
+
+    module, name = flow.split(":")
+    schema = parameter_schema(getattr(importlib.import_module(module), name).fn).model_dump_for_openapi()
+    fields = {k: v for k, v in schema["properties"].items()}
+    for model, definition in schema.get("definitions", {}).items():
+        fields |= {f"{model}.{k}": v for k, v in definition.get("properties", {}).items()}
+    assert len(fields) >= 3
+    assert [k for k, v in fields.items() if len(v.get("description") or "") < 10] == []

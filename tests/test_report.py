@@ -11,6 +11,8 @@ from plateflow.config import RefreshConfig
 from plateflow.artifacts import artifact_key
 from tasks.report import near_duplicates, outliers
 
+from PIL import Image
+
 from conftest import make_plate, paper_plate
 
 
@@ -37,11 +39,21 @@ def test_refresh_writes_the_report_and_publishes_progress_table_and_summary(corp
     state = refresh_corpus(str(corpus), RefreshConfig(models=["tiny_dinov2"], gpu_class="CPU"), return_state=True)
     assert state.is_failed() and "plate-004" in state.message
 
-    page = (corpus / "reports" / "index.html").read_text()
-    assert page.count("<svg") == 4  # megapixels, luminance x entropy, background ratio, flags
-    assert len(re.findall(r'<figure class="plate ok">', page)) == 4 and 'class="plate failed"' in page
-    assert len(re.findall(r'<div class="crop"', page)) == 4  # each embedded plate's best crop outlined
-    assert "../plates_structured/plate-001/viz/input_preview.png" in page
+    reports = corpus / "reports"
+    page = (reports / "index.html").read_text()
+    plots = re.findall(r'<img src="(plots/[^"]+\.png)"', page)  # megapixels, luminance x entropy, background, flags
+    assert len(plots) == 4
+    for plot in plots:
+        with Image.open(reports / plot) as im:
+            assert im.format == "PNG" and im.size == (480, 340)
+    assert re.findall(r'<area shape="circle"[^>]*title="(plate-00\d)', page) == ["plate-005", "plate-001", "plate-002",
+                                                                               "plate-003"]  # flagged first
+    sheet = (reports / "sheet-0001.html").read_text()
+    assert len(re.findall(r'<figure class="plate ok"', sheet)) == 4 and 'class="plate failed"' in sheet
+    assert sheet.index("plate-004") < sheet.index('id="plate-005"') < sheet.index('id="plate-001"')  # failed, flagged
+    assert len(re.findall(r'<div class="crop"', sheet)) == 4  # each embedded plate's best crop outlined
+    assert "../plates_structured/plate-001/viz/input_preview.png" in sheet
+    assert "exact_duplicates: 1 plate" in page and '<div class="pair">' in page  # beside the plate it duplicates
     assert "Near-duplicate pairs" in page and "<td>plate-001</td><td>plate-005</td>" in page
 
     def artifact(what):
@@ -59,3 +71,52 @@ def test_refresh_writes_the_report_and_publishes_progress_table_and_summary(corp
     summary = artifact("summary").data
     assert "4 of 5 plates done" in summary and "plate-004" in summary and "reports/index.html" in summary
     assert "| characterisation |" in summary and "| smart crop |" in summary
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_summary_links_to_the_report_over_http_where_chromium_shows_its_plots(corpus, monkeypatch, tmp_path):
+    """The summary artifact's link and its flagged plates' previews, fetched over HTTP from the
+    report server, and the report in headless Chromium with every plot drawn."""
+    import shutil
+
+    import httpx
+    from playwright.sync_api import sync_playwright
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from app.reports import ReportServer
+
+    make_plate(corpus, "plate-004", paper_plate(seed=0, photo_colour=(0, 90, 160)))  # = plate-001
+    server = ReportServer([corpus]).start()
+    try:
+        monkeypatch.setenv("PLATEFLOW_REPORT_URL", server.url)
+        state = refresh_corpus(str(corpus), RefreshConfig(), return_state=True)
+        assert state.is_completed(), state.message
+        with get_client(sync_client=True) as client:
+            found = client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[artifact_key(corpus, "summary")])))
+        summary = sorted(found, key=lambda a: a.created)[-1].data
+        url = re.search(r"Corpus report: \[(http://[^\]]+)\]", summary).group(1)
+        assert url == server.report_url(corpus)
+        page = httpx.get(url)
+        assert page.status_code == 200 and "plateflow report" in page.text
+        previews = re.findall(r"!\[(plate-\d+)[^\]]*\]\((http://[^)]+)\)", summary)
+        assert [p for p, _ in previews] == ["plate-004"]
+        assert httpx.get(previews[0][1]).headers["content-type"] == "image/png"
+        assert httpx.get(url.replace("reports/index.html", "plates_structured/plate-001/manifest.json")).status_code == 404
+        chromium = shutil.which("chromium") or "/usr/bin/chromium"
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium)
+            tab = browser.new_page()
+            tab.goto(url)
+            tab.wait_for_load_state("load")
+            widths = tab.evaluate("[...document.querySelectorAll('.plots img')].map(i => [i.complete, i.naturalWidth])")
+            tab.screenshot(path=str(tmp_path / "report.png"))
+            tab.click("text=Contact sheet")
+            tab.wait_for_function("[...document.querySelectorAll('.sheet img')].every(i => i.complete)", timeout=20_000)
+            thumbs = tab.evaluate("[...document.querySelectorAll('.sheet img')].map(i => i.naturalWidth > 0)")
+            browser.close()
+        assert widths == [[True, 480]] * 4
+        assert thumbs == [True] * 4
+    finally:
+        server.stop()

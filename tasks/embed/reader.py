@@ -14,20 +14,25 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 from PIL import Image
+from pydantic import Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True)
 class PlateJob:
-    """One plate's input to the GPU step: small, picklable."""
+    """One plate's input to the GPU step: small, picklable (a flow-run parameter, so each field
+    says what it is in the Prefect UI's form)."""
 
-    plate_id: str
-    working_copy: str
-    original_size: tuple[int, int]
-    boxes: tuple[tuple[int, int, int, int], ...]
-    cache_file: str
+    plate_id: Annotated[str, Field(description="The plate's folder name.")]
+    working_copy: Annotated[str, Field(description="Path of the plate's working_copy.jpg.")]
+    original_size: Annotated[tuple[int, int], Field(description="The source's (width, height) in pixels.")]
+    boxes: Annotated[tuple[tuple[int, int, int, int], ...],
+                     Field(description="Crop candidates (x0, y0, x1, y1) in source pixels; box 0 is the whole plate.")]
+    cache_file: Annotated[str, Field(description="The .npy file the plate's vectors are stored in.")]
 
 
 @dataclass

@@ -1,0 +1,153 @@
+"""Quality flags on generated and real images whose answers are known (tasks/quality.py)."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+from skimage import data
+
+from plateflow.config import CharacterizeParams
+from plateflow.profiles import quality_profile
+from tasks.characterize import characterize_image
+from tasks.quality import corpus_flags
+
+
+def quality(path, **params) -> dict:
+    return characterize_image(path, CharacterizeParams(viz=False, **params)).metadata["quality"]
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return Image.fromarray(data.astronaut())
+
+
+def test_a_blurred_photograph_is_blurry_and_its_sharp_original_is_not(photo, tmp_path):
+    photo.save(tmp_path / "sharp.png")
+    photo.filter(ImageFilter.GaussianBlur(3)).save(tmp_path / "blurred.png")
+    sharp, blurred = quality(tmp_path / "sharp.png"), quality(tmp_path / "blurred.png")
+    assert "blurry" not in sharp["flags"] and "blurry" in blurred["flags"]
+    assert blurred["blur"] < quality_profile().blurry.min_edge_strength < sharp["blur"]
+
+
+def test_blur_is_scored_at_one_scale_so_a_large_scan_and_its_small_copy_score_alike(photo, tmp_path):
+    big = photo.resize((4096, 4096), Image.Resampling.NEAREST)  # a 16.8 MP scan of the photo
+    big.save(tmp_path / "big.png")
+    big.resize((1024, 1024), Image.Resampling.LANCZOS).save(tmp_path / "small.png")  # its 1 MP copy
+    a, b = quality(tmp_path / "big.png")["blur"], quality(tmp_path / "small.png")["blur"]
+    assert abs(a - b) < 0.1 * b
+
+
+def test_a_page_scan_with_a_small_picture_is_not_light_but_a_washed_out_photo_and_a_blank_page_are(photo, tmp_path):
+    page = Image.new("RGB", (2400, 3300), (250, 248, 242))
+    page.paste(Image.fromarray(data.coffee()).resize((600, 400)), (900, 1400))
+    page.save(tmp_path / "page.jpg", quality=92)
+    Image.fromarray((200 + np.asarray(photo) * 0.2).astype(np.uint8)).save(tmp_path / "washed.png")
+    Image.new("RGB", (2000, 2800), (247, 246, 240)).save(tmp_path / "blank.png")
+    on_page = quality(tmp_path / "page.jpg")
+    assert on_page["paper_luminance"] >= 245 and on_page["foreground_share"] < 0.05
+    assert "light" not in on_page["flags"] and "low_information" not in on_page["flags"]
+    assert "light" in quality(tmp_path / "washed.png")["flags"]
+    assert {"light", "low_information"} <= set(quality(tmp_path / "blank.png")["flags"])
+
+
+def test_a_dark_photo_is_dark_and_not_blurry_for_its_low_contrast(photo, tmp_path):
+    Image.fromarray((np.asarray(photo) * 0.2).astype(np.uint8)).save(tmp_path / "dark.png")
+    flags = quality(tmp_path / "dark.png")["flags"]
+    assert "dark" in flags and "blurry" not in flags
+    assert "dark" not in quality_of(photo, tmp_path)["flags"]
+
+
+def quality_of(im, tmp_path, name="im.png"):
+    im.save(tmp_path / name)
+    return quality(tmp_path / name)
+
+
+def test_an_rgb_copy_of_a_grayscale_scan_with_a_two_level_tint_is_grayscale(photo, tmp_path):
+    gray = np.asarray(Image.fromarray(data.camera()).convert("RGB")).astype(np.int16)
+    tinted = Image.fromarray((gray + [2, 0, -2]).clip(0, 255).astype(np.uint8))
+    q = quality_of(tinted, tmp_path)
+    assert "grayscale" in q["flags"] and q["tint_spread"] <= 1
+    assert "grayscale" not in quality_of(photo, tmp_path, "photo.png")["flags"]
+
+
+def test_an_extreme_aspect_ratio_is_odd(tmp_path):
+    assert "odd_aspect_ratio" in quality_of(Image.fromarray(data.rocket()).resize((1800, 400)), tmp_path)["flags"]
+
+
+def rows_for(tmp_path, images: dict[str, Image.Image | str]) -> list[dict]:
+    rows = []
+    for name, im in images.items():
+        path = tmp_path / name
+        if isinstance(im, Image.Image):
+            im.save(path, **({"quality": 60} if name.endswith(".jpg") else {}))
+        q = quality(path)
+        with Image.open(path) as opened:
+            w, h = opened.size
+        rows.append({"plate_id": name, "plate_dir": name, "status": "ok", "width": w, "height": h,
+                     "quality_flags": q["flags"], "pixel_hash": q["pixel_hash"], "phash": q["phash"]})
+    return rows
+
+
+def test_a_png_and_a_tiff_of_the_same_pixels_are_exact_duplicates(photo, tmp_path):
+    rows = rows_for(tmp_path, {"a.png": photo, "b.tif": photo, "c.png": Image.fromarray(data.coffee())})
+    assert rows[0]["pixel_hash"] == rows[1]["pixel_hash"] != rows[2]["pixel_hash"]
+    corpus_flags(rows, quality_profile())
+    assert rows[1]["quality_flags"] == ["exact_duplicates"] and rows[1]["duplicate_of"] == "a.png"
+    assert "exact_duplicates" not in rows[0]["quality_flags"] and rows[2]["duplicate_of"] is None
+
+
+def test_a_jpeg_recompressed_at_q60_and_resized_to_90_percent_is_a_near_duplicate_of_its_source(photo, tmp_path):
+    small = photo.resize((round(photo.width * 0.9), round(photo.height * 0.9)), Image.Resampling.LANCZOS)
+    others = {n: Image.fromarray(getattr(data, n)()) for n in ("coffee", "chelsea", "rocket", "camera")}
+    rows = rows_for(tmp_path, {"source.png": photo, "copy.jpg": small, **{f"{n}.png": im for n, im in others.items()}})
+    corpus_flags(rows, quality_profile())
+    by_id = {r["plate_id"]: r for r in rows}
+    assert by_id["copy.jpg"]["quality_flags"] == ["near_duplicates"]
+    assert by_id["copy.jpg"]["duplicate_of"] == "source.png"
+    assert all("near_duplicates" not in by_id[f"{n}.png"]["quality_flags"] for n in others)
+
+
+def test_near_duplicates_are_found_among_many_plates_by_their_hash_ranges():
+    """Multi-index hashing finds every pair within the distance that a full comparison finds."""
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 2**63, 300, dtype=np.uint64)
+    hashes = list(base) + [h ^ np.uint64(1 << int(b)) ^ np.uint64(1 << int(c))  # 2 bits off
+                           for h, b, c in zip(base[:50], rng.integers(0, 64, 50), rng.integers(0, 64, 50))]
+    rows = [{"plate_id": f"p{i}", "plate_dir": f"p{i}", "status": "ok", "width": 100, "height": 100,
+             "quality_flags": [], "pixel_hash": f"h{i}", "phash": f"{int(h):016x}"} for i, h in enumerate(hashes)]
+    corpus_flags(rows, quality_profile())
+    flagged = {r["plate_id"]: r["duplicate_of"] for r in rows if "near_duplicates" in r["quality_flags"]}
+    assert flagged == {f"p{300 + i}": f"p{i}" for i in range(50)}
+
+
+def test_odd_size_is_relative_to_the_corpus():
+    def row(i, w, h):
+        return {"plate_id": f"p{i}", "plate_dir": f"p{i}", "status": "ok", "width": w, "height": h,
+                "quality_flags": [], "pixel_hash": None, "phash": None}
+
+    rows = [row(i, 6000 + 10 * i, 8000 - 7 * i) for i in range(20)] + [row(20, 600, 800), row(21, 5800, 7900)]
+    failed = {"plate_id": "bad", "plate_dir": "bad", "status": "failed"}
+    corpus_flags(rows + [failed], quality_profile())
+    assert [r["plate_id"] for r in rows if "odd_size" in r["quality_flags"]] == ["p20"]
+    assert failed["quality_flags"] is None
+    few = [row(0, 100, 100), row(1, 5000, 5000)]
+    corpus_flags(few, quality_profile())  # too few plates to say what is odd
+    assert all(r["quality_flags"] == [] for r in few)
+
+
+def test_recompressed_plates_keep_their_flags_stable(photo, tmp_path):
+    buf = io.BytesIO()
+    photo.save(buf, "JPEG", quality=90)
+    (tmp_path / "a.jpg").write_bytes(buf.getvalue())
+    assert quality(tmp_path / "a.jpg")["flags"] == quality_of(photo, tmp_path)["flags"] == []
+
+
+def test_a_crowd_of_identical_hashes_names_the_first_plate_without_comparing_every_pair():
+    """3,000 blank pages share one perceptual hash: each is a near duplicate of the first."""
+    rows = [{"plate_id": f"p{i}", "plate_dir": f"p{i}", "status": "ok", "width": 100, "height": 100,
+             "quality_flags": [], "pixel_hash": f"h{i}", "phash": "8000000000000000"} for i in range(3000)]
+    rows.append({**rows[0], "plate_id": "other", "plate_dir": "other", "pixel_hash": "x", "phash": "7fffffffffffffff"})
+    corpus_flags(rows, quality_profile())
+    assert rows[0]["quality_flags"] == [] and rows[-1]["quality_flags"] == []
+    assert all(r["quality_flags"] == ["near_duplicates"] and r["duplicate_of"] == "p0" for r in rows[1:-1])
