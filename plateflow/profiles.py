@@ -135,16 +135,18 @@ class DispatchPolicy(BaseModel):
 
 def dispatch_policy(directory: Path | None = None) -> DispatchPolicy:
     """profiles/dispatch.toml, read once per directory (PLATEFLOW_PROFILES overrides)."""
-    return _load_policy(Path(directory or profiles_dir()).resolve())
+    return _load_table(Path(directory or profiles_dir()).resolve(), "dispatch.toml", DispatchPolicy,
+                       "the dispatch policy")
 
 
-@lru_cache(maxsize=8)
-def _load_policy(directory: Path) -> DispatchPolicy:
-    path = directory / "dispatch.toml"
+@lru_cache(maxsize=16)
+def _load_table(directory: Path, name: str, model: type[BaseModel], what: str) -> BaseModel:
+    """One TOML table of profiles/, validated by ``model``; ``ConfigError`` naming the file."""
+    path = directory / name
     try:
-        return DispatchPolicy(**tomllib.loads(path.read_text()))
+        return model(**tomllib.loads(path.read_text()))
     except (OSError, tomllib.TOMLDecodeError, ValueError) as exc:
-        raise ConfigError(f"cannot read the dispatch policy {path}: {exc}") from None
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
 
 
 class _Section(BaseModel):
@@ -236,13 +238,5 @@ class QualityProfile(BaseModel):
 
 def quality_profile(directory: Path | None = None) -> QualityProfile:
     """profiles/quality.toml, read once per directory (PLATEFLOW_PROFILES overrides)."""
-    return _load_quality(Path(directory or profiles_dir()).resolve())
-
-
-@lru_cache(maxsize=8)
-def _load_quality(directory: Path) -> QualityProfile:
-    path = directory / "quality.toml"
-    try:
-        return QualityProfile(**tomllib.loads(path.read_text()))
-    except (OSError, tomllib.TOMLDecodeError, ValueError) as exc:
-        raise ConfigError(f"cannot read the quality profile {path}: {exc}") from None
+    return _load_table(Path(directory or profiles_dir()).resolve(), "quality.toml", QualityProfile,
+                       "the quality profile")
