@@ -358,6 +358,40 @@ def _print_status(root: Path) -> tuple[bool, int]:
 
 
 @app.command()
+def tiles(
+    root: RootOpt,
+    size: Annotated[str, typer.Option(help="Tile size, WxH (e.g. 512x512).")],
+    out: Annotated[Path, typer.Option(help="Folder for the WebDataset shards and tiles.parquet.")],
+    mode: Annotated[str, typer.Option(help="classic (whole tiles only) or noise-framed.")] = "classic",
+    grayscale: Annotated[bool, typer.Option("--grayscale", help="L tiles instead of RGB.")] = False,
+    test_every: Annotated[Optional[int], typer.Option(help="A plate is test when its content hash is 0 mod K.")] = None,
+    test_fraction: Annotated[Optional[float], typer.Option(help="Or: this fraction of plates, by content hash, is test.")] = None,
+    shard_megabytes: Annotated[float, typer.Option(help="Most megabytes in one shard.")] = 256.0,
+) -> None:
+    """Cut every plate into model-input tiles (the make-tiles flow): a stable train/test split
+    from each plate's content hash, WebDataset shards, tiles.parquet. Unchanged plates are not
+    cut again, and only the shards of changed plates are rewritten."""
+    from app.server import local_api
+    from flows.tiles import make_tiles
+    from plateflow.config import corpus_root
+    from plateflow.errors import ConfigError
+    from tasks.tiles import TileParams
+
+    try:
+        w, _, h = size.lower().partition("x")
+        params = TileParams(width=int(w), height=int(h), mode=mode, grayscale=grayscale, test_every=test_every,
+                            test_fraction=test_fraction, shard_megabytes=shard_megabytes)
+        root = corpus_root(root)
+    except (ValueError, ConfigError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    with local_api():
+        state = make_tiles(str(root), params, str(out), return_state=True)
+    console.print(f"flow run {state.name}: {state.message}")
+    if not state.is_completed():
+        raise typer.Exit(1)
+
+
+@app.command()
 def report(
     root: RootOpt,
     serve: Annotated[bool, typer.Option("--serve", help="Serve it over HTTP until Ctrl-C (the Prefect UI links to it there).")] = False,

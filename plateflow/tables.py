@@ -213,3 +213,38 @@ def write_embeddings_table(root: Path, model: str, rows: list[tuple[str, str, li
             table = pa.concat_tables([old.filter(keep), table])
     write_parquet(path, table)
     return path
+
+
+# DEST/tiles.parquet and DEST/tile-plates.parquet of `plateflow tiles` (flows/tiles.py).
+TILES_SCHEMA = pa.schema([
+    ("key", pa.string()),  # the WebDataset __key__: plate id and tile index
+    ("plate_id", pa.string()),
+    ("sha256", pa.string()),
+    ("split", pa.string()),  # train | test
+    ("mode", pa.string()),
+    ("index", pa.int32()),
+    ("box", pa.list_(pa.int32(), 4)),  # the plate region the tile shows
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("shard", pa.string()),
+])
+TILE_PLATES_SCHEMA = pa.schema([
+    ("plate_dir", pa.string()),
+    ("plate_id", pa.string()),
+    ("sha256", pa.string()),
+    ("split", pa.string()),
+    ("tiles", pa.int32()),
+    ("status", pa.string()),  # ok | skipped | failed
+    ("reason", pa.string()),
+])
+
+
+def write_table_if_changed(path: Path, table: pa.Table) -> bool:
+    """Write ``table`` atomically unless the file already holds the same rows; True if written."""
+    try:
+        if pq.read_table(path).equals(table):
+            return False
+    except (OSError, pa.ArrowException):
+        pass
+    write_parquet(path, table)
+    return True

@@ -77,7 +77,7 @@ def test_deploy_creates_one_embed_deployment_per_pool_from_one_pattern():
 
 
 @pytest.mark.parametrize("flow", ["flows.refresh:refresh_corpus", "flows.retry:retry_failed_plates",
-                                  "flows.embed:embed_plates"])
+                                  "flows.embed:embed_plates", "flows.tiles:make_tiles"])
 def test_every_parameter_of_a_deployment_form_has_a_description(flow):
     """The UI's run form shows these: the flow docstring's Args, and each config field's description."""
     import importlib
