@@ -69,7 +69,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.OK, kind + ("; charset=utf-8" if kind == "text/html" else ""), data, body)
 
     def _listing(self) -> bytes:
-        items = "".join(f'<li><a href="/{s}/{REPORTS}/index.html">{root}</a></li>' for s, root in self.corpora.items())
+        items = "".join(f'<li><a href="/{CorpusLayout(root).report_url_path}">{root}</a></li>'
+                        for root in self.corpora.values())
         return f"<!doctype html><meta charset='utf-8'><title>plateflow reports</title><ul>{items}</ul>".encode()
 
     def _send(self, status: HTTPStatus, kind: str, data: bytes, body: bool) -> None:
@@ -103,7 +104,7 @@ class ReportServer:
         return f"http://{host}:{port}"
 
     def report_url(self, root: Path) -> str:
-        return f"{self.url}/{CorpusLayout(Path(root).resolve()).slug}/{REPORTS}/index.html"
+        return f"{self.url}/{CorpusLayout(Path(root).resolve()).report_url_path}"
 
     def start(self) -> "ReportServer":
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="plateflow-reports", daemon=True)

@@ -106,7 +106,7 @@ def report_url(root: Path) -> str | None:
     """The corpus report's URL on the report server named by PLATEFLOW_REPORT_URL (`plateflow
     server` sets it for its workers), or None."""
     base = os.environ.get("PLATEFLOW_REPORT_URL")
-    return f"{base.rstrip('/')}/{CorpusLayout(Path(root)).slug}/{REPORTS}/index.html" if base else None
+    return f"{base.rstrip('/')}/{CorpusLayout(Path(root)).report_url_path}" if base else None
 
 
 def _report_lines(root: Path, rows: list[dict], report: Path | None) -> list[str]:

@@ -173,6 +173,11 @@ class CorpusLayout:
 
         return f"{self.root.name}-{hashlib.sha256(os.fsencode(self.root)).hexdigest()[:8]}"
 
+    @property
+    def report_url_path(self) -> str:
+        """Where a report server serves this corpus's report: ``<slug>/reports/index.html``."""
+        return f"{self.slug}/{REPORTS}/{self.report.name}"
+
 
 def layout(root: str | os.PathLike) -> CorpusLayout:
     return CorpusLayout(Path(root))

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from plateflow.profiles import QualityProfile
-from tasks.histograms import Histograms
+from tasks.histograms import Histograms, hist_entropy
 
 PLATE_FLAGS = ("dark", "light", "low_information", "blurry", "odd_aspect_ratio", "grayscale")
 CORPUS_FLAGS = ("odd_size", "exact_duplicates", "near_duplicates")
@@ -105,7 +105,7 @@ def plate_quality(hist: Histograms, image: Image.Image, size: tuple[int, int],
         fg[max(0, paper - profile.paper.margin):] = 0
     foreground_share = float(fg.sum() / n) if n else 0.0
     light_base = fg if fg.sum() >= profile.light.min_foreground * n else lum
-    entropy = _entropy(fg if paper is not None else lum)  # of the foreground: paper is not information
+    entropy = hist_entropy(fg if paper is not None else lum)  # of the foreground: paper is not information
     gray = np.asarray(small.convert("L"))
     blur = blur_score(gray, profile.blurry.tile, profile.blurry.min_contrast, profile.blurry.percentile)
     width, height = size
@@ -132,14 +132,6 @@ def plate_quality(hist: Histograms, image: Image.Image, size: tuple[int, int],
         "grayscale": scores["tint_spread"] <= profile.grayscale.max_tint_spread,
     }
     return {"flags": [f for f in PLATE_FLAGS if flags[f]], **scores}, small
-
-
-def _entropy(hist: np.ndarray) -> float:
-    n = hist.sum()
-    if n == 0:
-        return 0.0
-    p = hist[hist > 0] / n
-    return float(-(p * np.log2(p)).sum()) + 0.0
 
 
 def corpus_flags(rows: list[dict], profile: QualityProfile) -> None:

@@ -136,8 +136,8 @@ def _framed(cell: Image.Image, sha256: str, index: int, params: TileParams) -> I
     channels = 1 if cell.mode == "L" else 3
     rng = np.random.default_rng([int(sha256[:16], 16), index])
     noise = rng.normal(params.noise_mean, params.noise_std, (params.height, params.width, channels))
-    frame = Image.fromarray(np.clip(np.rint(noise), 0, 255).astype(np.uint8).squeeze(-1) if channels == 1
-                            else np.clip(np.rint(noise), 0, 255).astype(np.uint8))
+    pixels = np.clip(np.rint(noise), 0, 255).astype(np.uint8)
+    frame = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
     frame.paste(cell, ((params.width - cell.width) // 2, (params.height - cell.height) // 2))
     return frame
 
