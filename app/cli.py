@@ -24,23 +24,37 @@ console = Console(soft_wrap=True)  # paths stay on one line, easy to copy
 RootOpt = Annotated[Path, typer.Option("--root", "-r", help="Corpus root (holds plates_structured/).")]
 
 
+CredentialsOpt = Annotated[Optional[str], typer.Option(
+    help="Prefect block with the bucket's credentials, as <block-type>/<name> (s3-bucket/scans, aws-credentials/lab, "
+         "gcs-bucket/scans, gcp-credentials/lab); without it, the environment's credentials.")]
+
+
 @app.command()
 def ingest(
-    sources: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
+    sources: Annotated[list[str], typer.Argument(help="Image files or folders (searched recursively), or fsspec URLs: s3://bucket/prefix, gs://…, az://…, file://….")],
     root: RootOpt,
     max_megapixels: Annotated[float, typer.Option(help="Images above this size are skipped (refresh's limit).")] = 250.0,
+    credentials_block: CredentialsOpt = None,
 ) -> None:
-    """Copy images into ROOT in the notebooks' layout; sources are never moved or modified.
-    Files that are not images, or have more pixels than the limit, are listed as skipped."""
+    """Copy images into ROOT in the notebooks' layout; sources are never moved, modified or
+    deleted, in a folder or a bucket. Files that are not images, have more pixels than the
+    limit, or cannot be read are listed as skipped, with the reason."""
     from rich.progress import Progress
 
+    from plateflow.buckets import is_url
     from plateflow.corpus import ingest as ingest_files, iter_source_files
+    from plateflow.errors import ConfigError
 
-    total = sum(1 for _ in iter_source_files(sources))
-    with Progress(console=console, transient=True) as progress:
-        bar = progress.add_task("ingesting", total=total)
-        report = ingest_files(sources, root, progress=lambda p: progress.advance(bar),
-                              max_pixels=int(max_megapixels * 1e6))
+    sources = [s if is_url(s) else Path(s) for s in sources]
+    # A folder's files are counted first; a bucket's listing is not paid twice.
+    total = None if any(isinstance(s, str) for s in sources) else sum(1 for _ in iter_source_files(sources))
+    try:
+        with Progress(console=console, transient=True) as progress:
+            bar = progress.add_task("ingesting", total=total)
+            report = ingest_files(sources, root, progress=lambda p: progress.advance(bar),
+                                  max_pixels=int(max_megapixels * 1e6), credentials_block=credentials_block)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
     for src, plate_id in report.added:
         console.print(f"[green]added[/] {plate_id} <- {src}")
     for src, reason in report.skipped:
@@ -361,12 +375,13 @@ def _print_status(root: Path) -> tuple[bool, int]:
 def tiles(
     root: RootOpt,
     size: Annotated[str, typer.Option(help="Tile size, WxH (e.g. 512x512).")],
-    out: Annotated[Path, typer.Option(help="Folder for the WebDataset shards and tiles.parquet.")],
+    out: Annotated[str, typer.Option(help="Folder or fsspec URL (s3://bucket/prefix, gs://…, az://…) for the WebDataset shards and tiles.parquet.")],
     mode: Annotated[str, typer.Option(help="classic (whole tiles only) or noise-framed.")] = "classic",
     grayscale: Annotated[bool, typer.Option("--grayscale", help="L tiles instead of RGB.")] = False,
     test_every: Annotated[Optional[int], typer.Option(help="A plate is test when its content hash is 0 mod K.")] = None,
     test_fraction: Annotated[Optional[float], typer.Option(help="Or: this fraction of plates, by content hash, is test.")] = None,
     shard_megabytes: Annotated[float, typer.Option(help="Most megabytes in one shard.")] = 256.0,
+    credentials_block: CredentialsOpt = None,
 ) -> None:
     """Cut every plate into model-input tiles (the make-tiles flow): a stable train/test split
     from each plate's content hash, WebDataset shards, tiles.parquet. Unchanged plates are not
@@ -385,7 +400,7 @@ def tiles(
     except (ValueError, ConfigError) as exc:
         raise typer.BadParameter(str(exc)) from None
     with local_api():
-        state = make_tiles(str(root), params, str(out), return_state=True)
+        state = make_tiles(str(root), params, out, credentials_block, return_state=True)
     console.print(f"flow run {state.name}: {state.message}")
     if not state.is_completed():
         raise typer.Exit(1)

@@ -44,7 +44,7 @@ from plateflow.profiles import load_profiles, quality_profile
 from plateflow.tables import (CHARACTERISATION_COLUMNS, read_corpus_table, read_parquet, write_corpus_table,
                               write_embeddings_table)
 from flows.routing import GpuRoute, choose_route, run_on_pool
-from tasks.batch import PlateOutcome
+from tasks.batch import PlateOutcome, batches
 from tasks.candidates import candidates_batch, candidates_of_plates
 from tasks.characterize import characterize_batch, characterize_plates, key_suffix
 from tasks.embed.models import require_weights
@@ -57,7 +57,6 @@ from tasks.smart_crop import CropJob, smart_crop_batch, smart_crop_plates
 
 HASH, CHARACTERISE, CANDIDATES, SMART_CROP = "hash", "characterise", "candidates", "smart crop"
 FAILED_STEP = {CHARACTERISE: "characterize", CANDIDATES: "candidates", SMART_CROP: "smart_crop"}  # table's names
-HASH_ATTEMPTS = 3  # a source that cannot be read is tried again after 1 s and 2 s
 
 
 def embed_stage(model: str) -> str:
@@ -289,24 +288,6 @@ class PlateRunner:
             return self.config.workers
 
 
-def batches(items: list, cost: Callable[[Any], int], max_plates: int, max_cost: int,
-            places: int = 1) -> list[list]:
-    """Consecutive items grouped by expected work (``cost``: source bytes), at most ``max_plates``
-    and ``max_cost`` each; with ``places`` > 1 workers, small enough that each gets about four
-    batches: a few large plates must not share one batch while the other workers idle."""
-    per_batch = max_plates if places <= 1 else max(1, min(max_plates, -(-len(items) // (4 * places))))
-    out: list[list] = []
-    size = 0
-    for item in items:
-        c = cost(item)
-        if not out or len(out[-1]) >= per_batch or size + c > max_cost:
-            out.append([])
-            size = 0
-        out[-1].append(item)
-        size += c
-    return out
-
-
 def in_batches(run: Refresh, runner: PlateRunner, stage: str, items: list, task, parameters: Callable,
                rerun: Callable, apply: Callable[[Any, PlateOutcome], None],
                cost: Callable[[Any], int] = lambda _: 0) -> None:
@@ -401,16 +382,11 @@ def hash_sources(run: Refresh, records: list[PlateRecord]) -> None:
 
 
 def _rehash(index: SourceIndex, rec: PlateRecord, logger) -> PlateRecord:
-    for attempt in range(HASH_ATTEMPTS):
-        try:
-            rec.sha256 = index.rehash(rec.plate.source_path)
-            return rec
-        except OSError as exc:
-            if attempt == HASH_ATTEMPTS - 1:
-                rec.fail("hash", f"{type(exc).__name__}: {exc}")
-                logger.warning("%s: cannot read its source: %s", rec.plate.folder, exc)
-            else:
-                time.sleep(2 ** attempt)
+    try:
+        rec.sha256 = index.rehash_patiently(rec.plate.source_path)
+    except OSError as exc:
+        rec.fail("hash", f"{type(exc).__name__}: {exc}")
+        logger.warning("%s: cannot read its source: %s", rec.plate.folder, exc)
     return rec
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,32 +26,41 @@ from prefect.futures import as_completed
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from plateflow.atomic import write_bytes_if_changed
+from plateflow.buckets import Location, is_url
 from plateflow.config import corpus_root, default_workers
+from plateflow.profiles import dispatch_policy
 from plateflow.corpus import PlateRef, corpus_lock, discover_plates
 from plateflow.hashindex import SourceIndex
 from plateflow.layout import CorpusLayout
-from plateflow.tables import TILE_PLATES_SCHEMA, TILES_SCHEMA, write_table_if_changed
+from plateflow.tables import TILE_PLATES_SCHEMA, TILES_SCHEMA, parquet_bytes
+from tasks.batch import batches
 from tasks.tiles import TileJob, TileParams, group_of, split_of, stored_tiles, tiles_batch, write_shard
 
-BATCH = 32  # plates per tiles-batch task
+SHARD_STATE = ".shards.json"
 
 
 @flow(name="make-tiles", validate_parameters=True)
-def make_tiles(root: str, params: TileParams, out: str):
+def make_tiles(root: str, params: TileParams, out: str, credentials_block: str | None = None):
     """Cut every plate of ROOT into tiles; write WebDataset shards, tiles.parquet and
     tile-plates.parquet to ``out``. Ends Failed, naming them, if any plate failed.
 
     Args:
         root: The corpus root: the folder that holds plates_structured/.
         params: The tiles' size and mode, the train/test split rule, the noise frame and the shards.
-        out: The folder the shards and tables are written to.
+        out: Where the shards and tables are written: a folder or an fsspec URL (s3://bucket/prefix,
+            gs://…, az://…). No reader ever sees part of a shard or table.
+        credentials_block: A Prefect block with the bucket's credentials, as <block-type>/<name>
+            (s3-bucket/…, aws-credentials/…, gcs-bucket/…, gcp-credentials/…); without it, the
+            environment's.
     """
     logger = get_run_logger()
     root_path = corpus_root(root)
-    dest = Path(out).expanduser().resolve()
+    started = time.time()
+    dest = Location(out if is_url(out) else Path(out).expanduser().resolve(), credentials_block)
     corpus = CorpusLayout(root_path)
-    store = corpus.state / "tiles"
+    store = corpus.tile_store
+    if aborted := dest.abort_stale_uploads(started):
+        logger.info("aborted %d unfinished uploads under %s that an interrupted run left", aborted, dest.url)
     holder = f"make-tiles on {socket.gethostname()}, pid {os.getpid()}"
     with corpus_lock(root_path, holder):
         plates, failed = _hash(root_path, logger)
@@ -58,10 +68,10 @@ def make_tiles(root: str, params: TileParams, out: str):
         logger.info("%d plates: %d with stored tiles, %d to cut", len(plates), len(plates) - len(todo), len(todo))
         failed |= _cut(todo, params, store, logger)
     records = {p.folder: (p, sha, stored_tiles(store, params, sha)) for p, sha in plates if p.folder not in failed}
-    shards = _write_shards(dest, store, params, records, logger)
+    shards = _write_shards(dest, corpus.upload_staging, store, params, records, logger)
     _write_tables(dest, params, records, failed, shards)
     tiles = sum(len(r["rows"]) for _, _, r in records.values() if r)
-    message = f"{tiles} tiles of {len(records)} plates in {len(shards)} shards at {dest}; {len(failed)} plates failed"
+    message = f"{tiles} tiles of {len(records)} plates in {len(shards)} shards at {dest.url}; {len(failed)} plates failed"
     logger.info(message)
     if failed:
         return Failed(message=message + ": " + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())))
@@ -75,9 +85,9 @@ def _hash(root: Path, logger) -> tuple[list[tuple[PlateRef, str]], dict[str, str
     failed = {p.folder: f"{type(p.error).__name__}: {p.error}" for p in found if not isinstance(p, PlateRef)}
     plates = [p for p in found if isinstance(p, PlateRef)]
 
-    def sha(p: PlateRef) -> str | None:
+    def sha(p: PlateRef) -> str | None:  # the refresh's rule: the index where the stat is unchanged, else a read
         try:
-            return index.sha256(p.source_path)
+            return index.known(p.source_path) or index.rehash_patiently(p.source_path)
         except OSError as exc:
             failed[p.folder] = f"{type(exc).__name__}: {exc}"
             return None
@@ -92,11 +102,15 @@ def _hash(root: Path, logger) -> tuple[list[tuple[PlateRef, str]], dict[str, str
 
 
 def _cut(todo: list[TileJob], params: TileParams, store: Path, logger) -> dict[str, str]:
+    """The plates' tiles, in batches sized as the refresh sizes them (profiles/dispatch.toml:
+    plates and source megabytes per batch, and about four batches per worker)."""
     if not todo:
         return {}
     failed = {}
-    groups = [todo[i:i + BATCH] for i in range(0, len(todo), BATCH)]
-    with ThreadPoolTaskRunner(max_workers=default_workers()) as runner:
+    policy, workers = dispatch_policy().cpu, default_workers()
+    groups = batches(todo, lambda job: _size(job.plate.source_path), policy.batch_plates,
+                     int(policy.batch_megabytes * 2**20), workers)
+    with ThreadPoolTaskRunner(max_workers=workers) as runner:
         futures = [runner.submit(tiles_batch, {"jobs": g, "params": params, "store": str(store),
                                                "name": f"{i + 1}of{len(groups)}"}) for i, g in enumerate(groups)]
         for future in as_completed(futures):
@@ -107,8 +121,18 @@ def _cut(todo: list[TileJob], params: TileParams, store: Path, logger) -> dict[s
     return failed
 
 
-def _write_shards(dest: Path, store: Path, params: TileParams, records: dict, logger) -> dict[str, list[str]]:
-    """Shard name -> the plate folders it holds; shards whose plates are unchanged are not rewritten."""
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0  # it fails in its batch, with its reason
+
+
+def _write_shards(dest: Location, staging: Path, store: Path, params: TileParams, records: dict,
+                  logger) -> dict[str, list[str]]:
+    """Shard name -> the plate folders it holds; shards whose plates are unchanged are not
+    rewritten. DEST/.shards.json records each shard's plates as soon as it is written, so a run
+    that was interrupted writes, when run again, only the shards it had not finished."""
     limit = params.shard_megabytes * 2**20
     planned: dict[str, list[tuple[str, str]]] = {}  # shard -> [(folder, key)]
     by_group: dict[tuple[str, int], list] = {}
@@ -118,33 +142,39 @@ def _write_shards(dest: Path, store: Path, params: TileParams, records: dict, lo
     for (split, group), members in sorted(by_group.items()):
         part, size = 0, 0
         for sha, folder in sorted(members):
-            archive = store / f"{params.key(sha)}.tar"
-            n = archive.stat().st_size
+            n = (store / f"{params.key(sha)}.tar").stat().st_size
             if size and size + n > limit:
                 part, size = part + 1, 0
             planned.setdefault(f"{split}-{group:03d}{part:03d}.tar", []).append((folder, params.key(sha)))
             size += n
-    state_path = dest / ".shards.json"
     try:
-        written = json.loads(state_path.read_text())
-    except (OSError, ValueError):
+        written = json.loads(dest.read_bytes(SHARD_STATE) or b"{}")
+    except ValueError:
         written = {}
+    present = dest.names()
     rewritten = 0
     for name, members in planned.items():
         keys = [k for _, k in members]
-        if written.get(name) == keys and (dest / name).is_file():
+        if written.get(name) == keys and name in present:
             continue
-        write_shard(dest / name, [store / f"{k}.tar" for k in keys])
+        with dest.writing(name, staging) as fh:
+            write_shard(fh, [store / f"{k}.tar" for k in keys])
+        written[name] = keys
+        _save_state(dest, written)
         rewritten += 1
-    for stale in set(written) - set(planned):
-        (dest / stale).unlink(missing_ok=True)
-    write_bytes_if_changed(state_path, json.dumps({n: [k for _, k in m] for n, m in planned.items()},
-                                                  sort_keys=True).encode())
+    for stale in sorted(set(written) - set(planned)):
+        dest.remove(stale)
+        del written[stale]
+    _save_state(dest, written)
     logger.info("%d shards, %d written, %d unchanged", len(planned), rewritten, len(planned) - rewritten)
     return {name: [f for f, _ in members] for name, members in planned.items()}
 
 
-def _write_tables(dest: Path, params: TileParams, records: dict, failed: dict[str, str],
+def _save_state(dest: Location, written: dict) -> None:
+    dest.put_bytes_if_changed(SHARD_STATE, json.dumps(written, sort_keys=True).encode())
+
+
+def _write_tables(dest: Location, params: TileParams, records: dict, failed: dict[str, str],
                   shards: dict[str, list[str]]) -> None:
     shard_of = {folder: name for name, folders in shards.items() for folder in folders}
     tiles, plates = [], []
@@ -156,6 +186,7 @@ def _write_tables(dest: Path, params: TileParams, records: dict, failed: dict[st
                        "reason": record.get("reason") if record else None})
     plates += [{"plate_dir": f, "plate_id": None, "sha256": None, "split": None, "tiles": 0, "status": "failed",
                 "reason": why} for f, why in sorted(failed.items())]
-    write_table_if_changed(dest / "tiles.parquet", pa.Table.from_pylist(tiles, schema=TILES_SCHEMA))
-    write_table_if_changed(dest / "tile-plates.parquet", pa.Table.from_pylist(plates, schema=TILE_PLATES_SCHEMA))
-    write_bytes_if_changed(dest / "tile-params.json", params.model_dump_json(indent=2).encode())
+    dest.put_bytes_if_changed("tiles.parquet", parquet_bytes(pa.Table.from_pylist(tiles, schema=TILES_SCHEMA)))
+    dest.put_bytes_if_changed("tile-plates.parquet",
+                              parquet_bytes(pa.Table.from_pylist(plates, schema=TILE_PLATES_SCHEMA)))
+    dest.put_bytes_if_changed("tile-params.json", params.model_dump_json(indent=2).encode())

@@ -15,11 +15,13 @@ import stat
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Iterator
 
 from plateflow.atomic import make_temp_dir, write_bytes
+from plateflow.buckets import Location, RemoteFile, is_url
 from plateflow.config import CharacterizeParams
-from plateflow.errors import DuplicatePlateError, ManifestError, PlateError, UnsafePathError
+from plateflow.errors import ConfigError, DuplicatePlateError, ManifestError, PlateError, UnsafePathError
 from plateflow.hashindex import SourceIndex, sha256_file  # noqa: F401 - sha256_file is public here
 from plateflow.layout import MANIFEST, OUTPUT_DIRS, PLATES, SOURCE, CorpusLayout, natural_key
 
@@ -217,13 +219,34 @@ class IngestReport:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
-def iter_source_files(sources: Iterable[Path]) -> Iterator[tuple[Path, str | None]]:
-    """(path, None) for each regular file in ``sources`` (folders searched recursively, in
-    natural order, hidden names left out), and (path, reason) for each entry that is not one:
-    missing, a broken symlink or a symlink loop, a FIFO, socket or device (never opened)."""
+def iter_source_files(sources: Iterable[Path | str], credentials_block: str | None = None
+                      ) -> Iterator[tuple[Path | RemoteFile | str, str | None]]:
+    """(file, None) for each regular file in ``sources`` (folders searched recursively, in
+    natural order, hidden names left out), and (entry, reason) for each entry that is not one:
+    missing, a broken symlink or a symlink loop, a FIFO, socket or device (never opened).
+
+    A source may be an fsspec URL (``s3://bucket/prefix``, ``gs://…``, ``az://…``, ``file://…``):
+    its objects are listed (``RemoteFile``), with ``credentials_block``'s credentials or the
+    environment's; a bucket that cannot be listed is one entry with its reason."""
     seen: set[tuple[int, int]] = set()
     for src in sources:
-        yield from _walk(Path(src), seen)
+        if not is_url(src):
+            yield from _walk(Path(src), seen)
+            continue
+        try:
+            location = Location(src, credentials_block)
+            if location.local is not None:
+                yield from _walk(location.local, seen)
+                continue
+            listed = list(location.walk_files())
+        except ConfigError:
+            raise  # a wrong credentials block or protocol: the user's to fix, not one file's problem
+        except Exception as exc:  # noqa: BLE001 - a missing bucket, refused credentials, no network
+            yield str(src), f"cannot be listed: {type(exc).__name__}: {exc}"
+            continue
+        if not listed:
+            yield str(src), "no objects under this URL"
+        yield from ((f, None) for f in listed)
 
 
 def _walk(path: Path, seen: set[tuple[int, int]]) -> Iterator[tuple[Path, str | None]]:
@@ -291,14 +314,17 @@ def _known(root: Path, index: SourceIndex) -> tuple[dict[str, str], set[str]]:
     return known, used
 
 
-def ingest(sources: Iterable[Path], root: Path, progress=None,
-           max_pixels: int = DEFAULT_MAX_PIXELS) -> IngestReport:
+def ingest(sources: Iterable[Path | str], root: Path, progress=None,
+           max_pixels: int = DEFAULT_MAX_PIXELS, credentials_block: str | None = None) -> IngestReport:
     """Copy image files into ROOT in the notebooks' layout. Sources are never moved or modified.
 
-    Each new plate is assembled in a hidden temp folder and renamed into place, so a plate folder
-    is either complete or absent. Files whose bytes are one of the corpus's current sources are
-    skipped, and so is anything that is not an image of at most ``max_pixels`` (the refresh's
-    limit), each with its reason. New plate ids are unique among folder names and manifests.
+    ``sources``: files, folders and fsspec URLs (see ``iter_source_files``). Each new plate is
+    assembled in a hidden temp folder and renamed into place, so a plate folder is either
+    complete or absent. Files whose bytes are one of the corpus's current sources are skipped,
+    and so is anything that is not an image of at most ``max_pixels`` (the refresh's limit), or
+    that cannot be read (an object deleted after it was listed), each with its reason. New plate
+    ids are unique among folder names and manifests. Reports name local files by path and
+    objects by URL.
     """
     from plateflow.imagefile import read_header
 
@@ -312,55 +338,86 @@ def ingest(sources: Iterable[Path], root: Path, progress=None,
     known, used = _known(root, index)
     number = max([int(m.group(1)) for name in used if (m := PLATE_NAME.match(name))], default=0) + 1
     report = IngestReport()
-    for path, reason in iter_source_files(sources):
+    for item, reason, data in _read_ahead(iter_source_files(sources, credentials_block)):
+        shown = item.url if isinstance(item, RemoteFile) else item
         if progress:
-            progress(path)
+            progress(shown)
         if reason is None:
             try:
-                data = _read_regular(path)
-                read_header(data, path.name, max_pixels)
+                read_header(data, item.name, max_pixels)
             except PlateError as exc:
                 reason = str(exc)
-            except OSError as exc:
-                reason = f"cannot be read: {exc.strerror or exc}"
         if reason is not None:
-            report.skipped.append((path, reason))
+            report.skipped.append((shown, reason))
             continue
         sha = hashlib.sha256(data).hexdigest()
         if sha in known:
-            report.skipped.append((path, f"same bytes already ingested as {known[sha]}"))
+            report.skipped.append((shown, f"same bytes already ingested as {known[sha]}"))
             continue
         while (plate_id := f"plate-{number:03d}") in used:
             number += 1
-        copy = _write_plate(corpus.plates, plate_id, path, data, sha)
+        if isinstance(item, RemoteFile):
+            original, mtime_ns = item.url, item.mtime_ns
+        else:
+            original, mtime_ns = str(item.resolve()), item.stat().st_mtime_ns
+        copy = _write_plate(corpus.plates, plate_id, item.name, original, mtime_ns, data, sha)
         index.record(copy, sha)
         known[sha] = plate_id
         used.add(plate_id)
-        report.added.append((path, plate_id))
+        report.added.append((shown, plate_id))
     index.save()
     return report
 
 
-def _write_plate(top: Path, plate_id: str, src: Path, data: bytes, sha: str) -> Path:
+def _read_ahead(entries: Iterator[tuple[Path | RemoteFile | str, str | None]], window: int = 4
+                ) -> Iterator[tuple[Path | RemoteFile | str, str | None, bytes | None]]:
+    """(entry, reason, bytes) in order, reading up to ``window`` files at once (objects of a
+    bucket come over the network); a file that cannot be read gets its reason."""
+    def read(entry, reason):
+        if reason is not None:
+            return entry, reason, None
+        try:
+            return entry, None, entry.read() if isinstance(entry, RemoteFile) else _read_regular(entry)
+        except PlateError as exc:
+            return entry, str(exc), None
+        except FileNotFoundError:
+            return entry, "disappeared between listing and reading", None
+        except OSError as exc:
+            return entry, f"cannot be read: {exc.strerror or exc}", None
+        except Exception as exc:  # noqa: BLE001 - a storage client's own error (refused, throttled)
+            return entry, f"cannot be read: {type(exc).__name__}: {exc}", None
+
+    with ThreadPoolExecutor(window) as pool:
+        pending = []
+        for entry, reason in entries:
+            pending.append(pool.submit(read, entry, reason))
+            if len(pending) >= window:
+                yield pending.pop(0).result()
+        for future in pending:
+            yield future.result()
+
+
+def _write_plate(top: Path, plate_id: str, name: str, original: str, mtime_ns: int | None,
+                 data: bytes, sha: str) -> Path:
     """Assemble the plate in a temp folder and rename it into place; returns its source's path.
-    The copy holds exactly the bytes that were checked and hashed, with the source's times."""
+    The copy holds exactly the bytes that were checked and hashed, with the source's mtime."""
     fd, tmp = make_temp_dir(top, plate_id)
     try:
-        copy = tmp / SOURCE / src.name
+        copy = tmp / SOURCE / name
         write_bytes(copy, data)
-        st = src.stat()
-        os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+        if mtime_ns is not None:
+            os.utime(copy, ns=(mtime_ns, mtime_ns))
         manifest = {
             "plate_id": plate_id,
-            "source_image": f"{SOURCE}/{src.name}",
-            "original_path": str(src.resolve()),
+            "source_image": f"{SOURCE}/{name}",
+            "original_path": original,
             "sha256": sha,
         }
-        write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode())
         os.rename(tmp, top / plate_id)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         os.close(fd)
-    return CorpusLayout(top.parent).plate(plate_id).source(src.name)
+    return CorpusLayout(top.parent).plate(plate_id).source(name)

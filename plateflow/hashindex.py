@@ -17,6 +17,7 @@ from pathlib import Path
 from plateflow.layout import CorpusLayout
 
 RACY_NS = 2_000_000_000
+HASH_ATTEMPTS = 3  # a source that cannot be read is tried again after 1 s and 2 s
 
 
 def sha256_file(path: Path) -> str:
@@ -91,6 +92,18 @@ class SourceIndex:
         if _signature(os.stat(path)) == sig:  # it did not change while it was read
             self.record(path, sha, st, hashed_ns)
         return sha
+
+    def rehash_patiently(self, path: Path, attempts: int = HASH_ATTEMPTS) -> str:
+        """``rehash``, tried again after 1 s, 2 s … when the file cannot be read (a network
+        filesystem's hiccup); the last ``OSError`` if it never can."""
+        for attempt in range(attempts):
+            try:
+                return self.rehash(path)
+            except OSError:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(2 ** attempt)
+        raise ValueError("attempts must be at least 1")
 
     def record(self, path: Path, sha256: str, st: os.stat_result | None = None,
                hashed_ns: int | None = None) -> None:

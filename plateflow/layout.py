@@ -144,6 +144,16 @@ class CorpusLayout:
         return self.state / "source-index.parquet"
 
     @property
+    def tile_store(self) -> Path:
+        """Each plate's stored tile archive (the tar members of its shard), by tile key."""
+        return self.state / "tiles"
+
+    @property
+    def upload_staging(self) -> Path:
+        """Where a shard for a bucket is assembled before its upload."""
+        return self.state / "upload"
+
+    @property
     def config(self) -> Path:
         """The last refresh's effective configuration."""
         return self.state / "config.json"

@@ -239,6 +239,13 @@ TILE_PLATES_SCHEMA = pa.schema([
 ])
 
 
+def parquet_bytes(table: pa.Table) -> bytes:
+    """The table as the bytes of a Parquet file (the same rows give the same bytes)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
 def write_table_if_changed(path: Path, table: pa.Table) -> bool:
     """Write ``table`` atomically unless the file already holds the same rows; True if written."""
     try:

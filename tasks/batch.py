@@ -66,3 +66,21 @@ def summary(logger, what: str, outcomes: list[PlateOutcome]) -> list[PlateOutcom
     counts = {s: sum(o.status == s for o in outcomes) for s in ("computed", "cached", "failed")}
     logger.info("%s of %d plates: %d computed, %d cached, %d failed", what, len(outcomes), *counts.values())
     return outcomes
+
+
+def batches(items: list, cost: Callable[[Any], int], max_plates: int, max_cost: int,
+            places: int = 1) -> list[list]:
+    """Consecutive items grouped by expected work (``cost``: source bytes), at most ``max_plates``
+    and ``max_cost`` each; with ``places`` > 1 workers, small enough that each gets about four
+    batches: a few large plates must not share one batch while the other workers idle."""
+    per_batch = max_plates if places <= 1 else max(1, min(max_plates, -(-len(items) // (4 * places))))
+    out: list[list] = []
+    size = 0
+    for item in items:
+        c = cost(item)
+        if not out or len(out[-1]) >= per_batch or size + c > max_cost:
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += c
+    return out

@@ -110,3 +110,46 @@ def wait_until(check, timeout: float, what: str, every: float = 1.0):
             return value
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API on 127.0.0.1: moto in server mode, reached through s3fs (its URL)."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    exe = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def up():
+        try:
+            return urllib.request.urlopen(url + "/moto-api/", timeout=1).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_until(up, 60, "moto_server", every=0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """Credentials for the moto server in the environment, as a user would set them, and an
+    s3fs filesystem to set up and inspect buckets with."""
+    import s3fs
+
+    env = {"AWS_ACCESS_KEY_ID": "plateflow-test", "AWS_SECRET_ACCESS_KEY": "plateflow-test-secret",
+           "AWS_ENDPOINT_URL": s3_server, "AWS_DEFAULT_REGION": "us-east-1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    yield fs
+    s3fs.S3FileSystem.clear_instance_cache()

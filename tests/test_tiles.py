@@ -109,3 +109,16 @@ def test_make_tiles_writes_shards_webdataset_reads_and_reruns_rewrite_only_what_
     holders = {n for n, m in shard_members(dest).items() if any(x.startswith("plate-002-") for x in m)}
     old_holders = {n for n, m in members.items() if any(x.startswith("plate-002-") for x in m)}
     assert touched <= holders | old_holders and holders
+
+
+@pytest.mark.parametrize("level", [0, 1, 3, 6])
+def test_tile_pngs_decode_to_exactly_the_tile_pixels(level):
+    from tasks.tiles import encode_png
+
+    rng = np.random.default_rng(level)
+    smooth = np.cumsum(rng.integers(0, 3, (37, 53, 3)), axis=1).astype(np.uint8)  # odd sizes, wrapping differences
+    for im in (Image.fromarray(smooth), Image.fromarray(smooth[..., 0]), Image.new("RGB", (1, 1), (255, 0, 7))):
+        back = Image.open(io.BytesIO(encode_png(im, level)))
+        assert back.mode == im.mode and np.array_equal(np.asarray(back), np.asarray(im))
+    with pytest.raises(ValueError, match="8-bit RGB or L"):
+        encode_png(Image.new("RGBA", (4, 4)), level)

@@ -7,7 +7,8 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from flows.refresh import PlateRecord, batches, refresh_corpus
+from flows.refresh import PlateRecord, refresh_corpus
+from tasks.batch import batches
 from plateflow.config import RefreshConfig
 from plateflow.corpus import read_manifest
 from plateflow.hashindex import SourceIndex, sha256_file
