@@ -381,6 +381,7 @@ def tiles(
     test_every: Annotated[Optional[int], typer.Option(help="A plate is test when its content hash is 0 mod K.")] = None,
     test_fraction: Annotated[Optional[float], typer.Option(help="Or: this fraction of plates, by content hash, is test.")] = None,
     shard_megabytes: Annotated[float, typer.Option(help="Most megabytes in one shard.")] = 256.0,
+    png_level: Annotated[int, typer.Option(help="PNG compression: 1-3 ISA-L (1 fastest), 4-9 zlib (smaller, slower), 0 stored.", min=0, max=9)] = 1,
     credentials_block: CredentialsOpt = None,
 ) -> None:
     """Cut every plate into model-input tiles (the make-tiles flow): a stable train/test split
@@ -395,11 +396,18 @@ def tiles(
     try:
         w, _, h = size.lower().partition("x")
         params = TileParams(width=int(w), height=int(h), mode=mode, grayscale=grayscale, test_every=test_every,
-                            test_fraction=test_fraction, shard_megabytes=shard_megabytes)
+                            test_fraction=test_fraction, shard_megabytes=shard_megabytes, png_compress_level=png_level)
         root = corpus_root(root)
     except (ValueError, ConfigError) as exc:
         raise typer.BadParameter(str(exc)) from None
+    from plateflow.buckets import Location, is_url
+
     with local_api():
+        if is_url(out):
+            try:
+                Location(out, credentials_block)  # a wrong protocol or block is the user's to fix, before any work
+            except ConfigError as exc:
+                raise typer.BadParameter(str(exc)) from None
         state = make_tiles(str(root), params, out, credentials_block, return_state=True)
     console.print(f"flow run {state.name}: {state.message}")
     if not state.is_completed():
