@@ -415,6 +415,151 @@ def tiles(
 
 
 @app.command()
+def features(
+    root: RootOpt,
+    model: Annotated[str, typer.Option(help="The model whose vectors to gather (see profiles/models.toml).")],
+    tiles: Annotated[Optional[str], typer.Option(help="Embed the tiles make-tiles wrote here (a folder or bucket URL) instead: ROOT/features/<model>-tiles/.")] = None,
+    credentials_block: CredentialsOpt = None,
+    gpu_class: Annotated[Optional[str], typer.Option(help="GPU class for the tiles' embedding (default: detected).")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="Folder with <model>/ weights (else the HF cache).")] = None,
+) -> None:
+    """Build ROOT/features/<model>/ (float16, memory-mappable) from the embeddings an earlier
+    refresh stored, without recomputing any (refreshes keep it in step afterwards); with
+    --tiles, embed the tiles (each stored once) into ROOT/features/<model>-tiles/."""
+    from plateflow.config import corpus_root
+    from plateflow.corpus import corpus_lock
+    from plateflow.errors import ConfigError
+    from plateflow.layout import CorpusLayout
+    from tasks.features import build_from_embeddings_table
+
+    try:
+        root = corpus_root(root)
+        if tiles is None:
+            with corpus_lock(root, f"plateflow features {model}"):
+                version, written, plates = build_from_embeddings_table(root, model)
+            console.print(f"{plates} plates in {CorpusLayout(root).features(model)} "
+                          f"(version {version}{'' if written else ', unchanged'})")
+            return
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    from app.server import local_api
+    from flows.features import tile_features
+
+    with local_api():
+        state = tile_features(str(root), model, tiles, credentials_block, gpu_class,
+                              weights_root=str(weights) if weights else None, return_state=True)
+    if not state.is_completed():
+        console.print(f"[red]tile-features failed[/]: {state.message}")
+        raise typer.Exit(1)
+    console.print(f"{state.result()} tiles in {CorpusLayout(root).features(model + '-tiles')}")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: give numbers separated by commas, e.g. 1e-3,1e-2") from None
+
+
+@app.command("train-head")
+def train_head(
+    root: RootOpt,
+    model: Annotated[str, typer.Option(help="The model whose cached features to train on.")],
+    label: Annotated[str, typer.Option(help="The manifest key with each plate's class (or the classes' name with --labels).")],
+    labels: Annotated[Optional[Path], typer.Option(help="A CSV of plate_id,label instead of the manifests' key.")] = None,
+    head: Annotated[str, typer.Option(help="linear, mlp, or both: linear,mlp (each is its own experiment).")] = "linear",
+    lr: Annotated[str, typer.Option(help="Learning rate(s), comma-separated: each with each head.")] = "1e-3",
+    epochs: Annotated[int, typer.Option(help="Passes over the train plates.", min=1)] = 30,
+    seed: Annotated[int, typer.Option(help="Seeds the weights and the minibatch order.")] = 0,
+    hidden: Annotated[int, typer.Option(help="Hidden units of the mlp head.", min=1)] = 256,
+    test_every: Annotated[Optional[int], typer.Option(help="Test plates: content hash 0 mod K (the tiles' rule).")] = None,
+    test_fraction: Annotated[float, typer.Option(help="Or: this share of plates by content hash is test.")] = 0.2,
+    features: Annotated[str, typer.Option("--features", help="plates, or tiles (a head per tile, from `plateflow features --tiles`).")] = "plates",
+) -> None:
+    """Train light classifier heads on cached features (the train-head flow); each (head, lr) is
+    an experiment in ROOT/experiments/experiments.db with its checkpoint and confusion matrix."""
+    from app.server import local_api
+    from flows.heads import train_head as train_flow
+    from plateflow.config import corpus_root
+    from plateflow.errors import ConfigError
+    from plateflow.experiments import experiments as ledger_rows
+
+    if features not in ("plates", "tiles"):
+        raise typer.BadParameter(f"--features {features!r}: plates or tiles")
+    heads = [h.strip() for h in head.split(",") if h.strip()]
+    if not heads or any(h not in ("linear", "mlp") for h in heads):
+        raise typer.BadParameter(f"--head {head!r}: linear, mlp or linear,mlp")
+    try:
+        root = corpus_root(root)
+        from tasks.heads import read_labels
+
+        read_labels(root, label, labels)  # a bad labels file is a parameter error, before any run
+    except (ConfigError, OSError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    with local_api():
+        state = train_flow(str(root), model, label, str(labels) if labels else None, heads, _floats(lr), epochs, seed,
+                           hidden, test_every, None if test_every else test_fraction, features, return_state=True)
+    if not state.is_completed():
+        console.print(f"[red]train-head failed[/]: {state.message}")
+        raise typer.Exit(1)
+    ids = set(state.result())
+    _print_experiments([r for r in ledger_rows(root) if r["id"] in ids], balance=True)
+
+
+def _print_experiments(rows: list[dict], balance: bool = False) -> None:
+    table = Table()
+    table.add_column("id", no_wrap=True)  # copied into `plateflow predict --experiment`
+    for name in ("model", "label", "head", "lr", "epochs", "train", "test", "accuracy", "macro-F1", "seconds"):
+        table.add_column(name)
+    for r in rows:
+        hp = r["hyperparameters"]
+        table.add_row(r["id"], r["model"], r["label"], r["head"], f"{hp['lr']:g}", str(hp["epochs"]),
+                      str(r["train_size"]), str(r["test_size"]),
+                      "–" if r["accuracy"] is None else f"{r['accuracy']:.3f}",
+                      "–" if r["macro_f1"] is None else f"{r['macro_f1']:.3f}", f"{r['duration_s']:.1f}")
+    console.print(table)
+    if balance and rows:
+        for split, counts in rows[0]["class_balance"].items():
+            console.print(f"{split}: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+
+
+@app.command()
+def experiments(root: RootOpt) -> None:
+    """List the head trainings of ROOT/experiments/experiments.db."""
+    from plateflow.config import corpus_root
+    from plateflow.experiments import experiments as ledger_rows
+
+    rows = ledger_rows(corpus_root(root))
+    if not rows:
+        console.print("no experiments yet: `plateflow train-head` trains one")
+        return
+    _print_experiments(rows)
+
+
+@app.command()
+def predict(
+    root: RootOpt,
+    experiment: Annotated[str, typer.Option(help="The experiment id (plateflow experiments lists them).")],
+) -> None:
+    """Write pred_<label> and pred_<label>_p into plates.parquet from an experiment's head, for
+    every plate with features; later refreshes predict new and changed plates with it."""
+    from app.server import local_api
+    from flows.heads import predict_head
+    from plateflow.config import corpus_root
+    from plateflow.experiments import experiments as ledger_rows
+
+    root = corpus_root(root)
+    if not ledger_rows(root, experiment):
+        raise typer.BadParameter(f"no experiment {experiment!r} in {root}: `plateflow experiments --root {root}` lists them")
+    with local_api():
+        state = predict_head(str(root), experiment, return_state=True)
+    if not state.is_completed():
+        console.print(f"[red]predict failed[/]: {state.message}")
+        raise typer.Exit(1)
+    console.print(f"predicted {state.result()} plates with {experiment}")
+
+
+@app.command()
 def report(
     root: RootOpt,
     serve: Annotated[bool, typer.Option("--serve", help="Serve it over HTTP until Ctrl-C (the Prefect UI links to it there).")] = False,

@@ -1,7 +1,7 @@
 """`plateflow deploy`: the work pools and every deployment on the configured Prefect server.
 
 - the pools: one per GPU class (plateflow/pools.py, from profiles/gpu_classes.toml);
-- refresh-corpus and retry-failed-plates, with their schedule and trigger: prefect.yaml;
+- refresh-corpus and retry-failed-plates, with their schedule and trigger, make-tiles, train-head and predict-head: prefect.yaml;
 - embed-plates-<class>, one per pool, from one pattern (PrefectHQ/examples' ``deploy_many.py``):
   the GPU step that refresh sends runs to. A class added to the profile gets its pool and
   deployment with no other edit.
@@ -54,5 +54,5 @@ def deploy_all(corpus: Path | None, home: Path = REPO, say=print, env: dict[str,
     done = subprocess.run(cmd, cwd=home, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"prefect deploy --all failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    say("deployed refresh-corpus, retry-failed-plates (prefect.yaml)")
+    say("deployed refresh-corpus, retry-failed-plates, make-tiles, train-head, predict-head (prefect.yaml)")
     say(f"deployed {', '.join(deploy_embed_plates(home))}")

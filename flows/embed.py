@@ -11,11 +11,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from plateflow.atomic import write_json
+from plateflow.layout import chunk_ledger
 from plateflow.errors import ConfigError
 from plateflow.profiles import dispatch_policy, load_profiles
 from tasks.embed.reader import PlateJob
 from tasks.embed.runner import embed_chunk
-from tasks.embed.writer import vectors_problem
+from tasks.embed.writer import ChunkLedger, vectors_problem
 
 
 @flow(name="embed-plates")
@@ -27,8 +28,11 @@ def embed_plates(model: str, gpu_class: str, jobs: list[PlateJob] | None = None,
     dispatch policy's, profiles/dispatch.toml); returns
     plate_id -> None or its error, and writes the same to ``report`` (a JSON file) when given.
 
-    A plate whose vectors are already stored is not embedded again: a run sent again after its
-    worker was lost does only what the lost run had not finished.
+    The plates are cut into chunks in the order given; each finished chunk is recorded in the
+    ledger beside the vector store (``.chunks/<key>.json``: its plates, their outcomes, when), so
+    a run sent again after it was killed skips the recorded chunks (a stat of their files) and
+    starts at the first unfinished one, where a plate whose vectors are stored is not embedded
+    again.
 
     Args:
         model: The embedding model, a name from profiles/models.toml (dinov2_base, ...).
@@ -55,16 +59,26 @@ def embed_plates(model: str, gpu_class: str, jobs: list[PlateJob] | None = None,
     spec = profiles.model(model)
     batch_size, dtype = profiles.plan(model, gpu_class)
     readers = profiles.gpu_class(gpu_class).readers
-    outcome: dict[str, str | None] = {j.plate_id: None for j in jobs
-                                      if vectors_problem(j.cache_file, len(j.boxes), spec.embed_dim) is None}
-    todo = [j for j in jobs if j.plate_id not in outcome]
-    logger.info("%s on %s: %d plates (%d stored already), batch %d images, %s, reader %s", model, gpu_class,
-                len(jobs), len(outcome), batch_size, dtype, readers)
-    for start in range(0, len(todo), chunk_size):
-        chunk = todo[start:start + chunk_size]
-        outcome.update(embed_chunk(chunk, spec, batch_size, dtype, chunk_name=str(start // chunk_size),
-                                   weights_root=weights_root, readers=readers))
-        logger.info("%s: %d/%d plates embedded", model, len(outcome), len(jobs))
+    ledger = ChunkLedger(chunk_ledger(jobs[0].cache_file)) if jobs else None
+    chunks = [jobs[i:i + chunk_size] for i in range(0, len(jobs), chunk_size)]  # over all jobs: stable on a re-run
+    outcome: dict[str, str | None] = {}
+    finished = 0
+    for n, chunk in enumerate(chunks):
+        key = ledger.key(model, chunk)
+        if ledger.finished(key, chunk):  # recorded complete, and its files are there: nothing to do
+            outcome.update({j.plate_id: None for j in chunk})
+            finished += 1
+            continue
+        done = {j.plate_id for j in chunk if vectors_problem(j.cache_file, len(j.boxes), spec.embed_dim) is None}
+        outcome.update({p: None for p in done})
+        todo = [j for j in chunk if j.plate_id not in done]
+        if todo:
+            outcome.update(embed_chunk(todo, spec, batch_size, dtype, chunk_name=str(n), weights_root=weights_root,
+                                       readers=readers))
+        ledger.record(key, chunk, {j.plate_id: outcome[j.plate_id] for j in chunk})
+        logger.info("%s: chunk %d/%d done, %d/%d plates", model, n + 1, len(chunks), len(outcome), len(jobs))
+    logger.info("%s on %s: %d plates in %d chunks (%d recorded finished before), batch %d images, %s, reader %s",
+                model, gpu_class, len(jobs), len(chunks), finished, batch_size, dtype, readers)
     if report:
         write_json(Path(report), outcome)
     return outcome

@@ -45,6 +45,8 @@ from plateflow.tables import (CHARACTERISATION_COLUMNS, read_corpus_table, read_
                               write_embeddings_table)
 from flows.routing import GpuRoute, choose_route, run_on_pool
 from tasks.batch import PlateOutcome, batches
+from tasks.features import update_plate_features
+from tasks.heads import apply_predictors
 from tasks.candidates import candidates_batch, candidates_of_plates
 from tasks.characterize import characterize_batch, characterize_plates, key_suffix
 from tasks.embed.models import require_weights
@@ -420,10 +422,18 @@ def gpu_stage(run: Refresh, records: list[PlateRecord], route: GpuRoute, runner:
         smart_crop_stage(run, records, runner)
     profiles = load_profiles()
     for model in run.config.models:
-        rows = [(r.plate.plate_id, r.metadata["sha256"], r.boxes, load_vectors(r.vector_files[model], len(r.boxes)))
-                for r in records if r.ok]
-        run.logger.info("wrote %s", write_embeddings_table(run.root, model, rows, profiles.model(model).embed_dim,
+        spec = profiles.model(model)
+        ok = [r for r in records if r.ok]
+        vectors = [load_vectors(r.vector_files[model], len(r.boxes)) for r in ok]
+        rows = [(r.plate.plate_id, r.metadata["sha256"], r.boxes, v) for r, v in zip(ok, vectors)]
+        run.logger.info("wrote %s", write_embeddings_table(run.root, model, rows, spec.embed_dim,
                                                              partial=run.partial))
+        items = [(r.plate.folder, r.plate.plate_id, r.metadata["sha256"], v) for r, v in zip(ok, vectors)]
+        version, written = update_plate_features(run.root, model, items, spec.embed_dim,
+                                                 embedding_key(spec, run.config.crop), partial=run.partial)
+        if written:
+            run.logger.info("%s features: version %s, %d plates (float16, %s)", model, version, len(items),
+                            run.corpus.features(model))
 
 
 def candidates_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunner) -> None:
@@ -537,6 +547,11 @@ def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem
                    + (f": {_failures(failed)}" if failed else ""))
         run.logger.error(message)
         return Failed(message=message)
+    if run.config.models and run.corpus.predictors.is_file():
+        try:  # new and changed plates predicted by the registered heads, from their cached features
+            apply_predictors(run.root, run.logger)
+        except Exception:  # noqa: BLE001 - the plates' outputs stand; a broken checkpoint must not fail the refresh
+            run.logger.exception("could not predict with the registered heads")
     try:
         report = build_report(run.root)
     except Exception:  # noqa: BLE001 - the plates' outputs stand; a report bug must not fail the refresh

@@ -27,6 +27,8 @@ STATE = ".plateflow"
 TABLE = "plates.parquet"
 EMBEDDINGS = "embeddings"
 REPORTS = "reports"
+FEATURES = "features"
+EXPERIMENTS = "experiments"
 
 # Inside a plate folder
 MANIFEST = "manifest.json"
@@ -117,6 +119,27 @@ class CorpusLayout:
     def embeddings_tables(self) -> list[Path]:
         return sorted((self.root / EMBEDDINGS).glob("*.parquet"))
 
+    def features(self, name: str) -> Path:
+        """The float16 feature store of a model (``<model>``) or of the tiles (``<model>-tiles``)."""
+        return self.root / FEATURES / name
+
+    @property
+    def experiments(self) -> Path:
+        """The head trainings: experiments.db, one folder per experiment, predictors.json."""
+        return self.root / EXPERIMENTS
+
+    @property
+    def experiments_db(self) -> Path:
+        return self.experiments / "experiments.db"
+
+    def experiment(self, experiment_id: str) -> Path:
+        return self.experiments / experiment_id
+
+    @property
+    def predictors(self) -> Path:
+        """The experiments whose predictions plates.parquet keeps, by label: refreshes predict new plates."""
+        return self.experiments / "predictors.json"
+
     @property
     def reports(self) -> Path:
         return self.root / REPORTS
@@ -147,6 +170,15 @@ class CorpusLayout:
     def tile_store(self) -> Path:
         """Each plate's stored tile archive (the tar members of its shard), by tile key."""
         return self.state / "tiles"
+
+    @property
+    def tile_views(self) -> Path:
+        """Tiles taken out of their shards for the GPU step to read (removed once embedded)."""
+        return self.state / "tile-views"
+
+    def tile_vector_store(self, model: str) -> Path:
+        """Stored per-tile vectors of ``model``, by tile and embedding key."""
+        return self.vector_store(model) / "tiles"
 
     @property
     def upload_staging(self) -> Path:
@@ -191,3 +223,9 @@ class CorpusLayout:
 
 def layout(root: str | os.PathLike) -> CorpusLayout:
     return CorpusLayout(Path(root))
+
+
+def chunk_ledger(vector_file: str | Path) -> Path:
+    """The ledger of finished embed-chunks beside a model's vector store (the folder of
+    ``vector_file``): one record per chunk, written when the chunk completes."""
+    return Path(vector_file).parent / ".chunks"

@@ -37,10 +37,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from plateflow.atomic import write_bytes
 from plateflow.caching import code_version
 from plateflow.corpus import PlateRef
+from plateflow.split import Split, split_of as plate_split
 from tasks.batch import PlateOutcome, isolated, summary
 
 CODE_VERSION = code_version("tasks.tiles", "tasks.image")
-Split = Literal["train", "test"]
 
 
 class TileParams(BaseModel):
@@ -79,14 +79,8 @@ class TileParams(BaseModel):
 
 
 def split_of(sha256: str, params: TileParams) -> Split:
-    """train or test, from the content hash alone: adding plates never moves a plate, and every
-    tile of a plate is in its plate's split."""
-    x = int(sha256[:16], 16)
-    if params.test_every is not None:
-        return "test" if x % params.test_every == 0 else "train"
-    if params.test_fraction is not None:
-        return "test" if x / 2**64 < params.test_fraction else "train"
-    return "train"
+    """train or test, from the content hash alone (plateflow/split.py)."""
+    return plate_split(sha256, params.test_every, params.test_fraction)
 
 
 def group_of(sha256: str, params: TileParams) -> int:

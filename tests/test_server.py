@@ -110,6 +110,9 @@ def test_prefect_deploy_all_creates_every_deployment_with_its_pool_schedule_and_
     assert refresh.work_pool_name == "plates-cpu" and refresh.parameters == {"root": str(live.corpus)}
     assert [s.schedule.cron for s in refresh.schedules] == ["0 2 * * *"]
     assert retry.work_pool_name == "plates-cpu" and cpu.work_pool_name == "plates-cpu"
+    for name in ("make-tiles/make-tiles", "train-head/train-head", "predict-head/predict-head"):
+        other = client.read_deployment_by_name(name)  # the tiles and heads run from the UI too
+        assert other.work_pool_name == "plates-cpu" and other.parameters["root"] == str(live.corpus)
     assert h100.work_pool_name == "plates-gpu-h100-80gb" and h100.parameters == {"gpu_class": "H100_80GB"}
     automations = client.read_resource_related_automations(f"prefect.deployment.{refresh.id}")
     assert any("plateflow.plates.ingested" in a.trigger.expect for a in automations)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from plateflow.atomic import write_bytes
+from plateflow.atomic import write_bytes, write_json
 from plateflow.caching import code_version
 from plateflow.config import CropParams
 from plateflow.errors import CacheEntryError
@@ -114,3 +115,34 @@ class VectorWriter:
             self.close()
         else:  # the error that stopped the chunk is the one to see; finish what was handed over
             self._pool.shutdown()
+
+
+class ChunkLedger:
+    """The record of finished embed-chunks (a folder of ``<key>.json``): a chunk's completion is
+    written when it completes, not inferred from which vector files exist."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    @staticmethod
+    def key(model: str, chunk: list) -> str:
+        """A chunk's name: its model and its plates' vector files (which carry the embedding key)."""
+        h = hashlib.sha256(model.encode())
+        for job in chunk:
+            h.update(b"\0" + str(job.cache_file).encode())
+        return h.hexdigest()[:20]
+
+    def finished(self, key: str, chunk: list) -> bool:
+        """Recorded complete with every plate embedded, and every vector file still in place."""
+        try:
+            record = json.loads((self.folder / f"{key}.json").read_bytes())
+        except (OSError, ValueError):
+            return False
+        return (not any(record.get("outcome", {"?": "unknown"}).values())
+                and all(Path(job.cache_file).is_file() for job in chunk))
+
+    def record(self, key: str, chunk: list, outcome: dict[str, str | None]) -> None:
+        from datetime import datetime, timezone
+
+        write_json(self.folder / f"{key}.json", {"plates": [j.plate_id for j in chunk], "outcome": outcome,
+                                                 "finished": datetime.now(timezone.utc).isoformat()})

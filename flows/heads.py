@@ -1,0 +1,84 @@
+"""train_head: light heads trained on a model's cached features, each combination of head and
+learning rate its own experiment (tasks/heads.py); its metrics published as artifacts."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from plateflow.artifacts import artifact_key
+from plateflow.config import corpus_root
+from plateflow.corpus import corpus_lock
+from tasks.heads import HeadConfig, predict, read_labels, train_experiment
+
+
+@task(name="train-head", task_run_name="train-{config.head}-lr{config.lr}", cache_policy=NO_CACHE)
+def train_one(root: str, model: str, label: str, config: HeadConfig, labels: dict[str, str],
+              features: str = "plates") -> dict:
+    """One head trained and recorded as an experiment."""
+    return train_experiment(Path(root), model, label, config, labels, get_run_logger(), features=features)
+
+
+@flow(name="train-head", validate_parameters=True)
+def train_head(root: str, model: str, label: str, labels_file: str | None = None,
+               heads: list[str] = ["linear"], lrs: list[float] = [1e-3], epochs: int = 30,  # noqa: B006
+               seed: int = 0, hidden: int = 256, test_every: int | None = None,
+               test_fraction: float | None = 0.2, features: str = "plates") -> list[str]:
+    """Train a classifier head per (head, learning rate) on the cached features of ``model``;
+    returns the experiment ids. Publishes a table of their metrics and their confusion matrices.
+
+    Args:
+        root: The corpus root: the folder that holds plates_structured/.
+        model: The model whose features (ROOT/features/<model>/) the heads read.
+        label: The manifest key that holds each plate's class (or the name of the labels_file's classes).
+        labels_file: A CSV of plate_id,label instead of the manifests' key.
+        heads: linear and/or mlp: each is trained.
+        lrs: Learning rates: each is tried with each head.
+        epochs: Passes over the train plates.
+        seed: Seeds the initial weights and the minibatch order.
+        hidden: Hidden units of the mlp head.
+        test_every: Test plates: content hash 0 mod this (the tiles' rule; or test_fraction).
+        test_fraction: This share of plates by content hash is test.
+        features: plates (ROOT/features/<model>/) or tiles (<model>-tiles/: a head per tile).
+    """
+    root_path = corpus_root(root)
+    labels = read_labels(root_path, label, labels_file)
+    configs = [HeadConfig(head=h, lr=lr, epochs=epochs, seed=seed, hidden=hidden, test_every=test_every,
+                          test_fraction=None if test_every is not None else test_fraction)
+               for h, lr in itertools.product(heads, lrs)]
+    rows = [train_one(str(root_path), model, label, c, labels, features) for c in configs]
+    create_table_artifact(
+        key=artifact_key(root_path, "experiments"),
+        table=[{"experiment": r["id"], "head": r["head"], "lr": r["hyperparameters"]["lr"], "accuracy": r["accuracy"],
+                "macro_f1": r["macro_f1"], "train": r["train_size"], "test": r["test_size"],
+                "seconds": r["duration_s"]} for r in rows],
+        description=f"Heads for {label} on {model} features")
+    lines = [f"# {label} on {model}", ""]
+    for r in rows:
+        lines += [f"## {r['id']}: {r['head']}, lr {r['hyperparameters']['lr']:g}",
+                  f"test accuracy {r['accuracy']}, macro-F1 {r['macro_f1']}; per class:",
+                  "", "| class | precision | recall | support |", "|---|---|---|---|",
+                  *[f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['support']} |" for c, m in r["per_class"].items()],
+                  "", f"confusion matrix: `{root_path / r['confusion_png']}`", ""]
+    create_markdown_artifact(markdown="\n".join(lines), key=artifact_key(root_path, "experiment-metrics"))
+    return [r["id"] for r in rows]
+
+
+@flow(name="predict-head", validate_parameters=True)
+def predict_head(root: str, experiment: str) -> int:
+    """Write pred_<label> and pred_<label>_p into plates.parquet from an experiment's head, for
+    every plate with features; later refreshes predict new and changed plates with it.
+
+    Args:
+        root: The corpus root.
+        experiment: The experiment id (plateflow experiments lists them).
+    """
+    root_path = corpus_root(root)
+    with corpus_lock(root_path, f"predict-head {experiment}"):
+        n, columns = predict(root_path, experiment)
+    get_run_logger().info("%s for %d plates", " and ".join(columns), n)
+    return n

@@ -1,0 +1,197 @@
+"""Cached float16 features (tasks/features.py), resumable embed chunks (the chunk ledger), and
+light heads trained on the features (tasks/heads.py, flows/heads.py): real refreshes with a tiny
+random-weight model, real training, a real SQLite ledger."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from app.cli import app
+from flows.refresh import refresh_corpus
+from plateflow.config import RefreshConfig
+from tasks.features import open_store
+
+from conftest import make_plate, paper_plate, wait_until
+
+runner = CliRunner()
+MODEL = "tiny_vit"  # a tiny random ViT whose features see the pixels (tests/tiny_models.py)
+
+
+def labelled_corpus(root: Path, n: int, size=(160, 120)) -> dict[str, str]:
+    """Plates whose label is something the features can see: a reddish block or a bluish one,
+    each of its own shade, on paper of its own grain."""
+    kinds = {}
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = f"plate-{i + 1:03d}"
+        kind = "red" if i % 2 else "blue"
+        warm, cool, other = (int(x) for x in rng.integers((150, 10, 10), (235, 90, 90)))
+        colour = (warm, other, cool) if kind == "red" else (cool, other, warm)
+        make_plate(root, folder, paper_plate(*size, seed=i, photo_colour=colour),
+                   manifest={"plate_id": folder, "source_image": "source/scan.jpg", "kind": kind})
+        kinds[folder] = kind
+    return kinds
+
+
+def refresh(root: Path):
+    state = refresh_corpus(str(root), RefreshConfig(models=[MODEL], gpu_class="CPU"), return_state=True)
+    assert state.is_completed(), state.message
+    return state
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_features_heads_experiments_and_predictions(tmp_path, tiny_env):
+    root = tmp_path / "corpus"
+    kinds = labelled_corpus(root, 60)
+    refresh(root)
+
+    # the store: float16, one row per plate, built from the refresh's vectors
+    store = open_store(root / "features" / MODEL)
+    assert store.vectors.dtype == np.float16 and isinstance(store.vectors, np.memmap)
+    assert store.vectors.shape[0] == 60 and store.vectors.shape[2] == 32
+    table = pq.read_table(root / "embeddings" / f"{MODEL}.parquet").to_pylist()
+    first = [r["vector"] for r in table if r["plate_id"] == "plate-001"]
+    np.testing.assert_allclose(store.vectors[0, :len(first)].astype(np.float32), np.array(first), atol=2e-3)
+    size = sum(p.stat().st_size for p in (root / "features" / MODEL).iterdir())
+    assert size / 60 < 0.5 * 2**20
+    version = store.meta["version"]
+    refresh(root)  # unchanged: the store is not rewritten
+    assert open_store(root / "features" / MODEL).meta["version"] == version
+    # `plateflow features` builds the same store from the embeddings table alone
+    (root / "features" / MODEL / "meta.json").unlink()
+    assert runner.invoke(app, ["features", "--root", str(root), "--model", MODEL]).exit_code == 0
+    rebuilt = open_store(root / "features" / MODEL)
+    np.testing.assert_array_equal(rebuilt.vectors, store.vectors)
+
+    # heads: an ablation of two heads, each its own experiment
+    result = runner.invoke(app, ["train-head", "--root", str(root), "--model", MODEL, "--label", "kind",
+                                 "--head", "linear,mlp", "--lr", "1e-2", "--epochs", "60", "--test-fraction", "0.35"],
+                           terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "train: " in result.output and "test: " in result.output  # the class balance
+    with sqlite3.connect(root / "experiments" / "experiments.db") as db:
+        db.row_factory = sqlite3.Row
+        rows = [dict(r) for r in db.execute("SELECT * FROM experiments ORDER BY head")]
+    assert [r["head"] for r in rows] == ["linear", "mlp"]
+    for r in rows:
+        assert r["model"] == MODEL and r["label"] == "kind" and r["code_version"] and r["duration_s"] > 0
+        assert json.loads(r["hyperparameters"])["lr"] == 1e-2
+        assert r["train_size"] + r["validation_size"] + r["test_size"] == 60 and r["test_size"] >= 10
+        assert r["accuracy"] >= 0.9, r  # chance is 0.5
+        per_class = json.loads(r["per_class"])
+        assert set(per_class) == {"blue", "red"} and all({"precision", "recall"} <= set(m) for m in per_class.values())
+        assert (root / r["checkpoint"]).is_file() and r["checkpoint"].endswith("checkpoints/best_head.pt")
+        with Image.open(root / r["confusion_png"]) as png:
+            assert png.format == "PNG" and png.width > 100
+    listed = runner.invoke(app, ["experiments", "--root", str(root)], terminal_width=200)
+    assert all(r["id"] in listed.output for r in rows)
+
+    # predictions into plates.parquet; kept, and extended to a new plate, by the next refresh
+    linear = rows[0]["id"]
+    assert runner.invoke(app, ["predict", "--root", str(root), "--experiment", linear]).exit_code == 0
+    plates = {r["plate_dir"]: r for r in pq.read_table(root / "plates.parquet").to_pylist()}
+    odd = {f: (plates[f].get("pred_kind"), plates[f].get("pred_kind_p")) for f in kinds
+           if plates[f].get("pred_kind") not in ("red", "blue") or not 0.5 <= plates[f]["pred_kind_p"] <= 1.0 + 1e-6}
+    assert not odd, odd
+    assert sum(plates[f]["pred_kind"] == k for f, k in kinds.items()) >= 0.9 * 60
+    new = paper_plate(160, 120, seed=99, photo_colour=(200, 40, 30))
+    make_plate(root, "plate-061", new, manifest={"plate_id": "plate-061", "source_image": "source/scan.jpg"})
+    import shutil
+
+    shutil.rmtree(root / "plates_structured" / "plate-002")  # a removed plate leaves the store
+    refresh(root)
+    store = open_store(root / "features" / MODEL)
+    assert store.rows == 60 and "plate-061" in store.column("plate_dir") and "plate-002" not in store.column("plate_dir")
+    plates = {r["plate_dir"]: r for r in pq.read_table(root / "plates.parquet").to_pylist()}
+    assert plates["plate-061"]["pred_kind"] in ("red", "blue")  # predicted from its cached features
+    assert plates["plate-003"]["pred_kind"] is not None  # the others' columns are kept
+    bad = runner.invoke(app, ["predict", "--root", str(root), "--experiment", "no-such"])
+    assert bad.exit_code != 0 and "plateflow experiments" in bad.output
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_killed_embed_job_resumes_at_the_next_unfinished_chunk(tmp_path, tiny_env):
+    from prefect.settings import PREFECT_API_URL
+
+    from plateflow.atomic import write_json
+    from tasks.embed.reader import PlateJob
+
+    jobs = []
+    store = tmp_path / "store"
+    for i in range(40):
+        work = tmp_path / f"work-{i}.jpg"
+        paper_plate(seed=i).save(work)
+        jobs.append(PlateJob(f"plate-{i}", str(work), (320, 240), ((0, 0, 320, 240), (80, 60, 240, 180)),
+                             str(store / f"v{i}.npy")))
+    write_json(tmp_path / "jobs.json", [asdict(j) for j in jobs])
+    script = ("import sys; from flows.embed import embed_plates; "
+              "embed_plates('tiny_dinov2', 'CPU', jobs_file=sys.argv[1], chunk_size=2)")
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    ledger = store / ".chunks"
+    with open(tmp_path / "log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "jobs.json")], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent, start_new_session=True)
+    try:
+        wait_until(lambda: (ledger.is_dir() and any(ledger.glob("*.json"))) or proc.poll() is not None, 180,
+                   "the first finished chunk", every=0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "log").read_text()
+    recorded = {p.name: json.loads(p.read_text()) for p in ledger.glob("*.json")}
+    assert 1 <= len(recorded) < 20
+    for record in recorded.values():  # each record: its plates, their outcomes, when
+        assert len(record["plates"]) == 2 and record["outcome"] == {p: None for p in record["plates"]}
+        assert record["finished"]
+    done = {p for r in recorded.values() for p in r["plates"]}
+    before = {j.plate_id: os.stat(j.cache_file).st_mtime_ns for j in jobs if j.plate_id in done}
+
+    from flows.embed import embed_plates
+
+    outcome = embed_plates("tiny_dinov2", "CPU", jobs_file=str(tmp_path / "jobs.json"), chunk_size=2)
+    assert outcome == {j.plate_id: None for j in jobs}
+    assert len(list(ledger.glob("*.json"))) == 20
+    assert {p: os.stat(jobs[int(p.split("-")[1])].cache_file).st_mtime_ns for p in before} == before  # not redone
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_tiles_are_embedded_once_into_their_own_store_and_a_head_trains_per_tile(tmp_path, tiny_env):
+    from flows.tiles import make_tiles
+    from tasks.tiles import TileParams
+
+    root = tmp_path / "corpus"
+    labelled_corpus(root, 40, size=(320, 240))
+    dest = tmp_path / "tiles"  # train plates: 4 tiles, the quarters; test plates: the whole plate, reduced
+    assert make_tiles(str(root), TileParams(width=160, height=120, test_fraction=0.3), str(dest),
+                      return_state=True).is_completed()
+    tiles = pq.read_table(dest / "tiles.parquet").to_pylist()
+    result = runner.invoke(app, ["features", "--root", str(root), "--model", MODEL, "--tiles", str(dest)])
+    assert result.exit_code == 0, result.output
+    store = open_store(root / "features" / f"{MODEL}-tiles")
+    assert store.meta["kind"] == "tiles" and store.rows == len(tiles) and store.vectors.shape[1:] == (1, 32)
+    assert sorted(store.column("key")) == sorted(t["key"] for t in tiles)
+    assert not (root / ".plateflow" / "tile-views").exists()  # the taken-out tiles are gone
+    cached = sorted((root / ".plateflow" / "embeddings" / MODEL / "tiles").glob("*.npy"))
+    assert len(cached) == len(tiles)
+    before = [p.stat().st_mtime_ns for p in cached]
+    assert runner.invoke(app, ["features", "--root", str(root), "--model", MODEL, "--tiles", str(dest)]).exit_code == 0
+    assert [p.stat().st_mtime_ns for p in cached] == before  # each tile embedded once
+
+    result = runner.invoke(app, ["train-head", "--root", str(root), "--model", MODEL, "--label", "kind", "--features",
+                                 "tiles", "--lr", "1e-2", "--epochs", "60", "--test-fraction", "0.3"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    with sqlite3.connect(root / "experiments" / "experiments.db") as db:
+        features, test_size, accuracy = db.execute("SELECT features, test_size, accuracy FROM experiments").fetchone()
+    test_tiles = sum(t["split"] == "test" for t in tiles)
+    assert features == "tiles" and test_size == test_tiles and accuracy >= 0.9  # the tiles' split, per tile
