@@ -100,8 +100,9 @@ class Dataset:
     split: np.ndarray  # "train", "validation", "test"
 
     def part(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        mask = self.split == name
-        return self.inputs[mask], self.targets[mask]
+        """(row numbers, targets) of one part: rows, not a copy of the inputs."""
+        rows = np.flatnonzero(self.split == name)
+        return rows, self.targets[rows]
 
     def balance(self) -> dict[str, dict[str, int]]:
         return {name: {c: int(((self.split == name) & (self.targets == i)).sum()) for i, c in enumerate(self.classes)}
@@ -157,33 +158,35 @@ def fit(data: Dataset, config: HeadConfig, device: str, logger) -> tuple[dict, i
     import torch
 
     torch.manual_seed(config.seed)
-    x_train, y_train = data.part("train")
-    if len(x_train) == 0:
+    train_rows, y_train = data.part("train")
+    if len(train_rows) == 0:
         raise ConfigError("no labelled plate is in the train split")
-    mean = x_train.mean(axis=0)
-    std = np.maximum(x_train.std(axis=0), 1e-6)
-    head = make_head(config.head, x_train.shape[1], len(data.classes), config.hidden, mean, std).to(device)
+    mean, std = _mean_std(data.inputs, train_rows)
+    head = make_head(config.head, data.inputs.shape[1], len(data.classes), config.hidden, mean, std).to(device)
     counts = np.bincount(y_train, minlength=len(data.classes)).astype(np.float32)
     weight = torch.as_tensor(len(y_train) / (len(counts) * np.maximum(counts, 1)), device=device)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
     opt = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    xt, yt = torch.from_numpy(x_train).to(device), torch.from_numpy(y_train).to(device)
-    x_val, y_val = data.part("validation")
-    xv = torch.from_numpy(x_val).to(device)
+    inputs = torch.from_numpy(data.inputs)  # shares the array: minibatches are gathered from it
+    if torch.device(device).type != "cpu":
+        inputs = inputs.to(device)
+    rows_t, yt = torch.from_numpy(train_rows), torch.from_numpy(y_train).to(device)
+    val_rows, y_val = data.part("validation")
+    xv = inputs[torch.from_numpy(val_rows).to(inputs.device)].to(device)
     order = torch.Generator().manual_seed(config.seed)
     best, best_epoch, best_score, history = None, 0, (-np.inf,), []
     for epoch in range(1, config.epochs + 1):
         head.train()
         total = 0.0
-        for idx in torch.randperm(len(xt), generator=order).split(config.batch_size):
-            idx = idx.to(device)
+        for idx in torch.randperm(len(rows_t), generator=order).split(config.batch_size):
+            batch = inputs[rows_t[idx].to(inputs.device)].to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(head(xt[idx]), yt[idx])
+            loss = loss_fn(head(batch), yt[idx.to(device)])
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(idx)
-        train_loss = total / len(xt)
-        if len(x_val):
+        train_loss = total / len(rows_t)
+        if len(val_rows):
             head.eval()
             with torch.inference_mode():
                 logits = head(xv)
@@ -199,8 +202,21 @@ def fit(data: Dataset, config: HeadConfig, device: str, logger) -> tuple[dict, i
             best_score, best_epoch = score, epoch
             best = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
     logger.info("best epoch %d of %d (%s %.3f)", best_epoch, config.epochs,
-                "validation macro-F1" if len(x_val) else "train loss", abs(best_score[0]))
+                "validation macro-F1" if len(val_rows) else "train loss", abs(best_score[0]))
     return best, best_epoch, history
+
+
+def _mean_std(inputs: np.ndarray, rows: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and spread of ``inputs[rows]``, a chunk at a time (no copy of the rows)."""
+    total = np.zeros(inputs.shape[1])
+    squares = np.zeros(inputs.shape[1])
+    for start in range(0, len(rows), chunk):
+        block = inputs[rows[start:start + chunk]].astype(np.float64)
+        total += block.sum(axis=0)
+        squares += np.square(block).sum(axis=0)
+    mean = total / len(rows)
+    std = np.sqrt(np.maximum(squares / len(rows) - mean ** 2, 0))
+    return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
 
 
 def predict_classes(head, x, batch: int = 8192) -> np.ndarray:
@@ -295,12 +311,11 @@ def train_experiment(root: Path, model: str, label: str, config: HeadConfig, lab
                 "; ".join(f"{s} " + ", ".join(f"{c} {n}" for c, n in b.items()) for s, b in balance.items()))
     device = device or _device()
     state, best_epoch, history = fit(data, config, device, logger)
-    x_train, _ = data.part("train")
-    head = make_head(config.head, data.inputs.shape[1], len(data.classes), config.hidden, np.zeros(x_train.shape[1]),
-                     np.ones(x_train.shape[1]))
+    width = data.inputs.shape[1]
+    head = make_head(config.head, width, len(data.classes), config.hidden, np.zeros(width), np.ones(width))
     head.load_state_dict(state)
-    x_test, y_test = data.part("test")
-    result = scores(y_test, predict_classes(head, x_test), len(data.classes)) if len(x_test) else None
+    test_rows, y_test = data.part("test")
+    result = scores(y_test, predict_classes(head, data.inputs[test_rows]), len(data.classes)) if len(test_rows) else None
     created = datetime.now(timezone.utc)
     experiment_id = _experiment_id(model, label, config, created)
     folder = corpus.experiment(experiment_id)
