@@ -171,7 +171,9 @@ def test_tiles_are_embedded_once_into_their_own_store_and_a_head_trains_per_tile
     from tasks.tiles import TileParams
 
     root = tmp_path / "corpus"
-    labelled_corpus(root, 40, size=(320, 240))
+    kinds = labelled_corpus(root, 40, size=(320, 240))
+    labels = tmp_path / "labels.csv"  # labels from a file this time; two plates left without one
+    labels.write_text("plate_id,label\n" + "".join(f"{p},{k}\n" for p, k in list(kinds.items())[2:]))
     dest = tmp_path / "tiles"  # train plates: 4 tiles, the quarters; test plates: the whole plate, reduced
     assert make_tiles(str(root), TileParams(width=160, height=120, test_fraction=0.3), str(dest),
                       return_state=True).is_completed()
@@ -189,9 +191,10 @@ def test_tiles_are_embedded_once_into_their_own_store_and_a_head_trains_per_tile
     assert [p.stat().st_mtime_ns for p in cached] == before  # each tile embedded once
 
     result = runner.invoke(app, ["train-head", "--root", str(root), "--model", MODEL, "--label", "kind", "--features",
-                                 "tiles", "--lr", "1e-2", "--epochs", "60", "--test-fraction", "0.3"], terminal_width=200)
+                                 "tiles", "--labels", str(labels), "--lr", "1e-2", "--epochs", "60",
+                                 "--test-fraction", "0.3"], terminal_width=200)
     assert result.exit_code == 0, result.output
     with sqlite3.connect(root / "experiments" / "experiments.db") as db:
         features, test_size, accuracy = db.execute("SELECT features, test_size, accuracy FROM experiments").fetchone()
-    test_tiles = sum(t["split"] == "test" for t in tiles)
+    test_tiles = sum(t["split"] == "test" and t["plate_id"] not in ("plate-001", "plate-002") for t in tiles)
     assert features == "tiles" and test_size == test_tiles and accuracy >= 0.9  # the tiles' split, per tile
