@@ -52,7 +52,7 @@ def train_head(root: str, model: str, label: str, labels_file: str | None = None
                for h, lr in itertools.product(heads, lrs)]
     rows = [train_one(str(root_path), model, label, c, labels, features) for c in configs]
     create_table_artifact(
-        key=artifact_key(root_path, "experiments"),
+        key=artifact_key(root_path, "head-experiments"),
         table=[{"experiment": r["id"], "head": r["head"], "lr": r["hyperparameters"]["lr"], "accuracy": r["accuracy"],
                 "macro_f1": r["macro_f1"], "train": r["train_size"], "test": r["test_size"],
                 "seconds": r["duration_s"]} for r in rows],

@@ -15,7 +15,7 @@ COLUMNS = {
     "id": "TEXT PRIMARY KEY",
     "created": "TEXT NOT NULL",       # ISO 8601, UTC
     "model": "TEXT NOT NULL",         # the feature store's model
-    "features": "TEXT NOT NULL",      # plates or tiles
+    "feature_kind": "TEXT NOT NULL",  # plates or tiles
     "label": "TEXT NOT NULL",
     "head": "TEXT NOT NULL",          # linear or mlp
     "hyperparameters": "TEXT NOT NULL",  # JSON: lr, epochs, seed, weight decay, hidden, batch, split rule

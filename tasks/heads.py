@@ -323,7 +323,7 @@ def train_experiment(root: Path, model: str, label: str, config: HeadConfig, lab
     with temp_file(checkpoint) as (_, tmp):
         torch.save({"state_dict": state, "head": config.head, "hidden": config.hidden, "inputs": data.inputs.shape[1],
                     "classes": data.classes, "model": model, "label": label, "features_version": store.meta["version"],
-                    "best_epoch": best_epoch, "config": config.model_dump(), "features": features}, tmp)
+                    "best_epoch": best_epoch, "config": config.model_dump(), "feature_kind": features}, tmp)
     confusion = result["confusion"] if result else np.zeros((len(data.classes),) * 2, np.int64)
     png = folder / "confusion.png"
     write_bytes(png, confusion_png(confusion, data.classes, f"{label} on {model}, {config.head}, lr {config.lr:g}: "
@@ -333,7 +333,7 @@ def train_experiment(root: Path, model: str, label: str, config: HeadConfig, lab
                       "f1": float(result["f1"][i]), "support": int(result["support"][i])}
                   for i, c in enumerate(data.classes)} if result else {})
     row = {"id": experiment_id, "created": created.isoformat(timespec="seconds"), "model": model,
-           "features": features, "label": label, "head": config.head,
+           "feature_kind": features, "label": label, "head": config.head,
            "hyperparameters": config.model_dump(), "code_version": CODE_VERSION,
            "features_version": store.meta["version"], "device": device,
            "train_size": int((data.split == "train").sum()), "validation_size": int((data.split == "validation").sum()),
@@ -382,7 +382,7 @@ def predict(root: Path, experiment_id: str, register: bool = True) -> tuple[int,
     root = Path(root)
     corpus = CorpusLayout(root)
     head, ckpt = _load_head(root, experiment_id)
-    features = ckpt.get("features", "plates")
+    features = ckpt.get("feature_kind", "plates")
     store = open_store(corpus.features(store_name(ckpt["model"], features)))
     if store is None:
         raise ConfigError(f"{corpus.features(store_name(ckpt['model'], features))} holds no features")
@@ -432,7 +432,7 @@ def apply_predictors(root: Path, logger=None) -> list[str]:
             logger.warning("predictor for %s: experiment %s is not in the ledger; skipped", label, entry["experiment"])
             continue
         try:
-            meta = json.loads((corpus.features(store_name(rows[0]["model"], rows[0]["features"])) / "meta.json")
+            meta = json.loads((corpus.features(store_name(rows[0]["model"], rows[0]["feature_kind"])) / "meta.json")
                               .read_bytes())
         except (OSError, ValueError):
             continue

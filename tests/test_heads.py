@@ -195,6 +195,6 @@ def test_tiles_are_embedded_once_into_their_own_store_and_a_head_trains_per_tile
                                  "--test-fraction", "0.3"], terminal_width=200)
     assert result.exit_code == 0, result.output
     with sqlite3.connect(root / "experiments" / "experiments.db") as db:
-        features, test_size, accuracy = db.execute("SELECT features, test_size, accuracy FROM experiments").fetchone()
+        features, test_size, accuracy = db.execute("SELECT feature_kind, test_size, accuracy FROM experiments").fetchone()
     test_tiles = sum(t["split"] == "test" and t["plate_id"] not in ("plate-001", "plate-002") for t in tiles)
     assert features == "tiles" and test_size == test_tiles and accuracy >= 0.9  # the tiles' split, per tile
