@@ -71,10 +71,14 @@ def shot(page, name: str) -> None:
 
 
 def custom_run(page, url: str, root: Path) -> str:
-    """Deployments -> refresh-corpus -> Run -> Custom run -> root -> Submit; returns the run's URL."""
-    page.goto(f"{url}/deployments", wait_until="networkidle")
-    page.get_by_role("link", name="refresh-corpus", exact=True).first.click()
-    page.wait_for_url("**/deployments/deployment/**")
+    """refresh-corpus's page -> Run -> Custom run -> root -> Submit; returns the run's URL. The
+    deployments list pages its rows (ten a page: the embed-plates ones come first), so the
+    deployment's page is opened by its id, as a link to it would."""
+    import httpx
+
+    deployment = httpx.get(f"{url}/api/deployments/name/refresh-corpus/refresh-corpus", timeout=10).json()
+    page.goto(f"{url}/deployments/deployment/{deployment['id']}", wait_until="networkidle")
+    page.get_by_text("refresh-corpus", exact=True).first.wait_for()
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text("Custom run", exact=True).click()
     page.wait_for_url("**/run?**")
