@@ -94,6 +94,19 @@ def test_features_heads_experiments_and_predictions(tmp_path, tiny_env):
         assert (root / r["checkpoint"]).is_file() and r["checkpoint"].endswith("checkpoints/best_head.pt")
         with Image.open(root / r["confusion_png"]) as png:
             assert png.format == "PNG" and png.width > 100
+    # the flow published the metrics as artifacts (the UI's Artifacts tab)
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from plateflow.artifacts import artifact_key
+
+    with get_client(sync_client=True) as client:
+        published = {a.key: str(a.data) for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[artifact_key(root, "head-experiments"), artifact_key(root, "experiment-metrics")])))
+            if all(r["id"] in str(a.data) for r in rows)}
+    assert set(published) == {artifact_key(root, "head-experiments"), artifact_key(root, "experiment-metrics")}
+    assert "macro_f1" in published[artifact_key(root, "head-experiments")]
+    assert "| blue |" in published[artifact_key(root, "experiment-metrics")]
     listed = runner.invoke(app, ["experiments", "--root", str(root)], terminal_width=200)
     assert all(r["id"] in listed.output for r in rows)
 
