@@ -493,7 +493,8 @@ def train_head(
         root = corpus_root(root)
         from tasks.heads import read_labels
 
-        read_labels(root, label, labels)  # a bad labels file is a parameter error, before any run
+        if labels is not None:
+            read_labels(root, label, labels)  # a bad labels file is a parameter error, before any run
     except (ConfigError, OSError) as exc:
         raise typer.BadParameter(str(exc)) from None
     with local_api():

@@ -19,7 +19,6 @@ import shutil
 import tarfile
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger
 
@@ -32,9 +31,8 @@ from plateflow.layout import CorpusLayout
 from plateflow.profiles import load_profiles
 from tasks.embed.reader import PlateJob
 from tasks.embed.writer import embedding_key, load_vectors
-from tasks.features import INDEX_SCHEMA, write_store
-
-TILE_INDEX_SCHEMA = INDEX_SCHEMA.append(pa.field("key", pa.string())).append(pa.field("split", pa.string()))
+from plateflow.tables import TILE_FEATURES_INDEX_SCHEMA
+from tasks.features import write_store
 
 
 @flow(name="tile-features", validate_parameters=True)
@@ -97,7 +95,7 @@ def tile_features(root: str, model: str, tiles: str, credentials_block: str | No
         vectors = [load_vectors(cache(r), 1, spec.embed_dim) for r in done]
         version, written = write_store(corpus.features(f"{model}-tiles"), index, vectors,
                                        {"model": model, "dim": spec.embed_dim, "kind": "tiles", "embedding_key": key,
-                                        "tiles": source.url}, schema=TILE_INDEX_SCHEMA)
+                                        "tiles": source.url}, schema=TILE_FEATURES_INDEX_SCHEMA)
     logger.info("%s-tiles features: %d tiles, version %s%s", model, len(done), version, "" if written else " (unchanged)")
     return len(done)
 

@@ -44,7 +44,7 @@ from plateflow.profiles import load_profiles, quality_profile
 from plateflow.tables import (CHARACTERISATION_COLUMNS, read_corpus_table, read_parquet, write_corpus_table,
                               write_embeddings_table)
 from flows.routing import GpuRoute, choose_route, run_on_pool
-from tasks.batch import PlateOutcome, batches
+from tasks.batch import PlateOutcome, batches, file_size
 from tasks.features import update_plate_features
 from tasks.heads import apply_predictors
 from tasks.candidates import candidates_batch, candidates_of_plates
@@ -103,14 +103,7 @@ class PlateRecord:
         self.row.setdefault("characterize_status", "not_run")
 
     def source_bytes(self) -> int:
-        return _file_size(self.plate.source_path)
-
-
-def _file_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
+        return file_size(self.plate.source_path)
 
 
 @dataclass
@@ -525,7 +518,7 @@ def smart_crop_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunn
                lambda group: {"jobs": group, "run_id": run.run_id, "crop_model": cfg.best_crop_model,
                               "params": cfg.crop},
                lambda group: smart_crop_plates(group, run.run_id, cfg.best_crop_model, cfg.crop, run.logger),
-               apply, cost=lambda job: _file_size(job.plate.source_path))
+               apply, cost=lambda job: file_size(job.plate.source_path))
 
 
 def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem]) -> State:

@@ -33,7 +33,7 @@ from plateflow.corpus import PlateRef, corpus_lock, discover_plates
 from plateflow.hashindex import SourceIndex
 from plateflow.layout import CorpusLayout
 from plateflow.tables import TILE_PLATES_SCHEMA, TILES_SCHEMA, parquet_bytes
-from tasks.batch import batches
+from tasks.batch import batches, file_size
 from tasks.tiles import TileJob, TileParams, group_of, split_of, stored_tiles, tiles_batch, write_shard
 
 SHARD_STATE = ".shards.json"
@@ -108,7 +108,7 @@ def _cut(todo: list[TileJob], params: TileParams, store: Path, logger) -> dict[s
         return {}
     failed = {}
     policy, workers = dispatch_policy().cpu, default_workers()
-    groups = batches(todo, lambda job: _size(job.plate.source_path), policy.batch_plates,
+    groups = batches(todo, lambda job: file_size(job.plate.source_path), policy.batch_plates,
                      int(policy.batch_megabytes * 2**20), workers)
     with ThreadPoolTaskRunner(max_workers=workers) as runner:
         futures = [runner.submit(tiles_batch, {"jobs": g, "params": params, "store": str(store),
@@ -119,13 +119,6 @@ def _cut(todo: list[TileJob], params: TileParams, store: Path, logger) -> dict[s
                     failed[outcome.folder] = outcome.error
                     logger.warning("%s failed at tiles: %s", outcome.folder, outcome.error)
     return failed
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0  # it fails in its batch, with its reason
 
 
 def _write_shards(dest: Location, staging: Path, store: Path, params: TileParams, records: dict,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -103,9 +102,6 @@ class RemoteFile:
     def url(self) -> str:
         return self.location.url_of(self.path)
 
-    def __str__(self) -> str:
-        return self.url
-
     def read(self) -> bytes:
         """The object's bytes; ``FileNotFoundError`` if it went away since it was listed."""
         return self.location.fs.cat_file(self.path)
@@ -154,17 +150,15 @@ class Location:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def put_file(self, name: str, local: Path) -> None:
-        """Copy the local file to ``name``, so that no reader ever sees part of it."""
-        if self.local is not None:
-            with temp_file(self.local / name) as (_, tmp):
-                shutil.copyfile(local, tmp)
-        elif self.protocol in WHOLE_OBJECT_STORES:
-            self.fs.put_file(os.fspath(local), self.join(name))
-        else:
-            tmp = self.join(f".{name}.partial")
-            self.fs.put_file(os.fspath(local), tmp)
-            self.fs.mv(tmp, self.join(name))
+    def _upload(self, name: str, send) -> None:
+        """``send(remote_path)`` uploads to the bucket: straight to ``name`` on an object store,
+        which shows an object only whole; elsewhere to a temp name, then a move."""
+        if self.protocol in WHOLE_OBJECT_STORES:
+            send(self.join(name))
+            return
+        tmp = self.join(f".{name}.partial")
+        send(tmp)
+        self.fs.mv(tmp, self.join(name))
 
     @contextlib.contextmanager
     def writing(self, name: str, staging: Path) -> Iterator[Any]:
@@ -175,7 +169,7 @@ class Location:
             yield fh
             fh.flush()
             if self.local is None:
-                self.put_file(name, tmp)
+                self._upload(name, lambda path: self.fs.put_file(os.fspath(tmp), path))
         if self.local is None:
             target.unlink(missing_ok=True)
 
@@ -197,12 +191,8 @@ class Location:
     def put_bytes(self, name: str, data: bytes) -> None:
         if self.local is not None:
             write_bytes(self.local / name, data)
-        elif self.protocol in WHOLE_OBJECT_STORES:
-            self.fs.pipe_file(self.join(name), data)
         else:
-            tmp = self.join(f".{name}.partial")
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, self.join(name))
+            self._upload(name, lambda path: self.fs.pipe_file(path, data))
 
     def put_bytes_if_changed(self, name: str, data: bytes) -> bool:
         if self.local is not None:
@@ -211,9 +201,6 @@ class Location:
             return False
         self.put_bytes(name, data)
         return True
-
-    def exists(self, name: str) -> bool:
-        return self.fs.exists(self.join(name))
 
     def remove(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -216,6 +216,17 @@ def write_embeddings_table(root: Path, model: str, rows: list[tuple[str, str, li
 
 
 # DEST/tiles.parquet and DEST/tile-plates.parquet of `plateflow tiles` (flows/tiles.py).
+# ROOT/features/<model>/index-<version>.parquet: a feature store's rows (tasks/features.py).
+FEATURES_INDEX_SCHEMA = pa.schema([
+    ("row", pa.int32()),
+    ("plate_dir", pa.string()),
+    ("plate_id", pa.string()),
+    ("sha256", pa.string()),
+    ("views", pa.int16()),
+])
+# ROOT/features/<model>-tiles/: a row per tile, with its key and split.
+TILE_FEATURES_INDEX_SCHEMA = FEATURES_INDEX_SCHEMA.append(pa.field("key", pa.string())).append(
+    pa.field("split", pa.string()))
 TILES_SCHEMA = pa.schema([
     ("key", pa.string()),  # the WebDataset __key__: plate id and tile index
     ("plate_id", pa.string()),
@@ -244,14 +255,3 @@ def parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     return sink.getvalue().to_pybytes()
-
-
-def write_table_if_changed(path: Path, table: pa.Table) -> bool:
-    """Write ``table`` atomically unless the file already holds the same rows; True if written."""
-    try:
-        if pq.read_table(path).equals(table):
-            return False
-    except (OSError, pa.ArrowException):
-        pass
-    write_parquet(path, table)
-    return True

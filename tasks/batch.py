@@ -10,6 +10,7 @@ hashes (stored results, outputs in place) decide what is done again, not Prefect
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -66,6 +67,14 @@ def summary(logger, what: str, outcomes: list[PlateOutcome]) -> list[PlateOutcom
     counts = {s: sum(o.status == s for o in outcomes) for s in ("computed", "cached", "failed")}
     logger.info("%s of %d plates: %d computed, %d cached, %d failed", what, len(outcomes), *counts.values())
     return outcomes
+
+
+def file_size(path) -> int:
+    """A plate's cost in a batch: its source's bytes (0 if it cannot be read: it fails in its batch)."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
 
 
 def batches(items: list, cost: Callable[[Any], int], max_plates: int, max_cost: int,

@@ -29,15 +29,9 @@ import pyarrow.parquet as pq
 
 from plateflow.atomic import temp_file, write_json, write_parquet
 from plateflow.layout import CorpusLayout
+from plateflow.tables import FEATURES_INDEX_SCHEMA
 
 DTYPE = np.float16
-INDEX_SCHEMA = pa.schema([
-    ("row", pa.int32()),
-    ("plate_dir", pa.string()),
-    ("plate_id", pa.string()),
-    ("sha256", pa.string()),
-    ("views", pa.int16()),
-])
 
 
 @dataclass
@@ -77,7 +71,7 @@ def _version(index: pa.Table, meta: dict) -> str:
 
 
 def write_store(folder: Path, index_rows: list[dict], vectors: list[np.ndarray], meta: dict,
-                schema: pa.Schema = INDEX_SCHEMA, old: FeatureStore | None = None) -> tuple[str, bool]:
+                schema: pa.Schema = FEATURES_INDEX_SCHEMA, old: FeatureStore | None = None) -> tuple[str, bool]:
     """Write a store of ``vectors`` (each (views_i, dim), any float dtype) with their index rows
     (``row`` is filled in); returns (version, whether anything was written: an unchanged store
     is left alone)."""

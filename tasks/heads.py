@@ -147,6 +147,13 @@ def make_head(kind: str, inputs: int, classes: int, hidden: int, mean, std):
     return Head()
 
 
+def head_from_state(kind: str, inputs: int, classes: int, hidden: int, state: dict):
+    """A head with trained weights (its standardisation included: the state holds it)."""
+    head = make_head(kind, inputs, classes, hidden, np.zeros(inputs), np.ones(inputs))
+    head.load_state_dict(state)
+    return head
+
+
 def _device() -> str:
     import torch
 
@@ -311,9 +318,7 @@ def train_experiment(root: Path, model: str, label: str, config: HeadConfig, lab
                 "; ".join(f"{s} " + ", ".join(f"{c} {n}" for c, n in b.items()) for s, b in balance.items()))
     device = device or _device()
     state, best_epoch, history = fit(data, config, device, logger)
-    width = data.inputs.shape[1]
-    head = make_head(config.head, width, len(data.classes), config.hidden, np.zeros(width), np.ones(width))
-    head.load_state_dict(state)
+    head = head_from_state(config.head, data.inputs.shape[1], len(data.classes), config.hidden, state)
     test_rows, y_test = data.part("test")
     result = scores(y_test, predict_classes(head, data.inputs[test_rows]), len(data.classes)) if len(test_rows) else None
     created = datetime.now(timezone.utc)
@@ -360,10 +365,7 @@ def _load_head(root: Path, experiment_id: str):
         raise ConfigError(f"no experiment {experiment_id!r} in {CorpusLayout(Path(root)).experiments_db} "
                           f"(`plateflow experiments --root {root}` lists them)")
     ckpt = torch.load(Path(root) / rows[0]["checkpoint"], map_location="cpu", weights_only=True)
-    head = make_head(ckpt["head"], ckpt["inputs"], len(ckpt["classes"]), ckpt["hidden"], np.zeros(ckpt["inputs"]),
-                     np.ones(ckpt["inputs"]))
-    head.load_state_dict(ckpt["state_dict"])
-    return head, ckpt
+    return head_from_state(ckpt["head"], ckpt["inputs"], len(ckpt["classes"]), ckpt["hidden"], ckpt["state_dict"]), ckpt
 
 
 def prediction_columns(label: str) -> tuple[str, str]:
@@ -423,6 +425,8 @@ def apply_predictors(root: Path, logger=None) -> list[str]:
     """After a refresh: the registered experiments predict again where the feature store changed
     since they last did, or plates.parquet lost their columns (a new plate, a changed one).
     Nothing is read but predictors.json and two small files when nothing changed."""
+    import pyarrow.parquet as pq
+
     logger = logger or logging.getLogger(__name__)
     done = []
     corpus = CorpusLayout(Path(root))
@@ -436,8 +440,6 @@ def apply_predictors(root: Path, logger=None) -> list[str]:
                               .read_bytes())
         except (OSError, ValueError):
             continue
-        import pyarrow.parquet as pq
-
         columns = pq.read_schema(corpus.table).names
         if meta["version"] == entry["features_version"] and prediction_columns(label)[0] in columns:
             continue
