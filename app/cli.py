@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Iterator, Literal, Optional
 
 import typer
 from rich.console import Console
@@ -17,11 +17,37 @@ from rich.table import Table
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-app = typer.Typer(help="Characterise, embed and smart-crop collections of plates with Prefect.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(help="Characterize, embed and smart-crop collections of plates with Prefect.",
+                  no_args_is_help=True, add_completion=False, rich_markup_mode=None)
 console = Console(soft_wrap=True)  # paths stay on one line, easy to copy
 
-RootOpt = Annotated[Path, typer.Option("--root", "-r", help="Corpus root (holds plates_structured/).")]
+RootOpt = Annotated[Path, typer.Option("--root", "-r", metavar="DIR", help="Corpus root (holds plates_structured/).")]
+
+
+CropFormat = Literal["jpeg", "png"]
+Dispatch = Literal["auto", "local", "pool"]
+TileMode = Literal["classic", "noise-framed"]
+
+
+def _profile_facts() -> tuple[object | None, str, str]:
+    """(dispatch policy, model names, GPU class names) for the help texts; a broken profile
+    still lets --help print (the command then says what is wrong)."""
+    from plateflow.errors import ConfigError
+    from plateflow.profiles import dispatch_policy, load_profiles
+
+    try:
+        profiles = load_profiles()
+        return dispatch_policy(), ", ".join(profiles.models), ", ".join(profiles.classes)
+    except ConfigError:
+        return None, "see profiles/models.toml", "see profiles/gpu_classes.toml"
+
+
+POLICY, MODEL_NAMES, CLASS_NAMES = _profile_facts()
+
+
+def _policy(section: str, key: str, unit: str = "") -> str:
+    value = getattr(getattr(POLICY, section), key) if POLICY is not None else None
+    return f"default: {value:g}{unit}, from profiles/dispatch.toml" if value is not None else "default: profiles/dispatch.toml"
 
 
 CredentialsOpt = Annotated[Optional[str], typer.Option(
@@ -31,7 +57,7 @@ CredentialsOpt = Annotated[Optional[str], typer.Option(
 
 @app.command()
 def ingest(
-    sources: Annotated[list[str], typer.Argument(help="Image files or folders (searched recursively), or fsspec URLs: s3://bucket/prefix, gs://…, az://…, file://….")],
+    sources: Annotated[list[str], typer.Argument(metavar="SOURCES...", help="Image files or folders (searched recursively), or fsspec URLs: s3://bucket/prefix, gs://, az://, file://.")],
     root: RootOpt,
     max_megapixels: Annotated[float, typer.Option(help="Images above this size are skipped (refresh's limit).")] = 250.0,
     credentials_block: CredentialsOpt = None,
@@ -46,6 +72,9 @@ def ingest(
     from plateflow.errors import ConfigError
 
     sources = [s if is_url(s) else Path(s) for s in sources]
+    if missing := [str(s) for s in sources if isinstance(s, Path) and not os.path.lexists(s)]:
+        raise typer.BadParameter(f"{', '.join(missing)}: no such file or folder; nothing was ingested",
+                                 param_hint="SOURCES")
     # A folder's files are counted first; a bucket's listing is not paid twice.
     total = None if any(isinstance(s, str) for s in sources) else sum(1 for _ in iter_source_files(sources))
     try:
@@ -60,42 +89,49 @@ def ingest(
     for src, reason in report.skipped:
         console.print(f"[yellow]skipped[/] {src}: {reason}")
     console.print(f"{len(report.added)} added, {len(report.skipped)} skipped")
-    if report.added and os.environ.get("PREFECT_API_URL"):
+    if not report.added:
+        return
+    if os.environ.get("PREFECT_API_URL"):
         from plateflow.events import emit_plates_ingested
 
         event = emit_plates_ingested(root, [plate_id for _, plate_id in report.added])
         console.print(f"emitted {event.event} ({event.id}): the refresh-corpus deployment's trigger "
                       f"refreshes the new plates")
+    else:
+        console.print(f"PREFECT_API_URL is unset, so no deployment was told: run `plateflow refresh --root "
+                      f"{Path(root).expanduser().resolve()}` (or set PREFECT_API_URL to the server of "
+                      f"`plateflow server` and ingest there)")
 
 
 @app.command()
 def refresh(
     root: RootOpt,
-    workers: Annotated[Optional[int], typer.Option(help="Batches run at once (default: one per core, at most profiles/dispatch.toml's max_workers).")] = None,
+    workers: Annotated[Optional[int], typer.Option(metavar="N", min=1, help=f"Batches run at once (default: one per core, at most {POLICY.cpu.max_workers if POLICY else 'max_workers of profiles/dispatch.toml'}).")] = None,
     no_viz: Annotated[bool, typer.Option("--no-viz", help="Skip the viz/ PNG files.")] = False,
-    max_megapixels: Annotated[float, typer.Option(help="Plates above this size fail.")] = 250.0,
-    models: Annotated[str, typer.Option(help="Comma-separated embedding models (see profiles/models.toml).")] = "",
-    crop_model: Annotated[Optional[str], typer.Option(help="Model whose similarity picks the crop (default: first).")] = None,
-    crop_format: Annotated[str, typer.Option(help="jpeg or png.")] = "jpeg",
-    min_crop_area: Annotated[float, typer.Option(help="Smallest crop, as a fraction of the plate area.")] = 0.0,
-    gpu_class: Annotated[Optional[str], typer.Option(help="GPU class to run the GPU step on (default: detected, or with work pools the best class that has one).")] = None,
-    chunk_size: Annotated[Optional[int], typer.Option(help="Plates per embed-chunk task of the GPU step (its unit of retry and progress; default: profiles/dispatch.toml).", min=1)] = None,
-    gpu_dispatch: Annotated[str, typer.Option(help="auto: runs of the class's embed-plates deployment when the server has them, else in-process; local; pool.")] = "auto",
-    worker_wait_minutes: Annotated[Optional[float], typer.Option(help="With a work pool: how long its having no online worker is waited out before those plates fail (0: no limit; default: profiles/dispatch.toml).", min=0)] = None,
-    weights: Annotated[Optional[Path], typer.Option(help="Folder with <model>/ weights (else the HF cache).")] = None,
+    max_megapixels: Annotated[float, typer.Option(metavar="MP", help="Plates above this size fail.")] = 250.0,
+    models: Annotated[str, typer.Option(metavar="NAMES", help=f"Comma-separated embedding models: {MODEL_NAMES}. Default: none (characterization only).")] = "",
+    crop_model: Annotated[Optional[str], typer.Option(metavar="NAME", help="The model whose similarity picks the crop (default: the first of --models).")] = None,
+    crop_format: Annotated[CropFormat, typer.Option(help="Format of the saved best crop.")] = "jpeg",
+    min_crop_area: Annotated[float, typer.Option(metavar="FRACTION", help="Smallest crop, as a fraction of the plate area.")] = 0.0,
+    gpu_class: Annotated[Optional[str], typer.Option(metavar="CLASS", help=f"GPU class of the GPU step: {CLASS_NAMES} (default: with a worker online on the server, the best class that has one; else this machine's).")] = None,
+    chunk_size: Annotated[Optional[int], typer.Option(metavar="N", help=f"Plates per embed-chunk task of the GPU step, its unit of retry and progress ({_policy('gpu', 'chunk_size')}).", min=1)] = None,
+    gpu_dispatch: Annotated[Dispatch, typer.Option(help="auto: to a work queue with an online worker when the server has one, else in-process; local: in-process; pool: a work queue or an error.")] = "auto",
+    worker_wait_minutes: Annotated[Optional[float], typer.Option(metavar="MINUTES", help=f"How long a work queue may have no online worker before its plates fail; 0: no limit ({_policy('gpu', 'worker_wait_minutes')}).", min=0)] = None,
+    weights: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder with one folder of weights per model, named as the model (default: the Hugging Face cache).")] = None,
     failed_only: Annotated[bool, typer.Option("--failed-only", help="Retry only the plates whose last status is failed (the retry-failed-plates flow).")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Hash every source again, not only those whose size, mtime, inode or ctime changed.")] = False,
-    batch_plates: Annotated[Optional[int], typer.Option(help="Most plates in one batch task (default: profiles/dispatch.toml).", min=1)] = None,
-    batch_megabytes: Annotated[Optional[float], typer.Option(help="Most source megabytes in one batch task (default: profiles/dispatch.toml).", min=0.001)] = None,
-    dask: Annotated[Optional[str], typer.Option(help="Run the CPU batches on Dask: a scheduler address (tcp://host:8786) or local:N (N worker processes here). Workers need the corpus at the same path.")] = None,
+    batch_plates: Annotated[Optional[int], typer.Option(metavar="N", help=f"Most plates in one batch task ({_policy('cpu', 'batch_plates')}).", min=1)] = None,
+    batch_megabytes: Annotated[Optional[float], typer.Option(metavar="MB", help=f"Most source megabytes in one batch task ({_policy('cpu', 'batch_megabytes')}).", min=0.001)] = None,
+    dask: Annotated[Optional[str], typer.Option(metavar="ADDRESS", help="Run the CPU batches on Dask: a scheduler address (tcp://host:8786) or local:N (N worker processes here). Workers need the corpus at the same path.")] = None,
 ) -> None:
     """Run the refresh flow: only plates whose content, parameters or code changed are recomputed.
 
-    With no Prefect server configured (PREFECT_API_URL unset) it runs on plateflow's local
-    server, started in the background on first use and reused (`plateflow local-server --stop`).
-    Exits 1 when any plate failed; every other plate is still complete.
+    With PREFECT_API_URL unset it runs on plateflow's local server, started in the background on
+    first use and reused (`plateflow local-server --stop`). Exits 0 when every plate is ok or
+    failed before in the same way (a known failure), 1 when a plate newly failed (every other
+    plate is still complete), 2 on a configuration error.
     """
-    from flows.refresh import refresh_corpus
+    from flows.refresh import check_models, refresh_corpus
     from plateflow.layout import CorpusLayout
     from flows.retry import retry_failed_plates
     from plateflow.config import CharacterizeParams, CropParams, RefreshConfig, corpus_root
@@ -118,7 +154,11 @@ def refresh(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     try:
-        if failed_only:  # said here, before a server starts: the flow would say it with a traceback
+        # Said here, before a server starts or a plate is touched: a model typo, and the weights
+        # when the GPU step will run here (always without PREFECT_API_URL: the local server has
+        # no work pool).
+        check_models(cfg, cfg.gpu_class, in_process=cfg.gpu_dispatch == "local" or not os.environ.get("PREFECT_API_URL"))
+        if failed_only:
             _read_tables(root, cfg.models)
         with local_api(), progress_bars():
             if failed_only:
@@ -203,18 +243,19 @@ def hardware() -> None:
     import json
 
     from plateflow.hardware import hardware_report
-    from plateflow.pools import pool_for_class
+    from plateflow.pools import work_pool
     from plateflow.profiles import load_profiles
 
     report = hardware_report(load_profiles())
-    print(json.dumps({**report, "pool": pool_for_class(report["gpu_class"]).name}, indent=2))
+    pool = work_pool()
+    print(json.dumps({**report, "pool": pool.name, "queue": pool.queue(report["gpu_class"]).name}, indent=2))
 
 
 @app.command()
 def pools() -> None:
-    """Create the work pools (one per GPU class of profiles/gpu_classes.toml, named by
-    deployments/work-pools.toml) on the configured Prefect server (PREFECT_API_URL), or update
-    them to match; running it again changes nothing. `plateflow deploy` does this too."""
+    """Create the work pool and its queues (one per GPU class of profiles/gpu_classes.toml,
+    named by deployments/work-pools.toml) on the configured Prefect server (PREFECT_API_URL),
+    or update them to match; running it again changes nothing. `plateflow deploy` does this too."""
     from plateflow.pools import ensure_pools
 
     for name, action in ensure_pools():
@@ -242,17 +283,18 @@ def deploy(
 def worker(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the worker command, do not start it.")] = False,
 ) -> None:
-    """Start a Prefect worker on the work pool of this machine's GPU class (PLATEFLOW_GPU_CLASS
-    overrides detection), running at most the pool's worker_limit flow runs at once."""
+    """Start a Prefect worker on the work queue of this machine's GPU class (PLATEFLOW_GPU_CLASS
+    overrides detection), running at most the queue's worker_limit flow runs at once."""
     from plateflow.hardware import gpu_class
-    from plateflow.pools import pool_for_class
+    from plateflow.pools import work_pool, worker_name
     from plateflow.profiles import load_profiles
 
     cls = gpu_class(load_profiles())
-    pool = pool_for_class(cls)
+    pool = work_pool()
+    queue = pool.queue(cls)
     prefect_cli = Path(sys.executable).with_name("prefect")
-    cmd = [str(prefect_cli), "worker", "start", "--pool", pool.name, "--type", pool.type,
-           "--limit", str(pool.worker_limit)]
+    cmd = [str(prefect_cli), "worker", "start", "--pool", pool.name, "--work-queue", queue.name, "--type", pool.type,
+           "--limit", str(queue.worker_limit), "--name", worker_name(queue, os.getpid())]
     console.print(f"GPU class {cls}: {' '.join(cmd)}")
     if not dry_run:
         os.execv(cmd[0], cmd)
@@ -261,34 +303,49 @@ def worker(
 @app.command()
 def server(
     root: RootOpt,
-    port: Annotated[int, typer.Option(help="Port of the API and UI.")] = 4200,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the API and UI.")] = 4200,
+    report_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Port of the report server (default: the next port, or a free one when that is taken).")] = None,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    gpu_class: Annotated[Optional[str], typer.Option(help="Class of this machine's worker (default: detected).")] = None,
+    gpu_class: Annotated[Optional[str], typer.Option(metavar="CLASS", help=f"Class of this machine's worker: {CLASS_NAMES} (default: detected).")] = None,
 ) -> None:
     """Start a local Prefect server (SQLite in PREFECT_HOME; PREFECT_API_DATABASE_CONNECTION_URL
-    selects PostgreSQL), create the work pools and deployments (`plateflow deploy`) with ROOT as
-    the default corpus, and start workers for this machine's class and the CPU pool. Ctrl-C stops it all."""
+    selects PostgreSQL), a report server, the work pool and deployments (`plateflow deploy`)
+    with ROOT as the default corpus, and workers for this machine's class and the CPU. One per
+    PREFECT_HOME: the local server an earlier refresh started is stopped first, and other
+    plateflow commands on this PREFECT_HOME use this server. Ctrl-C stops it all."""
     import signal as _signal
 
     from app import server as srv
-
-    procs = srv.start(root.expanduser().resolve(), port, host, gpu_class, say=console.print)
-    console.print(f"[green]ready[/]: open http://{host}:{port} — deployments refresh-corpus, "
-                  f"retry-failed-plates, embed-plates-*; Ctrl-C to stop")
+    from plateflow.errors import ConfigError
 
     def on_term(*_):
         raise KeyboardInterrupt
 
     _signal.signal(_signal.SIGTERM, on_term)  # stop the children on `kill` too
+    stack = srv.Stack()
     try:
+        srv.claim_home(say=console.print)
+        stack = srv.start(root.expanduser().resolve(), port, host, gpu_class, say=console.print,
+                          report_port=report_port)
+        procs = stack.procs
+        console.print(f"plateflow server ready: http://{host}:{port} (deployments refresh-corpus, "
+                      f"retry-failed-plates, embed-plates, ...); Ctrl-C to stop")
         while all(p.poll() is None for p in procs):
             time.sleep(1)
-        console.print("[red]a server or worker process exited; stopping[/]")
+        failed = next(p for p in procs if p.poll() is not None)
+        console.print(f"[red]{' '.join(map(str, failed.args[:3]))} exited with code {failed.returncode}; "
+                      f"stopping[/]")
         raise typer.Exit(1)
+    except ConfigError as exc:  # a busy port, another server on this PREFECT_HOME: nothing was left running
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    except RuntimeError as exc:  # the Prefect server or deploy failed to start: what had started is stopped
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         pass
     finally:
-        srv.stop(procs)
+        stack.stop()
 
 
 @app.command("local-server")
@@ -311,29 +368,33 @@ def local_server(
 @app.command()
 def status(root: RootOpt) -> None:
     """Summarise ROOT/plates.parquet: plates per status and every failure with its reason."""
-    from plateflow.errors import CorpusTableError
+    from plateflow.config import corpus_root
+    from plateflow.errors import ConfigError, CorpusTableError
 
     try:
-        printed, unreadable = _print_status(root.expanduser().resolve())
+        root = corpus_root(root)
+        printed, unreadable = _print_status(root)
     except CorpusTableError as exc:
         console.print(f"[red]unreadable table:[/] {exc}")
+        raise typer.Exit(2) from None
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/]")
         raise typer.Exit(2) from None
     if unreadable:
         raise typer.Exit(2)
     if not printed:
-        console.print(f"no plates.parquet under {root}: run `plateflow refresh --root {root}`")
+        console.print(f"no plates.parquet in {root} yet: run `plateflow refresh --root {root}`")
         raise typer.Exit(1)
 
 
 def _print_status(root: Path) -> tuple[bool, int]:
     """Print the corpus table's summary; (whether there is a table, how many embeddings tables
     could not be read). An unreadable corpus table raises ``CorpusTableError``."""
-    from collections import Counter
-
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from plateflow.artifacts import RunCounts
     from plateflow.layout import CorpusLayout
     from plateflow.tables import read_corpus_table
 
@@ -344,14 +405,9 @@ def _print_status(root: Path) -> tuple[bool, int]:
     unreadable = 0
     failed = [r for r in rows if r["status"] == "failed"]
 
-    def counts(column: str) -> str:
-        seen = Counter(r.get(column) or "-" for r in rows)
-        return ", ".join(f"{k} {v}" for k, v in sorted(seen.items()))
-
-    console.print(f"{len(rows)} plates: {len(rows) - len(failed)} ok, {len(failed)} failed "
-                  f"(characterize: {counts('characterize_status')})")
-    if any(r.get("embed_status") for r in rows):
-        console.print(f"embeddings: {counts('embed_status')}; smart crop: {counts('crop_status')}")
+    counts = RunCounts.of(rows, set(), ["any"] if any(r.get("embed_status") for r in rows) else [])
+    console.print(f"{len(rows)} plates: {len(rows) - len(failed)} ok, {len(failed)} failed; "
+                  + "; ".join(counts.steps()))
     for path in CorpusLayout(root).embeddings_tables():
         try:
             ids = pq.read_table(path, columns=["plate_id"]).column("plate_id")
@@ -374,9 +430,9 @@ def _print_status(root: Path) -> tuple[bool, int]:
 @app.command()
 def tiles(
     root: RootOpt,
-    size: Annotated[str, typer.Option(help="Tile size, WxH (e.g. 512x512).")],
-    out: Annotated[str, typer.Option(help="Folder or fsspec URL (s3://bucket/prefix, gs://…, az://…) for the WebDataset shards and tiles.parquet.")],
-    mode: Annotated[str, typer.Option(help="classic (whole tiles only) or noise-framed.")] = "classic",
+    size: Annotated[str, typer.Option(metavar="WxH", help="Tile size in pixels, width x height (e.g. 512x512).")],
+    out: Annotated[str, typer.Option(help="Folder or fsspec URL (s3://bucket/prefix, gs://, az://) for the WebDataset shards and tiles.parquet.")],
+    mode: Annotated[TileMode, typer.Option(help="classic: whole tiles only; noise-framed: edge tiles filled with paper noise.")] = "classic",
     grayscale: Annotated[bool, typer.Option("--grayscale", help="L tiles instead of RGB.")] = False,
     test_every: Annotated[Optional[int], typer.Option(help="A plate is test when its content hash is 0 mod K.")] = None,
     test_fraction: Annotated[Optional[float], typer.Option(help="Or: this fraction of plates, by content hash, is test.")] = None,
@@ -393,8 +449,13 @@ def tiles(
     from plateflow.errors import ConfigError
     from tasks.tiles import TileParams
 
+    import re
+
+    if not (m := re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", size)):
+        raise typer.BadParameter(f"{size!r}: give the tile size as WIDTHxHEIGHT in pixels, e.g. 512x512",
+                                 param_hint="--size")
     try:
-        w, _, h = size.lower().partition("x")
+        w, h = m.groups()
         params = TileParams(width=int(w), height=int(h), mode=mode, grayscale=grayscale, test_every=test_every,
                             test_fraction=test_fraction, shard_megabytes=shard_megabytes, png_compress_level=png_level)
         root = corpus_root(root)
@@ -417,11 +478,11 @@ def tiles(
 @app.command()
 def features(
     root: RootOpt,
-    model: Annotated[str, typer.Option(help="The model whose vectors to gather (see profiles/models.toml).")],
+    model: Annotated[str, typer.Option(metavar="NAME", help=f"The model whose vectors to gather: {MODEL_NAMES}.")],
     tiles: Annotated[Optional[str], typer.Option(help="Embed the tiles make-tiles wrote here (a folder or bucket URL) instead: ROOT/features/<model>-tiles/.")] = None,
     credentials_block: CredentialsOpt = None,
     gpu_class: Annotated[Optional[str], typer.Option(help="GPU class for the tiles' embedding (default: detected).")] = None,
-    weights: Annotated[Optional[Path], typer.Option(help="Folder with <model>/ weights (else the HF cache).")] = None,
+    weights: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder with one folder of weights per model, named as the model (default: the Hugging Face cache).")] = None,
 ) -> None:
     """Build ROOT/features/<model>/ (float16, memory-mappable) from the embeddings an earlier
     refresh stored, without recomputing any (refreshes keep it in step afterwards); with
@@ -464,7 +525,7 @@ def _floats(text: str) -> list[float]:
 @app.command("train-head")
 def train_head(
     root: RootOpt,
-    model: Annotated[str, typer.Option(help="The model whose cached features to train on.")],
+    model: Annotated[str, typer.Option(metavar="NAME", help=f"The model whose cached features to train on: {MODEL_NAMES}.")],
     label: Annotated[str, typer.Option(help="The manifest key with each plate's class (or the classes' name with --labels).")],
     labels: Annotated[Optional[Path], typer.Option(help="A CSV of plate_id,label instead of the manifests' key.")] = None,
     head: Annotated[str, typer.Option(help="linear, mlp, or both: linear,mlp (each is its own experiment).")] = "linear",
@@ -491,8 +552,9 @@ def train_head(
         raise typer.BadParameter(f"--head {head!r}: linear, mlp or linear,mlp")
     try:
         root = corpus_root(root)
-        from tasks.heads import read_labels
+        from tasks.heads import read_labels, require_features
 
+        require_features(root, model, features)  # said before any run, in one line
         if labels is not None:
             read_labels(root, label, labels)  # a bad labels file is a parameter error, before any run
     except (ConfigError, OSError) as exc:
@@ -565,7 +627,7 @@ def report(
     root: RootOpt,
     serve: Annotated[bool, typer.Option("--serve", help="Serve it over HTTP until Ctrl-C (the Prefect UI links to it there).")] = False,
     host: Annotated[str, typer.Option(help="Interface to serve on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to serve on.")] = 4201,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to serve on.")] = 4201,
 ) -> None:
     """Build ROOT/reports/ from plates.parquet (a refresh builds it too); with --serve, serve it."""
     from app.reports import ReportServer
@@ -587,7 +649,11 @@ def report(
         raise typer.Exit(2)
     console.print(f"report: {path}" if path else "no report yet: the next refresh writes it")
     if serve:
-        server = ReportServer([root], host, port)
+        try:
+            server = ReportServer([root], host, port)
+        except OSError as exc:
+            console.print(f"[red]cannot serve on {host}:{port}: {exc.strerror or exc}[/]; choose another with --port")
+            raise typer.Exit(2) from None
         console.print(f"serving {server.report_url(root)} (Ctrl-C to stop)")
         try:
             server.serve_forever()
@@ -600,8 +666,8 @@ def report(
 @app.command()
 def demo(
     root: Annotated[Path, typer.Option("--root", "-r", help="Where to build the demo corpus.")] = Path("demo-corpus"),
-    models: Annotated[str, typer.Option(help="Also embed and smart-crop with these models (needs their weights; see `refresh --help`).")] = "",
-    weights: Annotated[Optional[Path], typer.Option(help="Folder with <model>/ weights (else the HF cache).")] = None,
+    models: Annotated[str, typer.Option(metavar="NAMES", help=f"Also embed and smart-crop with these models (comma-separated: {MODEL_NAMES}); needs their weights.")] = "",
+    weights: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder with one folder of weights per model, named as the model (default: the Hugging Face cache).")] = None,
 ) -> None:
     """Build a demo corpus from scikit-image's sample photographs, ingest it and refresh it."""
     from app.demo import write_demo_sources

@@ -1,10 +1,10 @@
-"""`plateflow deploy`: the work pools and every deployment on the configured Prefect server.
+"""`plateflow deploy`: the work pool and every deployment on the configured Prefect server.
 
-- the pools: one per GPU class (plateflow/pools.py, from profiles/gpu_classes.toml);
-- refresh-corpus and retry-failed-plates, with their schedule and trigger, make-tiles, train-head and predict-head: prefect.yaml;
-- embed-plates-<class>, one per pool, from one pattern (PrefectHQ/examples' ``deploy_many.py``):
-  the GPU step that refresh sends runs to. A class added to the profile gets its pool and
-  deployment with no other edit.
+- the pool and its queues: one queue per GPU class (plateflow/pools.py, from
+  profiles/gpu_classes.toml); a class added to the profile gets its queue with no other edit;
+- refresh-corpus and retry-failed-plates, with their schedule and trigger, make-tiles, train-head
+  and predict-head: prefect.yaml;
+- embed-plates: the GPU step that refresh sends runs to, each to its class's queue.
 
 Running it again updates everything to match and changes nothing else.
 """
@@ -20,25 +20,25 @@ REPO = Path(__file__).resolve().parents[1]
 EMBED_ENTRYPOINT = "flows/embed.py:embed_plates"
 
 
-def deploy_embed_plates(home: Path = REPO) -> list[str]:
-    """An embed-plates deployment on each pool, pinned to its class; returns their names. The
-    code comes from ``home`` on the worker (as prefect.yaml's pull step says)."""
+def deploy_embed_plates(home: Path = REPO) -> str:
+    """The embed-plates deployment, on the CPU class's queue of the pool (so it is Ready wherever
+    a CPU worker runs); refresh sends each GPU run to its class's queue. The code comes from
+    ``home`` on the worker (as prefect.yaml's pull step says). Returns its name."""
     from prefect.deployments.runner import RunnerDeployment
     from prefect.runner.storage import LocalStorage
 
-    from plateflow.pools import embed_deployment_name, pool_definitions
+    from plateflow.pools import EMBED_FLOW, work_pool
 
-    names = []
-    for pool in pool_definitions().values():
-        name = embed_deployment_name(pool)
-        RunnerDeployment.from_storage(
-            LocalStorage(str(home)), EMBED_ENTRYPOINT, name=name, work_pool_name=pool.name,
-            parameters={"gpu_class": pool.gpu_class},
-            description=f"The GPU step on {pool.gpu_class}: {pool.description} Refresh sends it runs.",
-            tags=["plateflow"] + ([] if pool.gpu_class == "CPU" else ["gpu"]),
-        ).apply()
-        names.append(name)
-    return names
+    pool = work_pool()
+    classes = ", ".join(f"{q.gpu_class} -> {q.name}" for q in pool.queues.values())
+    RunnerDeployment.from_storage(
+        LocalStorage(str(home)), EMBED_ENTRYPOINT, name=EMBED_FLOW, work_pool_name=pool.name,
+        work_queue_name=pool.home.name, parameters={"gpu_class": pool.home.gpu_class},
+        description=(f"The GPU step: refresh sends its runs to the work queue of their GPU class "
+                     f"({classes}), where that class's workers (`plateflow worker`) take them."),
+        tags=["plateflow"],
+    ).apply()
+    return EMBED_FLOW
 
 
 def deploy_all(corpus: Path | None, home: Path = REPO, say=print, env: dict[str, str] | None = None) -> None:
@@ -47,7 +47,7 @@ def deploy_all(corpus: Path | None, home: Path = REPO, say=print, env: dict[str,
     from plateflow.pools import ensure_pools
 
     for name, action in ensure_pools():
-        say(f"{action:9s} work pool {name}")
+        say(f"{action:9s} {name}")
     env = {**os.environ, **(env or {}), "PLATEFLOW_HOME": str(home),
            "PLATEFLOW_CORPUS": str(corpus) if corpus else os.environ.get("PLATEFLOW_CORPUS", "")}
     cmd = [str(Path(sys.executable).with_name("prefect")), "--no-prompt", "deploy", "--all"]
@@ -55,4 +55,4 @@ def deploy_all(corpus: Path | None, home: Path = REPO, say=print, env: dict[str,
     if done.returncode != 0:
         raise RuntimeError(f"prefect deploy --all failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     say("deployed refresh-corpus, retry-failed-plates, make-tiles, train-head, predict-head (prefect.yaml)")
-    say(f"deployed {', '.join(deploy_embed_plates(home))}")
+    say(f"deployed {deploy_embed_plates(home)} (the GPU step; its runs go to each class's queue)")

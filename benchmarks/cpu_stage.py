@@ -1,4 +1,4 @@
-"""CPU stage benchmark: plateflow's characterisation against plain decoding and plain NumPy.
+"""CPU stage benchmark: plateflow's characterization against plain decoding and plain NumPy.
 
 Builds >= 30 MP JPEG plates (a photograph on grainy off-white paper), then times, in one run and
 with the same number of worker threads, each variant in its own subprocess (so peak memory is

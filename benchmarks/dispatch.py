@@ -51,26 +51,26 @@ def main() -> None:
     os.environ.update(extra, PREFECT_API_URL=f"http://127.0.0.1:{port}/api")
 
     from embed import make_stage_inputs
-    from plateflow.pools import pool_definitions
-    from flows.routing import GpuRoute, run_on_pool
-    from plateflow.pools import embed_deployment_name
-    from app.server import start, stop
+    from flows.routing import GpuRoute, online_workers, run_on_pool
+    from plateflow.pools import EMBED_DEPLOYMENT, work_pool
+    from app.server import start
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("dispatch")
     jobs, _ = make_stage_inputs(base / "plates", args.plates)
-    pool = pool_definitions()[args.gpu_class]
-    route = GpuRoute(args.gpu_class, pool.name, f"embed-plates/{embed_deployment_name(pool)}")
-    procs = start(base / "corpus", port, gpu_class=args.gpu_class, log_dir=base, say=log.info, env=extra)
+    pool = work_pool()
+    queue = pool.queue(args.gpu_class)
+    route = GpuRoute(args.gpu_class, pool.name, queue.name, EMBED_DEPLOYMENT)
+    stack = start(base / "corpus", port, gpu_class=args.gpu_class, log_dir=base, say=log.info, env=extra,
+                  report_port=free_port())
     try:
         from prefect import get_client
-        from prefect.client.schemas.objects import WorkerStatus
 
         deadline = time.monotonic() + 120
         with get_client(sync_client=True) as client:
-            while not any(w.status == WorkerStatus.ONLINE for w in client.read_workers_for_work_pool(pool.name)):
+            while not online_workers(client, pool.name, queue):
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"no worker came online on {pool.name}")
+                    raise RuntimeError(f"no worker came online on {pool.name}/{queue.name}")
                 time.sleep(1)
         report = {"plates": args.plates, "chunk": args.chunk, "gpu_class": args.gpu_class}
         for label, max_run in (("one run per chunk", args.chunk), ("one run per worker", None)):
@@ -96,7 +96,7 @@ def main() -> None:
         out.write_text(json.dumps(report, indent=2))
         print(f"wrote {out}")
     finally:
-        stop(procs)
+        stack.stop()
 
 
 if __name__ == "__main__":

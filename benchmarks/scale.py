@@ -6,7 +6,7 @@ first refresh of an empty corpus that no variant is charged for, with a Prefect 
 its own):
 
   empty       a corpus with no plates: the fixed cost (imports, connecting, the tables)
-  first       every plate characterised
+  first       every plate characterized
   unchanged   nothing changed: every plate found current without a task run
   one changed one source rewritten
 

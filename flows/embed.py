@@ -41,7 +41,7 @@ def embed_plates(model: str, gpu_class: str, jobs: list[PlateJob] | None = None,
         jobs_file: A JSON file listing the plates instead, in the corpus (a refresh sending a run
             to a work pool writes it).
         chunk_size: Plates per embed-chunk task, the unit of retry (empty: profiles/dispatch.toml).
-        weights_root: A folder with <model>/ weights (empty: the Hugging Face cache).
+        weights_root: A folder with one folder of weights per model, named as the model (empty: the Hugging Face cache).
         report: A JSON file to write each plate's outcome to.
     """
     logger = get_run_logger()

@@ -46,10 +46,10 @@ def tile_features(root: str, model: str, tiles: str, credentials_block: str | No
         root: The corpus root: the folder that holds plates_structured/.
         model: The embedding model, a name from profiles/models.toml.
         tiles: Where make-tiles wrote its shards and tables: a folder or an fsspec URL.
-        credentials_block: A Prefect block with the bucket's credentials (<block-type>/<name>).
+        credentials_block: A Prefect block with the bucket's credentials (BLOCK-TYPE/NAME, e.g. s3-bucket/scans).
         gpu_class: The GPU class whose batch size and dtype to use (default: detected).
         chunk_size: Tiles per embed-chunk task (default: profiles/dispatch.toml).
-        weights_root: A folder with <model>/ weights (empty: the Hugging Face cache).
+        weights_root: A folder with one folder of weights per model, named as the model (empty: the Hugging Face cache).
     """
     from flows.embed import embed_plates
 

@@ -9,11 +9,14 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed
 
 from plateflow.artifacts import artifact_key
 from plateflow.config import corpus_root
 from plateflow.corpus import corpus_lock
-from tasks.heads import HeadConfig, predict, read_labels, train_experiment
+from plateflow.errors import ConfigError
+from plateflow.runlog import quiet_returned_failures
+from tasks.heads import HeadConfig, predict, read_labels, require_features, train_experiment
 
 
 @task(name="train-head", task_run_name="train-{config.head}-lr{config.lr}", cache_policy=NO_CACHE)
@@ -33,7 +36,7 @@ def train_head(root: str, model: str, label: str, labels_file: str | None = None
 
     Args:
         root: The corpus root: the folder that holds plates_structured/.
-        model: The model whose features (ROOT/features/<model>/) the heads read.
+        model: The model whose features (ROOT/features/MODEL/) the heads read.
         label: The manifest key that holds each plate's class (or the name of the labels_file's classes).
         labels_file: A CSV of plate_id,label instead of the manifests' key.
         heads: linear and/or mlp: each is trained.
@@ -43,10 +46,16 @@ def train_head(root: str, model: str, label: str, labels_file: str | None = None
         hidden: Hidden units of the mlp head.
         test_every: Test plates: content hash 0 mod this (the tiles' rule; or test_fraction).
         test_fraction: This share of plates by content hash is test.
-        features: plates (ROOT/features/<model>/) or tiles (<model>-tiles/: a head per tile).
+        features: plates (ROOT/features/MODEL/) or tiles (ROOT/features/MODEL-tiles/: a head per tile).
     """
-    root_path = corpus_root(root)
-    labels = read_labels(root_path, label, labels_file)
+    quiet_returned_failures()
+    try:
+        root_path = corpus_root(root)
+        require_features(root_path, model, features)
+        labels = read_labels(root_path, label, labels_file)
+    except ConfigError as exc:  # said once, in one line, before any task
+        get_run_logger().error("configuration error: %s", exc)
+        return Failed(message=str(exc), data=exc)
     configs = [HeadConfig(head=h, lr=lr, epochs=epochs, seed=seed, hidden=hidden, test_every=test_every,
                           test_fraction=None if test_every is not None else test_fraction)
                for h, lr in itertools.product(heads, lrs)]

@@ -1,9 +1,9 @@
-"""refresh_corpus: characterise every plate of a corpus; a refresh only redoes what changed.
+"""refresh_corpus: characterize every plate of a corpus; a refresh only redoes what changed.
 
 The stages, each counted in plates (``Progress``):
 
 1. hash: each source's sha256, from the source index where its stat is unchanged;
-2. characterise: plates whose outputs are in place for their cache key are settled here, with no
+2. characterize: plates whose outputs are in place for their cache key are settled here, with no
    task run; the others go through characterize-batch tasks;
 3. with models: candidates (candidates-batch tasks), embed <model> (the GPU flow, embed-plates,
    in-process or on a work pool), smart crop (smart-crop-batch tasks);
@@ -33,16 +33,18 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from plateflow.artifacts import Progress, publish
+from plateflow.artifacts import Progress, RunCounts, plural, publish
 from plateflow.atomic import dumps_json, remove_stale_temps, write_bytes_if_changed
 from plateflow.config import CharacterizeParams, RefreshConfig, corpus_root
+from plateflow.errors import ConfigError
 from plateflow.corpus import PlateProblem, PlateRef, corpus_lock, discover_plates
 from plateflow.hardware import gpu_class as detect_gpu_class
 from plateflow.hashindex import SourceIndex
 from plateflow.layout import SOURCE, CorpusLayout, PlateLayout, natural_key
 from plateflow.profiles import load_profiles, quality_profile
-from plateflow.tables import (CHARACTERISATION_COLUMNS, read_corpus_table, read_parquet, write_corpus_table,
-                              write_embeddings_table)
+from plateflow.runlog import quiet_returned_failures
+from plateflow.tables import (CHARACTERIZATION_COLUMNS, failure_signature, failure_signatures, read_corpus_table,
+                              read_parquet, write_corpus_table, write_embeddings_table)
 from flows.routing import GpuRoute, choose_route, run_on_pool
 from tasks.batch import PlateOutcome, batches, file_size
 from tasks.features import update_plate_features
@@ -57,7 +59,7 @@ from tasks.report import build_report
 from tasks.save import current_record
 from tasks.smart_crop import CropJob, smart_crop_batch, smart_crop_plates
 
-HASH, CHARACTERISE, CANDIDATES, SMART_CROP = "hash", "characterise", "candidates", "smart crop"
+HASH, CHARACTERISE, CANDIDATES, SMART_CROP = "hash", "characterize", "candidates", "smart crop"
 FAILED_STEP = {CHARACTERISE: "characterize", CANDIDATES: "candidates", SMART_CROP: "smart_crop"}  # table's names
 
 
@@ -93,13 +95,16 @@ class PlateRecord:
     def settle(self, status: str, metadata: dict) -> None:
         self.metadata = metadata
         quality = metadata.get("quality") or {}
-        self.row.update({k: metadata[k] for k in CHARACTERISATION_COLUMNS}, characterize_status=status,
+        self.row.update({k: metadata[k] for k in CHARACTERIZATION_COLUMNS}, characterize_status=status,
                         quality_flags=quality.get("flags"), pixel_hash=quality.get("pixel_hash"),
                         phash=quality.get("phash"))
 
     def fail(self, step: str, error: str, **extra) -> None:
-        """Mark the plate failed at ``step``, with the error that says why."""
+        """Mark the plate failed at ``step``, with the error that says why (and the source's
+        hash, when known: a failure with the same hash is known on the next run)."""
         self.row.update(status="failed", failed_step=step, error=error, **extra)
+        if self.sha256 is not None:
+            self.row.setdefault("sha256", self.sha256)
         self.row.setdefault("characterize_status", "not_run")
 
     def source_bytes(self) -> int:
@@ -133,7 +138,7 @@ class Refresh:
 
 @flow(name="refresh-corpus", validate_parameters=True)
 def refresh_corpus(root: str, config: RefreshConfig = RefreshConfig(), plates: list[str] | None = None):
-    """Characterise every plate under ROOT/plates_structured; with ``config.models``, also build
+    """Characterize every plate under ROOT/plates_structured; with ``config.models``, also build
     crop candidates, embed them with each model, choose and save the smart crop. Writes
     ROOT/plates.parquet (and ROOT/embeddings/<model>.parquet). ``config``: RefreshConfig
     (plateflow/config.py), written to ROOT/.plateflow/config.json.
@@ -150,9 +155,14 @@ def refresh_corpus(root: str, config: RefreshConfig = RefreshConfig(), plates: l
             batching and Dask (each setting described below).
         plates: Plate folder names to refresh (plate-001, ...); empty for every plate.
     """
+    quiet_returned_failures()
     logger = get_run_logger()
-    root_path = corpus_root(root)
-    route = check_config(root_path, config, plates is not None, logger)
+    try:
+        root_path = corpus_root(root)
+        route = check_config(root_path, config, plates is not None, logger)
+    except ConfigError as exc:  # said once, in one line: nothing was touched, there is no traceback to read
+        logger.error("configuration error: %s", exc)
+        return Failed(message=str(exc), data=exc)
     holder = f"flow run {flow_run.name} ({flow_run.id}) on {socket.gethostname()}, pid {os.getpid()}"
     asked = time.perf_counter()
     with corpus_lock(root_path, holder, on_wait=lambda other: logger.warning(
@@ -179,14 +189,25 @@ def check_config(root: Path, config: RefreshConfig, partial: bool, logger) -> Gp
     if not config.models:
         return None
     profiles = load_profiles()
+    check_models(config, config.gpu_class, in_process=False)  # a typo is said before the server is asked
     route = choose_route(config.gpu_class, config.gpu_dispatch, profiles,
                          detected=config.gpu_class or detect_gpu_class(profiles))
     logger.info("GPU step: %s", route.describe())
-    for m in config.models:
-        profiles.plan(m, route.gpu_class)
-        if route.local:  # a pool's workers load weights of their own
-            require_weights(profiles.model(m), Path(config.weights_root) if config.weights_root else None)
+    check_models(config, route.gpu_class, in_process=route.local)
     return route
+
+
+def check_models(config: RefreshConfig, gpu_class: str | None, in_process: bool) -> None:
+    """``ConfigError`` for a model the profiles do not know, one too big for ``gpu_class``, or,
+    when the GPU step runs in this process, one whose weights this machine cannot have (a pool's
+    workers load weights of their own). Touches no plate and writes nothing."""
+    profiles = load_profiles()
+    for m in config.models:
+        spec = profiles.model(m)
+        if gpu_class is not None:
+            profiles.plan(m, gpu_class)
+        if in_process:
+            require_weights(spec, Path(config.weights_root) if config.weights_root else None)
 
 
 def start(root: Path, config: RefreshConfig, partial: bool, logger, waited: float, died: str = "") -> Refresh:
@@ -231,8 +252,8 @@ def find_plates(run: Refresh, wanted: list[str] | None) -> tuple[list[PlateRecor
         found = [p for p in found if p.folder in names]
     records = [PlateRecord(p) for p in found if isinstance(p, PlateRef)]
     problems = [p for p in found if isinstance(p, PlateProblem)]
-    run.logger.info("%d plate folders: %d to process, %d with manifest problems",
-                    len(found), len(records), len(problems))
+    run.logger.info("%s: %d to process, %d with manifest problems",
+                    plural(len(found), "plate folder"), len(records), len(problems))
     stages = [HASH, CHARACTERISE] + ([CANDIDATES, *map(embed_stage, run.config.models), SMART_CROP]
                                      if run.config.models else [])
     for stage in stages:  # all known from the start, so the overall progress never goes back
@@ -291,17 +312,17 @@ def in_batches(run: Refresh, runner: PlateRunner, stage: str, items: list, task,
     if not items:
         return
     groups = batches(items, cost, run.config.batch_plates, run.config.batch_bytes, runner.places())
-    futures = {runner.get().submit(task, {**parameters(group), "name": f"{i + 1}of{len(groups)}"}): group
-               for i, group in enumerate(groups)}
+    names = [f"{i + 1}of{len(groups)}" for i in range(len(groups))]  # the task runs' names end so
+    futures = {runner.get().submit(task, {**parameters(group), "name": name}): (name, group)
+               for name, group in zip(names, groups)}
     for done, future in enumerate(as_completed(list(futures)), start=1):
-        group = futures[future]
+        name, group = futures[future]
         outcomes = _outcomes(future, group, rerun, stage, run.logger)
         for item, outcome in zip(group, outcomes):
             apply(item, outcome)
-            if outcome.failed:
-                run.logger.warning("%s failed at %s: %s", outcome.folder, outcome.failed_step, outcome.error)
         failed = sum(o.failed for o in outcomes)
-        run.logger.info("%s batch %d/%d: %d plates, %d failed", stage, done, len(groups), len(group), failed)
+        run.logger.info("%s batch %s: %s, %d failed (%d of %d batches done)", stage, name, plural(len(group), "plate"),
+                        failed, done, len(groups))
         run.progress.advance(stage, len(group), failed)
 
 
@@ -329,10 +350,10 @@ def _folder(item) -> str:
 def characterize_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunner) -> None:
     with run.timed("hashing"):
         hash_sources(run, records)
-    with run.timed("characterisation"):
+    with run.timed("characterization"):
         todo = settle_current(records, run.root, run.params)
         run.progress.advance(CHARACTERISE, len(records) - len(todo), sum(not r.ok for r in records))
-        run.logger.info("%d plates current, %d to characterise", len(records) - len(todo), len(todo))
+        run.logger.info("%s current, %d to characterize", plural(len(records) - len(todo), "plate"), len(todo))
 
         def apply(rec: PlateRecord, outcome: PlateOutcome) -> None:
             if outcome.failed:
@@ -366,7 +387,7 @@ def hash_sources(run: Refresh, records: list[PlateRecord]) -> None:
             to_read.append(rec)
     run.progress.advance(HASH, len(records) - len(to_read))
     with ThreadPoolExecutor(run.config.workers, thread_name_prefix="plateflow-hash") as pool:
-        for rec in pool.map(lambda rec: _rehash(index, rec, run.logger), to_read):
+        for rec in pool.map(lambda rec: _rehash(index, rec), to_read):
             run.progress.advance(HASH, 1, int(not rec.ok))
     if not run.partial:
         index.forget_missing({index.key(r.plate.source_path) for r in records})
@@ -376,12 +397,11 @@ def hash_sources(run: Refresh, records: list[PlateRecord]) -> None:
         run.logger.warning("could not write the source index: %s", exc)
 
 
-def _rehash(index: SourceIndex, rec: PlateRecord, logger) -> PlateRecord:
+def _rehash(index: SourceIndex, rec: PlateRecord) -> PlateRecord:
     try:
         rec.sha256 = index.rehash_patiently(rec.plate.source_path)
     except OSError as exc:
         rec.fail("hash", f"{type(exc).__name__}: {exc}")
-        logger.warning("%s: cannot read its source: %s", rec.plate.folder, exc)
     return rec
 
 
@@ -398,7 +418,7 @@ def settle_current(records: list[PlateRecord], root: Path, params: CharacterizeP
             todo.append(rec)
         elif record.get("loadable") is False:  # bad input, already found bad with these bytes and code
             rec.fail("characterize", record.get("plateflow_error") or record.get("error", ""),
-                     characterize_status="cached")
+                     characterize_status="failed")
         else:
             rec.settle("cached", record)
     return todo
@@ -425,7 +445,7 @@ def gpu_stage(run: Refresh, records: list[PlateRecord], route: GpuRoute, runner:
         version, written = update_plate_features(run.root, model, items, spec.embed_dim,
                                                  embedding_key(spec, run.config.crop), partial=run.partial)
         if written:
-            run.logger.info("%s features: version %s, %d plates (float16, %s)", model, version, len(items),
+            run.logger.info("%s features: version %s, %s (float16, %s)", model, version, plural(len(items), "plate"),
                             run.corpus.features(model))
 
 
@@ -460,7 +480,7 @@ def embed_model(run: Refresh, records: list[PlateRecord], model: str, route: Gpu
         if not path.is_file():
             jobs[rec.plate.folder] = (rec, PlateJob(rec.plate.folder, str(PlateLayout(rec.plate.plate_dir).working_copy),
                                                     rec.size, tuple(map(tuple, rec.boxes)), str(path)))
-    run.logger.info("%s: %d plates cached, %d to embed", model, len(records) - len(jobs), len(jobs))
+    run.logger.info("%s: %s cached, %d to embed", model, plural(len(records) - len(jobs), "plate"), len(jobs))
     run.progress.advance(stage, len(records) - len(jobs))
     if not jobs:
         return
@@ -522,10 +542,16 @@ def smart_crop_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunn
 
 
 def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem]) -> State:
-    """Write plates.parquet and the report, publish the artifacts; the run's final state."""
+    """Write plates.parquet and the report, publish the artifacts; the run's final state:
+    Completed unless a plate newly failed. A plate that failed the same way with the same inputs
+    before this run is a known failure, named in the message; it does not fail the run, so a
+    scan a curator already knows is bad does not turn every nightly run red."""
     rows = sorted([rec.row for rec in records] + [_problem_row(p) for p in problems],
                   key=lambda r: natural_key(r["plate_dir"]))
     failed = [r for r in rows if r["status"] == "failed"]
+    before = failure_signatures(run.root) if failed else {}
+    known = {r["plate_dir"] for r in failed if before.get(r["plate_dir"]) == failure_signature(r)}
+    counts = RunCounts.of(rows, known, run.config.models)
     t = time.perf_counter()
     profile = quality_profile()
     if not run.partial:  # the whole corpus: its flags here (the summary shows them); else on the merged table
@@ -536,8 +562,7 @@ def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem
                                         finalize=(lambda every: corpus_flags(every, profile)) if run.partial else None)
     except OSError as exc:  # a full disk: say so, and what this run found, never the old table's counts
         message = (f"could not write the corpus table: {exc}; it still holds an earlier run's rows. "
-                   f"This run: {len(rows) - len(failed)} of {len(rows)} plates ok, {len(failed)} failed"
-                   + (f": {_failures(failed)}" if failed else ""))
+                   f"This run: {counts.headline()}" + (f": {_failures(failed)}" if failed else ""))
         run.logger.error(message)
         return Failed(message=message)
     if run.config.models and run.corpus.predictors.is_file():
@@ -552,24 +577,20 @@ def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem
         report = None
     run.timings["tables and report"] = time.perf_counter() - t
     run.progress.publish()
-    # The table and summary cover the whole corpus, also after a refresh of some plates.
-    publish(run.root, read_corpus_table(run.root).to_pylist() if run.partial else rows, run.timings, report,
-            run.config.models)
-    summary = _summary(rows, failed, run, table_path, report)
+    publish(run.root, rows, counts, known, run.timings, report, run.config.models,
+            corpus=read_corpus_table(run.root).to_pylist() if run.partial else None)
+    for r in failed:  # one line per failed plate, and no more
+        is_known = r["plate_dir"] in known
+        (run.logger.info if is_known else run.logger.warning)(
+            "%s failed at %s (%s): %s", r["plate_dir"], r.get("failed_step"), "known" if is_known else "new", r["error"])
+    summary = (f"{counts.headline()}; {'; '.join(counts.steps())}; in {time.perf_counter() - run.started:.1f} s; "
+               f"table: {table_path}; report: {report}")
     run.logger.info(summary)
-    return Failed(message=f"{summary}. Failed plates: {_failures(failed)}") if failed else Completed(message=summary)
-
-
-def _summary(rows: list[dict], failed: list[dict], run: Refresh, table_path: Path, report: Path | None) -> str:
-    counts = {s: sum(r.get("characterize_status") == s for r in rows) for s in ("computed", "cached")}
-    embedded = ""
-    if run.config.models:
-        e = {k: sum(r.get("embed_status") == k for r in rows) for k in ("computed", "cached")}
-        embedded = f"; embeddings {e['computed']} computed, {e['cached']} cached"
-    return (f"{len(rows) - len(failed)} of {len(rows)} plates ok "
-            f"(characterisation {counts['computed']} computed, {counts['cached']} cached{embedded}), "
-            f"{len(failed)} failed in {time.perf_counter() - run.started:.1f} s; table: {table_path}; "
-            f"report: {report}")
+    new = [r for r in failed if r["plate_dir"] not in known]
+    old = [r for r in failed if r["plate_dir"] in known]
+    message = summary + (f". New failures: {_failures(new)}" if new else "") + (
+        f". Known failures (failed the same way before): {_failures(old)}" if old else "")
+    return Failed(message=message) if new else Completed(message=message)
 
 
 def _problem_row(problem: PlateProblem) -> dict:

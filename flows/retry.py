@@ -11,6 +11,8 @@ from flows.refresh import refresh_corpus
 from plateflow.config import RefreshConfig, corpus_root
 from plateflow.layout import natural_key
 from plateflow.errors import ConfigError
+from plateflow.artifacts import plural
+from plateflow.runlog import quiet_returned_failures
 from plateflow.tables import read_corpus_table
 
 
@@ -31,15 +33,20 @@ def retry_failed_plates(root: str, config: RefreshConfig = RefreshConfig()):
         root: The corpus root: the folder that holds plates_structured/ and plates.parquet.
         config: The refresh's settings (as refresh-corpus takes them), used for the failed plates.
     """
+    quiet_returned_failures()
     logger = get_run_logger()
-    failed = failed_plates(corpus_root(root))
+    try:
+        failed = failed_plates(corpus_root(root))
+    except ConfigError as exc:
+        logger.error("configuration error: %s", exc)
+        return Failed(message=str(exc), data=exc)
     if not failed:
         return Completed(message="no failed plates")
     shown = ", ".join(failed[:20]) + (f" and {len(failed) - 20} more" if len(failed) > 20 else "")
-    logger.info("retrying %d failed plates: %s", len(failed), shown)
+    logger.info("retrying %s that failed: %s", plural(len(failed), "plate"), shown)
     state = refresh_corpus(root, config, plates=failed, return_state=True)
     failure = state.result(raise_on_failure=False) if state.is_failed() else None
     if isinstance(failure, ConfigError):  # stopped before any work: fail as that error, not as plates
-        raise failure
+        return Failed(message=state.message, data=failure)
     # Re-wrap: returning the subflow's state as is would replace its summary with a generic one.
     return (Completed if state.is_completed() else Failed)(message=state.message)

@@ -1,12 +1,14 @@
-"""Where the GPU step runs: in-process, or as runs of the embed-plates deployment of a GPU class.
+"""Where the GPU step runs: in-process, or as runs of the embed-plates deployment sent to the
+work queue of a GPU class.
 
-With a Prefect server that has plateflow's work pools and embed-plates deployments (`plateflow
-pools`, `prefect deploy --all`), refresh sends each model's plates as flow runs of
-`embed-plates/embed-plates-<class>` to the pool of the requested class (or the best class that
-has one), one run per online worker; the workers of that pool run them, one per GPU. With no
-such server (Prefect's embedded default) the GPU step runs in-process. A run's plates and its
-outcome travel as small JSON files in the corpus (which every worker reads and writes anyway),
-so they need no shared Prefect result storage.
+With a Prefect server that has plateflow's work pool and the embed-plates deployment (`plateflow
+deploy`), refresh sends each model's plates as flow runs of `embed-plates/embed-plates` to the
+queue of the requested class (or of the best class with an online worker), one run per online
+worker; the workers polling that queue run them, one per GPU. A queue no worker polls gets no
+run: ``auto`` then runs the GPU step in-process and says so, a requested class is an error that
+names the command starting a worker. With no such server (Prefect's embedded default) the GPU
+step runs in-process. A run's plates and its outcome travel as small JSON files in the corpus
+(which every worker reads and writes anyway), so they need no shared Prefect result storage.
 """
 
 from __future__ import annotations
@@ -21,74 +23,100 @@ from pathlib import Path
 
 from plateflow.config import Dispatch
 from plateflow.errors import ConfigError
-from plateflow.pools import EMBED_FLOW, embed_deployment_name, pool_definitions
+from plateflow.pools import EMBED_DEPLOYMENT, EMBED_FLOW, QueueDef, work_pool, worker_prefix
 from plateflow.profiles import Profiles, dispatch_policy
-
 
 
 @dataclass(frozen=True)
 class GpuRoute:
     gpu_class: str
     pool: str | None = None        # None: in-process
-    deployment: str | None = None  # "embed-plates/embed-plates-<slug>"
+    queue: str | None = None       # the class's work queue in ``pool``
+    deployment: str | None = None  # "embed-plates/embed-plates"
+    why: str = ""                  # why in-process, when a server could have taken it
 
     @property
     def local(self) -> bool:
         return self.deployment is None
 
     def describe(self) -> str:
-        return (f"in-process ({self.gpu_class})" if self.local
-                else f"{self.deployment} on work pool {self.pool} ({self.gpu_class})")
+        if self.local:
+            return f"in-process ({self.gpu_class})" + (f": {self.why}" if self.why else "")
+        return f"{self.deployment} runs on work queue {self.pool}/{self.queue} ({self.gpu_class})"
 
 
-def _server_inventory() -> tuple[str, set[str], set[str]]:
-    """(API URL, work pool names, embed-plates deployment names) of the configured server."""
+def online_workers(client, pool: str, queue: QueueDef) -> int:
+    """Workers online on ``pool`` that poll ``queue`` (named by ``plateflow worker``); 1 when
+    only a worker of another name polls it (the queue is Ready), else 0."""
+    from prefect.client.schemas.objects import WorkerStatus, WorkQueueStatus
+    from prefect.exceptions import ObjectNotFound
+
+    prefix = worker_prefix(queue)
+    named = sum(w.status == WorkerStatus.ONLINE and w.name.startswith(prefix)
+                for w in client.read_workers_for_work_pool(pool))
+    if named:
+        return named
+    try:
+        return int(client.read_work_queue_by_name(queue.name, work_pool_name=pool).status == WorkQueueStatus.READY)
+    except ObjectNotFound:
+        return 0
+
+
+def _server_inventory() -> tuple[str, bool, dict[str, int]]:
+    """(API URL, whether the embed-plates deployment is there, online workers by GPU class)."""
     from prefect import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL
 
+    pool = work_pool()
     with get_client(sync_client=True) as client:
-        pools = {p.name for p in client.read_work_pools()}
-        deployments = {d.name for d in client.read_deployments(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=[EMBED_FLOW])))}
-    return PREFECT_API_URL.value() or "Prefect's embedded server", pools, deployments
+        try:
+            client.read_deployment_by_name(EMBED_DEPLOYMENT)
+        except ObjectNotFound:
+            return PREFECT_API_URL.value() or "Prefect's embedded server", False, {}
+        try:
+            client.read_work_pool(pool.name)
+        except ObjectNotFound:
+            return PREFECT_API_URL.value(), True, {}
+        online = {cls: online_workers(client, pool.name, q) for cls, q in pool.queues.items()}
+    return PREFECT_API_URL.value(), True, {cls: n for cls, n in online.items() if n}
 
 
 def choose_route(requested: str | None, dispatch: Dispatch, profiles: Profiles, detected: str) -> GpuRoute:
     """Decide where the GPU step runs, before any work starts.
 
-    local: in-process, on the requested (else detected) class. pool: a deployment run on the
-    requested class's pool, or on the best class that has a pool and a deployment; a class with
-    neither is an error naming the pools that exist. auto: pool when the server has any
-    embed-plates deployment, else local (Prefect's embedded default needs no setup).
+    local: in-process, on the requested (else detected) class. Otherwise only a class whose
+    work queue has an online worker gets runs: the requested class, or else the best class
+    with one. A requested class without a worker is an error naming its queue and the command
+    that starts one; with no class online, auto runs in-process (``why`` says so) and pool is
+    an error. auto with no embed-plates deployment on the server runs in-process.
     """
     if dispatch == "local":
         return GpuRoute(requested or detected)
-    url, pools, deployments = _server_inventory()
-    if dispatch == "auto" and not deployments:
-        return GpuRoute(requested or detected)
-    defined = pool_definitions()
-    routable = {cls: p for cls, p in defined.items()
-                if p.name in pools and embed_deployment_name(p) in deployments}
+    url, deployed, online = _server_inventory()
+    if not deployed:
+        if dispatch == "auto":
+            return GpuRoute(requested or detected)
+        raise ConfigError(f"the server at {url} has no {EMBED_DEPLOYMENT} deployment: create it with "
+                          f"`plateflow deploy`, or run the GPU step in-process with --gpu-dispatch local")
+    pool = work_pool()
     if requested is not None:
-        if requested not in routable:
-            pool = defined.get(requested)
-            wanted = (f"work pool {pool.name} with the {EMBED_FLOW}/{embed_deployment_name(pool)} deployment"
-                      if pool else "work pool (profiles/gpu_classes.toml does not list the class)")
+        if requested not in online:
+            queue = pool.queue(requested)
             raise ConfigError(
-                f"GPU class {requested}: the server at {url} has no {wanted}. "
-                f"Work pools there: {', '.join(sorted(pools)) or 'none'}; classes with a pool and a "
-                f"deployment: {', '.join(sorted(routable)) or 'none'}. Create the pools with "
-                f"`plateflow deploy`, or run the GPU step "
-                f"in-process with --gpu-dispatch local.")
+                f"GPU class {requested}: no worker is online on work queue {pool.name}/{queue.name} at {url}; "
+                f"start one on a {requested} machine with `plateflow worker` (PLATEFLOW_GPU_CLASS={requested} "
+                f"to name the class), or run the GPU step here with --gpu-dispatch local. Classes with an "
+                f"online worker: {', '.join(sorted(online)) or 'none'}")
         cls = requested
+    elif not online:
+        if dispatch == "pool":
+            raise ConfigError(f"no worker is online on any work queue of pool {pool.name} at {url}: start one "
+                              f"with `plateflow worker`, or use --gpu-dispatch local")
+        return GpuRoute(detected, why=f"no worker is online on work pool {pool.name} at {url}")
     else:
-        if not routable:
-            raise ConfigError(f"no GPU class has a work pool and an {EMBED_FLOW} deployment on the server "
-                              f"at {url} (work pools there: {', '.join(sorted(pools)) or 'none'})")
-        cls = max(routable, key=lambda c: (profiles.gpu_class(c).peak_tflops or 0, profiles.gpu_class(c).vram_gb))
-    pool = routable[cls]
-    return GpuRoute(cls, pool.name, f"{EMBED_FLOW}/{embed_deployment_name(pool)}")
+        cls = max(online, key=lambda c: (profiles.gpu_class(c).peak_tflops or 0, profiles.gpu_class(c).vram_gb))
+    return GpuRoute(cls, pool.name, pool.queue(cls).name, EMBED_DEPLOYMENT)
 
 
 def split_runs(n: int, slots: int, chunk_size: int, max_run_plates: int | None = None) -> list[range]:
@@ -107,10 +135,10 @@ def split_runs(n: int, slots: int, chunk_size: int, max_run_plates: int | None =
 def run_on_pool(route: GpuRoute, model: str, jobs: list, chunk_size: int, weights_root: str | None,
                 report_dir: Path, logger, poll_s: float | None = None,
                 worker_wait_s: float | None = None, max_run_plates: int | None = None) -> dict[str, str | None]:
-    """Send ``jobs`` as runs of the route's deployment, all at once, and gather every plate's
-    outcome: None, or why it failed.
+    """Send ``jobs`` as runs of the route's deployment to its class's work queue, all at once,
+    and gather every plate's outcome: None, or why it failed.
 
-    The plates are split with ``split_runs``: a run per free place the pool's online workers
+    The plates are split with ``split_runs``: a run per free place the queue's online workers
     have, not counting runs already running there (each run loads the model once and embeds its
     plates in embed-chunk tasks of ``chunk_size``).
     A run's plates travel as a JSON file beside its report in ``report_dir`` (in the corpus,
@@ -120,42 +148,39 @@ def run_on_pool(route: GpuRoute, model: str, jobs: list, chunk_size: int, weight
 
     A run that crashed (its worker was lost) is sent again, up to the dispatch policy's
     ``crash_retries`` times (profiles/dispatch.toml, as are the defaults of ``poll_s`` and
-    ``max_run_plates``); it skips
-    the plates whose vectors the lost run already stored. A run that failed fails its plates
-    with the run's message. When the pool has had no online worker for ``worker_wait_s`` seconds
-    (None: wait for ever), the runs no worker has taken yet are cancelled and their plates fail
-    saying so; retry-failed-plates redoes them. Runs queued behind busy workers are not
-    affected: only a pool with no worker is.
+    ``max_run_plates``); it skips the plates whose vectors the lost run already stored. A run
+    that failed fails its plates with the run's message. When the queue has had no online
+    worker for ``worker_wait_s`` seconds (None: wait for ever), the runs no worker has taken yet
+    are cancelled and their plates fail saying so; retry-failed-plates redoes them. If this
+    refresh stops (Ctrl-C, an error), the runs it sent that have not finished are cancelled.
     """
     from prefect import get_client
     from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
-                                                WorkPoolFilter, WorkPoolFilterName)
-    from prefect.client.schemas.objects import StateType, WorkerStatus
+                                                FlowRunFilterWorkQueueName, WorkPoolFilter, WorkPoolFilterName)
+    from prefect.client.schemas.objects import StateType
     from prefect.deployments import run_deployment
-    from prefect.states import Cancelled
+    from prefect.states import Cancelled, Cancelling
 
     from plateflow.atomic import write_json
 
     policy = dispatch_policy().gpu
     poll_s = policy.poll_seconds if poll_s is None else poll_s
     report_dir.mkdir(parents=True, exist_ok=True)
-    pool = pool_definitions().get(route.gpu_class)
-    limit = pool.worker_limit if pool is not None else 1
+    queue = work_pool().queue(route.gpu_class)
+    where = f"{route.pool}/{route.queue}"
 
     with get_client(sync_client=True) as client:
-        def online() -> int:
-            return sum(w.status == WorkerStatus.ONLINE for w in client.read_workers_for_work_pool(route.pool))
-
-        workers = online()
+        workers = online_workers(client, route.pool, queue)
         # Places taken by runs already running there (this refresh's own run, when it runs on
-        # the same pool) are not free: runs sent for them would only queue, each a start more.
+        # the same queue) are not free: runs sent for them would only queue, each a start more.
         running = client.count_flow_runs(
             work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[route.pool])),
-            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))))
-        free = max(0, workers * limit - running)
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])),
+                                          work_queue_name=FlowRunFilterWorkQueueName(any_=[route.queue])))
+        free = max(0, workers * queue.worker_limit - running)
         parts = [jobs[r.start:r.stop] for r in split_runs(len(jobs), free, chunk_size, max_run_plates)]
-        logger.info("%s: %d plates in %d run(s) on %s (%d online worker(s), %d run(s) each, %d running)",
-                    model, len(jobs), len(parts), route.pool, workers, limit, running)
+        logger.info("%s: %d plate(s) in %d run(s) on %s (%d online worker(s), %d run(s) each, %d running)",
+                    model, len(jobs), len(parts), where, workers, queue.worker_limit, running)
 
         def submit(n: int, attempt: int):
             report = report_dir / f"{model}-{n}-{attempt}.json"
@@ -163,59 +188,71 @@ def run_on_pool(route: GpuRoute, model: str, jobs: list, chunk_size: int, weight
             if attempt == 0:
                 write_json(jobs_file, [asdict(j) for j in parts[n]])
             run = run_deployment(route.deployment, timeout=0, as_subflow=True, tags=["plateflow"],
+                                 work_queue_name=route.queue,
                                  flow_run_name=f"embed-{model}-run-{n}" + (f"-retry-{attempt}" if attempt else ""),
                                  parameters={"model": model, "jobs_file": str(jobs_file),
                                              "gpu_class": route.gpu_class, "chunk_size": chunk_size,
                                              "weights_root": weights_root, "report": str(report)})
-            logger.info("%s run %d/%d (%d plates): flow run %s on %s", model, n + 1, len(parts),
-                        len(parts[n]), run.name, route.pool)
+            logger.info("%s run %d/%d (%d plate(s)): flow run %s on %s", model, n + 1, len(parts),
+                        len(parts[n]), run.name, where)
             return run.id, report
 
         outcome: dict[str, str | None] = {}
         no_worker_since = None if workers else time.monotonic()
         if no_worker_since is not None:
-            logger.warning("work pool %s has no online worker: its runs wait until one starts "
-                           "(`plateflow worker` on a %s machine)%s", route.pool, route.gpu_class,
+            logger.warning("work queue %s has no online worker: its runs wait until one starts "
+                           "(`plateflow worker` on a %s machine)%s", where, route.gpu_class,
                            f", at most {worker_wait_s:g} s" if worker_wait_s is not None else "")
-        pending = {n: (*submit(n, 0), 0) for n in range(len(parts))}
-        while pending:
-            time.sleep(poll_s)
-            if online():
-                no_worker_since = None
-            elif no_worker_since is None:
-                no_worker_since = time.monotonic()
-            gave_up = (worker_wait_s is not None and no_worker_since is not None
-                       and time.monotonic() - no_worker_since >= worker_wait_s)
-            for n, (run_id, report, attempt) in list(pending.items()):
-                state = client.read_flow_run(run_id).state
-                if gave_up and state is not None and state.is_scheduled():
-                    why = (f"no worker of work pool {route.pool} was online for {worker_wait_s:g} s, so "
-                           f"nothing ran these plates; start one (`plateflow worker` on a {route.gpu_class} "
-                           f"machine) or use gpu_dispatch=local, then retry the failed plates")
-                    client.set_flow_run_state(run_id, Cancelled(message=why), force=True)
-                    logger.error("%s run %d: %s", model, n + 1, why)
+        pending: dict[int, tuple] = {}
+        try:
+            for n in range(len(parts)):
+                pending[n] = (*submit(n, 0), 0)
+            while pending:
+                time.sleep(poll_s)
+                if online_workers(client, route.pool, queue):
+                    no_worker_since = None
+                elif no_worker_since is None:
+                    no_worker_since = time.monotonic()
+                gave_up = (worker_wait_s is not None and no_worker_since is not None
+                           and time.monotonic() - no_worker_since >= worker_wait_s)
+                for n, (run_id, report, attempt) in list(pending.items()):
+                    state = client.read_flow_run(run_id).state
+                    if gave_up and state is not None and state.is_scheduled():
+                        why = (f"no worker polled work queue {where} for {worker_wait_s:g} s, so nothing "
+                               f"ran these plates; start one (`plateflow worker` on a {route.gpu_class} "
+                               f"machine) or use gpu_dispatch=local, then retry the failed plates")
+                        client.set_flow_run_state(run_id, Cancelled(message=why), force=True)
+                        logger.error("%s run %d: %s", model, n + 1, why)
+                        del pending[n]
+                        for job in parts[n]:
+                            outcome[job.plate_id] = why
+                        continue
+                    if state is None or not state.is_final():
+                        continue
                     del pending[n]
-                    for job in parts[n]:
-                        outcome[job.plate_id] = why
-                    continue
-                if state is None or not state.is_final():
-                    continue
-                del pending[n]
-                if state.is_completed() and report.is_file():
-                    outcome.update(json.loads(report.read_text()))
-                    # Done with: a failed or cancelled run keeps its files (its plates, for a
-                    # retry from the UI, and what it reported).
-                    for name in ["jobs", *range(attempt + 1)]:
-                        (report_dir / f"{model}-{n}-{name}.json").unlink(missing_ok=True)
-                elif state.is_crashed() and attempt < policy.crash_retries:
-                    logger.warning("%s run %d: crashed (%s); sending it again", model, n + 1, state.message)
-                    pending[n] = (*submit(n, attempt + 1), attempt + 1)
-                else:
-                    why = state.message or state.name
-                    if state.is_completed():
-                        why = f"the run completed but wrote no report at {report}"
-                    for job in parts[n]:
-                        outcome[job.plate_id] = f"{route.deployment} run ended {state.name}: {why}"
+                    if state.is_completed() and report.is_file():
+                        outcome.update(json.loads(report.read_text()))
+                        # Done with: a failed or cancelled run keeps its files (its plates, for a
+                        # retry from the UI, and what it reported).
+                        for name in ["jobs", *range(attempt + 1)]:
+                            (report_dir / f"{model}-{n}-{name}.json").unlink(missing_ok=True)
+                    elif state.is_crashed() and attempt < policy.crash_retries:
+                        logger.warning("%s run %d: crashed (%s); sending it again", model, n + 1, state.message)
+                        pending[n] = (*submit(n, attempt + 1), attempt + 1)
+                    else:
+                        why = state.message or state.name
+                        if state.is_completed():
+                            why = f"the run completed but wrote no report at {report}"
+                        for job in parts[n]:
+                            outcome[job.plate_id] = f"{route.deployment} run ended {state.name}: {why}"
+        except BaseException:  # Ctrl-C, a lost server: no run of ours is left waiting for a worker
+            for run_id, _, _ in pending.values():
+                with contextlib.suppress(Exception):
+                    scheduled = client.read_flow_run(run_id).state.is_scheduled()
+                    # A run a worker has taken is stopped by that worker (Cancelling).
+                    client.set_flow_run_state(run_id, (Cancelled if scheduled else Cancelling)(
+                        message="the refresh that sent it stopped"), force=True)
+            raise
     with contextlib.suppress(OSError):  # only when empty: what a failed run left stays
         report_dir.rmdir()
     return outcome

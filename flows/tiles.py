@@ -49,7 +49,7 @@ def make_tiles(root: str, params: TileParams, out: str, credentials_block: str |
         params: The tiles' size and mode, the train/test split rule, the noise frame and the shards.
         out: Where the shards and tables are written: a folder or an fsspec URL (s3://bucket/prefix,
             gs://…, az://…). No reader ever sees part of a shard or table.
-        credentials_block: A Prefect block with the bucket's credentials, as <block-type>/<name>
+        credentials_block: A Prefect block with the bucket's credentials, as BLOCK-TYPE/NAME
             (s3-bucket/…, aws-credentials/…, gcs-bucket/…, gcp-credentials/…); without it, the
             environment's.
     """

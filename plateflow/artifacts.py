@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +27,7 @@ listeners: list[Callable[[str, int, int, int], None]] = []
 
 
 class Progress:
-    """A refresh's progress, stage by stage (hash, characterise, candidates, embed <model>, smart
+    """A refresh's progress, stage by stage (hash, characterize, candidates, embed <model>, smart
     crop), counted in plates: one progress artifact over all stages (updated at most every
     ``every_s``) and the listeners' bars."""
 
@@ -73,28 +74,94 @@ def plate_table(rows: list[dict]) -> list[dict]:
         "megapixels": round(r["megapixels"], 1) if r.get("megapixels") is not None else None,
         "flags": ", ".join(r.get("quality_flags") or ()),
         "best crop similarity": round(r["similarity"], 4) if r.get("similarity") is not None else None,
-        "characterisation": r.get("characterize_status"),
+        "characterization": r.get("characterize_status"),
         "embeddings": r.get("embed_status"),
         "error": r.get("error") or "",
     } for r in rows]
 
 
-def summary_markdown(root: Path, rows: list[dict], timings: dict[str, float], report: Path | None,
-                     models: list[str]) -> str:
+# The steps whose failure means a plate was never characterized, or never embedded.
+CHARACTERIZE_STEPS = ("manifest", "hash", "characterize")
+EMBED_STEPS = ("candidates", "embed")
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+@dataclass
+class RunCounts:
+    """What a run did with its plates, each count a partition of the one before it: plates are
+    ok or failed (a failure is known when the plate failed the same way, with the same inputs, in
+    the table before this run); characterization computed, cached or failed; of the characterized
+    plates, embeddings computed, cached or failed, and smart crops failed."""
+
+    plates: int
+    failed: int
+    known: int
+    characterization: dict[str, int]
+    embeddings: dict[str, int] | None
+
+    @classmethod
+    def of(cls, rows: list[dict], known: set[str], models: list[str]) -> "RunCounts":
+        failed = [r for r in rows if r["status"] == "failed"]
+        char_failed = {r["plate_dir"] for r in failed if r.get("failed_step") in CHARACTERIZE_STEPS}
+        characterized = [r for r in rows if r["plate_dir"] not in char_failed]
+        char = {s: sum(r.get("characterize_status") == s for r in characterized) for s in ("computed", "cached")}
+        char["failed"] = len(char_failed)
+        emb = None
+        if models:
+            emb_failed = {r["plate_dir"] for r in characterized if r.get("failed_step") in EMBED_STEPS}
+            emb = {s: sum(r.get("embed_status") == s for r in characterized if r["plate_dir"] not in emb_failed)
+                   for s in ("computed", "cached")}
+            emb["failed"] = len(emb_failed)
+            emb["smart crop failed"] = sum(r.get("failed_step") == "smart_crop" for r in rows)
+        return cls(len(rows), len(failed), sum(r["plate_dir"] in known for r in failed), char, emb)
+
+    @property
+    def new_failures(self) -> int:
+        return self.failed - self.known
+
+    def headline(self) -> str:
+        """``44 of 46 plates ok, 2 failed (1 new, 1 known)``."""
+        text = f"{self.plates - self.failed} of {plural(self.plates, 'plate')} ok"
+        if self.failed:
+            text += f", {self.failed} failed ({self.new_failures} new, {self.known} known)"
+        return text
+
+    def steps(self) -> list[str]:
+        parts = [f"characterization: {_counts(self.characterization)}"]
+        if self.embeddings is not None:
+            emb = dict(self.embeddings)
+            crop = emb.pop("smart crop failed")
+            parts.append(f"embeddings: {_counts(emb)}" + (f"; smart crop: {crop} failed" if crop else ""))
+        return parts
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {what}" for what, n in counts.items())
+
+
+def summary_markdown(root: Path, rows: list[dict], counts: RunCounts, known: set[str], timings: dict[str, float],
+                     report: Path | None, models: list[str], corpus_rows: int | None = None) -> str:
+    """The run's summary: ``rows`` are this run's plates (``corpus_rows``: the table's, when
+    the run covered only some)."""
     failed = [r for r in rows if r["status"] == "failed"]
-    char = {s: sum(r.get("characterize_status") == s for r in rows) for s in ("computed", "cached")}
-    lines = [f"# Refresh of `{root}`", "",
-             f"- **{len(rows) - len(failed)} of {len(rows)} plates done**, {len(failed)} failed",
-             f"- characterisation: {char['computed']} computed, {char['cached']} cached"]
+    lines = [f"# Refresh of `{root}`", "", f"- **{counts.headline()}**"]
+    if corpus_rows is not None:
+        lines.append(f"- this run refreshed {plural(len(rows), 'plate')}; plates.parquet holds {corpus_rows}")
+    lines += [f"- {step}" for step in counts.steps()]
     if models:
-        emb = {s: sum(r.get("embed_status") == s for r in rows) for s in ("computed", "cached")}
-        lines.append(f"- embeddings ({', '.join(models)}): {emb['computed']} computed, {emb['cached']} cached")
+        lines.append(f"- models: {', '.join(models)}")
     lines += ["", "| step | seconds |", "|---|---|"]
     lines += [f"| {step} | {seconds:.1f} |" for step, seconds in timings.items()]
     if failed:
-        lines += ["", "## Failed plates", "", "| plate | step | error |", "|---|---|---|"]
+        lines += ["", "## Failed plates", "",
+                  "Known: failed the same way, with the same inputs, before this run.", "",
+                  "| plate | step | error | |", "|---|---|---|---|"]
         lines += [f"| {r['plate_dir']} | {r.get('failed_step') or ''} | "
-                  f"{(r.get('error') or '').replace('|', '/')} |" for r in failed]
+                  f"{(r.get('error') or '').replace('|', '/')} | {'known' if r['plate_dir'] in known else 'new'} |"
+                  for r in failed]
     lines += _report_lines(root, rows, report)
     return "\n".join(lines)
 
@@ -143,16 +210,20 @@ def table_rows(rows: list[dict], failed_max: int = TABLE_FAILED, sample: int = T
     return failed + others[::step][:sample]
 
 
-def publish(root: Path, rows: list[dict], timings: dict[str, float], report: Path | None,
-            models: list[str]) -> None:
+def publish(root: Path, rows: list[dict], counts: RunCounts, known: set[str], timings: dict[str, float],
+            report: Path | None, models: list[str], corpus: list[dict] | None = None) -> None:
+    """The table (of the whole corpus: ``corpus``, when the run covered only ``rows``) and the
+    run's summary."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    shown = table_rows(rows)
-    failed = sum(r["status"] == "failed" for r in rows)
+    every = rows if corpus is None else corpus
+    shown = table_rows(every)
+    failed = sum(r["status"] == "failed" for r in every)
     create_table_artifact(plate_table(shown), key=artifact_key(root, "plates"),
-                          description=(f"Plates of {root}: {len(rows)} in all, {failed} failed; shown: "
+                          description=(f"Plates of {root}: {len(every)} in all, {failed} failed; shown: "
                                        f"{sum(r['status'] == 'failed' for r in shown)} failed and a sample of "
                                        f"{sum(r['status'] != 'failed' for r in shown)} others. Every plate: "
                                        f"{CorpusLayout(Path(root)).table}"))
-    create_markdown_artifact(summary_markdown(root, rows, timings, report, models),
+    create_markdown_artifact(summary_markdown(root, rows, counts, known, timings, report, models,
+                                              None if corpus is None else len(corpus)),
                              key=artifact_key(root, "summary"), description=f"Refresh of {root}")

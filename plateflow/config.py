@@ -17,7 +17,7 @@ from plateflow.profiles import dispatch_policy
 
 
 class CharacterizeParams(BaseModel):
-    """Parameters of the CPU characterisation step; all of them are part of its cache key."""
+    """Parameters of the CPU characterization step; all of them are part of its cache key."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -125,7 +125,7 @@ class RefreshConfig(BaseModel):
     crop: CropParams = Field(default_factory=CropParams,
                              description="Crop candidates and the smart-crop choice (part of their cache keys).")
     gpu_class: str | None = Field(None, description="GPU class of the GPU step (default: detected).")
-    weights_root: str | None = Field(None, description="Folder with <model>/ weights (default: the HF cache).")
+    weights_root: str | None = Field(None, description="Folder with one folder of weights per model, named as the model (default: the Hugging Face cache).")
     gpu_dispatch: Dispatch = Field("auto", description="auto, local (in-process) or pool (embed-plates runs).")
     chunk_size: int = Field(default_factory=_gpu("chunk_size"), ge=1,
                             description="Plates per embed-chunk task (the GPU step's unit of retry).")

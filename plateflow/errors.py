@@ -39,7 +39,7 @@ class TooManyPixelsError(PlateError):
 
 
 class SourceChangedError(PlateError):
-    """The source's bytes are not the ones characterised earlier in the same refresh."""
+    """The source's bytes are not the ones characterized earlier in the same refresh."""
 
 
 class CorpusTableError(ConfigError):

@@ -155,7 +155,7 @@ class CorpusLayout:
 
     @property
     def results(self) -> Path:
-        """Stored per-plate characterisations, by cache key."""
+        """Stored per-plate characterizations, by cache key."""
         return self.state / "results"
 
     def vector_store(self, model: str) -> Path:

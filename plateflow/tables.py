@@ -62,7 +62,7 @@ PLATES_SCHEMA = pa.schema([
 
 
 # Columns of plates.parquet copied from a plate's input_image.json record.
-CHARACTERISATION_COLUMNS = (
+CHARACTERIZATION_COLUMNS = (
     "sha256", "image_format", "mode", "file_size_bytes", "width", "height", "megapixels",
     "aspect_ratio", "mean_rgb", "luminance_mean", "luminance_std", "entropy", "background_ratio",
     "grayscale_like", "very_large", "extreme_aspect", "frames", "exif_orientation",
@@ -143,6 +143,24 @@ def read_parquet(path: Path, what: str) -> pa.Table | None:
 def read_corpus_table(root: Path) -> pa.Table | None:
     """ROOT/plates.parquet, None if there is none; raises ``CorpusTableError`` if unreadable."""
     return read_parquet(CorpusLayout(Path(root)).table, "corpus table")
+
+
+def failure_signatures(root: Path) -> dict[str, tuple]:
+    """plate folder -> (failed step, error, sha256) of each plate the corpus table lists as
+    failed; empty when there is no table or it cannot be read (then no failure is known)."""
+    import pyarrow.parquet as pq
+
+    path = CorpusLayout(Path(root)).table
+    try:
+        table = pq.read_table(path, columns=["plate_dir", "status", "failed_step", "error", "sha256"],
+                              filters=[("status", "=", "failed")])
+    except (OSError, pa.ArrowException, KeyError):
+        return {}
+    return {r["plate_dir"]: (r["failed_step"], r["error"], r["sha256"]) for r in table.to_pylist()}
+
+
+def failure_signature(row: dict) -> tuple:
+    return row.get("failed_step"), row.get("error"), row.get("sha256")
 
 
 def table_flow_runs(table: pa.Table) -> set[str]:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from plateflow.artifacts import plural
 from plateflow.errors import PlateError, is_transient
 
 RETRIES = 2  # transient failures of one plate: tried again after 1 s, then 2 s (with jitter)
@@ -65,7 +66,7 @@ def isolated(folder: str, step: str, fn: Callable[[], Any], logger, status: str 
 
 def summary(logger, what: str, outcomes: list[PlateOutcome]) -> list[PlateOutcome]:
     counts = {s: sum(o.status == s for o in outcomes) for s in ("computed", "cached", "failed")}
-    logger.info("%s of %d plates: %d computed, %d cached, %d failed", what, len(outcomes), *counts.values())
+    logger.info("%s: %s: %d computed, %d cached, %d failed", what, plural(len(outcomes), "plate"), *counts.values())
     return outcomes
 
 

@@ -1,4 +1,4 @@
-"""The CPU characterisation step: one decode per plate feeds metadata, histograms and the preview.
+"""The CPU characterization step: one decode per plate feeds metadata, histograms and the preview.
 
 ``characterize_image`` is the plain function. Its result is stored per plate under a key made
 of the source's content hash, the step's parameters and the code version of the modules it
@@ -126,7 +126,7 @@ def load_result(results_dir: Path, key: str, logger=None) -> Characterization | 
 
 def characterize_plate(plate: PlateRef, sha256: str, params: CharacterizeParams, root: Path,
                        logger=None) -> PlateOutcome:
-    """One plate: its stored result (or a characterisation of its source), then its files."""
+    """One plate: its stored result (or a characterization of its source), then its files."""
     logger = logger or logging.getLogger(__name__)
     key = cache_key(sha256, params)
     results = CorpusLayout(Path(root)).results
@@ -168,4 +168,4 @@ def characterize_batch(items: list[tuple[PlateRef, str]], params: CharacterizePa
                        name: str = "0") -> list[PlateOutcome]:
     """A batch of plates through the CPU stage: metadata, histograms, preview, working copy."""
     logger = get_run_logger()
-    return summary(logger, "characterisation", characterize_plates(items, params, Path(root), logger))
+    return summary(logger, "characterization", characterize_plates(items, params, Path(root), logger))

@@ -297,6 +297,18 @@ def store_name(model: str, features: str) -> str:
     return model if features == "plates" else f"{model}-tiles"
 
 
+def require_features(root: Path, model: str, features: str = "plates"):
+    """The feature store a head of ``model`` trains on; ``ConfigError`` saying how to build it
+    when there is none."""
+    path = CorpusLayout(Path(root)).features(store_name(model, features))
+    store = open_store(path)
+    if store is None:
+        how = (f"`plateflow refresh --root {root} --models {model}` (or `plateflow features --root {root} --model "
+               f"{model}`)" if features == "plates" else f"`plateflow features --root {root} --model {model} --tiles DEST`")
+        raise ConfigError(f"{path} holds no features: run {how} first")
+    return store
+
+
 def train_experiment(root: Path, model: str, label: str, config: HeadConfig, labels: dict[str, str],
                      logger=None, device: str | None = None, features: str = "plates") -> dict:
     """Train one head on ROOT/features/<model>/ (the tiles': <model>-tiles/, a tile taking its
@@ -307,11 +319,7 @@ def train_experiment(root: Path, model: str, label: str, config: HeadConfig, lab
     root = Path(root)
     corpus = CorpusLayout(root)
     started = time.perf_counter()
-    store = open_store(corpus.features(store_name(model, features)))
-    if store is None:
-        how = (f"`plateflow refresh --root {root} --models {model}` (or `plateflow features --root {root} --model "
-               f"{model}`)" if features == "plates" else f"`plateflow features --root {root} --model {model} --tiles DEST`")
-        raise ConfigError(f"{corpus.features(store_name(model, features))} holds no features: run {how} first")
+    store = require_features(root, model, features)
     data = build_dataset(store, labels, config)
     balance = data.balance()
     logger.info("%s on %s: %d classes; plates per class: %s", label, model, len(data.classes),

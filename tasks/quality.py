@@ -1,7 +1,7 @@
 """Quality flags a curator can act on, with cleanvision's issue names, from the one decode.
 
 Per plate (``plate_quality``, stored in input_image.json under ``quality``, part of the
-characterisation's cache key through the profile's fingerprint):
+characterization's cache key through the profile's fingerprint):
 
 - ``dark``: even the bright pixels are dark (a high percentile of the luminance);
 - ``light``: even the dark pixels of the *foreground* are light. Paper-aware: a plate is mostly

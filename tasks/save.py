@@ -1,4 +1,4 @@
-"""The characterisation's files in each plate folder, in the notebooks' names: input_image.json,
+"""The characterization's files in each plate folder, in the notebooks' names: input_image.json,
 input_color_histograms.json, viz/ and working_copy.jpg (the corpus table: plateflow/tables.py).
 
 Every file is written atomically. A plate's files are rewritten only when what they would contain
@@ -42,14 +42,14 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def _expected_outputs(plate_dir: Path, viz: bool, working_copy: bool) -> list[Path]:
-    """The files besides input_image.json that a characterisation leaves in a plate folder."""
+    """The files besides input_image.json that a characterization leaves in a plate folder."""
     files = PlateLayout(plate_dir)
     return ([files.histograms] + ([files.viz(f) for f in VIZ_FILES] if viz else [])
             + ([files.working_copy] if working_copy else []))
 
 
 def current_record(plate: PlateRef, root: Path, key: str, viz: bool, working_copy: bool) -> dict | None:
-    """The plate's input_image.json record if every output of the characterisation ``key`` is in
+    """The plate's input_image.json record if every output of the characterization ``key`` is in
     place (the record carries the key and names this plate and source), else None. This is how
     a refresh knows, without a task or a decode, that a plate has nothing to do. A failure
     record (``loadable: false``) made with ``key`` is returned as it is. It runs for every plate
@@ -106,7 +106,7 @@ def save_failure_record(plate: PlateRef, root: Path, error: str, key: str | None
                         full_error: str | None = None) -> bool:
     """input_image.json for a plate whose image could not be loaded (loadable: false); written
     only when it differs from the file on disk (an unchanged failed plate rewrites nothing).
-    With the characterisation's ``key``, the record is that key's result: bad input is
+    With the characterization's ``key``, the record is that key's result: bad input is
     deterministic, so the next refresh of the same bytes, parameters and code reads the failure
     (``full_error``, as the corpus table shows it) instead of decoding the file again."""
     try:

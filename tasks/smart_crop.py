@@ -60,7 +60,7 @@ def choose_best_crop(vectors: np.ndarray, boxes: list[list[int]], params: CropPa
 def cut_crop(source: Path, box: list[int], fmt: str, expected_sha256: str | None = None) -> bytes:
     """The crop from the full-resolution source (not the working copy), encoded as PNG or JPEG.
 
-    The source is read once; with ``expected_sha256`` (the hash it was characterised with), a
+    The source is read once; with ``expected_sha256`` (the hash it was characterized with), a
     source whose bytes have changed since raises ``SourceChangedError`` instead of giving a
     crop of another image cut with the old box.
 
@@ -72,7 +72,7 @@ def cut_crop(source: Path, box: list[int], fmt: str, expected_sha256: str | None
     data = Path(source).read_bytes()
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
         raise SourceChangedError(f"source changed during the refresh: {Path(source).name} is not the file "
-                                 f"that was characterised; the next refresh redoes this plate")
+                                 f"that was characterized; the next refresh redoes this plate")
     streamed = _cut_crop_streaming(data, box, fmt)
     if streamed is not None:
         return streamed

@@ -1,6 +1,6 @@
 """viz/ files: a small preview, and histogram plots drawn with matplotlib (Agg).
 
-A plot per file, three per plate, on every characterisation: drawing a figure from scratch
+A plot per file, three per plate, on every characterization: drawing a figure from scratch
 (ticks, labels, legend) costs ~100 ms a plot here. So each thread keeps one figure, draws its
 axes, ticks, labels, legend and title once per kind of plot, keeps that as a background, and
 per plate only restores it, sets the lines' data and draws them (matplotlib's blitting):

@@ -1,4 +1,4 @@
-"""The working copy: a plate reduced once, at characterisation, to the size the crop and GPU
+"""The working copy: a plate reduced once, at characterization, to the size the crop and GPU
 steps read (working_copy.jpg), so they never decode a 30-60 MP scan again."""
 
 from __future__ import annotations

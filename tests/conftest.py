@@ -153,3 +153,27 @@ def s3(s3_server, monkeypatch):
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     yield fs
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+def processes_with(marker: str) -> list[int]:
+    """Pids of this machine's processes whose command line or environment holds ``marker`` (a
+    test's own temporary folder): what a test started, and their children."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes():
+                if (proc / "stat").read_text().split(") ")[1][0] != "Z":
+                    found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def assert_none_left(marker: str, timeout: float = 30) -> None:
+    """Fail unless every process holding ``marker`` has ended within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while (left := processes_with(marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes left behind: {[Path(f'/proc/{p}/cmdline').read_bytes()[:200] for p in left]}"

@@ -13,7 +13,7 @@ runner = CliRunner()
 
 
 def test_every_command_has_help():
-    for cmd in ([], ["ingest"], ["refresh"], ["status"], ["hardware"], ["demo"], ["pools"], ["worker"], ["local-server"]):
+    for cmd in ([], *([c] for c in _commands())):
         result = runner.invoke(app, [*cmd, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output
 
@@ -30,6 +30,7 @@ def test_ingest_reports_added_and_skipped_files(tmp_path):
 
 
 def test_status_lists_failures_with_reasons(tmp_path):
+    (tmp_path / "plates_structured").mkdir()
     write_corpus_table(tmp_path, [
         {"plate_dir": "plate-001", "plate_id": "plate-001", "status": "ok", "characterize_status": "cached"},
         {"plate_dir": "plate-002", "plate_id": "plate-002", "status": "failed", "failed_step": "characterize",
@@ -39,24 +40,29 @@ def test_status_lists_failures_with_reasons(tmp_path):
     assert result.exit_code == 0
     assert "2 plates: 1 ok, 1 failed" in result.output and "empty file (0 bytes)" in result.output
     assert "embeddings:" not in result.output  # no models asked for
-    assert runner.invoke(app, ["status", "--root", str(tmp_path / "none")]).exit_code == 1
+    assert runner.invoke(app, ["status", "--root", str(tmp_path)]).exit_code == 0
 
 
 def test_status_counts_embeddings_and_smart_crops_per_model(tmp_path):
+    (tmp_path / "plates_structured").mkdir()
     write_corpus_table(tmp_path, [
         {"plate_dir": "plate-001", "plate_id": "plate-001", "status": "ok", "embed_status": "computed",
-         "crop_status": "computed"},
+         "crop_status": "computed", "characterize_status": "computed"},
         {"plate_dir": "plate-002", "plate_id": "plate-002", "status": "ok", "embed_status": "cached",
-         "crop_status": "cached"},
+         "crop_status": "cached", "characterize_status": "cached"},
         {"plate_dir": "plate-003", "plate_id": "plate-003", "status": "failed", "failed_step": "embed",
-         "error": "RuntimeError: tiny: out of memory", "embed_status": "failed"},
+         "error": "RuntimeError: tiny: out of memory", "embed_status": "failed", "characterize_status": "cached"},
+        {"plate_dir": "plate-004", "plate_id": "plate-004", "status": "failed", "failed_step": "smart_crop",
+         "error": "OSError: disk", "embed_status": "cached", "characterize_status": "cached"},
     ])
     boxes = [[0, 0, 8, 8], [2, 2, 6, 6]]
     write_embeddings_table(tmp_path, "tiny", [("plate-001", "a" * 64, boxes, np.ones((2, 5))),
                                               ("plate-002", "b" * 64, boxes, np.ones((2, 5)))], dim=5)
     result = runner.invoke(app, ["status", "--root", str(tmp_path)], terminal_width=200)
     assert result.exit_code == 0, result.output
-    assert "embeddings: cached 1, computed 1, failed 1; smart crop: - 1, cached 1, computed 1" in result.output
+    # Each count is a partition of the plates that reached its step: they add up.
+    assert ("4 plates: 2 ok, 2 failed; characterization: 1 computed, 3 cached, 0 failed; "
+            "embeddings: 1 computed, 2 cached, 1 failed; smart crop: 1 failed") in result.output
     assert "embeddings/tiny.parquet: 2 plates, 4 vectors of 5 floats" in result.output
 
 
@@ -96,21 +102,11 @@ def test_refresh_without_the_models_weights_is_a_configuration_error_that_touche
     assert not (corpus / "plates_structured" / "plate-001" / "input_image.json").exists()
 
 
-def test_every_gpu_class_has_exactly_one_pool():
-    from plateflow.pools import pool_definitions
-    from plateflow.profiles import load_profiles
-
-    pools = pool_definitions()
-    assert set(pools) == set(load_profiles().classes)
-    assert len({p.name for p in pools.values()}) == len(pools)
-    assert all(p.worker_limit == 1 for c, p in pools.items() if c != "CPU")
-
-
-def test_worker_serves_the_pool_of_the_local_class(monkeypatch):
+def test_worker_polls_the_queue_of_the_local_class_under_a_name_refresh_counts(monkeypatch):
     monkeypatch.setenv("PLATEFLOW_GPU_CLASS", "H100_80GB")
     result = runner.invoke(app, ["worker", "--dry-run"], terminal_width=300)
     assert result.exit_code == 0
-    assert "--pool plates-gpu-h100-80gb --type process --limit 1" in result.output
+    assert "--pool plates --work-queue h100-80gb --type process --limit 1 --name plateflow-h100-80gb-" in result.output
     monkeypatch.setenv("PLATEFLOW_GPU_CLASS", "NOT_A_CLASS")
     result = runner.invoke(app, ["worker", "--dry-run"])
     assert result.exit_code != 0 and "unknown GPU class 'NOT_A_CLASS'" in str(result.exception)
@@ -133,3 +129,91 @@ def test_demo_builds_the_corpus_and_runs_the_whole_pipeline_on_it(tmp_path, tiny
         assert read_image(run_dir / "best_crop.jpg").size == (r["crop_box"][2] - r["crop_box"][0],
                                                               r["crop_box"][3] - r["crop_box"][1])
     assert f"{len(DEMO_PLATES)} plates: {len(DEMO_PLATES)} ok, 0 failed" in result.output
+
+
+def _commands() -> list[str]:
+    import typer.main
+
+    return sorted(typer.main.get_command(app).commands)
+
+
+def test_help_fits_80_columns_and_shows_real_defaults_choices_and_model_names():
+    from plateflow.profiles import dispatch_policy, load_profiles
+
+    for cmd in _commands():
+        result = runner.invoke(app, [cmd, "--help"], terminal_width=80, env={"COLUMNS": "80"})
+        assert result.exit_code == 0, result.output
+        assert [line for line in result.output.splitlines() if len(line) > 80] == [], cmd
+        assert "…" not in result.output and "<bool>" not in result.output, cmd
+    text = " ".join(runner.invoke(app, ["refresh", "--help"], terminal_width=80).output.split())
+    policy = dispatch_policy()
+    assert f"default: {policy.gpu.chunk_size}, from profiles/dispatch.toml" in text
+    assert f"default: {policy.cpu.batch_plates}, from profiles/dispatch.toml" in text
+    assert all(name in text for name in load_profiles().models)
+    assert "[jpeg|png]" in text.replace("<", "[").replace(">", "]") and "auto|local|pool" in text
+    text = " ".join(runner.invoke(app, ["train-head", "--help"], terminal_width=80).output.split())
+    assert "dinov2_small" in text
+
+
+def test_cli_mistakes_are_one_line_with_the_fix_and_no_traceback(tmp_path, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    corpus = tmp_path / "corpus"
+    (corpus / "plates_structured").mkdir(parents=True)
+
+    def fails(args: list[str], code: int, *said: str) -> str:
+        result = runner.invoke(app, args, terminal_width=300)
+        assert result.exit_code == code, result.output
+        assert "Traceback" not in result.output and not isinstance(result.exception, (KeyError, AttributeError))
+        for text in said:
+            assert text in result.output, result.output
+        return result.output
+
+    fails(["status", "--root", str(tmp_path / "typo")], 2, "is not a plate corpus", "plateflow ingest")
+    fails(["ingest", str(tmp_path / "nonexistent"), "--root", str(corpus)], 2, "no such file or folder",
+          "nothing was ingested")
+    assert not list((corpus / "plates_structured").iterdir())
+    fails(["tiles", "--root", str(corpus), "--size", "512", "--out", str(tmp_path / "t")], 2,
+          "'512': give the tile size as WIDTHxHEIGHT in pixels, e.g. 512x512")
+    fails(["tiles", "--root", str(corpus), "--size", "512x512", "--mode", "clasic", "--out", str(tmp_path / "t")],
+          2, "'clasic' is not one of 'classic', 'noise-framed'")
+    fails(["train-head", "--root", str(corpus), "--model", "dinov2_small", "--label", "x"], 2,
+          "holds no features: run `plateflow refresh", "--models dinov2_small")
+    fails(["refresh", "--root", str(corpus), "--models", "dinov2_smal"], 2,
+          "configuration error: unknown model 'dinov2_smal'; known models: dinov2_small")
+    fails(["report", "--root", str(corpus), "--serve", "--port", "99999"], 2, "65535")
+    assert not (corpus / "plates.parquet").exists()
+
+
+def test_missing_weights_online_without_a_network_are_said_once_within_seconds_and_nothing_is_written(
+        tmp_path, monkeypatch, corpus):
+    """HF_HUB_OFFLINE unset, and the hub unreachable (a closed port on this machine)."""
+    import time
+
+    from huggingface_hub import constants
+
+    from conftest import free_port
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("PLATEFLOW_WEIGHTS", raising=False)
+    monkeypatch.delenv("PLATEFLOW_PROFILES", raising=False)
+    started = time.monotonic()
+    result = runner.invoke(app, ["refresh", "--root", str(corpus), "--models", "dinov2_small"], terminal_width=300)
+    assert time.monotonic() - started < 30
+    assert result.exit_code == 2, result.output
+    assert result.output.count("no weights for model dinov2_small") == 1
+    assert "the hub did not provide them" in result.output and "Traceback" not in result.output
+    assert not (corpus / "plates.parquet").exists() and not (corpus / ".plateflow" / "embeddings").exists()
+    assert not (corpus / "features").exists()
+    assert not (corpus / "plates_structured" / "plate-001" / "input_image.json").exists()
+
+
+def test_ingest_without_a_server_says_that_nothing_will_refresh_the_new_plates(tmp_path, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    paper_plate().save(tmp_path / "a.png")
+    result = runner.invoke(app, ["ingest", str(tmp_path / "a.png"), "--root", str(tmp_path / "corpus")],
+                           terminal_width=300)
+    assert result.exit_code == 0, result.output
+    assert "PREFECT_API_URL is unset, so no deployment was told: run `plateflow refresh --root" in result.output

@@ -323,7 +323,7 @@ def test_plate_folders_sort_naturally(tmp_path):
 
 
 def test_server_stop_ends_the_workers_before_the_server(tmp_path):
-    from app.server import stop
+    from app.server import Stack
 
     log = tmp_path / "order.log"
 
@@ -336,6 +336,6 @@ def test_server_stop_ends_the_workers_before_the_server(tmp_path):
     from conftest import wait_until
 
     wait_until(lambda: all((tmp_path / n).exists() for n in ("server", "worker-a", "worker-b")), 10, "ready")
-    stop(procs)
+    Stack(procs).stop()
     assert all(p.poll() is not None for p in procs)
     assert log.read_text().split() == ["worker-b", "worker-a", "server"]

@@ -80,7 +80,9 @@ def test_an_unchanged_corpus_with_failed_plates_rewrites_nothing(tmp_path):
     run(root)  # the cached run: statuses settle
     before = snapshot(root)
     state, table = run(root)
-    assert state.is_failed() and table["plate-002"]["status"] == "failed"
+    # Known failures (the same bytes failed the same way before) do not fail the run again.
+    assert state.is_completed() and table["plate-002"]["status"] == "failed"
+    assert "2 failed (0 new, 2 known)" in state.message and "Known failures" in state.message
     assert snapshot(root) == before
 
 
@@ -167,7 +169,7 @@ def test_a_full_disk_names_the_path_and_never_reports_the_old_table_as_this_run(
     assert "No space left on device" in result.output
     assert "could not write the corpus table: [Errno 28]" in result.output
     assert f"No space left on device: '{root / 'plates.parquet'}'" in result.output
-    assert "This run: 3 of 4 plates ok, 1 failed: plate-004" in result.output
+    assert "This run: 3 of 4 plates ok, 1 failed (1 new, 0 known): plate-004" in result.output
     assert "was not written by this run" in result.output and "4 plates:" not in result.output
     assert "3 plates: 3 ok" not in result.output  # the old table's counts are not shown as this run's
     assert (root / "plates.parquet").read_bytes() == old_table  # nothing corrupted
@@ -204,7 +206,7 @@ def test_a_killed_cli_refresh_leaves_the_local_server_to_the_next_one_which_clea
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: "batch 2/20" in log.read_text(), 120, "the refresh to be under way", every=0.1)
+        wait_until(lambda: "(2 of 20 batches done)" in log.read_text(), 120, "the refresh to be under way", every=0.1)
         server = _local_server_pid(home)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -55,7 +55,7 @@ def test_the_corpus_layout_is_spelled_only_in_its_own_module():
     assert spelled == []
 
 
-def test_the_corpus_table_takes_the_characterisation_columns_from_one_schema():
-    from plateflow.tables import CHARACTERISATION_COLUMNS, PLATES_SCHEMA
+def test_the_corpus_table_takes_the_characterization_columns_from_one_schema():
+    from plateflow.tables import CHARACTERIZATION_COLUMNS, PLATES_SCHEMA
 
-    assert set(CHARACTERISATION_COLUMNS) <= set(PLATES_SCHEMA.names)
+    assert set(CHARACTERIZATION_COLUMNS) <= set(PLATES_SCHEMA.names)

@@ -1,20 +1,25 @@
+import re
+
 import pytest
 from prefect import get_client
 
-from plateflow.pools import ensure_pools, pool_definitions
+from plateflow.pools import ensure_pools, work_pool
+from plateflow.profiles import load_profiles
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
-def test_pools_are_created_once_and_then_left_alone():
+def test_the_pool_and_its_queues_are_created_once_and_then_left_alone():
+    pool = work_pool()
     first = dict(ensure_pools())
-    assert set(first) == {p.name for p in pool_definitions().values()}
+    assert set(first) == {f"work pool {pool.name}"} | {f"work queue {pool.name}/{q.name}" for q in pool.queues.values()}
     assert set(first.values()) <= {"created", "unchanged"}
     assert set(dict(ensure_pools()).values()) == {"unchanged"}
     with get_client(sync_client=True) as client:
-        pool = client.read_work_pool("plates-gpu-h100-80gb")
-    assert pool.type == "process" and "H100" in pool.description
-    assert "command" in pool.base_job_template["job_configuration"]
+        made = client.read_work_pool(pool.name)
+        queues = {q.name: q for q in client.read_work_queues(work_pool_name=pool.name)}
+    assert made.type == "process" and "command" in made.base_job_template["job_configuration"]
+    assert "H100" in queues["h100-80gb"].description and "cpu" in queues
 
 
 def test_a_pool_gets_one_run_per_free_place_never_one_per_chunk():
@@ -36,48 +41,52 @@ def test_a_pool_gets_one_run_per_free_place_never_one_per_chunk():
     assert split_runs(0, 2, 512) == []
 
 
-def test_pools_come_from_the_class_list_through_one_pattern(tmp_path):
+def test_queues_come_from_the_class_list_through_one_pattern(tmp_path):
     from plateflow.errors import ConfigError
-    from plateflow.pools import embed_deployment_name
 
-    pools = pool_definitions()
-    assert pools["H200_141GB"].name == "plates-gpu-h200-141gb" and pools["CPU"].name == "plates-cpu"
-    assert pools["CPU"].worker_limit == 2 and "H200" in pools["H200_141GB"].description  # override, profile
-    assert embed_deployment_name(pools["LOW_VRAM"]) == "embed-plates-low-vram"
+    pool = work_pool()
+    assert pool.name == "plates" and set(pool.queues) == set(load_profiles().classes)
+    assert pool.queue("H200_141GB").name == "h200-141gb" and pool.queue("CPU").name == "cpu"
+    assert pool.queue("CPU").worker_limit == 2 and "H200" in pool.queue("H200_141GB").description  # override, profile
+    assert all(q.worker_limit == 1 for c, q in pool.queues.items() if c != "CPU")
+    with pytest.raises(ConfigError, match="no work queue for GPU class V100: profiles/gpu_classes.toml does not list it"):
+        pool.queue("V100")
     bad = tmp_path / "work-pools.toml"
     bad.write_text('[pattern]\nname = "gpu-{slug}"\n\n[classes.V100_32GB]\nworker_limit = 1\n')
     with pytest.raises(ConfigError, match="V100_32GB, which profiles/gpu_classes.toml does not list"):
-        pool_definitions(bad)
-    bad.write_text('[pattern]\nname = "gpu-{slug}"\n')
-    assert pool_definitions(bad)["T4_16GB"].name == "gpu-t4-16gb"
+        work_pool(bad)
+    bad.write_text('[pool]\nname = "lab"\n[pattern]\nname = "gpu-{slug}"\n')
+    assert work_pool(bad).name == "lab" and work_pool(bad).queue("T4_16GB").name == "gpu-t4-16gb"
+    bad.write_text('[pattern]\nname = "gpu"\n')
+    with pytest.raises(ConfigError, match="two GPU classes get one queue name"):
+        work_pool(bad)
 
 
-def test_deploy_creates_one_embed_deployment_per_pool_from_one_pattern():
+def test_deploy_creates_one_embed_deployment_on_the_cpu_queue():
     from app.deploy import REPO, deploy_embed_plates
-    from plateflow.pools import embed_deployment_name
+    from plateflow.pools import EMBED_DEPLOYMENT
 
     ensure_pools()
-    pools = pool_definitions()
     with get_client(sync_client=True) as client:
         try:
-            names = deploy_embed_plates()
-            assert names == [embed_deployment_name(p) for p in pools.values()]
-            for pool in pools.values():
-                d = client.read_deployment_by_name(f"embed-plates/{embed_deployment_name(pool)}")
-                assert (d.work_pool_name, d.parameters) == (pool.name, {"gpu_class": pool.gpu_class})
-                assert d.entrypoint == "flows/embed.py:embed_plates"
-                assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+            assert deploy_embed_plates() == "embed-plates"
+            d = client.read_deployment_by_name(EMBED_DEPLOYMENT)
+            assert (d.work_pool_name, d.work_queue_name, d.parameters) == ("plates", "cpu", {"gpu_class": "CPU"})
+            assert d.entrypoint == "flows/embed.py:embed_plates"
+            assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+            assert "h100-80gb" in d.description  # the queue of every class is named
             first = {d.name: d.id for d in client.read_deployments()}
-            assert deploy_embed_plates() == names  # again: updated in place, nothing added
+            assert deploy_embed_plates() == "embed-plates"  # again: updated in place, nothing added
             assert {d.name: d.id for d in client.read_deployments()} == first
         finally:  # the session's other tests run the GPU step in-process: no deployment may linger
             for d in client.read_deployments():
-                if d.name.startswith("embed-plates-"):
+                if d.name == "embed-plates":
                     client.delete_deployment(d.id)
 
 
 @pytest.mark.parametrize("flow", ["flows.refresh:refresh_corpus", "flows.retry:retry_failed_plates",
-                                  "flows.embed:embed_plates", "flows.tiles:make_tiles"])
+                                  "flows.embed:embed_plates", "flows.tiles:make_tiles", "flows.heads:train_head",
+                                  "flows.heads:predict_head", "flows.features:tile_features"])
 def test_every_parameter_of_a_deployment_form_has_a_description(flow):
     """The UI's run form shows these: the flow docstring's Args, and each config field's description."""
     import importlib
@@ -89,5 +98,7 @@ def test_every_parameter_of_a_deployment_form_has_a_description(flow):
     fields = {k: v for k, v in schema["properties"].items()}
     for model, definition in schema.get("definitions", {}).items():
         fields |= {f"{model}.{k}": v for k, v in definition.get("properties", {}).items()}
-    assert len(fields) >= 3
+    assert len(fields) >= 2
     assert [k for k, v in fields.items() if len(v.get("description") or "") < 10] == []
+    # The run form renders descriptions as markdown: an <angle-bracketed> word would vanish as HTML.
+    assert [k for k, v in fields.items() if re.search(r"<[A-Za-z]", v["description"])] == []

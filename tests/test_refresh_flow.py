@@ -175,7 +175,7 @@ def test_retry_failed_plates_reruns_only_the_failed_ones(corpus):
     scan.write_bytes(good)  # the user fixes the file
     state = retry_failed_plates(str(corpus), return_state=True)
     assert state.is_completed(), state.message
-    assert "1 of 1 plates ok" in state.message  # only the failed plate was in the run
+    assert "1 of 1 plate ok" in state.message  # only the failed plate was in the run
     after = {r["plate_dir"]: r for r in pq.read_table(corpus / "plates.parquet").to_pylist()}
     assert set(after) == {"plate-001", "plate-002", "plate-003"}
     assert after["plate-002"]["status"] == "ok" and after["plate-002"]["characterize_status"] == "computed"

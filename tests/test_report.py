@@ -69,8 +69,8 @@ def test_refresh_writes_the_report_and_publishes_progress_table_and_summary(corp
     assert rows["plate-004"]["status"] == "failed"
     assert rows["plate-004"]["error"] and rows["plate-002"]["best crop similarity"] is not None
     summary = artifact("summary").data
-    assert "4 of 5 plates done" in summary and "plate-004" in summary and "reports/index.html" in summary
-    assert "| characterisation |" in summary and "| smart crop |" in summary
+    assert "4 of 5 plates ok, 1 failed (1 new, 0 known)" in summary and "| plate-004 | characterize |" in summary and "reports/index.html" in summary
+    assert "| characterization |" in summary and "| smart crop |" in summary
 
 
 @pytest.mark.usefixtures("prefect_harness")

@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import free_port, make_plate, paper_plate, wait_until
-from app.server import server_env, start, stop
+from conftest import assert_none_left, free_port, make_plate, paper_plate, wait_until
+from app.server import server_env, start
 
 pytestmark = pytest.mark.server
 REPO = Path(__file__).resolve().parents[1]
@@ -37,10 +37,12 @@ class LiveServer:
                       "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         self.env = {**server_env(self.port, "127.0.0.1", self.corpus), **self.extra}
         self.procs: list[subprocess.Popen] = []
+        self.stack = None
 
     def start(self):
-        self.procs = start(self.corpus, self.port, gpu_class="T4_16GB", log_dir=self.base, say=lambda _: None,
-                           env=self.extra)
+        self.stack = start(self.corpus, self.port, gpu_class="T4_16GB", log_dir=self.base,
+                           say=lambda _: None, env=self.extra, report_port=free_port())
+        self.procs = self.stack.procs
 
     def run(self, cmd: list[str], **env) -> subprocess.CompletedProcess:
         done = subprocess.run(cmd, cwd=REPO, env={**self.env, **env}, capture_output=True, text=True, timeout=300)
@@ -48,7 +50,8 @@ class LiveServer:
         return done
 
     def stop(self):
-        stop(self.procs)
+        if self.stack is not None:
+            self.stack.stop()
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +65,7 @@ def live(tmp_path_factory, tiny_models):
             yield server
     finally:
         server.stop()
+    assert_none_left(str(server.base / "prefect-home"))  # the server, the workers and their flow runs
 
 
 @pytest.fixture
@@ -105,15 +109,21 @@ def runs_of(client, deployment: str):
 def test_prefect_deploy_all_creates_every_deployment_with_its_pool_schedule_and_trigger(live, client):
     refresh = client.read_deployment_by_name("refresh-corpus/refresh-corpus")
     retry = client.read_deployment_by_name("retry-failed-plates/retry-failed-plates")
-    h100 = client.read_deployment_by_name("embed-plates/embed-plates-h100-80gb")
-    cpu = client.read_deployment_by_name("embed-plates/embed-plates-cpu")
-    assert refresh.work_pool_name == "plates-cpu" and refresh.parameters == {"root": str(live.corpus)}
+    embed = client.read_deployment_by_name("embed-plates/embed-plates")
+    assert (refresh.work_pool_name, refresh.work_queue_name) == ("plates", "cpu")
+    assert refresh.parameters == {"root": str(live.corpus)}
     assert [s.schedule.cron for s in refresh.schedules] == ["0 2 * * *"]
-    assert retry.work_pool_name == "plates-cpu" and cpu.work_pool_name == "plates-cpu"
+    for d in (retry, embed):
+        assert (d.work_pool_name, d.work_queue_name) == ("plates", "cpu")
     for name in ("make-tiles/make-tiles", "train-head/train-head", "predict-head/predict-head"):
         other = client.read_deployment_by_name(name)  # the tiles and heads run from the UI too
-        assert other.work_pool_name == "plates-cpu" and other.parameters["root"] == str(live.corpus)
-    assert h100.work_pool_name == "plates-gpu-h100-80gb" and h100.parameters == {"gpu_class": "H100_80GB"}
+        assert other.work_pool_name == "plates" and other.parameters["root"] == str(live.corpus)
+    # One deployment per flow, all on the queue the CPU worker polls: none waits on a GPU this site lacks.
+    deployments = client.read_deployments()
+    assert sorted(d.name for d in deployments) == ["embed-plates", "make-tiles", "predict-head", "refresh-corpus",
+                                                   "retry-failed-plates", "train-head"]
+    wait_until(lambda: all(d.status.value == "READY" for d in client.read_deployments()), 120,
+               "every deployment to be Ready")
     automations = client.read_resource_related_automations(f"prefect.deployment.{refresh.id}")
     assert any("plateflow.plates.ingested" in a.trigger.expect for a in automations)
     # The server's scheduler turns the schedule into runs at 02:00 UTC.
@@ -133,10 +143,10 @@ def test_gpu_work_runs_as_a_deployment_run_on_the_class_pool_and_its_worker(live
     assert state.is_completed(), state.message
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    runs = [r for r in runs_of(client, "embed-plates/embed-plates-t4-16gb") if str(root) in json.dumps(r.parameters)]
+    runs = [r for r in runs_of(client, "embed-plates/embed-plates") if str(root) in json.dumps(r.parameters)]
     assert len(runs) == 1  # one run per online worker: the model loads once for all its plates
     run = runs[0]
-    assert run.state.is_completed() and run.work_pool_name == "plates-gpu-t4-16gb"
+    assert run.state.is_completed() and (run.work_pool_name, run.work_queue_name) == ("plates", "t4-16gb")
     assert run.infrastructure_pid  # started by the T4 worker, in its own process
     assert run.parameters["gpu_class"] == "T4_16GB" and run.parameters["chunk_size"] == 2
     # The plates went as a file in the corpus, not in the database; a completed run's files are
@@ -153,18 +163,29 @@ def test_gpu_work_runs_as_a_deployment_run_on_the_class_pool_and_its_worker(live
     assert len(list((root / ".plateflow" / "embeddings" / "tiny_dinov2").glob("*.npy"))) == 3
 
 
-def test_a_class_without_a_pool_fails_before_any_work_naming_the_pools(live, client, tiny_env):
+def test_a_class_without_an_online_worker_fails_at_once_naming_its_queue_and_the_command(live, client, tiny_env):
     from flows.refresh import refresh_corpus
     from plateflow.config import RefreshConfig
 
-    client.delete_work_pool("plates-gpu-l4-24gb")
-    root = new_corpus(live, "no-pool", n=1)
+    root = new_corpus(live, "no-worker", n=1)
+    started = time.monotonic()
     state = refresh_corpus(str(root), RefreshConfig(models=["tiny_dinov2"], gpu_class="L4_24GB"), return_state=True)
-    assert state.is_failed()
-    assert "GPU class L4_24GB" in state.message and "no work pool plates-gpu-l4-24gb" in state.message
-    assert "plates-gpu-t4-16gb" in state.message and "plates-cpu" in state.message  # the pools there
+    assert time.monotonic() - started < 60 and state.is_failed()
+    assert "GPU class L4_24GB: no worker is online on work queue plates/l4-24gb" in state.message
+    assert "`plateflow worker`" in state.message and "--gpu-dispatch local" in state.message
+    assert "T4_16GB" in state.message  # the classes that have a worker
     assert not (root / "plates.parquet").exists()
     assert not (root / "plates_structured" / "plate-001" / "input_image.json").exists()
+    assert not [r for r in runs_of(client, "embed-plates/embed-plates") if str(root) in json.dumps(r.parameters)]
+
+
+def test_auto_routing_picks_the_best_class_that_has_a_worker_never_one_without(live, client, tiny_env):
+    """The H100 and H200 queues have more TFLOP/s but no worker here: T4 it is."""
+    from flows.routing import choose_route
+    from plateflow.profiles import load_profiles
+
+    route = choose_route(None, "auto", load_profiles(), detected="CPU")
+    assert (route.gpu_class, route.queue, route.deployment) == ("T4_16GB", "t4-16gb", "embed-plates/embed-plates")
 
 
 def test_retry_failed_plates_deployment_touches_only_the_failed_plates(live, client):
@@ -249,7 +270,7 @@ def test_a_crashed_gpu_run_is_sent_again_then_its_plates_fail_with_the_reason(li
     from plateflow.profiles import dispatch_policy
     from tasks.embed.reader import PlateJob
 
-    route = GpuRoute("H100_80GB", "plates-gpu-h100-80gb", "embed-plates/embed-plates-h100-80gb")
+    route = GpuRoute("H100_80GB", "plates", "h100-80gb", "embed-plates/embed-plates")
     jobs = [PlateJob(f"plate-{i}", str(tmp_path / f"w{i}.jpg"), (100, 100), ((0, 0, 100, 100),),
                      str(tmp_path / f"v{i}.npy")) for i in range(2)]
     crashed: set = set()
@@ -280,7 +301,7 @@ def test_a_crashed_gpu_run_is_sent_again_then_its_plates_fail_with_the_reason(li
     # A run that failed keeps its plates file, for a retry from the UI.
     assert len(json.loads((tmp_path / "reports" / "tiny_dinov2-0-jobs.json").read_text())) == 2
     assert all("ended Crashed" in why and "worker lost" in why for why in outcome.values())
-    assert "work pool plates-gpu-h100-80gb has no online worker" in caplog.text
+    assert "work queue plates/h100-80gb has no online worker" in caplog.text
 
 
 def test_a_pool_with_no_online_worker_fails_its_plates_after_the_wait(live, client, tmp_path, caplog):
@@ -291,7 +312,7 @@ def test_a_pool_with_no_online_worker_fails_its_plates_after_the_wait(live, clie
     from flows.routing import GpuRoute, run_on_pool
     from tasks.embed.reader import PlateJob
 
-    route = GpuRoute("H100_80GB", "plates-gpu-h100-80gb", "embed-plates/embed-plates-h100-80gb")
+    route = GpuRoute("H100_80GB", "plates", "h100-80gb", "embed-plates/embed-plates")
     jobs = [PlateJob(f"plate-{i}", str(tmp_path / f"w{i}.jpg"), (100, 100), ((0, 0, 100, 100),),
                      str(tmp_path / f"v{i}.npy")) for i in range(2)]
     before = {run.id for run in runs_of(client, route.deployment)}
@@ -301,7 +322,7 @@ def test_a_pool_with_no_online_worker_fails_its_plates_after_the_wait(live, clie
     assert 2 <= time.monotonic() - started < 30
     assert set(outcome) == {"plate-0", "plate-1"}
     for why in outcome.values():
-        assert "no worker of work pool plates-gpu-h100-80gb was online for 2 s" in why
+        assert "no worker polled work queue plates/h100-80gb for 2 s" in why
         assert "plateflow worker" in why and "retry the failed plates" in why
     ours = [run for run in runs_of(client, route.deployment) if run.id not in before]
     assert len(ours) == 1 and all(run.state.is_cancelled() for run in ours)  # no worker: one run
@@ -310,7 +331,7 @@ def test_a_pool_with_no_online_worker_fails_its_plates_after_the_wait(live, clie
 
 def test_a_run_already_running_on_the_pool_takes_a_place_so_the_plates_go_as_fewer_runs(live, client, tmp_path,
                                                                                         caplog):
-    """plates-cpu has one worker that runs two flow runs at once. With a refresh already running
+    """The cpu queue has one worker that runs two flow runs at once. With a refresh already running
     there (a run put in Running here), one place is free: the plates go as one run, not two
     that would queue one behind the other, each starting its process and loading the model."""
     import logging
@@ -330,12 +351,40 @@ def test_a_run_already_running_on_the_pool_takes_a_place_so_the_plates_go_as_few
         jobs.append(PlateJob(f"plate-{i}", str(tmp_path / f"w{i}.jpg"), (320, 240),
                              ((0, 0, 320, 240), (80, 60, 240, 180)), str(tmp_path / "store" / f"v{i}.npy")))
     try:
-        route = GpuRoute("CPU", "plates-cpu", "embed-plates/embed-plates-cpu")
+        route = GpuRoute("CPU", "plates", "cpu", "embed-plates/embed-plates")
         outcome = run_on_pool(route, "tiny_dinov2", jobs, 1, None, tmp_path / "reports", logging.getLogger("test"),
                               poll_s=0.5)
     finally:
         client.set_flow_run_state(busy.id, Cancelled(message="test over"), force=True)
     assert outcome == {job.plate_id: None for job in jobs}
     assert all(np.load(job.cache_file).shape == (2, 32) for job in jobs)
-    assert "4 plates in 1 run(s) on plates-cpu (1 online worker(s), 2 run(s) each, 1 running)" in caplog.text
+    assert "4 plate(s) in 1 run(s) on plates/cpu (1 online worker(s), 2 run(s) each, 1 running)" in caplog.text
     assert not (tmp_path / "reports").exists()  # a completed run leaves no dispatch files
+
+
+def test_an_interrupted_refresh_cancels_the_runs_it_sent(live, client, tmp_path):
+    """Ctrl-C while the runs wait for a worker (none polls the H100 queue): no run is left Scheduled."""
+    import logging
+    import signal
+
+    from flows.routing import GpuRoute, run_on_pool
+    from tasks.embed.reader import PlateJob
+
+    route = GpuRoute("H100_80GB", "plates", "h100-80gb", "embed-plates/embed-plates")
+    jobs = [PlateJob("plate-0", str(tmp_path / "w.jpg"), (100, 100), ((0, 0, 100, 100),), str(tmp_path / "v.npy"))]
+    before = {run.id for run in runs_of(client, route.deployment)}
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 5)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_on_pool(route, "tiny_dinov2", jobs, 1, None, tmp_path / "reports", logging.getLogger("test"), poll_s=0.5)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    ours = [run for run in runs_of(client, route.deployment) if run.id not in before]
+    assert len(ours) == 1 and ours[0].state.is_cancelled(), [r.state for r in ours]
+    assert ours[0].state.message == "the refresh that sent it stopped"

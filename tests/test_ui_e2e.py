@@ -141,7 +141,7 @@ def test_custom_run_from_the_ui_then_retry_a_failed_run_from_the_ui(ui, browser)
         page.get_by_text(key).first.wait_for(timeout=30000)
     shot(page, "good-3-artifacts")
     page.get_by_text("plateflow-good-summary").first.click()  # the markdown summary, rendered
-    page.get_by_text("3 of 3 plates done").first.wait_for(timeout=30000)
+    page.get_by_text("3 of 3 plates ok").first.wait_for(timeout=30000)
     shot(page, "good-4-summary-artifact")
 
     # 2. A run with a broken plate fails; once the file is fixed, Retry in the UI re-runs it,

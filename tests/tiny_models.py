@@ -17,7 +17,7 @@ family = "dinov2"
 input_size = 28
 embed_dim = 32
 min_vram_gb = 0
-batch = { CPU = 16, T4_16GB = 64 }
+batch = { CPU = 16, T4_16GB = 64, L4_24GB = 64 }
 model_kwargs = { depth = 2, embed_dim = 32, num_heads = 2 }
 
 # dinov2's LayerScale starts at 1e-5: with random weights its output barely depends on the image.

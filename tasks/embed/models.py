@@ -70,11 +70,15 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
+HUB_PROBE_TIMEOUT_S = 10.0
+
+
 def require_weights(spec: ModelSpec, weights_root: Path | None = None) -> None:
     """Raise ModelUnavailableError, before any work, when this machine cannot have the model's
     weights: none in the local folder or the Hugging Face cache, and the hub is off
-    (HF_HUB_OFFLINE). Online, the hub may still provide them; ``load_model`` then says if not.
-    Reads no weights: only which files exist."""
+    (HF_HUB_OFFLINE) or does not answer for the model within ``HUB_PROBE_TIMEOUT_S`` (no
+    network: said once here, not after every plate's download has timed out). Reads no weights:
+    only which files exist, and the hub's one answer about the model."""
     import huggingface_hub
 
     local = weights_dir(spec, weights_root)
@@ -83,9 +87,16 @@ def require_weights(spec: ModelSpec, weights_root: Path | None = None) -> None:
         if not any((local / f).is_file() for f in loadable):
             raise _unavailable(spec, f"{local} has no {' or '.join(loadable)}")
         return
-    cached = any(isinstance(huggingface_hub.try_to_load_from_cache(spec.hub_id, f), str) for f in WEIGHT_FILES)
-    if not cached and hub_offline():
+    if any(isinstance(huggingface_hub.try_to_load_from_cache(spec.hub_id, f), str) for f in WEIGHT_FILES):
+        return
+    if hub_offline():
         raise _unavailable(spec, "not in the Hugging Face cache, and the hub is off (HF_HUB_OFFLINE)")
+    try:
+        huggingface_hub.HfApi().model_info(spec.hub_id, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - no network, a proxy, an unknown repo: the weights cannot come
+        why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise _unavailable(spec, f"not in the Hugging Face cache, and the hub did not provide them "
+                                 f"({type(exc).__name__}: {why})") from None
 
 
 def _load_timm(spec: ModelSpec, local: Path | None) -> LoadedModel:
