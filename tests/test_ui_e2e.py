@@ -7,8 +7,10 @@ $PLATEFLOW_E2E_SHOTS).
 """
 
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import free_port, make_plate, paper_plate, wait_until
+from conftest import assert_none_left, free_port, make_plate, paper_plate, wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.server]
 REPO = Path(__file__).resolve().parents[1]
@@ -24,35 +26,91 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(os.environ.get("PLATEFLOW_E2E_SHOTS", REPO / "test-output" / "e2e"))
 
 
+READY = "plateflow server ready: "  # the line `plateflow server` prints once everything is up
+
+
+def plateflow(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).with_name("plateflow")), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory):
-    """`plateflow server` on a free port (its own PREFECT_HOME), stopped with SIGTERM."""
+    """`plateflow server` on a free port (its own PREFECT_HOME), started as an operator meets it:
+    the next port taken (by an earlier `plateflow report --serve`, say), and a local server left
+    running on that PREFECT_HOME by an earlier refresh. Stopped with SIGTERM, and nothing it
+    started may outlive it."""
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"Chromium not found at {CHROMIUM}: `apt-get install chromium` (.ci/run does)")
     base = tmp_path_factory.mktemp("ui")
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(base / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
     env.pop("PREFECT_API_URL", None)
+    local = subprocess.run([sys.executable, "-c", "from app.server import start_local_server; "
+                            "print(start_local_server()['pid'])"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=180)
+    assert local.returncode == 0, local.stderr
+    local_pid = int(local.stdout.split()[-1])
+    taken = socket.socket()
     log = open(base / "server.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("plateflow")), "server", "--root", str(base / "default"),
-                             "--port", str(port), "--gpu-class", "CPU"],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = None
     try:
+        try:
+            taken.bind(("127.0.0.1", port + 1))
+            taken.listen()
+        except OSError:  # another process has it: taken all the same
+            pass
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("plateflow")), "server", "--root",
+                                 str(base / "default"), "--port", str(port), "--gpu-class", "CPU"],
+                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
         def ready():
             if proc.poll() is not None:
                 pytest.fail("plateflow server exited:\n" + (base / "server.log").read_text()[-3000:])
-            return "ready" in (base / "server.log").read_text()
+            return any(line.startswith(READY) for line in (base / "server.log").read_text().splitlines())
 
         wait_until(ready, 240, "plateflow server")
-        yield f"http://127.0.0.1:{port}", base
+        yield f"http://127.0.0.1:{port}", base, env, local_pid
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+        taken.close()
+    assert proc.returncode == 0, (base / "server.log").read_text()[-3000:]
+    assert "Traceback" not in (base / "server.log").read_text()
+    assert_none_left(str(base / "home"))  # the Prefect server, the workers, their flow runs, the local server
+
+
+def test_the_server_takes_over_the_homes_local_server_and_a_free_report_port_and_is_the_only_one(ui):
+    url, base, env, local_pid = ui
+    log = (base / "server.log").read_text()
+    assert f"stopped the local server (pid {local_pid})" in log and not Path(f"/proc/{local_pid}").exists()
+    port = int(url.rsplit(":", 1)[1])
+    moved = re.search(rf"reports: port {port + 1} is not free \(.*\), so they are served on port (\d+)", log)
+    assert moved, log
+    report_port = int(moved.group(1))
+    import httpx
+
+    assert httpx.get(f"http://127.0.0.1:{report_port}/", timeout=10).status_code == 200
+    # A second server on the same PREFECT_HOME, and one on a busy port: one line each, nothing started.
+    again = plateflow("server", "--root", str(base / "x"), "--port", str(free_port()), env=env)
+    assert again.returncode == 2 and "another plateflow server" in again.stdout and "Traceback" not in again.stdout
+    other = {**env, "PREFECT_HOME": str(base / "other-home")}
+    busy = plateflow("server", "--root", str(base / "x"), "--port", str(port), env=other)
+    assert busy.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in busy.stdout, busy.stdout
+    assert len(busy.stdout.strip().splitlines()) == 1 and "Traceback" not in busy.stdout + busy.stderr
+    # Other commands on this PREFECT_HOME use this server: the refresh appears in its UI.
+    root = corpus(base, "from-cli")
+    done = plateflow("refresh", "--root", str(root), env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_name = re.search(r"Beginning flow run '([^']+)'", done.stdout + done.stderr).group(1)
+    assert flow_runs_named(url, run_name)
+    assert not (base / "home" / "plateflow-local-server.json").exists()
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +181,19 @@ def rows(root: Path) -> dict[str, dict]:
 
 
 def test_custom_run_from_the_ui_then_retry_a_failed_run_from_the_ui(ui, browser):
-    url, base = ui
+    url, base, _, _ = ui
     page = browser.new_page(viewport={"width": 1400, "height": 900})
+
+    # 0. The deployments page: every deployment on the first page, none "Not Ready" on a machine
+    #    without a GPU (each GPU class is a queue, not a deployment of its own).
+    def all_ready():
+        page.goto(f"{url}/deployments", wait_until="networkidle")
+        page.get_by_text("refresh-corpus", exact=True).first.wait_for()
+        return page.get_by_text("Not Ready").count() == 0
+    wait_until(all_ready, 120, "every deployment to be Ready in the UI", every=5)
+    for name in ("refresh-corpus", "retry-failed-plates", "make-tiles", "embed-plates"):
+        assert page.get_by_text(name, exact=True).count(), name
+    shot(page, "0-deployments")
 
     # 1. A refresh started from the Custom run form completes; outputs and artifacts are there.
     good = corpus(base, "good")
@@ -151,6 +220,12 @@ def test_custom_run_from_the_ui_then_retry_a_failed_run_from_the_ui(ui, browser)
     wait_for_state(page, "Failed", "flaky-2-failed")
     assert rows(flaky)["plate-002"]["status"] == "failed"
     before = rows(flaky)
+    failed_url = run_url
+    # The nightly case: the same bad scan again is a known failure, and the run stays green.
+    custom_run(page, url, flaky)
+    wait_for_state(page, "Completed", "flaky-2b-known-failure-completed")
+    assert rows(flaky)["plate-002"]["status"] == "failed"
+    run_url = failed_url
     make_plate(flaky, "plate-002", paper_plate(seed=1, photo_colour=(60, 90, 160)))
     page.goto(run_url, wait_until="networkidle")
     page.get_by_role("button", name="Retry", exact=True).click()
