@@ -99,6 +99,16 @@ def children(pid: int) -> list[int]:
     return kids
 
 
+def run_log(client, run_id) -> list[str]:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    wait_until(lambda: any("Finished in state" in l.message for l in client.read_logs(
+        LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))), 30, "the run's last log line", every=0.5)
+    return [l.message for l in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])),
+                                                sort=LogSort.TIMESTAMP_ASC)]
+
+
 def runs_of(client, deployment: str):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
@@ -220,6 +230,17 @@ def test_retrying_a_failed_refresh_run_like_the_ui_reruns_only_the_failed_plate(
     run = run_deployment("refresh-corpus/refresh-corpus", parameters={"root": str(root)}, timeout=0)
     run = wait_for_run(client, run.id)
     assert run.state.is_failed() and "plate-003" in run.state.message
+    # The run's log: one line for the failed plate, and no traceback (the state says it all).
+    log = run_log(client, run.id)
+    assert [line for line in log if "plate-003" in line and "failed at" in line] == [
+        "plate-003 failed at characterize (new): ImageDecodeError: empty file (0 bytes)"]
+    assert not [line for line in log if "Traceback" in line or "Engine execution exited" in line], log
+    # The same bad scan the next night: a known failure, the run Completed.
+    again = wait_for_run(client, run_deployment("refresh-corpus/refresh-corpus", parameters={"root": str(root)},
+                                                timeout=0).id)
+    assert again.state.is_completed() and "0 new, 1 known" in again.state.message, again.state.message
+    assert "plate-003 failed at characterize (known): ImageDecodeError: empty file (0 bytes)" in run_log(client, again.id)
+    wait_until(lambda: not children(live.procs[-1].pid), 120, "the worker's flow-run process to exit", every=0.5)
     broken.write_bytes(good)
     # As a person would, retry once the worker has let go of the run: a retry in the same second
     # can find the worker still holding the run's slot, and Prefect 3.8's process worker then
