@@ -76,7 +76,7 @@ def ingest(
         raise typer.BadParameter(f"{', '.join(missing)}: no such file or folder; nothing was ingested",
                                  param_hint="SOURCES")
     # A folder's files are counted first; a bucket's listing is not paid twice.
-    total = None if any(isinstance(s, str) for s in sources) else sum(1 for _ in iter_source_files(sources))
+    total = None if any(isinstance(s, str) for s in sources) else sum(1 for _ in iter_source_files(sources, corpus=Path(root).expanduser().resolve()))
     try:
         with Progress(console=console, transient=True) as progress:
             bar = progress.add_task("ingesting", total=total)

@@ -27,7 +27,7 @@ from plateflow.config import CropParams, corpus_root
 from plateflow.corpus import corpus_lock
 from plateflow.errors import ConfigError
 from plateflow.hardware import gpu_class as detect_class
-from plateflow.layout import CorpusLayout
+from plateflow.layout import SHARD_NAME, CorpusLayout
 from plateflow.profiles import load_profiles
 from tasks.embed.reader import PlateJob
 from tasks.embed.writer import embedding_key, load_vectors
@@ -107,12 +107,15 @@ def _extract(source: Location, todo: list[dict], folder: Path, cache) -> list[Pl
         by_shard.setdefault(r["shard"], {})[f"{r['key']}.png"] = r
     jobs = []
     for shard, wanted in sorted(by_shard.items()):
+        if not SHARD_NAME.fullmatch(shard or ""):
+            raise ConfigError(f"{source.url}/tiles.parquet names a shard {shard!r} that make-tiles never writes: "
+                              f"run `plateflow tiles` to that destination again")
         with source.fs.open(source.join(shard), "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
             for member in tar:
                 row = wanted.get(member.name)
-                if row is None:
+                if row is None or not member.isfile():
                     continue
-                path = folder / member.name
+                path = folder / f"{len(jobs):09d}.png"  # never a name from the shard
                 path.write_bytes(tar.extractfile(member).read())
                 jobs.append(PlateJob(row["key"], str(path), (row["width"], row["height"]),
                                      ((0, 0, row["width"], row["height"]),), str(cache(row))))

@@ -31,12 +31,12 @@ from plateflow.config import corpus_root, default_workers
 from plateflow.profiles import dispatch_policy
 from plateflow.corpus import PlateRef, corpus_lock, discover_plates
 from plateflow.hashindex import SourceIndex
-from plateflow.layout import CorpusLayout
+from plateflow.artifacts import plural
+from plateflow.layout import SHARD_NAME, SHARD_STATE, CorpusLayout, shard_name
 from plateflow.tables import TILE_PLATES_SCHEMA, TILES_SCHEMA, parquet_bytes
 from tasks.batch import batches, file_size
 from tasks.tiles import TileJob, TileParams, group_of, split_of, stored_tiles, tiles_batch, write_shard
 
-SHARD_STATE = ".shards.json"
 
 
 @flow(name="make-tiles", validate_parameters=True)
@@ -65,13 +65,14 @@ def make_tiles(root: str, params: TileParams, out: str, credentials_block: str |
     with corpus_lock(root_path, holder):
         plates, failed = _hash(root_path, logger)
         todo = [TileJob(p, sha) for p, sha in plates if stored_tiles(store, params, sha) is None]
-        logger.info("%d plates: %d with stored tiles, %d to cut", len(plates), len(plates) - len(todo), len(todo))
+        logger.info("%s: %d with stored tiles, %d to cut", plural(len(plates), "plate"), len(plates) - len(todo), len(todo))
         failed |= _cut(todo, params, store, logger)
     records = {p.folder: (p, sha, stored_tiles(store, params, sha)) for p, sha in plates if p.folder not in failed}
     shards = _write_shards(dest, corpus.upload_staging, store, params, records, logger)
     _write_tables(dest, params, records, failed, shards)
     tiles = sum(len(r["rows"]) for _, _, r in records.values() if r)
-    message = f"{tiles} tiles of {len(records)} plates in {len(shards)} shards at {dest.url}; {len(failed)} plates failed"
+    message = (f"{plural(tiles, 'tile')} of {plural(len(records), 'plate')} in {plural(len(shards), 'shard')} at "
+               f"{dest.url}; {len(failed)} failed")
     logger.info(message)
     if failed:
         return Failed(message=message + ": " + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())))
@@ -138,12 +139,9 @@ def _write_shards(dest: Location, staging: Path, store: Path, params: TileParams
             n = (store / f"{params.key(sha)}.tar").stat().st_size
             if size and size + n > limit:
                 part, size = part + 1, 0
-            planned.setdefault(f"{split}-{group:03d}{part:03d}.tar", []).append((folder, params.key(sha)))
+            planned.setdefault(shard_name(split, group, part), []).append((folder, params.key(sha)))
             size += n
-    try:
-        written = json.loads(dest.read_bytes(SHARD_STATE) or b"{}")
-    except ValueError:
-        written = {}
+    written = _shard_state(dest, logger)
     present = dest.names()
     rewritten = 0
     for name, members in planned.items():
@@ -161,6 +159,25 @@ def _write_shards(dest: Location, staging: Path, store: Path, params: TileParams
     _save_state(dest, written)
     logger.info("%d shards, %d written, %d unchanged", len(planned), rewritten, len(planned) - rewritten)
     return {name: [f for f, _ in members] for name, members in planned.items()}
+
+
+def _shard_state(dest: Location, logger) -> dict[str, list[str]]:
+    """DEST/.shards.json, with only what make-tiles itself writes there: a shard name (never a
+    path) and its plates' keys. Anything else is ignored, said once, and never acted on (a
+    tampered entry must not make a run delete a file outside DEST)."""
+    try:
+        data = json.loads(dest.read_bytes(SHARD_STATE) or b"{}")
+    except (ValueError, RecursionError):
+        logger.warning("%s/%s is not JSON: every shard is written again", dest.url, SHARD_STATE)
+        return {}
+    if not isinstance(data, dict):
+        data = {"": data}
+    kept = {k: v for k, v in data.items() if SHARD_NAME.fullmatch(k) and isinstance(v, list)
+            and all(isinstance(x, str) for x in v)}
+    if len(kept) < len(data):
+        logger.warning("%s/%s: ignored %d entries that are not make-tiles shards (%s)", dest.url, SHARD_STATE,
+                       len(data) - len(kept), ", ".join(repr(k)[:60] for k in data if k not in kept)[:300])
+    return kept
 
 
 def _save_state(dest: Location, written: dict) -> None:

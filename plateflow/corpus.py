@@ -23,7 +23,8 @@ from plateflow.buckets import Location, RemoteFile, is_url
 from plateflow.config import CharacterizeParams
 from plateflow.errors import ConfigError, DuplicatePlateError, ManifestError, PlateError, UnsafePathError
 from plateflow.hashindex import SourceIndex, sha256_file  # noqa: F401 - sha256_file is public here
-from plateflow.layout import MANIFEST, OUTPUT_DIRS, PLATES, SOURCE, CorpusLayout, natural_key
+from plateflow.layout import (CANDIDATES, HISTOGRAMS, INPUT_IMAGE, MANIFEST, OUTPUT_DIRS, PLATES, SOURCE, WORKING_COPY,
+                              CorpusLayout, natural_key, safe_file_name)
 
 PLATE_NAME = re.compile(r"^plate-(\d+)$")
 # Ingest applies the refresh's pixel limit.
@@ -125,6 +126,8 @@ def read_manifest(plate_dir: Path, top: Path | None = None) -> PlateRef:
         raise ManifestError(f"{MANIFEST} is not UTF-8 text: {exc}") from None
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{MANIFEST} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ManifestError(f"{MANIFEST} is nested too deep to read (past Python's recursion limit)") from None
     except OSError as exc:
         raise ManifestError(f"cannot read {MANIFEST} of {name}/: {exc}") from None
     if not isinstance(manifest, dict):
@@ -135,10 +138,38 @@ def read_manifest(plate_dir: Path, top: Path | None = None) -> PlateRef:
     source_image = manifest.get("source_image")
     if not isinstance(source_image, str) or not source_image.strip():
         raise ManifestError(f"{MANIFEST} needs a string 'source_image', found {source_image!r}")
+    if "\0" in source_image:
+        raise ManifestError(f"source_image {source_image!r} holds a NUL byte, which no file name can")
+    if (output := _plateflow_output(source_image)) is not None:
+        raise ManifestError(f"source_image {source_image!r} is {output}, which plateflow writes: a source must be "
+                            f"a scan of its own (source/<file>), or a refresh would overwrite it")
     source_path = _source_inside(plate_dir, source_image, real, entries)
     if source_path is None:
-        raise ManifestError(f"source_image {source_image!r} does not exist in {name}/")
+        raise ManifestError(f"source_image {source_image!r} {_missing(real, source_image)} in {name}/")
     return PlateRef(name, plate_dir, plate_id, source_path, source_image, manifest)
+
+
+_OUTPUT_FILES = (INPUT_IMAGE, HISTOGRAMS, WORKING_COPY, CANDIDATES, MANIFEST)
+
+
+def _plateflow_output(relative: str) -> str | None:
+    """What of plateflow's own a source path names (its viz/ or runs/ folder, a file it writes
+    beside the manifest), or None."""
+    parts = [p for p in relative.split("/") if p not in ("", ".")]
+    if parts and parts[0] in OUTPUT_DIRS:
+        return f"in {parts[0]}/"
+    if len(parts) == 1 and parts[0] in _OUTPUT_FILES:
+        return parts[0]
+    return None
+
+
+def _missing(real: str, relative: str) -> str:
+    """Why a source path is not a readable file: it does not exist, or what it is instead."""
+    try:
+        st = os.stat(os.path.join(real, relative))
+    except (OSError, ValueError):
+        return "does not exist"
+    return "is a folder, not a file" if stat.S_ISDIR(st.st_mode) else f"is {_kind(st.st_mode)}, not a file"
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -194,6 +225,9 @@ def discover_plates(root: Path) -> list[PlateRef | PlateProblem]:
             found.append(read_manifest(plate_dir, top))
         except PlateError as exc:
             found.append(PlateProblem(plate_dir.name, plate_dir, plate_dir.name, exc))
+        except (ValueError, OSError, RecursionError) as exc:  # whatever else one folder holds: its plate alone
+            err = ManifestError(f"cannot read the plate folder: {type(exc).__name__}: {exc}")
+            found.append(PlateProblem(plate_dir.name, plate_dir, plate_dir.name, err))
     by_id: dict[str, list[int]] = defaultdict(list)
     for i, item in enumerate(found):
         if isinstance(item, PlateRef):
@@ -219,24 +253,30 @@ class IngestReport:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
-def iter_source_files(sources: Iterable[Path | str], credentials_block: str | None = None
-                      ) -> Iterator[tuple[Path | RemoteFile | str, str | None]]:
+def iter_source_files(sources: Iterable[Path | str], credentials_block: str | None = None,
+                      corpus: Path | None = None) -> Iterator[tuple[Path | RemoteFile | str, str | None]]:
     """(file, None) for each regular file in ``sources`` (folders searched recursively, in
     natural order, hidden names left out), and (entry, reason) for each entry that is not one:
     missing, a broken symlink or a symlink loop, a FIFO, socket or device (never opened).
 
     A source may be an fsspec URL (``s3://bucket/prefix``, ``gs://…``, ``az://…``, ``file://…``):
     its objects are listed (``RemoteFile``), with ``credentials_block``'s credentials or the
-    environment's; a bucket that cannot be listed is one entry with its reason."""
+    environment's; a bucket that cannot be listed is one entry with its reason. ``corpus``, a
+    corpus inside a source folder, is one entry too: its own files are never sources."""
     seen: set[tuple[int, int]] = set()
+    skip: set[tuple[int, int]] = set()
+    if corpus is not None:
+        with contextlib.suppress(OSError):
+            st = os.stat(corpus)
+            skip.add((st.st_dev, st.st_ino))
     for src in sources:
         if not is_url(src):
-            yield from _walk(Path(src), seen)
+            yield from _walk(Path(src), seen, skip)
             continue
         try:
             location = Location(src, credentials_block)
             if location.local is not None:
-                yield from _walk(location.local, seen)
+                yield from _walk(location.local, seen, skip)
                 continue
             listed = list(location.walk_files())
         except ConfigError:
@@ -249,7 +289,8 @@ def iter_source_files(sources: Iterable[Path | str], credentials_block: str | No
         yield from ((f, None) for f in listed)
 
 
-def _walk(path: Path, seen: set[tuple[int, int]]) -> Iterator[tuple[Path, str | None]]:
+def _walk(path: Path, seen: set[tuple[int, int]], skip: set[tuple[int, int]] = frozenset()
+          ) -> Iterator[tuple[Path, str | None]]:
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -261,6 +302,9 @@ def _walk(path: Path, seen: set[tuple[int, int]]) -> Iterator[tuple[Path, str | 
     if stat.S_ISREG(st.st_mode):
         yield path, None
     elif stat.S_ISDIR(st.st_mode):
+        if (st.st_dev, st.st_ino) in skip:
+            yield path, "the corpus being ingested into: its plates and outputs are never sources"
+            return
         if (st.st_dev, st.st_ino) in seen:
             yield path, "symlink loop (this folder is already being ingested)"
             return
@@ -272,7 +316,7 @@ def _walk(path: Path, seen: set[tuple[int, int]]) -> Iterator[tuple[Path, str | 
             yield path, f"cannot list this folder: {exc.strerror}"
             return
         for child in children:
-            yield from _walk(child, seen)
+            yield from _walk(child, seen, skip)
     else:
         yield path, f"{_kind(st.st_mode)}, not a regular file: not read"
 
@@ -338,7 +382,7 @@ def ingest(sources: Iterable[Path | str], root: Path, progress=None,
     known, used = _known(root, index)
     number = max([int(m.group(1)) for name in used if (m := PLATE_NAME.match(name))], default=0) + 1
     report = IngestReport()
-    for item, reason, data in _read_ahead(iter_source_files(sources, credentials_block)):
+    for item, reason, data in _read_ahead(iter_source_files(sources, credentials_block, corpus=root)):
         shown = item.url if isinstance(item, RemoteFile) else item
         if progress:
             progress(shown)
@@ -360,7 +404,11 @@ def ingest(sources: Iterable[Path | str], root: Path, progress=None,
             original, mtime_ns = item.url, item.mtime_ns
         else:
             original, mtime_ns = str(item.resolve()), item.stat().st_mtime_ns
-        copy = _write_plate(corpus.plates, plate_id, item.name, original, mtime_ns, data, sha)
+        try:  # the copy's name is made safe (the original is in the manifest)
+            copy = _write_plate(corpus.plates, plate_id, safe_file_name(item.name), original, mtime_ns, data, sha)
+        except OSError as exc:  # a full disk, a quota: this file is not in the corpus, and says why
+            report.skipped.append((shown, f"could not be written into the corpus: {exc.strerror or exc}"))
+            continue
         index.record(copy, sha)
         known[sha] = plate_id
         used.add(plate_id)

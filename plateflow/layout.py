@@ -229,3 +229,54 @@ def chunk_ledger(vector_file: str | Path) -> Path:
     """The ledger of finished embed-chunks beside a model's vector store (the folder of
     ``vector_file``): one record per chunk, written when the chunk completes."""
     return Path(vector_file).parent / ".chunks"
+
+
+# A destination of make-tiles: shards named <split>-<group><part>.tar, and its state.
+SHARD_NAME = re.compile(r"(train|test)-[0-9]{6,}\.tar")
+SHARD_STATE = ".shards.json"
+
+
+def shard_name(split: str, group: int, part: int) -> str:
+    return f"{split}-{group:03d}{part:03d}.tar"
+
+
+# Names from data -----------------------------------------------------------------------------
+# A plate id, a file name, an S3 key or a label becomes a path part, a URL part or an archive
+# member only through these two functions: never a separator, never "..", never a NUL, and a
+# length that fits; a name that had to change gets a hash of the original, so two names never
+# meet. The originals stay in the manifests and tables.
+
+_KEY_SAFE = re.compile(r"[A-Za-z0-9_-]+")
+_FILE_UNSAFE = re.compile(r"[^\w.\- ()+,=@]|^[.\s]+")
+_SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,10}$")
+
+
+def _tag(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+
+
+def safe_key(text: str, max_len: int = 80) -> str:
+    """``text`` as a key made of ASCII letters, digits, ``_`` and ``-`` only: a WebDataset key
+    (split at its first dot), a file or member name, a URL part. Unchanged when it already is
+    one and fits; else what is left of it, ``~``, and a hash of the original."""
+    if _KEY_SAFE.fullmatch(text) and len(text) <= max_len:
+        return text
+    kept = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:max_len - 11]
+    return f"{kept}~{_tag(text)}"
+
+
+def safe_file_name(name: str, max_bytes: int = 180) -> str:
+    """``name`` (a file's or an object's base name) as a file name that is safe to create: no
+    separator, no leading dot, at most ``max_bytes`` in UTF-8 (a temp name's additions still fit
+    the usual 255), its extension kept. Unchanged when it already is one."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    if base == name and not _FILE_UNSAFE.search(name) and len(name.encode()) <= max_bytes and name not in ("", ".."):
+        return name
+    suffix = m.group(0) if (m := _SUFFIX.search(base)) else ""
+    stem = _FILE_UNSAFE.sub("_", base[:len(base) - len(suffix)]).strip("_ ") or "file"
+    tag = f"~{_tag(name)}"
+    while len((stem + tag + suffix).encode()) > max_bytes:
+        stem = stem[:-1]
+    return stem + tag + suffix

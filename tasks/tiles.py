@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from plateflow.atomic import write_bytes
 from plateflow.caching import code_version
 from plateflow.corpus import PlateRef
+from plateflow.layout import safe_key
 from plateflow.split import Split, split_of as plate_split
 from tasks.batch import PlateOutcome, isolated, summary
 
@@ -194,7 +195,7 @@ def tile_archive(plate: PlateRef, sha256: str, params: TileParams) -> tuple[byte
     buf, rows = io.BytesIO(), []
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for t in tiles:
-            key = f"{plate.plate_id}-{t.index:05d}"
+            key = f"{safe_key(plate.plate_id)}-{t.index:05d}"  # a WebDataset key: no dot, no separator
             meta = {"plate_id": plate.plate_id, "sha256": sha256, "box": list(t.box), "split": split,
                     "mode": params.mode, "index": t.index}
             _member(tar, f"{key}.png", encode_png(t.image, params.png_compress_level))
