@@ -11,14 +11,16 @@ plateflow's state. `plateflow server` runs one for its corpus and tells its work
 
 from __future__ import annotations
 
+import html
 import mimetypes
 import os
+import stat
 import re
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from plateflow.layout import PLATES, REPORTS, RUNS, VIZ, WORKING_COPY, CorpusLayout
 
@@ -26,19 +28,30 @@ from plateflow.layout import PLATES, REPORTS, RUNS, VIZ, WORKING_COPY, CorpusLay
 _PLATE_FILE = re.compile(rf"^[^/]+/({VIZ}/[^/]+\.png|{re.escape(WORKING_COPY)}|{RUNS}/[^/]+/best_crop\.(jpg|png))$")
 
 
+def _allowed(rest: str) -> bool:
+    """Whether a path under a corpus is one the report server serves: a file of reports/, or a
+    plate's preview, plots, working copy or best crop."""
+    if ".." in rest.split("/") or "\0" in rest:
+        return False
+    if rest.startswith(f"{REPORTS}/"):
+        return not any(part.startswith(".") for part in rest.split("/"))
+    return rest.startswith(f"{PLATES}/") and bool(_PLATE_FILE.match(rest[len(PLATES) + 1:]))
+
+
 def served_path(corpus: Path, rest: str) -> Path | None:
     """The file under ``corpus`` that URL path ``rest`` names, if it is one the report server
-    serves: a file of reports/, or a plate's preview, plots, working copy or best crop."""
-    if ".." in rest.split("/"):
+    serves (``_allowed``), and so is the regular file it really is: a symlink inside the corpus
+    to a manifest, a source or plateflow's state is not served."""
+    if not _allowed(rest):
         return None
-    if rest.startswith(f"{REPORTS}/") and not rest.rsplit("/", 1)[-1].startswith("."):
-        path = corpus / rest
-    elif rest.startswith(f"{PLATES}/") and _PLATE_FILE.match(rest[len(PLATES) + 1:]):
-        path = corpus / rest
-    else:
+    real = os.path.realpath(corpus / rest)
+    top = os.fspath(corpus) + os.sep
+    if not real.startswith(top) or not _allowed(real[len(top):].replace(os.sep, "/")):
         return None
-    real = os.path.realpath(path)
-    if not real.startswith(os.fspath(corpus) + os.sep) or not os.path.isfile(real):
+    try:
+        if not stat.S_ISREG(os.stat(real).st_mode):
+            return None
+    except OSError:
         return None
     return Path(real)
 
@@ -53,7 +66,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(body=False)
 
     def _serve(self, body: bool) -> None:
-        path = unquote(urlsplit(self.path).path).lstrip("/")
+        try:
+            path = unquote(urlsplit(self.path).path, errors="strict").lstrip("/")
+        except (ValueError, UnicodeDecodeError):
+            path = "\0"
+        if "\0" in path:  # a malformed URL: said, never a traceback
+            return self._send(HTTPStatus.BAD_REQUEST, "text/plain; charset=utf-8", b"bad request\n", body)
         if not path:
             return self._send(HTTPStatus.OK, "text/html; charset=utf-8", self._listing(), body)
         slug, _, rest = path.partition("/")
@@ -69,7 +87,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.OK, kind + ("; charset=utf-8" if kind == "text/html" else ""), data, body)
 
     def _listing(self) -> bytes:
-        items = "".join(f'<li><a href="/{CorpusLayout(root).report_url_path}">{root}</a></li>'
+        items = "".join(f'<li><a href="/{quote(CorpusLayout(root).report_url_path)}">{html.escape(str(root))}</a></li>'
                         for root in self.corpora.values())
         return f"<!doctype html><meta charset='utf-8'><title>plateflow reports</title><ul>{items}</ul>".encode()
 

@@ -8,6 +8,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 from typing import Callable
 
 from plateflow.layout import PLATES, PREVIEW, REPORTS, VIZ, CorpusLayout
@@ -192,7 +193,7 @@ def _report_lines(root: Path, rows: list[dict], report: Path | None) -> list[str
     if flagged:
         lines += ["", "Flagged plates:", ""]
         lines += [f"![{r['plate_id']}: {', '.join(r['quality_flags'])}]"
-                  f"({base}/{PLATES}/{r['plate_dir']}/{VIZ}/{PREVIEW})" for r in flagged]
+                  f"({base}/{PLATES}/{quote(r['plate_dir'])}/{VIZ}/{PREVIEW})" for r in flagged]
     return lines
 
 

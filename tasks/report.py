@@ -22,6 +22,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pyarrow as pa
@@ -68,7 +69,7 @@ def read_plates(root: Path, table: pa.Table) -> Plates:
     names = (f"{VIZ}/{PREVIEW}", WORKING_COPY)
     thumbs = []
     for folder in cols["plate_dir"]:  # a stat or two per plate: strings, not Paths (10^5 of them)
-        thumbs.append(next((f"../{PLATES}/{folder}/{name}" for name in names
+        thumbs.append(next((f"../{PLATES}/{quote(folder)}/{name}" for name in names  # a URL: the folder escaped
                             if os.path.isfile(f"{plates}/{folder}/{name}")), None))
     return Plates(cols, thumbs)
 

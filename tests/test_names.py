@@ -134,3 +134,51 @@ def test_ingest_copies_a_long_name_safely_and_never_ingests_its_own_corpus(tmp_p
     again = ingest([scans], root)
     assert again.added == []
     assert any(str(p) == str(root) and "the corpus being ingested into" in why for p, why in again.skipped)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_report_server_serves_only_plateflows_own_files_answers_bad_urls_and_escapes_links(tmp_path):
+    import http.client
+    import re
+    import urllib.parse
+    import urllib.request
+
+    from app.reports import ReportServer
+    from flows.refresh import refresh_corpus
+
+    root = tmp_path / "corpus"
+    for n, folder in enumerate(["hash#1", "q?x=1", "pct%41", "plate-004"]):
+        make_plate(root, folder, paper_plate(seed=n))
+    assert refresh_corpus(str(root), return_state=True).is_completed()
+    viz = root / "plates_structured" / "plate-004" / "viz"
+    (viz / "manifest.png").symlink_to(root / "plates_structured" / "plate-004" / "manifest.json")
+    (viz / "state.png").symlink_to(root / ".plateflow" / "config.json")
+    (viz / "scan.png").symlink_to(root / "plates_structured" / "plate-004" / "source" / "scan.jpg")
+    (root / "reports" / "leak.html").symlink_to(root / "plates_structured" / "plate-004" / "manifest.json")
+    server = ReportServer([root]).start()
+    try:
+        base = server.report_url(root).rsplit("/reports/", 1)[0]
+
+        def get(url: str) -> int:
+            try:
+                return urllib.request.urlopen(url, timeout=10).status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        for name in ("manifest.png", "state.png", "scan.png"):
+            assert get(f"{base}/plates_structured/plate-004/viz/{name}") == 404, name
+        assert get(f"{base}/reports/leak.html") == 404
+        assert get(f"{base}/plates_structured/plate-004/viz/input_preview.png") == 200
+        host, port = server.httpd.server_address[:2]
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        conn.request("GET", "/x/reports/%00index.html")
+        assert conn.getresponse().status == 400
+        conn.close()
+        assert get(server.report_url(root)) == 200  # the server is still up
+        sheet = urllib.request.urlopen(f"{base}/reports/sheet-0001.html", timeout=10).read().decode()
+        thumbs = re.findall(r'<img src="([^"]+)"', sheet)
+        assert len(thumbs) == 4 and all("#" not in t and "?" not in t for t in thumbs)
+        for src in thumbs:  # every thumbnail loads, however odd its plate folder's name (as a browser joins it)
+            assert get(urllib.parse.urljoin(f"{base}/reports/sheet-0001.html", src.replace("&amp;", "&"))) == 200, src
+    finally:
+        server.stop()
