@@ -555,6 +555,9 @@ def train_head(
         from tasks.heads import read_labels, require_features
 
         require_features(root, model, features)  # said before any run, in one line
+        from plateflow.experiments import check as ledger_check
+
+        ledger_check(root)
         if labels is not None:
             read_labels(root, label, labels)  # a bad labels file is a parameter error, before any run
     except (ConfigError, OSError) as exc:
@@ -592,7 +595,13 @@ def experiments(root: RootOpt) -> None:
     from plateflow.config import corpus_root
     from plateflow.experiments import experiments as ledger_rows
 
-    rows = ledger_rows(corpus_root(root))
+    from plateflow.errors import ConfigError
+
+    try:
+        rows = ledger_rows(corpus_root(root))
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
     if not rows:
         console.print("no experiments yet: `plateflow train-head` trains one")
         return
@@ -611,8 +620,18 @@ def predict(
     from plateflow.config import corpus_root
     from plateflow.experiments import experiments as ledger_rows
 
-    root = corpus_root(root)
-    if not ledger_rows(root, experiment):
+    from plateflow.errors import ConfigError
+    from tasks.heads import check_predictable
+
+    try:
+        root = corpus_root(root)
+        known = ledger_rows(root, experiment)
+        if known:
+            check_predictable(root, experiment)  # a damaged checkpoint or store: one line, before any run
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    if not known:
         raise typer.BadParameter(f"no experiment {experiment!r} in {root}: `plateflow experiments --root {root}` lists them")
     with local_api():
         state = predict_head(str(root), experiment, return_state=True)

@@ -11,10 +11,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
-from plateflow.artifacts import artifact_key
+from plateflow.artifacts import artifact_key, plural
 from plateflow.config import corpus_root
 from plateflow.corpus import corpus_lock
 from plateflow.errors import ConfigError
+from plateflow.experiments import check as ledger_check
 from plateflow.runlog import quiet_returned_failures
 from tasks.heads import HeadConfig, predict, read_labels, require_features, train_experiment
 
@@ -52,6 +53,7 @@ def train_head(root: str, model: str, label: str, labels_file: str | None = None
     try:
         root_path = corpus_root(root)
         require_features(root_path, model, features)
+        ledger_check(root_path)  # a damaged ledger is said before training, not after
         labels = read_labels(root_path, label, labels_file)
     except ConfigError as exc:  # said once, in one line, before any task
         get_run_logger().error("configuration error: %s", exc)
@@ -86,8 +88,13 @@ def predict_head(root: str, experiment: str) -> int:
         root: The corpus root.
         experiment: The experiment id (plateflow experiments lists them).
     """
-    root_path = corpus_root(root)
-    with corpus_lock(root_path, f"predict-head {experiment}"):
-        n, columns = predict(root_path, experiment)
-    get_run_logger().info("%s for %d plates", " and ".join(columns), n)
+    quiet_returned_failures()
+    try:
+        root_path = corpus_root(root)
+        with corpus_lock(root_path, f"predict-head {experiment}"):
+            n, columns = predict(root_path, experiment)
+    except ConfigError as exc:  # a damaged checkpoint, store or registry: one line that names it
+        get_run_logger().error("configuration error: %s", exc)
+        return Failed(message=str(exc), data=exc)
+    get_run_logger().info("%s for %s", " and ".join(columns), plural(n, "plate"))
     return n

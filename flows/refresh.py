@@ -568,7 +568,9 @@ def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem
     if run.config.models and run.corpus.predictors.is_file():
         try:  # new and changed plates predicted by the registered heads, from their cached features
             apply_predictors(run.root, run.logger)
-        except Exception:  # noqa: BLE001 - the plates' outputs stand; a broken checkpoint must not fail the refresh
+        except ConfigError as exc:  # a damaged registry, checkpoint or store: named, with its fix
+            run.logger.warning("the registered heads did not predict: %s", exc)
+        except Exception:  # noqa: BLE001 - the plates' outputs stand; a bug there must not fail the refresh
             run.logger.exception("could not predict with the registered heads")
     try:
         report = build_report(run.root)

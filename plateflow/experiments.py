@@ -9,6 +9,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+from plateflow.errors import ConfigError
 from plateflow.layout import CorpusLayout
 
 COLUMNS = {
@@ -38,12 +39,33 @@ COLUMNS = {
 JSON_COLUMNS = {"hyperparameters", "classes", "class_balance", "per_class"}
 
 
+class DamagedLedgerError(ConfigError):
+    """experiments.db cannot be read; the message names it and what to do."""
+
+
+def _damaged(path: Path, exc: Exception) -> DamagedLedgerError:
+    return DamagedLedgerError(
+        f"the experiment ledger {path} is damaged ({exc}); move it aside (`mv {path} {path}.damaged`): the "
+        f"next `plateflow train-head` starts a new one, and the checkpoints in {path.parent} stay")
+
+
 def _connect(root: Path) -> sqlite3.Connection:
     path = CorpusLayout(Path(root)).experiments_db
     path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, timeout=60)
-    db.execute(f"CREATE TABLE IF NOT EXISTS experiments ({', '.join(f'{k} {v}' for k, v in COLUMNS.items())})")
+    try:
+        db.execute(f"CREATE TABLE IF NOT EXISTS experiments ({', '.join(f'{k} {v}' for k, v in COLUMNS.items())})")
+        db.execute("SELECT count(*) FROM experiments").fetchone()
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        raise _damaged(path, exc) from None
     return db
+
+
+def check(root: Path) -> None:
+    """``DamagedLedgerError`` now, before a head is trained, if the ledger cannot take its row."""
+    if CorpusLayout(Path(root)).experiments_db.exists():
+        _connect(root).close()
 
 
 def record(root: Path, row: dict[str, Any]) -> None:
@@ -60,5 +82,8 @@ def experiments(root: Path, experiment_id: str | None = None) -> list[dict[str, 
     with closing(_connect(root)) as db:
         db.row_factory = sqlite3.Row
         where, args = ("WHERE id = ?", (experiment_id,)) if experiment_id else ("", ())
-        rows = db.execute(f"SELECT * FROM experiments {where} ORDER BY created, id", args).fetchall()
+        try:
+            rows = db.execute(f"SELECT * FROM experiments {where} ORDER BY created, id", args).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise _damaged(CorpusLayout(Path(root)).experiments_db, exc) from None
     return [{k: json.loads(r[k]) if k in JSON_COLUMNS and r[k] is not None else r[k] for k in r.keys()} for r in rows]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +29,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from plateflow.atomic import temp_file, write_json, write_parquet
+from plateflow.errors import ConfigError
 from plateflow.layout import CorpusLayout
 from plateflow.tables import FEATURES_INDEX_SCHEMA
 
 DTYPE = np.float16
+WRITE_ROWS = 1024  # rows of vectors per write
 
 
 @dataclass
@@ -51,16 +54,50 @@ class FeatureStore:
         return self.index.column(name).to_pylist()
 
 
+class DamagedStoreError(ConfigError):
+    """A feature store's files cannot be read or do not agree; the message names the store and
+    the command that rebuilds it."""
+
+
 def open_store(folder: Path) -> FeatureStore | None:
-    """The store in ``folder``, memory-mapped; None if there is none yet."""
+    """The store in ``folder``, memory-mapped; None if there is none yet; ``DamagedStoreError``
+    if its files cannot be read or do not agree with meta.json."""
     folder = Path(folder)
     try:
         meta = json.loads((folder / "meta.json").read_bytes())
     except FileNotFoundError:
         return None
-    index = pq.read_table(folder / f"index-{meta['version']}.parquet")
-    vectors = np.load(folder / f"vectors-{meta['version']}.npy", mmap_mode="r")
+    except (OSError, ValueError, RecursionError) as exc:
+        raise _damaged(folder, f"meta.json cannot be read: {exc}") from None
+    try:
+        version = meta["version"]
+        if not isinstance(version, str) or not version.isalnum():
+            raise ValueError(f"meta.json names no version: {version!r}")
+        index = pq.read_table(folder / f"index-{version}.parquet")
+        vectors = np.load(folder / f"vectors-{version}.npy", mmap_mode="r")
+        expected = (len(index), int(meta["views"]), int(meta["dim"]))
+        if vectors.shape != expected or vectors.dtype != DTYPE:
+            raise ValueError(f"vectors-{version}.npy holds {vectors.dtype} {vectors.shape}, meta.json says "
+                             f"{np.dtype(DTYPE).name} {expected}")
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
+        raise _damaged(folder, str(exc)) from None
     return FeatureStore(folder, meta, index, vectors)
+
+
+def _damaged(folder: Path, why: str) -> DamagedStoreError:
+    root, name = folder.parent.parent, folder.name
+    model, tiles = (name[:-len("-tiles")], True) if name.endswith("-tiles") else (name, False)
+    how = (f"plateflow features --root {root} --model {model} --tiles DEST" if tiles
+           else f"plateflow features --root {root} --model {model}")
+    return DamagedStoreError(f"the feature store {folder} is damaged ({why}); rebuild it with `{how}`")
+
+
+def _existing(folder: Path) -> FeatureStore | None:
+    """The store to replace: a damaged one counts as none (it is rebuilt, never a blocker)."""
+    try:
+        return open_store(folder)
+    except DamagedStoreError:
+        return None
 
 
 def _version(index: pa.Table, meta: dict) -> str:
@@ -82,17 +119,20 @@ def write_store(folder: Path, index_rows: list[dict], vectors: list[np.ndarray],
                                  schema=schema)
     meta = {**meta, "views": views, "dtype": np.dtype(DTYPE).name, "rows": len(vectors)}
     version = _version(index, meta)
-    old = old if old is not None else open_store(folder)
+    old = old if old is not None else _existing(folder)
     if old is not None and old.meta.get("version") == version:
         return version, False
     folder.mkdir(parents=True, exist_ok=True)
-    with temp_file(folder / f"vectors-{version}.npy") as (_, tmp):
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=DTYPE, shape=(len(vectors), views, dim))
-        for i, v in enumerate(vectors):
-            out[i, :len(v)] = v
-            out[i, len(v):] = 0
-        out.flush()
-        del out
+    with temp_file(folder / f"vectors-{version}.npy") as (fd, _):
+        # Plain writes, not a memory map: a full disk is an OSError here, not a SIGBUS later.
+        with os.fdopen(os.dup(fd), "wb") as fh:
+            np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(DTYPE)),
+                                                      "fortran_order": False, "shape": (len(vectors), views, dim)})
+            for start in range(0, len(vectors), WRITE_ROWS):
+                block = np.zeros((min(WRITE_ROWS, len(vectors) - start), views, dim), DTYPE)
+                for i, v in enumerate(vectors[start:start + WRITE_ROWS]):
+                    block[i, :len(v)] = v
+                fh.write(block.tobytes())
     write_parquet(folder / f"index-{version}.parquet", index)
     write_json(folder / "meta.json", {**meta, "version": version})
     for stale in [*folder.glob("vectors-*.npy"), *folder.glob("index-*.parquet")]:
@@ -108,7 +148,13 @@ def update_plate_features(root: Path, model: str, items: list[tuple[str, str, st
     sha256, vectors) of the plates with vectors. The whole corpus replaces the store (new and
     changed plates in, removed ones out); ``partial`` (a retry) replaces only its plates' rows."""
     folder = CorpusLayout(Path(root)).features(model)
-    old = open_store(folder)
+    try:
+        old = open_store(folder)
+    except DamagedStoreError:
+        if partial:  # its other plates' rows are lost with it: the whole store, from the embeddings table
+            version, written, _ = build_from_embeddings_table(root, model)
+            return version, written
+        old = None  # the whole corpus is here: the store is written anew
     rows = [{"plate_dir": d, "plate_id": p, "sha256": s} for d, p, s, _ in items]
     vectors = [v for *_, v in items]
     if partial and old is not None and old.meta.get("embedding_key") == embedding_key:
@@ -151,7 +197,7 @@ def build_from_embeddings_table(root: Path, model: str) -> tuple[str, bool, int]
             start = end
     items.sort(key=lambda it: it[0])
     folder = corpus.features(model)
-    old = open_store(folder)
+    old = _existing(folder)
     key = (old.meta.get("embedding_key") if old else None) or "from-embeddings-table"
     version, written = write_store(folder, [{"plate_dir": d, "plate_id": p, "sha256": s} for d, p, s, _ in items],
                                    [v for *_, v in items], {"model": model, "dim": dim, "kind": "plates",

@@ -372,8 +372,26 @@ def _load_head(root: Path, experiment_id: str):
     if not rows:
         raise ConfigError(f"no experiment {experiment_id!r} in {CorpusLayout(Path(root)).experiments_db} "
                           f"(`plateflow experiments --root {root}` lists them)")
-    ckpt = torch.load(Path(root) / rows[0]["checkpoint"], map_location="cpu", weights_only=True)
-    return head_from_state(ckpt["head"], ckpt["inputs"], len(ckpt["classes"]), ckpt["hidden"], ckpt["state_dict"]), ckpt
+    path = Path(root) / rows[0]["checkpoint"]
+    again = f"train it again with `plateflow train-head --root {root} --model {rows[0]['model']} --label {rows[0]['label']}`"
+    try:  # weights only: a checkpoint is never code
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return head_from_state(ckpt["head"], ckpt["inputs"], len(ckpt["classes"]), ckpt["hidden"],
+                               ckpt["state_dict"]), ckpt
+    except FileNotFoundError:
+        raise ConfigError(f"the checkpoint {path} of experiment {experiment_id} is missing; {again}") from None
+    except Exception as exc:  # noqa: BLE001 - torch's unpickler, zip reader and state loading each raise their own
+        # torch's own text advises loading untrusted files as code; ours names the damage instead.
+        raise ConfigError(f"the checkpoint {path} of experiment {experiment_id} is damaged (torch could not read "
+                          f"it as plateflow's weights: {type(exc).__name__}); {again}") from None
+
+
+def check_predictable(root: Path, experiment_id: str) -> None:
+    """``ConfigError`` naming what is damaged when ``experiment_id`` cannot predict: its
+    checkpoint, the feature store it reads, or the head registry."""
+    _, ckpt = _load_head(root, experiment_id)
+    require_features(root, ckpt["model"], ckpt.get("feature_kind", "plates"))
+    _predictors(root)
 
 
 def prediction_columns(label: str) -> tuple[str, str]:
@@ -423,10 +441,20 @@ def predict(root: Path, experiment_id: str, register: bool = True) -> tuple[int,
 
 
 def _predictors(root: Path) -> dict:
+    """ROOT/experiments/predictors.json: label -> {"experiment", "features_version"};
+    ``ConfigError`` naming it when it is damaged."""
+    path = CorpusLayout(Path(root)).predictors
     try:
-        return json.loads(CorpusLayout(Path(root)).predictors.read_bytes())
+        data = json.loads(path.read_bytes())
+        if not isinstance(data, dict) or not all(isinstance(v, dict) and isinstance(v.get("experiment"), str)
+                                                 and isinstance(v.get("features_version"), str) for v in data.values()):
+            raise ValueError("not a label -> {experiment, features_version} object")
+        return data
     except FileNotFoundError:
         return {}
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"the head registry {path} is damaged ({exc}); register each head again with "
+                          f"`plateflow predict --root {root} --experiment ID` after removing it") from None
 
 
 def apply_predictors(root: Path, logger=None) -> list[str]:

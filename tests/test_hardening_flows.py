@@ -251,3 +251,18 @@ def test_the_local_server_stops_by_itself_once_idle(tmp_path):
     finally:
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_feature_store_on_a_full_disk_is_an_error_with_no_temp_file_never_a_signal(small_disk):
+    """A store larger than the disk's room: written through plain writes, so the full disk is
+    an OSError naming the file (through a memory map it would be SIGBUS, killing the process)."""
+    import numpy as np
+
+    from tasks.features import write_store
+
+    folder = small_disk / "corpus" / "features" / "m"
+    vectors = [np.ones((16, 768), np.float32) for _ in range(400)]  # 9.8 MB of float16 on a 4 MB disk
+    rows = [{"plate_dir": f"plate-{i:03d}", "plate_id": f"p{i}", "sha256": "a" * 64} for i in range(400)]
+    with pytest.raises(OSError, match="No space left on device"):
+        write_store(folder, rows, vectors, {"model": "m", "dim": 768, "kind": "plates", "embedding_key": "k"})
+    assert [p.name for p in folder.iterdir()] == []  # no temp file, no half store

@@ -51,7 +51,7 @@ def refresh(root: Path):
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_features_heads_experiments_and_predictions(tmp_path, tiny_env):
+def test_features_heads_experiments_and_predictions(tmp_path, tiny_env, caplog):
     root = tmp_path / "corpus"
     kinds = labelled_corpus(root, 60)
     refresh(root)
@@ -131,6 +131,49 @@ def test_features_heads_experiments_and_predictions(tmp_path, tiny_env):
     assert plates["plate-003"]["pred_kind"] is not None  # the others' columns are kept
     bad = runner.invoke(app, ["predict", "--root", str(root), "--experiment", "no-such"])
     assert bad.exit_code != 0 and "plateflow experiments" in bad.output
+
+    # Damaged state: each store, ledger, registry or checkpoint named in one line with its fix.
+    def one_line(args: list[str], *said: str) -> str:
+        result = runner.invoke(app, args, terminal_width=400)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert all(text in result.output for text in said), result.output
+        return result.output
+
+    features = root / "features" / MODEL
+    vectors = next(features.glob("vectors-*.npy"))
+    vectors.write_bytes(vectors.read_bytes()[:200])  # truncated
+    one_line(["train-head", "--root", str(root), "--model", MODEL, "--label", "kind"],
+             f"the feature store {features} is damaged", f"plateflow features --root {root} --model {MODEL}")
+    refresh(root)  # a damaged store never blocks a refresh: it is written anew
+    assert open_store(features).rows == 60
+    (features / "meta.json").write_text("{garbage")
+    one_line(["predict", "--root", str(root), "--experiment", linear], "meta.json cannot be read")
+    assert runner.invoke(app, ["features", "--root", str(root), "--model", MODEL]).exit_code == 0  # the rebuild
+    assert open_store(features).rows == 60
+
+    checkpoint = root / rows[0]["checkpoint"]
+    good = checkpoint.read_bytes()
+    checkpoint.write_bytes(b"garbage" * 100)
+    out = one_line(["predict", "--root", str(root), "--experiment", linear], f"the checkpoint {checkpoint}",
+                   "is damaged", "plateflow train-head")
+    assert "weights_only" not in out
+    checkpoint.unlink()
+    one_line(["predict", "--root", str(root), "--experiment", linear], "is missing")
+    checkpoint.write_bytes(good)
+
+    registry = root / "experiments" / "predictors.json"
+    registry.write_text("[1, 2")
+    caplog.clear()
+    refresh(root)  # the plates are done; the registry's damage is one warning with its fix
+    assert "the head registry" in caplog.text and "is damaged" in caplog.text and "Traceback" not in caplog.text
+    registry.unlink()
+
+    db = root / "experiments" / "experiments.db"
+    db.write_bytes(b"this is not a database" * 100)
+    before = sorted(p.name for p in (root / "experiments").iterdir())
+    one_line(["experiments", "--root", str(root)], f"the experiment ledger {db} is damaged", "mv ")
+    one_line(["train-head", "--root", str(root), "--model", MODEL, "--label", "kind"], "is damaged")
+    assert sorted(p.name for p in (root / "experiments").iterdir()) == before  # nothing trained, nothing orphaned
 
 
 @pytest.mark.usefixtures("prefect_harness")
