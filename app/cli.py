@@ -552,14 +552,14 @@ def train_head(
         raise typer.BadParameter(f"--head {head!r}: linear, mlp or linear,mlp")
     try:
         root = corpus_root(root)
-        from tasks.heads import read_labels, require_features
+        from tasks.heads import check_labels, read_labels, require_features
 
-        require_features(root, model, features)  # said before any run, in one line
+        store = require_features(root, model, features)  # said before any run, in one line
         from plateflow.experiments import check as ledger_check
 
         ledger_check(root)
-        if labels is not None:
-            read_labels(root, label, labels)  # a bad labels file is a parameter error, before any run
+        if labels is not None:  # a bad labels file is a parameter error, before any run
+            check_labels(store, read_labels(root, label, labels), str(labels))
     except (ConfigError, OSError) as exc:
         raise typer.BadParameter(str(exc)) from None
     with local_api():

@@ -17,7 +17,7 @@ from plateflow.corpus import corpus_lock
 from plateflow.errors import ConfigError
 from plateflow.experiments import check as ledger_check
 from plateflow.runlog import quiet_returned_failures
-from tasks.heads import HeadConfig, predict, read_labels, require_features, train_experiment
+from tasks.heads import HeadConfig, check_labels, predict, read_labels, require_features, train_experiment
 
 
 @task(name="train-head", task_run_name="train-{config.head}-lr{config.lr}", cache_policy=NO_CACHE)
@@ -52,9 +52,10 @@ def train_head(root: str, model: str, label: str, labels_file: str | None = None
     quiet_returned_failures()
     try:
         root_path = corpus_root(root)
-        require_features(root_path, model, features)
+        store = require_features(root_path, model, features)
         ledger_check(root_path)  # a damaged ledger is said before training, not after
         labels = read_labels(root_path, label, labels_file)
+        check_labels(store, labels, labels_file or f"the manifests' {label!r}")
     except ConfigError as exc:  # said once, in one line, before any task
         get_run_logger().error("configuration error: %s", exc)
         return Failed(message=str(exc), data=exc)

@@ -254,3 +254,29 @@ def test_tiles_are_embedded_once_into_their_own_store_and_a_head_trains_per_tile
         features, test_size, accuracy = db.execute("SELECT feature_kind, test_size, accuracy FROM experiments").fetchone()
     test_tiles = sum(t["split"] == "test" and t["plate_id"] not in ("plate-001", "plate-002") for t in tiles)
     assert features == "tiles" and test_size == test_tiles and accuracy >= 0.9  # the tiles' split, per tile
+
+
+def test_unusable_labels_files_are_one_line_naming_the_file_and_line(tmp_path):
+    from tasks.features import write_store
+
+    root = tmp_path / "corpus"
+    (root / "plates_structured").mkdir(parents=True)
+    ids = [f"plate-{i:03d}" for i in range(1, 5)]
+    write_store(root / "features" / MODEL, [{"plate_dir": p, "plate_id": p, "sha256": f"{i:064x}"} for i, p in enumerate(ids)],
+                [np.ones((2, 8), np.float32) * i for i in range(4)],
+                {"model": MODEL, "dim": 8, "kind": "plates", "embedding_key": "k"})
+    cases = {
+        "latin1.csv": ("plate_id,label\nplate-001,caf\xe9\n".encode("latin-1"), "line 2: not UTF-8 text"),
+        "long.csv": (f"plate-001,{'x' * 200_000}\nplate-002,b\n".encode(), "line 1: a label of 200,000 characters"),
+        "unknown.csv": (b"nobody,a\nnothing,b\n", "no plate with features has a label from"),
+        "empty.csv": (b"", "holds no labels"),
+        "one-class.csv": (b"plate-001,a\nplate-002,a\n", "every labelled plate from"),
+        "short.csv": (b"plate-001,a\nplate-002\n", "line 2: every line needs plate_id,label"),
+    }
+    for name, (data, said) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        result = runner.invoke(app, ["train-head", "--root", str(root), "--model", MODEL, "--label", "kind",
+                                     "--labels", str(tmp_path / name)], terminal_width=400)
+        assert result.exit_code == 2 and "Traceback" not in result.output, (name, result.output)
+        assert said in result.output and str(tmp_path / name) in result.output, (name, result.output)
+    assert not (root / "experiments").exists()  # nothing trained
