@@ -439,6 +439,7 @@ def tiles(
     shard_megabytes: Annotated[float, typer.Option(help="Most megabytes in one shard.")] = 256.0,
     png_level: Annotated[int, typer.Option(help="PNG compression: 1-3 ISA-L (1 fastest), 4-9 zlib (smaller, slower), 0 stored.", min=0, max=9)] = 1,
     credentials_block: CredentialsOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Write to a destination that holds another corpus's tiles (they are replaced).")] = False,
 ) -> None:
     """Cut every plate into model-input tiles (the make-tiles flow): a stable train/test split
     from each plate's content hash, WebDataset shards, tiles.parquet. Unchanged plates are not
@@ -461,15 +462,14 @@ def tiles(
         root = corpus_root(root)
     except (ValueError, ConfigError) as exc:
         raise typer.BadParameter(str(exc)) from None
-    from plateflow.buckets import Location, is_url
+    from flows.tiles import open_destination
 
     with local_api():
-        if is_url(out):
-            try:
-                Location(out, credentials_block)  # a wrong protocol or block is the user's to fix, before any work
-            except ConfigError as exc:
-                raise typer.BadParameter(str(exc)) from None
-        state = make_tiles(str(root), params, out, credentials_block, return_state=True)
+        try:  # the destination is the user's to fix, before any work (a credentials block needs the server)
+            open_destination(out, credentials_block, root, force)
+        except ConfigError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--out") from None
+        state = make_tiles(str(root), params, out, credentials_block, force, return_state=True)
     console.print(f"flow run {state.name}: {state.message}")
     if not state.is_completed():
         raise typer.Exit(1)

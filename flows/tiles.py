@@ -26,13 +26,16 @@ from prefect.futures import as_completed
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from plateflow.atomic import remove_stale_temps
 from plateflow.buckets import Location, is_url
+from plateflow.errors import ConfigError
 from plateflow.config import corpus_root, default_workers
 from plateflow.profiles import dispatch_policy
 from plateflow.corpus import PlateRef, corpus_lock, discover_plates
 from plateflow.hashindex import SourceIndex
 from plateflow.artifacts import plural
-from plateflow.layout import SHARD_NAME, SHARD_STATE, CorpusLayout, shard_name
+from plateflow.layout import PLATES, SHARD_NAME, SHARD_STATE, STATE, CorpusLayout, shard_name
+from plateflow.runlog import quiet_returned_failures
 from plateflow.tables import TILE_PLATES_SCHEMA, TILES_SCHEMA, parquet_bytes
 from tasks.batch import batches, file_size
 from tasks.tiles import TileJob, TileParams, group_of, split_of, stored_tiles, tiles_batch, write_shard
@@ -40,7 +43,7 @@ from tasks.tiles import TileJob, TileParams, group_of, split_of, stored_tiles, t
 
 
 @flow(name="make-tiles", validate_parameters=True)
-def make_tiles(root: str, params: TileParams, out: str, credentials_block: str | None = None):
+def make_tiles(root: str, params: TileParams, out: str, credentials_block: str | None = None, force: bool = False):
     """Cut every plate of ROOT into tiles; write WebDataset shards, tiles.parquet and
     tile-plates.parquet to ``out``. Ends Failed, naming them, if any plate failed.
 
@@ -52,11 +55,18 @@ def make_tiles(root: str, params: TileParams, out: str, credentials_block: str |
         credentials_block: A Prefect block with the bucket's credentials, as BLOCK-TYPE/NAME
             (s3-bucket/…, aws-credentials/…, gcs-bucket/…, gcp-credentials/…); without it, the
             environment's.
+        force: Write to a destination that holds another corpus's tiles (they are replaced).
     """
+    quiet_returned_failures()
     logger = get_run_logger()
-    root_path = corpus_root(root)
     started = time.time()
-    dest = Location(out if is_url(out) else Path(out).expanduser().resolve(), credentials_block)
+    try:
+        root_path = corpus_root(root)
+        dest = open_destination(out, credentials_block, root_path, force)
+        claim_destination(dest, root_path)
+    except ConfigError as exc:  # said once, in one line, before any work
+        logger.error("configuration error: %s", exc)
+        return Failed(message=str(exc), data=exc)
     corpus = CorpusLayout(root_path)
     store = corpus.tile_store
     if aborted := dest.abort_stale_uploads(started):
@@ -68,8 +78,15 @@ def make_tiles(root: str, params: TileParams, out: str, credentials_block: str |
         logger.info("%s: %d with stored tiles, %d to cut", plural(len(plates), "plate"), len(plates) - len(todo), len(todo))
         failed |= _cut(todo, params, store, logger)
     records = {p.folder: (p, sha, stored_tiles(store, params, sha)) for p, sha in plates if p.folder not in failed}
-    shards = _write_shards(dest, corpus.upload_staging, store, params, records, logger)
-    _write_tables(dest, params, records, failed, shards)
+    try:
+        shards = _write_shards(dest, corpus.upload_staging, store, params, records, logger)
+        _write_tables(dest, params, records, failed, shards)
+    except Exception as exc:  # noqa: BLE001 - a full disk, a bucket gone mid-upload: the tiles stay in the store
+        why = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        message = (f"could not write to {dest.url} ({why}); the cut tiles are kept, and the next run writes only "
+                   f"the shards that are missing")
+        logger.error(message)
+        return Failed(message=message)
     tiles = sum(len(r["rows"]) for _, _, r in records.values() if r)
     message = (f"{plural(tiles, 'tile')} of {plural(len(records), 'plate')} in {plural(len(shards), 'shard')} at "
                f"{dest.url}; {len(failed)} failed")
@@ -77,6 +94,46 @@ def make_tiles(root: str, params: TileParams, out: str, credentials_block: str |
     if failed:
         return Failed(message=message + ": " + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())))
     return Completed(message=message)
+
+
+OWNER = ".plateflow-tiles.json"  # in DEST: the corpus whose tiles it holds
+
+
+def open_destination(out: str, credentials_block: str | None, root: Path, force: bool = False) -> Location:
+    """``out`` opened and checked before any work: ``ConfigError`` in one line when it is inside
+    a corpus's plates or state, a file, a bucket that cannot be reached, or the destination of
+    another corpus (unless ``force``). Writes nothing."""
+    dest = Location(out if is_url(out) else Path(out).expanduser().resolve(), credentials_block)
+    if dest.local is not None:
+        parts = dest.local.parts
+        if PLATES in parts or STATE in parts:
+            raise ConfigError(f"--out {dest.url} is inside a corpus's {PLATES if PLATES in parts else STATE}/: a "
+                              f"refresh would take the tiles for plates; choose a folder outside it")
+        if dest.local.exists() and not dest.local.is_dir():
+            raise ConfigError(f"--out {dest.url} is a file, not a folder")
+    else:
+        bucket = dest.path.split("/", 1)[0]
+        try:
+            dest.fs.ls(bucket, detail=False)
+        except Exception as exc:  # noqa: BLE001 - missing bucket, refused credentials, no endpoint: each its own type
+            why = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+            raise ConfigError(f"cannot write to {dest.url}: its bucket {bucket} cannot be reached ({why})") from None
+    try:
+        owner = json.loads(dest.read_bytes(OWNER) or b"null")
+    except (ValueError, OSError):
+        owner = None
+    if isinstance(owner, dict) and owner.get("corpus") not in (None, str(root)) and not force:
+        raise ConfigError(f"--out {dest.url} holds the tiles of another corpus, {owner['corpus']}; writing this "
+                          f"one there would replace them: choose another --out, or --force")
+    return dest
+
+
+def claim_destination(dest: Location, root: Path) -> None:
+    """Mark ``dest`` as this corpus's, and clear the temp files a killed run left there."""
+    if dest.local is not None:
+        dest.local.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(dest.local)
+    dest.put_bytes_if_changed(OWNER, json.dumps({"corpus": str(root)}).encode())
 
 
 def _hash(root: Path, logger) -> tuple[list[tuple[PlateRef, str]], dict[str, str]]:

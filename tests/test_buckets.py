@@ -222,3 +222,23 @@ def test_an_interrupted_upload_leaves_no_partial_object_and_a_rerun_finishes(s3,
         assert _shard_ok(s3.cat_file(f"{name}/tiles/{shard}"))
     assert {p.rsplit("/", 1)[-1] for p in listed if p.endswith(".tar")} == {t["shard"] for t in tiles}
     assert 0 < sum(p.endswith(".tar") for p in interrupted) < len({t["shard"] for t in tiles})  # killed mid-way
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_an_unreachable_bucket_is_one_line_before_any_work(s3, tmp_path, monkeypatch):
+    from conftest import free_port
+
+    root = tmp_path / "corpus"
+    make_plate(root, "plate-001", paper_plate(256, 128))
+    missing = runner.invoke(app, ["tiles", "--root", str(root), "--size", "128x128", "--out", "s3://no-such-bucket/t"],
+                            terminal_width=400)
+    assert missing.exit_code == 2 and "Traceback" not in missing.output, missing.output
+    assert "its bucket no-such-bucket cannot be reached" in missing.output
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # a dead endpoint
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    dead = runner.invoke(app, ["tiles", "--root", str(root), "--size", "128x128", "--out", "s3://any/t"],
+                         terminal_width=400)
+    assert dead.exit_code == 2 and "cannot be reached" in dead.output and "Traceback" not in dead.output
+    assert not (root / ".plateflow" / "tiles").exists()  # nothing was cut

@@ -122,3 +122,37 @@ def test_tile_pngs_decode_to_exactly_the_tile_pixels(level):
         assert back.mode == im.mode and np.array_equal(np.asarray(back), np.asarray(im))
     with pytest.raises(ValueError, match="8-bit RGB or L"):
         encode_png(Image.new("RGBA", (4, 4)), level)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_destinations_are_checked_before_any_work_and_a_killed_runs_temp_files_go(tmp_path):
+    from typer.testing import CliRunner
+
+    from app.cli import app
+
+    runner = CliRunner()
+    root, other = tmp_path / "corpus", tmp_path / "other"
+    make_plate(root, "plate-001", paper_plate(256, 128))
+    make_plate(other, "plate-001", paper_plate(256, 128, seed=3))
+
+    def tiles(corpus, out, *extra) -> object:
+        return runner.invoke(app, ["tiles", "--root", str(corpus), "--size", "128x128", "--out", str(out), *extra],
+                             terminal_width=400)
+
+    def refused(result, said: str) -> None:
+        assert result.exit_code == 2 and "Traceback" not in result.output and said in result.output, result.output
+
+    refused(tiles(root, root / "plates_structured" / "tiles"), "is inside a corpus's plates_structured/")
+    assert not (root / "plates_structured" / "tiles").exists()
+    (tmp_path / "a-file").write_text("x")
+    refused(tiles(root, tmp_path / "a-file"), "is a file, not a folder")
+    dest = tmp_path / "dest"
+    assert tiles(root, dest).exit_code == 0
+    refused(tiles(other, dest), f"holds the tiles of another corpus, {root}")
+    mine = sorted(p.name for p in dest.glob("*.tar"))
+    assert mine and json.loads((dest / ".plateflow-tiles.json").read_text())["corpus"] == str(root)  # untouched
+    stale = dest / f".{mine[0]}.k1ll3d00.tmp"  # what a kill -9 mid-shard leaves
+    stale.write_bytes(b"half a shard")
+    assert tiles(root, dest).exit_code == 0 and not stale.exists()
+    assert tiles(other, dest, "--force").exit_code == 0  # replaced, as asked
+    assert json.loads((dest / ".plateflow-tiles.json").read_text())["corpus"] == str(other)
