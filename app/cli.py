@@ -89,7 +89,11 @@ def ingest(
     for src, reason in report.skipped:
         console.print(f"[yellow]skipped[/] {src}: {reason}")
     console.print(f"{len(report.added)} added, {len(report.skipped)} skipped")
+    if report.stopped:
+        console.print(f"[red]{report.stopped}[/]")
     if not report.added:
+        if report.stopped:
+            raise typer.Exit(1)
         return
     if os.environ.get("PREFECT_API_URL"):
         from plateflow.events import emit_plates_ingested
@@ -101,6 +105,8 @@ def ingest(
         console.print(f"PREFECT_API_URL is unset, so no deployment was told: run `plateflow refresh --root "
                       f"{Path(root).expanduser().resolve()}` (or set PREFECT_API_URL to the server of "
                       f"`plateflow server` and ingest there)")
+    if report.stopped:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -39,6 +39,10 @@ def is_url(source: str | os.PathLike) -> bool:
     return isinstance(source, str) and "://" in source
 
 
+# botocore's: a connection refused or a silent endpoint is given up on after about half a minute.
+S3_TIMEOUTS = {"connect_timeout": 5, "read_timeout": 30, "retries": {"max_attempts": 2, "mode": "standard"}}
+
+
 def storage_options(credentials_block: str | None) -> dict[str, Any]:
     """The filesystem options a Prefect credentials block gives (empty without one: the
     environment's credentials, which the filesystems read themselves)."""
@@ -113,6 +117,8 @@ class Location:
     def __init__(self, url: str | os.PathLike, credentials_block: str | None = None):
         url = os.fspath(url)
         options = storage_options(credentials_block) if is_url(url) else {}
+        if url.split("://", 1)[0] in ("s3", "s3a"):  # a dead endpoint fails in seconds, not after minutes of retries
+            options.setdefault("config_kwargs", S3_TIMEOUTS)
         try:
             self.fs, self.path = fsspec.core.url_to_fs(url, **options)
         except (ImportError, ValueError) as exc:  # an unknown protocol, or its package is not installed

@@ -251,6 +251,16 @@ def discover_plates(root: Path) -> list[PlateRef | PlateProblem]:
 class IngestReport:
     added: list[tuple[Path, str]] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    stopped: str | None = None  # why the ingest stopped before the end (a bucket that stopped answering)
+
+
+GIVE_UP_AFTER = 3  # objects in a row a bucket did not answer for: it is down, the rest would wait as long
+
+
+def _unanswered(reason: str) -> bool:
+    """Whether a read failed for want of an answer (a dead endpoint), not for the object."""
+    return any(word in reason for word in ("EndpointConnectionError", "ConnectTimeout", "ReadTimeout",
+                                           "Connection refused", "ConnectionError", "Could not connect", "timed out"))
 
 
 def iter_source_files(sources: Iterable[Path | str], credentials_block: str | None = None,
@@ -382,10 +392,23 @@ def ingest(sources: Iterable[Path | str], root: Path, progress=None,
     known, used = _known(root, index)
     number = max([int(m.group(1)) for name in used if (m := PLATE_NAME.match(name))], default=0) + 1
     report = IngestReport()
-    for item, reason, data in _read_ahead(iter_source_files(sources, credentials_block, corpus=root)):
+    unreachable = 0  # objects in a row that could not be read for want of an answer
+    entries = _read_ahead(iter_source_files(sources, credentials_block, corpus=root))
+    for item, reason, data in entries:
         shown = item.url if isinstance(item, RemoteFile) else item
         if progress:
             progress(shown)
+        if isinstance(item, RemoteFile) and reason is not None and _unanswered(reason):
+            unreachable += 1
+            if unreachable >= GIVE_UP_AFTER:
+                report.skipped.append((shown, reason))
+                report.stopped = (f"{item.location.url} stopped answering ({reason}); ingest stopped after "
+                                  f"{len(report.added)} added and {len(report.skipped)} skipped: run it again to "
+                                  f"continue (what is in the corpus is kept and skipped)")
+                entries.close()
+                break
+        elif reason is None:
+            unreachable = 0
         if reason is None:
             try:
                 read_header(data, item.name, max_pixels)
@@ -437,12 +460,16 @@ def _read_ahead(entries: Iterator[tuple[Path | RemoteFile | str, str | None]], w
 
     with ThreadPoolExecutor(window) as pool:
         pending = []
-        for entry, reason in entries:
-            pending.append(pool.submit(read, entry, reason))
-            if len(pending) >= window:
+        try:
+            for entry, reason in entries:
+                pending.append(pool.submit(read, entry, reason))
+                if len(pending) >= window:
+                    yield pending.pop(0).result()
+            while pending:
                 yield pending.pop(0).result()
-        for future in pending:
-            yield future.result()
+        finally:  # stopped early: reads not begun are not begun
+            for future in pending:
+                future.cancel()
 
 
 def _write_plate(top: Path, plate_id: str, name: str, original: str, mtime_ns: int | None,

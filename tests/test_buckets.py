@@ -242,3 +242,50 @@ def test_an_unreachable_bucket_is_one_line_before_any_work(s3, tmp_path, monkeyp
                          terminal_width=400)
     assert dead.exit_code == 2 and "cannot be reached" in dead.output and "Traceback" not in dead.output
     assert not (root / ".plateflow" / "tiles").exists()  # nothing was cut
+
+
+def test_an_s3_server_that_dies_mid_ingest_stops_it_within_a_bounded_time_saying_how_far_it_got(tmp_path, monkeypatch):
+    """A moto_server of this test's own, killed after the first object is read."""
+    import time
+    import urllib.request
+
+    import s3fs
+
+    from conftest import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def up():
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1).status == 200
+            except OSError:
+                return False
+
+        wait_until(up, 60, "moto_server", every=0.2)
+        for k, v in {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b", "AWS_DEFAULT_REGION": "us-east-1",
+                     "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+            monkeypatch.setenv(k, v)
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        fs.mkdir("dying")
+        fs.pipe({f"dying/p{i:02d}.png": png(i) for i in range(20)})
+        s3fs.S3FileSystem.clear_instance_cache()
+
+        def kill_after_first(_):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+        started = time.monotonic()
+        report = ingest(["s3://dying"], tmp_path / "corpus", progress=kill_after_first)
+        assert time.monotonic() - started < 120
+        assert report.stopped and "stopped answering" in report.stopped and "run it again" in report.stopped
+        assert 1 <= len(report.added) < 20 and len(report.added) + len(report.skipped) < 20
+        assert len({p for p in (tmp_path / "corpus" / "plates_structured").iterdir()}) == len(report.added)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        s3fs.S3FileSystem.clear_instance_cache()
