@@ -213,7 +213,7 @@ class CorpusLayout:
         """The corpus's name in URLs (the report server's): its folder name and a hash of its path."""
         import hashlib
 
-        return f"{self.root.name}-{hashlib.sha256(os.fsencode(self.root)).hexdigest()[:8]}"
+        return f"{safe_key(self.root.name, 60)}-{hashlib.sha256(os.fsencode(self.root)).hexdigest()[:8]}"
 
     @property
     def report_url_path(self) -> str:
