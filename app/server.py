@@ -50,6 +50,30 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -> None
     raise RuntimeError(f"the Prefect server did not answer at {url} within {timeout:.0f} s")
 
 
+def wait_workers(url: str, classes: list[str], procs: list[subprocess.Popen], timeout: float = 180) -> None:
+    """Until a worker polls the queue of each of ``classes`` (so a refresh started once the
+    server says it is ready finds them); RuntimeError if one exits or none comes in time."""
+    from plateflow.pools import work_pool, worker_prefix
+
+    pool = work_pool()
+    prefixes = {c: worker_prefix(pool.queue(c)) for c in classes}
+    deadline = time.monotonic() + timeout
+    while True:
+        if (dead := [p for p in procs if p.poll() is not None]):
+            raise RuntimeError(f"{' '.join(map(str, dead[0].args[:3]))} exited with code {dead[0].returncode}")
+        try:
+            workers = httpx.post(f"{url}/work_pools/{pool.name}/workers/filter", json={}, timeout=10).json()
+            online = {w["name"] for w in workers if w.get("status") == "ONLINE"}
+        except (httpx.HTTPError, ValueError, TypeError, KeyError):
+            online = set()
+        waiting = [c for c, prefix in prefixes.items() if not any(n.startswith(prefix) for n in online)]
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no worker for GPU class {', '.join(waiting)} came online within {timeout:.0f} s")
+        time.sleep(1)
+
+
 class PortError(ConfigError):
     """A port to listen on is taken or not a port; the message says which and what to do."""
 
@@ -192,9 +216,11 @@ def start(corpus: Path, port: int = 4200, host: str = "127.0.0.1", gpu_class: st
         from plateflow.profiles import load_profiles
 
         cls = gpu_class or detect(load_profiles())
-        for c in dict.fromkeys([cls, "CPU"]):  # the deployments run on the CPU queue
+        classes = list(dict.fromkeys([cls, "CPU"]))  # the deployments run on the CPU queue
+        for c in classes:
             spawn(f"worker-{c.lower()}", [str(BIN / "plateflow"), "worker"], PLATEFLOW_GPU_CLASS=c)
-            say(f"worker for GPU class {c} started")
+        wait_workers(env["PREFECT_API_URL"], classes, procs)
+        say(f"workers online for GPU class{'es' if len(classes) > 1 else ''} {', '.join(classes)}")
     except BaseException:
         stack.stop()
         raise

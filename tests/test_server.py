@@ -99,14 +99,21 @@ def children(pid: int) -> list[int]:
     return kids
 
 
-def run_log(client, run_id) -> list[str]:
+def run_log(client, run_id, *until: str) -> list[str]:
+    """The run's log lines, once its last line and lines holding each of ``until`` have arrived
+    (logs come in batches)."""
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.client.schemas.sorting import LogSort
 
-    wait_until(lambda: any("Finished in state" in l.message for l in client.read_logs(
-        LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))), 30, "the run's last log line", every=0.5)
-    return [l.message for l in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])),
-                                                sort=LogSort.TIMESTAMP_ASC)]
+    def lines() -> list[str]:
+        return [l.message for l in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])),
+                                                    sort=LogSort.TIMESTAMP_ASC, limit=200)]
+
+    wanted = ("Finished in state", *until)
+    wait_until(lambda: all(any(w in line for line in lines()) for w in wanted), 60, f"{wanted} in the run's log",
+               every=0.5)
+    time.sleep(2)  # and whatever the engine logs after its state
+    return lines()
 
 
 def runs_of(client, deployment: str):
@@ -231,15 +238,16 @@ def test_retrying_a_failed_refresh_run_like_the_ui_reruns_only_the_failed_plate(
     run = wait_for_run(client, run.id)
     assert run.state.is_failed() and "plate-003" in run.state.message
     # The run's log: one line for the failed plate, and no traceback (the state says it all).
-    log = run_log(client, run.id)
+    log = run_log(client, run.id, "plate-003 failed at")
     assert [line for line in log if "plate-003" in line and "failed at" in line] == [
-        "plate-003 failed at characterize (new): ImageDecodeError: empty file (0 bytes)"]
+        "plate-003 failed at characterize (new): ImageDecodeError: empty file (0 bytes)"], log
     assert not [line for line in log if "Traceback" in line or "Engine execution exited" in line], log
     # The same bad scan the next night: a known failure, the run Completed.
     again = wait_for_run(client, run_deployment("refresh-corpus/refresh-corpus", parameters={"root": str(root)},
                                                 timeout=0).id)
     assert again.state.is_completed() and "0 new, 1 known" in again.state.message, again.state.message
-    assert "plate-003 failed at characterize (known): ImageDecodeError: empty file (0 bytes)" in run_log(client, again.id)
+    assert "plate-003 failed at characterize (known): ImageDecodeError: empty file (0 bytes)" in run_log(
+        client, again.id, "plate-003 failed at")
     wait_until(lambda: not children(live.procs[-1].pid), 120, "the worker's flow-run process to exit", every=0.5)
     broken.write_bytes(good)
     # As a person would, retry once the worker has let go of the run: a retry in the same second
