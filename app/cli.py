@@ -400,7 +400,9 @@ def _print_status(root: Path) -> tuple[bool, int]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from plateflow.artifacts import RunCounts
+    from collections import Counter
+
+    from plateflow.artifacts import RunCounts, report_url
     from plateflow.layout import CorpusLayout
     from plateflow.tables import read_corpus_table
 
@@ -425,6 +427,13 @@ def _print_status(root: Path) -> tuple[bool, int]:
             continue
         console.print(f"{path.relative_to(root)}: {pc.count_distinct(ids).as_py()} plates, "
                       + (f"{len(ids)} vectors of {dim} floats" if len(ids) else "no vectors"))
+    flags = Counter(f for r in rows for f in (r.get("quality_flags") or ()))
+    console.print("quality flags: " + (", ".join(f"{f} {n}" for f, n in sorted(flags.items())) if flags else "none"))
+    report = CorpusLayout(root).report
+    if report.is_file():
+        url = report_url(root)
+        console.print(f"report: {url or report}" + ("" if url else f" (to open it from a browser: `plateflow report "
+                                                                  f"--root {root} --serve`)"))
     if failed:
         t = Table("plate", "step", "error", title="failed plates")
         for r in failed:

@@ -32,7 +32,8 @@ def test_ingest_reports_added_and_skipped_files(tmp_path):
 def test_status_lists_failures_with_reasons(tmp_path):
     (tmp_path / "plates_structured").mkdir()
     write_corpus_table(tmp_path, [
-        {"plate_dir": "plate-001", "plate_id": "plate-001", "status": "ok", "characterize_status": "cached"},
+        {"plate_dir": "plate-001", "plate_id": "plate-001", "status": "ok", "characterize_status": "cached",
+         "quality_flags": ["dark", "odd_size"]},
         {"plate_dir": "plate-002", "plate_id": "plate-002", "status": "failed", "failed_step": "characterize",
          "error": "ImageDecodeError: empty file (0 bytes)", "characterize_status": "failed"},
     ])
@@ -40,6 +41,7 @@ def test_status_lists_failures_with_reasons(tmp_path):
     assert result.exit_code == 0
     assert "2 plates: 1 ok, 1 failed" in result.output and "empty file (0 bytes)" in result.output
     assert "embeddings:" not in result.output  # no models asked for
+    assert "quality flags: dark 1, odd_size 1" in result.output
     assert runner.invoke(app, ["status", "--root", str(tmp_path)]).exit_code == 0
 
 
@@ -129,6 +131,7 @@ def test_demo_builds_the_corpus_and_runs_the_whole_pipeline_on_it(tmp_path, tiny
         assert read_image(run_dir / "best_crop.jpg").size == (r["crop_box"][2] - r["crop_box"][0],
                                                               r["crop_box"][3] - r["crop_box"][1])
     assert f"{len(DEMO_PLATES)} plates: {len(DEMO_PLATES)} ok, 0 failed" in result.output
+    assert f"report: {tmp_path / 'demo' / 'reports' / 'index.html'}" in result.output  # where to look next
 
 
 def _commands() -> list[str]:
