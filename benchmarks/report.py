@@ -61,6 +61,7 @@ def build_corpus(root: Path, n: int) -> None:
         "width": width.tolist(), "height": height.tolist(),
         "megapixels": (width * height / 1e6).tolist(), "luminance_mean": rng.normal(200, 20, n).tolist(),
         "entropy": rng.normal(5.5, 1.0, n).tolist(), "background_ratio": rng.random(n).tolist(),
+        "paper_share": rng.random(n).tolist(),
         "quality_flags": flags, "pixel_hash": [f"h{i}" for i in range(n)],
         "phash": [f"{int(h):016x}" for h in phash], "characterize_status": ["cached"] * n,
     }

@@ -54,7 +54,7 @@ from tasks.characterize import characterize_batch, characterize_plates, key_suff
 from tasks.embed.models import require_weights
 from tasks.embed.reader import PlateJob
 from tasks.embed.writer import embedding_key, load_vectors, store_path, vectors_problem
-from tasks.quality import corpus_flags
+from tasks.quality import corpus_flags, paper_share
 from tasks.report import build_report
 from tasks.save import current_record
 from tasks.smart_crop import CropJob, smart_crop_batch, smart_crop_plates
@@ -97,7 +97,7 @@ class PlateRecord:
         quality = metadata.get("quality") or {}
         self.row.update({k: metadata[k] for k in CHARACTERIZATION_COLUMNS}, characterize_status=status,
                         quality_flags=quality.get("flags"), pixel_hash=quality.get("pixel_hash"),
-                        phash=quality.get("phash"))
+                        phash=quality.get("phash"), paper_share=paper_share(quality))
 
     def fail(self, step: str, error: str, **extra) -> None:
         """Mark the plate failed at ``step``, with the error that says why (and the source's

@@ -45,6 +45,8 @@ PLATES_SCHEMA = pa.schema([
     # cleanvision's issue names (tasks/quality.py): the plate's own, then the corpus's; the
     # plate an exact or near duplicate duplicates; the hashes that decide duplicates.
     ("quality_flags", pa.list_(pa.string())),
+    # The share of the plate at its detected paper level (0 for a photograph: no paper found).
+    ("paper_share", pa.float32()),
     ("duplicate_of", pa.string()),
     ("pixel_hash", pa.string()),
     ("phash", pa.string()),

@@ -134,6 +134,14 @@ def plate_quality(hist: Histograms, image: Image.Image, size: tuple[int, int],
     return {"flags": [f for f in PLATE_FLAGS if flags[f]], **scores}, small
 
 
+def paper_share(scores: dict) -> float | None:
+    """The share of a plate at its detected paper level, from its scores: what is not
+    foreground when paper was found, 0 when none was (a photograph); None without scores."""
+    if "foreground_share" not in scores:
+        return None
+    return 0.0 if scores.get("paper_luminance") is None else 1.0 - scores["foreground_share"]
+
+
 def corpus_flags(rows: list[dict], profile: QualityProfile) -> None:
     """Set each row's ``quality_flags`` (its plate flags, then odd_size, exact_duplicates and
     near_duplicates) and ``duplicate_of`` (the first plate, in row order, that it duplicates),

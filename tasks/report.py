@@ -39,7 +39,7 @@ SHEET_SIZE = 500  # plates per contact-sheet page
 FLAG_THUMBS = 24  # thumbnails per flag on the index page
 MAX_AREAS = 2000  # scatter points named in the image map (flagged first)
 COLUMNS = ("plate_dir", "plate_id", "status", "error", "megapixels", "luminance_mean", "entropy",
-           "background_ratio", "width", "height", "crop_box", "best_crop_idx", "similarity",
+           "paper_share", "width", "height", "crop_box", "best_crop_idx", "similarity",
            "quality_flags", "duplicate_of")
 CODE_VERSION = code_version("tasks.report")
 
@@ -99,10 +99,11 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def histogram_png(values: list[float], title: str, xlabel: str, bins: int = 30) -> bytes:
+def histogram_png(values: list[float], title: str, xlabel: str, bins: int = 30,
+                  value_range: tuple[float, float] | None = None) -> bytes:
     fig, ax = _figure(title, xlabel, "plates")
     if values:
-        counts, edges = np.histogram(np.asarray(values, np.float64), bins=bins)
+        counts, edges = np.histogram(np.asarray(values, np.float64), bins=bins, range=value_range)
         ax.stairs(counts, edges, fill=True, color="#3b6ea5")
     else:
         ax.text(0.5, 0.5, "no plates", transform=ax.transAxes, ha="center")
@@ -369,14 +370,15 @@ def _plots(reports: Path, p: Plates, ok: list[int], failed: list[int], members: 
     images = {
         "megapixels.png": histogram_png([p["megapixels"][i] for i in ok], "Plate size", "megapixels"),
         "luminance-entropy.png": scatter,
-        "background.png": histogram_png([p["background_ratio"][i] for i in ok], "Paper background share",
-                                        "share of pixels at paper luminance"),
+        "background.png": histogram_png([p["paper_share"][i] for i in ok if p["paper_share"][i] is not None],
+                                        "Paper share", "share at the detected paper level (0: no paper)",
+                                        value_range=(0.0, 1.0)),
         "flags.png": bars_png(counts, "Quality flags"),
     }
     for name, data in images.items():
         write_bytes_if_changed(reports / "plots" / name, data)
     alt = {"megapixels.png": "plate size histogram", "luminance-entropy.png": "luminance against entropy",
-           "background.png": "paper background histogram", "flags.png": "flag counts"}
+           "background.png": "paper share histogram", "flags.png": "flag counts"}
     return "".join(
         f'<figure><img src="plots/{name}" alt="{alt[name]}" width="480" height="340"'
         + (' usemap="#points"' if name == "luminance-entropy.png" else "") + "></figure>"

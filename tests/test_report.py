@@ -120,3 +120,27 @@ def test_the_summary_links_to_the_report_over_http_where_chromium_shows_its_plot
         assert thumbs == [True] * 4
     finally:
         server.stop()
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_paper_share_is_measured_at_the_detected_paper_level_not_at_pure_white(tmp_path):
+    """Off-white paper (luminance ~231, as real scans have) round a picture of about half the
+    plate: its paper share is about half, where a count of near-white pixels finds none."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from flows.refresh import refresh_corpus
+
+    root = tmp_path / "corpus"
+    rng = np.random.default_rng(0)
+    a = np.clip(rng.normal(0, 2, (300, 400, 3)) + [235, 231, 222], 0, 255).astype(np.uint8)
+    a[50:250, 60:340] = rng.integers(20, 200, (200, 280, 3), dtype=np.uint8)  # 47% of the plate
+    make_plate(root, "plate-001", Image.fromarray(a), filename="scan.png")
+    photo = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    make_plate(root, "plate-002", Image.fromarray(photo), filename="photo.png")
+    assert refresh_corpus(str(root), return_state=True).is_completed()
+    rows = {r["plate_dir"]: r for r in pq.read_table(root / "plates.parquet").to_pylist()}
+    assert rows["plate-001"]["background_ratio"] < 0.01  # the notebooks' measure: pixels at >= 245
+    assert 0.45 < rows["plate-001"]["paper_share"] < 0.6
+    assert rows["plate-002"]["paper_share"] == 0.0  # a photograph has no paper
