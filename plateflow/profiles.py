@@ -196,8 +196,8 @@ class GrayscaleSection(_Section):
 
 
 class OddSizeSection(_Section):
-    max_deviations: float = Field(gt=0)
-    min_spread: float = Field(ge=0)
+    min_side: float = Field(ge=0)
+    max_factor: float = Field(gt=1)
     min_plates: int = Field(ge=2)
 
 

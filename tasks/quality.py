@@ -16,8 +16,8 @@ characterization's cache key through the profile's fingerprint):
 - the hashes ``corpus_flags`` needs: of the decoded pixels (exact duplicates: a PNG and a TIFF of
   the same image are duplicates) and perceptual (``imagehash.phash``: near duplicates).
 
-Per corpus (``corpus_flags``, when the corpus table is written): ``odd_size`` (a robust outlier
-of √area), ``exact_duplicates`` and ``near_duplicates``, each naming the plate it duplicates.
+Per corpus (``corpus_flags``, when the corpus table is written): ``odd_size`` (tiny, or far
+smaller than the corpus's median plate), ``exact_duplicates`` and ``near_duplicates``, each naming the plate it duplicates.
 Thresholds: profiles/quality.toml.
 """
 
@@ -158,16 +158,14 @@ def corpus_flags(rows: list[dict], profile: QualityProfile) -> None:
 
 
 def _odd_size(rows: list[dict], profile: QualityProfile) -> None:
-    """log √area more than ``max_deviations`` robust deviations (1.4826 MAD, at least
-    ``min_spread``) from the corpus median: sizes differ by factors, not by pixels."""
+    """Tiny (√area under ``min_side``), or a side ``max_factor`` times smaller than the corpus
+    median: sizes differ by factors, not by pixels, and a wide fixed factor keeps the flag
+    stable. A large plate is what a scanner makes, not a curator's worry."""
     p = profile.odd_size
-    if len(rows) < p.min_plates:
-        return
-    side = 0.5 * np.log(np.array([r["width"] * r["height"] for r in rows], np.float64))
-    median = np.median(side)
-    scale = max(1.4826 * np.median(np.abs(side - median)), p.min_spread)
+    side = np.sqrt(np.array([r["width"] * r["height"] for r in rows], np.float64))
+    median = np.median(side) if len(rows) >= p.min_plates else None
     for r, s in zip(rows, side):
-        if abs(s - median) > p.max_deviations * scale:
+        if s < p.min_side or (median is not None and median / s > p.max_factor):
             r["quality_flags"].append("odd_size")
 
 

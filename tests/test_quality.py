@@ -131,9 +131,26 @@ def test_odd_size_is_relative_to_the_corpus():
     corpus_flags(rows + [failed], quality_profile())
     assert [r["plate_id"] for r in rows if "odd_size" in r["quality_flags"]] == ["p20"]
     assert failed["quality_flags"] is None
-    few = [row(0, 100, 100), row(1, 5000, 5000)]
-    corpus_flags(few, quality_profile())  # too few plates to say what is odd
-    assert all(r["quality_flags"] == [] for r in few)
+    few = [row(0, 102, 102), row(1, 5000, 5000)]
+    corpus_flags(few, quality_profile())  # too few plates to say what is odd, but a tiny image is
+    assert [r["quality_flags"] for r in few] == [["odd_size"], []]
+
+
+def test_adding_typical_plates_never_flips_odd_size_for_an_unchanged_plate():
+    """The issue's corpus: small sample images and 20-38 MP scans; two more 0.25 MP plates."""
+    def row(i, w, h):
+        return {"plate_id": f"p{i}", "plate_dir": f"p{i}", "status": "ok", "width": w, "height": h,
+                "quality_flags": [], "pixel_hash": None, "phash": None}
+
+    small = [row(i, 512 + 7 * i, 512 - 5 * i) for i in range(30)]
+    scans = [row(100 + i, 5000 + 200 * i, 6000 + 150 * i) for i in range(11)]  # 30-47 MP
+    before = small + scans
+    corpus_flags(before, quality_profile())
+    flags = {r["plate_id"]: list(r["quality_flags"]) for r in before}
+    after = [dict(r, quality_flags=[]) for r in before] + [row(200, 500, 500), row(201, 500, 500)]
+    corpus_flags(after, quality_profile())
+    assert {r["plate_id"]: r["quality_flags"] for r in after if r["plate_id"] in flags} == flags
+    assert not any(flags.values())  # 10x the median side at most: a corpus of two kinds, not odd
 
 
 def test_recompressed_plates_keep_their_flags_stable(photo, tmp_path):
@@ -145,7 +162,7 @@ def test_recompressed_plates_keep_their_flags_stable(photo, tmp_path):
 
 def test_a_crowd_of_identical_hashes_names_the_first_plate_without_comparing_every_pair():
     """3,000 blank pages share one perceptual hash: each is a near duplicate of the first."""
-    rows = [{"plate_id": f"p{i}", "plate_dir": f"p{i}", "status": "ok", "width": 100, "height": 100,
+    rows = [{"plate_id": f"p{i}", "plate_dir": f"p{i}", "status": "ok", "width": 1000, "height": 1000,
              "quality_flags": [], "pixel_hash": f"h{i}", "phash": "8000000000000000"} for i in range(3000)]
     rows.append({**rows[0], "plate_id": "other", "plate_dir": "other", "pixel_hash": "x", "phash": "7fffffffffffffff"})
     corpus_flags(rows, quality_profile())
