@@ -167,7 +167,7 @@ def summary_markdown(root: Path, rows: list[dict], counts: RunCounts, known: set
     return "\n".join(lines)
 
 
-THUMBS = 8  # flagged plates' previews shown in the summary
+THUMBS = 3  # flagged plates' previews shown in the summary, each captioned
 
 
 def report_url(root: Path) -> str | None:
@@ -188,12 +188,20 @@ def _report_lines(root: Path, rows: list[dict], report: Path | None) -> list[str
                     f"`plateflow report --root {root} --serve`)"]
     lines = ["", f"Corpus report: [{url}]({url})"]
     corpus, base = CorpusLayout(Path(root)), url.rsplit(f"/{REPORTS}/", 1)[0]
-    flagged = [r for r in rows if r.get("quality_flags")
-               and corpus.plate(r["plate_dir"]).viz(PREVIEW).is_file()][:THUMBS]
+
+    def weight(r: dict) -> int:  # the plates with most to look at first; grayscale alone is common and benign
+        return -len([f for f in r["quality_flags"] if f != "grayscale"])
+
+    flagged = [r for r in sorted((r for r in rows if r.get("quality_flags")), key=weight)
+               if weight(r) < 0 and corpus.plate(r["plate_dir"]).viz(PREVIEW).is_file()][:THUMBS]
     if flagged:
-        lines += ["", "Flagged plates:", ""]
-        lines += [f"![{r['plate_id']}: {', '.join(r['quality_flags'])}]"
-                  f"({base}/{PLATES}/{quote(r['plate_dir'])}/{VIZ}/{PREVIEW})" for r in flagged]
+        lines += ["", "A few flagged plates (every one is in the report):"]
+        for r in flagged:
+            caption = f"{r['plate_id']}: {', '.join(r['quality_flags'])}"
+            if r.get("duplicate_of"):
+                caption += f" (of {r['duplicate_of']})"
+            lines += ["", f"**{caption}**", "",
+                      f"![{caption}]({base}/{PLATES}/{quote(r['plate_dir'])}/{VIZ}/{PREVIEW})"]
     return lines
 
 

@@ -102,6 +102,7 @@ def test_the_summary_links_to_the_report_over_http_where_chromium_shows_its_plot
         assert page.status_code == 200 and "plateflow report" in page.text
         previews = re.findall(r"!\[(plate-\d+)[^\]]*\]\((http://[^)]+)\)", summary)
         assert [p for p, _ in previews] == ["plate-004"]
+        assert "**plate-004: exact_duplicates (of plate-001)**" in summary  # each preview captioned
         assert httpx.get(previews[0][1]).headers["content-type"] == "image/png"
         assert httpx.get(url.replace("reports/index.html", "plates_structured/plate-001/manifest.json")).status_code == 404
         chromium = shutil.which("chromium") or "/usr/bin/chromium"
@@ -144,3 +145,23 @@ def test_the_paper_share_is_measured_at_the_detected_paper_level_not_at_pure_whi
     assert rows["plate-001"]["background_ratio"] < 0.01  # the notebooks' measure: pixels at >= 245
     assert 0.45 < rows["plate-001"]["paper_share"] < 0.6
     assert rows["plate-002"]["paper_share"] == 0.0  # a photograph has no paper
+
+
+def test_the_summary_shows_a_few_captioned_previews_with_most_to_look_at_never_grayscale_alone(tmp_path,
+                                                                                            monkeypatch):
+    from plateflow.artifacts import RunCounts, summary_markdown
+
+    root = tmp_path / "corpus"
+    flags = {"plate-001": ["grayscale"], "plate-002": ["dark"], "plate-003": ["grayscale"],
+             "plate-004": ["dark", "blurry"], "plate-005": ["odd_size"], "plate-006": ["light"], "plate-007": []}
+    rows = []
+    for folder, f in flags.items():
+        viz = root / "plates_structured" / folder / "viz"
+        viz.mkdir(parents=True)
+        (viz / "input_preview.png").write_bytes(b"png")
+        rows.append({"plate_dir": folder, "plate_id": folder, "status": "ok", "quality_flags": f})
+    monkeypatch.setenv("PLATEFLOW_REPORT_URL", "http://reports.invalid")
+    text = summary_markdown(root, rows, RunCounts.of(rows, set(), []), set(), {}, root / "reports" / "index.html", [])
+    shown = re.findall(r"!\[([^\]]+)\]\(", text)
+    assert shown == ["plate-004: dark, blurry", "plate-002: dark", "plate-005: odd_size"]
+    assert all(f"**{caption}**" in text for caption in shown)
