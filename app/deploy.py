@@ -38,7 +38,24 @@ def deploy_embed_plates(home: Path = REPO) -> str:
                      f"({classes}), where that class's workers (`plateflow worker`) take them."),
         tags=["plateflow"],
     ).apply()
+    _remove_per_class_deployments()
     return EMBED_FLOW
+
+
+def _remove_per_class_deployments() -> list[str]:
+    """Remove the embed-plates-<class> deployments an earlier plateflow made, one per class
+    pool: on a site without that GPU they only show as Not Ready. Returns their names."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    from plateflow.pools import EMBED_FLOW
+
+    with get_client(sync_client=True) as client:
+        old = [d for d in client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=[EMBED_FLOW])))
+               if d.name.startswith(f"{EMBED_FLOW}-")]
+        for d in old:
+            client.delete_deployment(d.id)
+    return [d.name for d in old]
 
 
 def deploy_all(corpus: Path | None, home: Path = REPO, say=print, env: dict[str, str] | None = None) -> None:

@@ -66,10 +66,17 @@ def test_deploy_creates_one_embed_deployment_on_the_cpu_queue():
     from app.deploy import REPO, deploy_embed_plates
     from plateflow.pools import EMBED_DEPLOYMENT
 
+    from prefect.deployments.runner import RunnerDeployment
+    from prefect.runner.storage import LocalStorage
+
     ensure_pools()
     with get_client(sync_client=True) as client:
         try:
+            # What an earlier plateflow left: a deployment per class, red where that GPU is missing.
+            RunnerDeployment.from_storage(LocalStorage(str(REPO)), "flows/embed.py:embed_plates",
+                                          name="embed-plates-h100-80gb", work_pool_name="plates").apply()
             assert deploy_embed_plates() == "embed-plates"
+            assert [d.name for d in client.read_deployments() if d.name.startswith("embed-plates")] == ["embed-plates"]
             d = client.read_deployment_by_name(EMBED_DEPLOYMENT)
             assert (d.work_pool_name, d.work_queue_name, d.parameters) == ("plates", "cpu", {"gpu_class": "CPU"})
             assert d.entrypoint == "flows/embed.py:embed_plates"
