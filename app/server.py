@@ -139,12 +139,19 @@ def claim_home(say=print) -> int:
 
 def plateflow_server_info() -> dict | None:
     """{"pid", "url"} of the `plateflow server` of this PREFECT_HOME if it runs and answers, else None."""
+    return _answering(SERVER)
+
+
+def _answering(name: str, **expected) -> dict | None:
+    """The info file PREFECT_HOME/<name>.json if its process lives, its fields match ``expected``
+    and its server answers /health; else None."""
     import json
 
     try:
-        info = json.loads((_home() / f"{SERVER}.json").read_text())
+        info = json.loads((_home() / f"{name}.json").read_text())
         os.kill(info["pid"], 0)
-        if httpx.get(f"{info['url']}/health", timeout=5).status_code == 200:
+        if (all(info.get(k) == v for k, v in expected.items())
+                and httpx.get(f"{info['url']}/health", timeout=5).status_code == 200):
             return info
     except (OSError, ValueError, KeyError, TypeError, httpx.HTTPError):
         pass
@@ -261,18 +268,9 @@ def _home() -> Path:
 
 def local_server_info() -> dict | None:
     """{"pid", "url", "prefect"} of the local server of this PREFECT_HOME if it is up and answers, else None."""
-    import json
-
     import prefect
 
-    try:
-        info = json.loads((_home() / f"{LOCAL_SERVER}.json").read_text())
-        os.kill(info["pid"], 0)
-        if info.get("prefect") == prefect.__version__ and httpx.get(f"{info['url']}/health", timeout=5).status_code == 200:
-            return info
-    except (OSError, ValueError, KeyError, TypeError, httpx.HTTPError):
-        pass
-    return None
+    return _answering(LOCAL_SERVER, prefect=prefect.__version__)
 
 
 def start_local_server(timeout: float = 120) -> dict:
