@@ -181,10 +181,11 @@ class LowInformationSection(_Section):
 
 
 class BlurrySection(_Section):
-    tile: int = Field(ge=4)
-    min_contrast: float = Field(ge=0)
-    percentile: float = Field(ge=0, le=100)
-    min_edge_strength: float = Field(ge=0)
+    cell: int = Field(ge=2)
+    tiles: int = Field(ge=1)
+    tile: int = Field(ge=8)
+    min_gradient: float = Field(ge=0)
+    max_edge_width: float = Field(gt=0)
 
 
 class AspectSection(_Section):
@@ -192,6 +193,10 @@ class AspectSection(_Section):
 
 
 class GrayscaleSection(_Section):
+    reduce: int = Field(ge=1, le=16)
+    min_level: int = Field(ge=0, le=255)
+    offset: float = Field(gt=0)
+    percentile: float = Field(ge=0, le=100)
     max_tint_spread: float = Field(ge=0)
 
 
@@ -203,6 +208,8 @@ class OddSizeSection(_Section):
 
 class NearDuplicatesSection(_Section):
     max_distance: int = Field(ge=0, le=16)
+    crops: tuple[float, ...] = Field(max_length=4)
+    min_line_share: float = Field(gt=0, le=1)
 
 
 class ReportThresholds(_Section):
@@ -232,7 +239,8 @@ class QualityProfile(BaseModel):
         import hashlib
         import json
 
-        data = self.model_dump(exclude={"odd_size", "near_duplicates", "report"})
+        data = self.model_dump(exclude={"odd_size", "report"})
+        data["near_duplicates"].pop("max_distance")  # the hashes are per plate; the distance is the corpus's
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -71,7 +71,7 @@ def characterize_image(
     working = make_working_copy(decoded.image, params.working_short_side) if params.working_copy else None
     metadata = image_metadata(decoded, hist, params)
     # The flags are measured at a fixed scale; the preview is that image when it is the same size.
-    metadata["quality"], small = plate_quality(hist, working or decoded.image, decoded.image.size, profile)
+    metadata["quality"], small = plate_quality(hist, working or decoded.image, decoded.image, profile)
     preview = None
     if params.viz:
         same = small is not None and params.preview_size == profile.scale.long_side

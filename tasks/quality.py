@@ -9,15 +9,19 @@ characterization's cache key through the profile's fingerprint):
   white; the paper level is found as the histogram's dominant bright mode and left out;
 - ``low_information``: hardly any foreground beside the paper, or a flat foreground (the
   entropy of its luminance);
-- ``blurry``: weak edges (the Laplacian's spread in the tiles that hold content) at one fixed
-  scale, so a 60 MP scan and its 1 MP copy score alike;
+- ``blurry``: the plate's sharpest edges are wide, measured at its own resolution on tiles of
+  the full decode (a 60 MP scan soft at 100 % is blurry; its sharp 1 MP copy scores alike with
+  a sharp original);
 - ``odd_aspect_ratio``: the long side over the short side;
-- ``grayscale``: an RGB scan whose channels differ only by a constant scanner tint;
+- ``grayscale``: an RGB scan whose channels keep one ratio (a scanner's tint), judged relative to
+  brightness, so a dark colour photograph is colour;
 - the hashes ``corpus_flags`` needs: of the decoded pixels (exact duplicates: a PNG and a TIFF of
-  the same image are duplicates) and perceptual (``imagehash.phash``: near duplicates).
+  the same image are duplicates) and perceptual (``imagehash.phash`` of the content without its
+  paper margins, and of it cut by a few percent: near duplicates survive small crops).
 
 Per corpus (``corpus_flags``, when the corpus table is written): ``odd_size`` (tiny, or far
-smaller than the corpus's median plate), ``exact_duplicates`` and ``near_duplicates``, each naming the plate it duplicates.
+smaller than the corpus's median plate), ``exact_duplicates`` and ``near_duplicates``, each
+naming the plate it duplicates.
 Thresholds: profiles/quality.toml.
 """
 
@@ -51,49 +55,104 @@ def paper_level(luminance: np.ndarray, profile: QualityProfile) -> int | None:
     return mode if mode >= p.min_luminance and near >= p.min_share * luminance.sum() else None
 
 
-def blur_score(gray: np.ndarray, tile: int, min_contrast: float, percentile: float) -> float | None:
-    """Edge strength: in each ``tile`` x ``tile`` tile with content (grey-level std >= ``min_contrast``),
-    the std of the 4-neighbour Laplacian; their ``percentile``, on the grey levels stretched to the
-    image's own range (1st to 99th percentile), so a dark or washed-out plate is not called
-    blurry for its low contrast. None when no tile has content."""
-    g = gray.astype(np.float32)
-    counts = np.bincount(gray.ravel(), minlength=256)
-    span = max(_percentile(counts, 99) - _percentile(counts, 1), 16)
-    g *= 255.0 / span
-    lap = 4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]
-    h, w = lap.shape[0] // tile, lap.shape[1] // tile
-    if h == 0 or w == 0:
+def edge_width(full: Image.Image, small: Image.Image, profile: QualityProfile) -> float | None:
+    """How wide the plate's sharpest edges are, in pixels of the plate itself: blur shows at
+    full resolution, so it is measured there, on ``tiles`` tiles of the full decode where the
+    reduced plate (``small``) has the most edge energy.
+
+    Per direction (x, y), over those tiles: the energy of the second difference over that of the
+    first, R; for an edge blurred by a Gaussian of width s, R = 1 / (2 s^2), whatever its
+    contrast or how many edges a tile holds. The width is 1 / sqrt(2 R), after a [1 2 1]
+    smoothing that keeps scan noise from passing for edges (a perfect step reads 0.87). The
+    larger of the two directions, so motion blur counts. The sharpest tiles decide: a smooth
+    colour wheel with a crisp rim is sharp, a photo with a soft background is sharp where it is
+    in focus. None when the tiles hold no edges at all (a flat image)."""
+    b = profile.blurry
+    g = np.asarray(small.convert("L"), np.float32)
+    if min(g.shape) < 3:
         return None
-
-    def tiles(a: np.ndarray) -> np.ndarray:
-        return a[:h * tile, :w * tile].reshape(h, tile, w, tile).swapaxes(1, 2).reshape(h * w, -1)
-
-    content = tiles(g[1:-1, 1:-1]).std(axis=1) >= min_contrast * 255.0 / span
-    if not content.any():
+    energy = np.diff(g, axis=1)[:-1] ** 2 + np.diff(g, axis=0)[:, :-1] ** 2
+    cell = min(b.cell, *energy.shape)
+    rows, cols = energy.shape[0] // cell, energy.shape[1] // cell
+    per_cell = energy[:rows * cell, :cols * cell].reshape(rows, cell, cols, cell).sum(axis=(1, 3)).ravel()
+    best = np.argsort(per_cell)[::-1][:b.tiles]
+    best = best[per_cell[best] > 0]
+    sx, sy = full.width / g.shape[1], full.height / g.shape[0]
+    second, first, pixels = np.zeros(2), np.zeros(2), 0
+    for k in best:
+        r, c = divmod(int(k), cols)
+        x0 = int(min(max((c + 0.5) * cell * sx - b.tile / 2, 0), max(full.width - b.tile, 0)))
+        y0 = int(min(max((r + 0.5) * cell * sy - b.tile / 2, 0), max(full.height - b.tile, 0)))
+        t = np.asarray(full.crop((x0, y0, x0 + min(b.tile, full.width), y0 + min(b.tile, full.height))).convert("L"),
+                       np.float32)
+        if min(t.shape) < 5:
+            continue
+        t = (t[:, :-2] + 2 * t[:, 1:-1] + t[:, 2:]) / 4
+        t = (t[:-2] + 2 * t[1:-1] + t[2:]) / 4
+        for axis, a in enumerate((t, t.T)):
+            second[axis] += float(np.square(np.diff(a, n=2, axis=1)).sum())
+            first[axis] += float(np.square(np.diff(a, axis=1)).sum())
+        pixels += t.size
+    if not pixels or first.sum() / pixels < b.min_gradient:
         return None
-    return float(np.percentile(tiles(lap)[content].std(axis=1), percentile))
+    ratio = second / np.maximum(first, 1e-9)
+    return float(np.sqrt(1 / (2 * np.maximum(ratio, 1e-9))).max())
 
 
-def tint_spread(rgb: np.ndarray) -> float:
-    """How far the channels differ beyond a constant tint: the 99th percentile of
-    |R-G - median(R-G)| and of |G-B - median(G-B)|, the larger (0 for a grey image, in levels)."""
-    a = rgb.astype(np.int16)
-    spread = 0
-    for d in (a[..., 0] - a[..., 1], a[..., 1] - a[..., 2]):
-        counts = np.bincount((d.ravel() + 255), minlength=511)
-        median = _percentile(counts, 50) - 255
-        dev = np.bincount(np.abs(d.ravel() - median), minlength=511)
-        spread = max(spread, _percentile(dev, 99))
-    return float(spread)
+def tint_spread(small: Image.Image, profile: QualityProfile) -> float:
+    """How far the colour departs from one tint, judged relative to brightness: per pixel the
+    log ratios R/G and G/B (a scanner's tint is a gain per channel: a constant ratio), their
+    ``percentile`` distance from their medians, the larger. On the plate reduced ``reduce``
+    times more (scan noise averages out; colour regions do not), over pixels whose brightest
+    channel is at least ``min_level`` (in the near-black, colour is noise). A dark colour
+    photograph has the ratios of its colours; 0 for a grey image, or one with too few pixels
+    bright enough to judge."""
+    p = profile.grayscale
+    factor = max(1, min(p.reduce, min(small.size) // 16))
+    a = np.asarray(small.reduce(factor) if factor > 1 else small, np.float32).reshape(-1, 3)
+    a = a[a.max(axis=1) >= p.min_level]
+    if len(a) < 16:
+        return 0.0
+    a = np.log(a + p.offset)
+    return float(max(np.percentile(np.abs(d - np.median(d)), p.percentile)
+                     for d in (a[:, 0] - a[:, 1], a[:, 1] - a[:, 2])))
 
 
-def plate_quality(hist: Histograms, image: Image.Image, size: tuple[int, int],
-                  profile: QualityProfile) -> tuple[dict, Image.Image]:
-    """The plate's quality scores and the flags they raise (see the module docstring), and the
-    plate at the profile's fixed scale that they were measured on (from ``image``: the decoded
-    plate or its working copy; the preview reuses it when it is the same size)."""
+def perceptual_hashes(small: Image.Image, paper: int | None, foreground_share: float,
+                      profile: QualityProfile) -> str:
+    """The plate's perceptual hashes (imagehash.phash, 64 bits each, hex, space-separated):
+    of its content, then of the content cut by each of ``crops`` on every side.
+
+    The content is the plate without its paper margins (the rows and columns where at least
+    ``min_line_share`` of the pixels are darker than the paper), so plates that share a layout
+    are compared by their pictures, and a scan cropped in its margins is unchanged. The cut
+    versions let a copy cropped by a few percent match its original. None for a page with
+    nothing on it (under low_information's ``min_foreground``): blank pages are not copies of
+    each other."""
     import imagehash
 
+    nd = profile.near_duplicates
+    if paper is not None and foreground_share < profile.low_information.min_foreground:
+        return None
+    box = small
+    if paper is not None:
+        fg = np.asarray(small.convert("L")) < paper - profile.paper.margin
+        rows = np.flatnonzero(fg.mean(axis=1) >= nd.min_line_share)
+        cols = np.flatnonzero(fg.mean(axis=0) >= nd.min_line_share)
+        if len(rows) >= 8 and len(cols) >= 8:
+            box = small.crop((int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1))
+    w, h = box.size
+    cuts = [box] + [box.crop((round(w * f), round(h * f), w - round(w * f), h - round(h * f)))
+                    for f in nd.crops if min(w - 2 * round(w * f), h - 2 * round(h * f)) >= 8]
+    return " ".join(str(imagehash.phash(c)) for c in cuts)
+
+
+def plate_quality(hist: Histograms, image: Image.Image, full: Image.Image,
+                  profile: QualityProfile) -> tuple[dict, Image.Image]:
+    """The plate's quality scores and the flags they raise (see the module docstring), and the
+    plate at the profile's fixed scale that most are measured on (from ``image``: the decoded
+    plate or its working copy; the preview reuses it when it is the same size). Blur is
+    measured on ``full``, the decoded plate."""
     from tasks.viz import make_preview
 
     small = make_preview(image, profile.scale.long_side)
@@ -106,28 +165,27 @@ def plate_quality(hist: Histograms, image: Image.Image, size: tuple[int, int],
     foreground_share = float(fg.sum() / n) if n else 0.0
     light_base = fg if fg.sum() >= profile.light.min_foreground * n else lum
     entropy = hist_entropy(fg if paper is not None else lum)  # of the foreground: paper is not information
-    gray = np.asarray(small.convert("L"))
-    blur = blur_score(gray, profile.blurry.tile, profile.blurry.min_contrast, profile.blurry.percentile)
-    width, height = size
+    width, height = full.size
     scores = {
         "brightness": _percentile(lum, profile.dark.percentile),
         "foreground_brightness": _percentile(light_base, profile.light.percentile),
         "paper_luminance": paper,
         "foreground_share": foreground_share,
         "entropy": entropy,
-        "blur": blur,
+        "edge_width": edge_width(full, small, profile),
         "aspect_ratio": max(width, height) / min(width, height),
-        "tint_spread": tint_spread(np.asarray(small)),
+        "tint_spread": tint_spread(small, profile),
         "sqrt_area": math.sqrt(width * height),
         "pixel_hash": hist.pixel_hash,
-        "phash": str(imagehash.phash(small)),
+        "phash": perceptual_hashes(small, paper, foreground_share, profile),
     }
+    blur = scores["edge_width"]
     flags = {
         "dark": scores["brightness"] <= profile.dark.max_luminance,
         "light": scores["foreground_brightness"] >= profile.light.min_luminance,
         "low_information": (foreground_share < profile.low_information.min_foreground
                             or entropy < profile.low_information.min_entropy),
-        "blurry": blur is not None and blur < profile.blurry.min_edge_strength,
+        "blurry": blur is not None and blur > profile.blurry.max_edge_width,
         "odd_aspect_ratio": scores["aspect_ratio"] > profile.odd_aspect_ratio.max_ratio,
         "grayscale": scores["tint_spread"] <= profile.grayscale.max_tint_spread,
     }
@@ -187,29 +245,35 @@ def _exact_duplicates(rows: list[dict]) -> set[int]:
 
 
 def _near_duplicates(rows: list[dict], max_distance: int, big_bucket: int = 256) -> None:
-    """Plates whose perceptual hash lies within ``max_distance`` bits of an earlier plate's,
-    flagged and naming the closest one.
+    """Plates one of whose perceptual hashes lies within ``max_distance`` bits of one of an
+    earlier plate's, flagged and naming the closest one.
 
     Pigeonhole: two 64-bit hashes within d bits agree exactly on at least one of d + 1 disjoint
-    bit ranges, so only plates sharing a range's value are compared (multi-index hashing): for
+    bit ranges, so only hashes sharing a range's value are compared (multi-index hashing): for
     10^5 plates a few million pairs, in NumPy, instead of 5 * 10^9."""
-    hashed = [(i, int(r["phash"], 16)) for i, r in enumerate(rows) if r.get("phash")]
-    if len(hashed) < 2:
+    owners, hashes = [], []
+    for i, r in enumerate(rows):
+        if r.get("phash"):
+            for h in r["phash"].split():
+                owners.append(i)
+                hashes.append(int(h, 16))
+    if len(set(owners)) < 2:
         return
-    index = np.array([i for i, _ in hashed])
-    values = np.array([h for _, h in hashed], np.uint64)
+    owner = np.array(owners)
+    values = np.array(hashes, np.uint64)
     bounds = np.linspace(0, 64, max_distance + 2).astype(int)
     pairs = [_bucket_pairs((values >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1), values, big_bucket)
              for lo, hi in zip(bounds, bounds[1:])]
     a, b = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
     distance = np.bitwise_count(values[a] ^ values[b])
-    keep = distance <= max_distance
+    a, b = owner[a], owner[b]  # positions are in row order, so a <= b
+    keep = (distance <= max_distance) & (a != b)
     a, b, distance = a[keep], b[keep], distance[keep]
     first = np.lexsort((a, distance, b))  # per later plate b: the closest, then the earliest, a
     b_sorted = b[first]
     starts = first[np.r_[True, b_sorted[1:] != b_sorted[:-1]]] if len(first) else first
     for k in starts:
-        later, earlier = rows[index[b[k]]], rows[index[a[k]]]
+        later, earlier = rows[b[k]], rows[a[k]]
         later["quality_flags"].append("near_duplicates")
         later["duplicate_of"] = earlier["plate_id"]
 
