@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +30,9 @@ from PIL import Image, ImageDraw
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from results import write_result  # noqa: E402 - benchmarks/results.py
 
 # Sample images that are not near duplicates of each other (skimage also has a grey copy of
 # its colour chessboard, a stereo pair and chelsea as "cat": real near duplicates, left out).
@@ -193,20 +193,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "near_duplicates.json")
     args = ap.parse_args()
     figures = measure(args.pairs, args.unrelated, args.blank)
-    import imagehash
-    import PIL
-
-    result = {
-        "benchmark": "near_duplicates",
-        "command": "uv run python benchmarks/near_duplicates.py " + " ".join(sys.argv[1:]),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count()},
-        "versions": {"python": platform.python_version(), "pillow": PIL.__version__,
-                     "imagehash": imagehash.__version__},
-        "figures": figures,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result("near_duplicates", figures, sys.argv[1:], args.out)
     print(f"precision {figures['precision']:.3f}, recall {figures['recall']:.3f} "
           f"({figures['true_pairs']} true, {figures['false_pairs']} false pairs; "
           f"{figures['pairs']} pairs, {figures['unrelated']} unrelated, {figures['blank_pages']} blank pages)")
@@ -216,7 +203,6 @@ def main() -> None:
         print("  false pairs:", figures["false"])
     if figures["missed"]:
         print("  missed:", figures["missed"])
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from results import write_result  # noqa: E402 - benchmarks/results.py, beside this file
 
 
 def build_corpus(root: Path, n: int) -> None:
@@ -64,6 +67,12 @@ def build_corpus(root: Path, n: int) -> None:
         "paper_share": rng.random(n).tolist(),
         "quality_flags": flags, "pixel_hash": [f"h{i}" for i in range(n)],
         "phash": [f"{int(h):016x}" for h in phash], "characterize_status": ["cached"] * n,
+        "original_path": [f"/scans/box-{i // 1000:03d}/scan {i:06d}.tif" for i in range(n)],
+        "source_image": [f"source/scan {i:06d}.tif" for i in range(n)],
+        "image_format": ["TIFF"] * n, "mode": ["RGB"] * n, "file_size_bytes": (width * height * 3).tolist(),
+        "quality_scores": [{"brightness": 250, "foreground_brightness": 40, "paper_luminance": 231,
+                            "foreground_share": float(f), "entropy": 6.0, "edge_width": 0.9, "tint_spread": 0.3}
+                           for f in rng.random(n)],
     }
     rows = [{**{f.name: None for f in PLATES_SCHEMA}, **{k: v[i] for k, v in columns.items()}} for i in range(n)]
     table = pa.Table.from_pylist(rows, schema=PLATES_SCHEMA)
@@ -79,7 +88,7 @@ def main() -> None:
 
     from plateflow.profiles import quality_profile
     from tasks.quality import corpus_flags
-    from tasks.report import build_report
+    from tasks.report import CHUNK, build_report
 
     base = Path(tempfile.mkdtemp(prefix="plateflow-report-"))
     try:
@@ -107,6 +116,10 @@ def main() -> None:
         print(f"| report, nothing changed | {again_s:.3f} | |")
         print(f"\nindex.html {size['index.html'] / 1e3:.0f} kB; a contact-sheet page "
               f"{size['sheet-0001.html'] / 1e3:.0f} kB")
+        figures = {"plates": args.plates, "corpus_flags_s": round(flags_s, 3), "near_duplicates": near,
+                   "report_from_scratch_s": round(build_s, 3), "report_unchanged_s": round(again_s, 4),
+                   "pages": len(pages), "index_kb": round(size["index.html"] / 1e3),
+                   "sheet_page_kb": round(size["sheet-0001.html"] / 1e3)}
         if not args.no_browser:
             from playwright.sync_api import sync_playwright
 
@@ -114,12 +127,19 @@ def main() -> None:
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=chromium)
                 tab = browser.new_page()
-                for name in ("index.html", "sheet-0001.html"):
+                middle = args.plates // 2
+                for name in ("index.html", "sheet-0001.html",
+                             f"plate.html#{middle // CHUNK}/plate-{middle + 1:06d}"):
                     t = time.perf_counter()
                     tab.goto(f"file://{report.parent / name}")
                     tab.wait_for_load_state("load")
-                    print(f"{name} loaded in Chromium in {time.perf_counter() - t:.2f} s")
+                    if name.startswith("plate.html"):
+                        tab.wait_for_selector("table.facts")
+                    seconds = time.perf_counter() - t
+                    figures[f"chromium_{name.split('.')[0]}_s"] = round(seconds, 3)
+                    print(f"{name} loaded in Chromium in {seconds:.2f} s")
                 browser.close()
+        write_result("report", figures, sys.argv[1:])
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

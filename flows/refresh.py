@@ -37,7 +37,7 @@ from plateflow.artifacts import Progress, RunCounts, plural, publish
 from plateflow.atomic import dumps_json, remove_stale_temps, write_bytes_if_changed
 from plateflow.config import CharacterizeParams, RefreshConfig, corpus_root
 from plateflow.errors import ConfigError
-from plateflow.corpus import PlateProblem, PlateRef, corpus_lock, discover_plates
+from plateflow.corpus import PlateProblem, PlateRef, corpus_lock, discover_plates, original_path
 from plateflow.hardware import gpu_class as detect_gpu_class
 from plateflow.hashindex import SourceIndex
 from plateflow.layout import SOURCE, CorpusLayout, PlateLayout, natural_key
@@ -54,7 +54,7 @@ from tasks.characterize import characterize_batch, characterize_plates, key_suff
 from tasks.embed.models import require_weights
 from tasks.embed.reader import PlateJob
 from tasks.embed.writer import embedding_key, load_vectors, store_path, vectors_problem
-from tasks.quality import corpus_flags, paper_share
+from tasks.quality import corpus_flags, paper_share, quality_scores
 from tasks.report import build_report
 from tasks.save import current_record
 from tasks.smart_crop import CropJob, smart_crop_batch, smart_crop_plates
@@ -82,7 +82,8 @@ class PlateRecord:
 
     def __post_init__(self):
         self.row = {"plate_dir": self.plate.folder, "plate_id": self.plate.plate_id,
-                    "source_image": self.plate.source_image, "status": "ok"}
+                    "source_image": self.plate.source_image, "status": "ok",
+                    "original_path": original_path(self.plate.manifest)}
 
     @property
     def ok(self) -> bool:
@@ -97,7 +98,8 @@ class PlateRecord:
         quality = metadata.get("quality") or {}
         self.row.update({k: metadata[k] for k in CHARACTERIZATION_COLUMNS}, characterize_status=status,
                         quality_flags=quality.get("flags"), pixel_hash=quality.get("pixel_hash"),
-                        phash=quality.get("phash"), paper_share=paper_share(quality))
+                        phash=quality.get("phash"), paper_share=paper_share(quality),
+                        quality_scores=quality_scores(quality))
 
     def fail(self, step: str, error: str, **extra) -> None:
         """Mark the plate failed at ``step``, with the error that says why (and the source's

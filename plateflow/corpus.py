@@ -43,6 +43,13 @@ class PlateRef:
     manifest: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
+def original_path(manifest: dict[str, Any]) -> str | None:
+    """Where the plate's source came from, as its manifest says (text to show, never a path
+    plateflow opens); None when the manifest has none."""
+    value = manifest.get("original_path")
+    return value if isinstance(value, str) else None
+
+
 @dataclass(frozen=True)
 class PlateProblem:
     """A plate folder that cannot be processed, and why."""

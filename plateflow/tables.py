@@ -16,10 +16,18 @@ from plateflow.layout import CorpusLayout, natural_key
 
 
 
+QUALITY_SCORES = pa.struct([
+    ("brightness", pa.int16()), ("foreground_brightness", pa.int16()), ("paper_luminance", pa.int16()),
+    ("foreground_share", pa.float32()), ("entropy", pa.float32()), ("edge_width", pa.float32()),
+    ("tint_spread", pa.float32()),
+])
+
+
 PLATES_SCHEMA = pa.schema([
     ("plate_dir", pa.string()),
     ("plate_id", pa.string()),
     ("source_image", pa.string()),
+    ("original_path", pa.string()),  # where ingest copied the source from (manifest.json), as given
     ("status", pa.string()),  # ok | failed
     ("failed_step", pa.string()),
     ("error", pa.string()),
@@ -47,9 +55,11 @@ PLATES_SCHEMA = pa.schema([
     ("quality_flags", pa.list_(pa.string())),
     # The share of the plate at its detected paper level (0 for a photograph: no paper found).
     ("paper_share", pa.float32()),
+    # The scores the plate's own flags come from (input_image.json's quality; profiles/quality.toml).
+    ("quality_scores", QUALITY_SCORES),
     ("duplicate_of", pa.string()),
     ("pixel_hash", pa.string()),
-    ("phash", pa.string()),
+    ("phash", pa.string()),  # space-separated: the content's hash and its cut versions
     ("frames", pa.int32()),
     ("exif_orientation", pa.int32()),
     ("embed_status", pa.string()),  # computed | cached | failed | not_run | (null: no models)

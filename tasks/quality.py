@@ -200,6 +200,15 @@ def paper_share(scores: dict) -> float | None:
     return 0.0 if scores.get("paper_luminance") is None else 1.0 - scores["foreground_share"]
 
 
+SCORES = ("brightness", "foreground_brightness", "paper_luminance", "foreground_share", "entropy",
+          "edge_width", "tint_spread")
+
+
+def quality_scores(quality: dict) -> dict | None:
+    """The scores behind a plate's own flags (plates.parquet's quality_scores); None without any."""
+    return {k: quality.get(k) for k in SCORES} if quality else None
+
+
 def corpus_flags(rows: list[dict], profile: QualityProfile) -> None:
     """Set each row's ``quality_flags`` (its plate flags, then odd_size, exact_duplicates and
     near_duplicates) and ``duplicate_of`` (the first plate, in row order, that it duplicates),

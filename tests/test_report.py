@@ -48,10 +48,13 @@ def test_refresh_writes_the_report_and_publishes_progress_table_and_summary(corp
             assert im.format == "PNG" and im.size == (480, 340)
     assert re.findall(r'<area shape="circle"[^>]*title="(plate-00\d)', page) == ["plate-005", "plate-001", "plate-002",
                                                                                "plate-003"]  # flagged first
+    assert re.search(r'<area [^>]*href="plate.html#0/plate-005"', page)  # each point opens its plate's page
+    assert page.index("Failed plates: 1") < page.index("<h2>Plots")  # the failed plates first
     sheet = (reports / "sheet-0001.html").read_text()
-    assert len(re.findall(r'<figure class="plate ok"', sheet)) == 4 and 'class="plate failed"' in sheet
+    assert len(re.findall(r'<figure class="plate ok', sheet)) == 4 and 'class="plate failed' in sheet
     assert sheet.index("plate-004") < sheet.index('id="plate-005"') < sheet.index('id="plate-001"')  # failed, flagged
-    assert len(re.findall(r'<div class="crop"', sheet)) == 4  # each embedded plate's best crop outlined
+    assert len(re.findall(r'<span class="crop"', sheet)) == 4  # each embedded plate's best crop outlined
+    assert "best crop outlined in red" in sheet
     assert "../plates_structured/plate-001/viz/input_preview.png" in sheet
     assert "exact_duplicates: 1 plate" in page and '<div class="pair">' in page  # beside the plate it duplicates
     assert "Near-duplicate pairs" in page and "<td>plate-001</td><td>plate-005</td>" in page
@@ -165,3 +168,78 @@ def test_the_summary_shows_a_few_captioned_previews_with_most_to_look_at_never_g
     shown = re.findall(r"!\[([^\]]+)\]\(", text)
     assert shown == ["plate-004: dark, blurry", "plate-002: dark", "plate-005: odd_size"]
     assert all(f"**{caption}**" in text for caption in shown)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_report_is_a_worklist_in_chromium(tmp_path):
+    """Designed plates with known answers (a 5 px cut of the rocket, a panorama, a 102 px image,
+    motion blur, a corrupt file), the report opened from disk in headless Chromium, and the
+    curator's path through it clicked: failed plates first, filters, pairs, plate pages."""
+    import shutil
+    from pathlib import Path
+
+    import skimage
+    from playwright.sync_api import sync_playwright
+    from skimage import data
+
+    root = tmp_path / "corpus"
+    rocket = Image.fromarray(data.rocket())
+    make_plate(root, "plate-001", rocket, filename="rocket.jpg",
+               manifest={"plate_id": "plate-001", "source_image": "source/rocket.jpg",
+                         "original_path": "/scans/launch/Rocket <1>.jpg"})
+    make_plate(root, "plate-002", rocket.crop((5, 5, rocket.width - 5, rocket.height - 5)), filename="rocket cut.png")
+    coffee = np.asarray(Image.fromarray(data.coffee()).resize((600, 400)))
+    make_plate(root, "plate-003", Image.fromarray(np.hstack([coffee] * 6)).resize((3600, 400)), filename="pano.jpg")
+    make_plate(root, "plate-004", Image.fromarray(data.camera()).resize((102, 102)), filename="tiny.png")
+    make_plate(root, "plate-005", b"\x89PNG\r\n\x1a\n broken", filename="broken.png")
+    make_plate(root, "plate-006", Image.open(Path(skimage.data.__file__).parent / "clock_motion.png"), filename="clock.png")
+    state = refresh_corpus(str(root), RefreshConfig(), return_state=True)
+    assert state.is_failed() and "plate-005" in state.message
+    reports = root / "reports"
+    for page in ("index.html", "sheet-0001.html"):
+        assert "best crop" not in (reports / page).read_text()  # no model ran: no crop claimed
+
+    errors = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium")
+        tab = browser.new_page(viewport={"width": 1280, "height": 900})
+        tab.on("pageerror", lambda exc: errors.append(str(exc)))
+        tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        tab.goto((reports / "index.html").as_uri())
+        filters = tab.eval_on_selector_all("nav.filters a", "links => links.map(a => a.getAttribute('href'))")
+        assert all((reports / f).is_file() for f in filters) and "failed-0001.html" in filters
+        headings = tab.eval_on_selector_all("h2", "hs => hs.map(h => h.textContent)")
+        assert headings[:2] == ["Failed plates: 1", "Plots"]
+
+        tab.click("table.failed >> text=plate-005")  # the failed plate's own page
+        tab.wait_for_selector("h2.error")
+        assert tab.text_content("h1") == "plate-005"
+        assert "ImageDecodeError" in tab.text_content("#plate") and "broken.png" in tab.text_content("table.facts")
+
+        tab.goto((reports / "index.html").as_uri())
+        tab.click("nav.filters >> text=near_duplicates (1)")  # a static filter page
+        pair = tab.eval_on_selector_all(".pair figure", "fs => fs.map(f => f.id)")
+        assert pair == ["plate-002", "plate-001"]  # side by side: the copy and its original
+        tab.click("#plate-002 a.frame")  # a thumbnail opens its plate's page
+        tab.wait_for_selector("table.scores")
+        facts = tab.text_content("table.facts")
+        assert "rocket cut.png" in facts and "630 × 417 px" in facts
+        assert "within 4 bits of plate-001" in tab.text_content("ul.why")
+        rows = tab.eval_on_selector_all("table.scores tr", "rs => rs.map(r => r.innerText)")
+        assert any("edge width" in r and "> 1.6" in r for r in rows)
+        tab.click("ul.why a")  # the original's page: its name from the manifest, as text
+        tab.wait_for_function("document.querySelector('h1').textContent === 'plate-001'")
+        assert "/scans/launch/Rocket <1>.jpg" in tab.text_content("table.facts")
+        assert "Duplicated by plate-002" in tab.text_content("#plate")
+
+        tab.goto((reports / "flag-odd_size-0001.html").as_uri())
+        assert "102×102" in tab.text_content("#plate-004 figcaption")  # odd sizes shown with their sizes
+        tab.goto((reports / "flag-blurry-0001.html").as_uri())
+        assert tab.eval_on_selector_all(".sheet figure", "fs => fs.map(f => f.id)") == ["plate-006"]
+        tab.goto((reports / "sheet-0001.html").as_uri())
+        tab.wait_for_function("[...document.querySelectorAll('.sheet img')].every(i => i.complete)")
+        pano = tab.eval_on_selector("#plate-003 img", "i => i.getBoundingClientRect().width")
+        cell = tab.eval_on_selector("#plate-006", "f => f.getBoundingClientRect().width")
+        assert pano > 1.8 * cell  # a panorama takes two cells: readable, not a strip
+        browser.close()
+    assert errors == []
