@@ -24,11 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from prefect import flow, get_run_logger
 from prefect.exceptions import MissingResult
-from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -45,22 +44,22 @@ from plateflow.profiles import load_profiles, quality_profile
 from plateflow.runlog import quiet_returned_failures
 from plateflow.tables import (CHARACTERIZATION_COLUMNS, failure_signature, failure_signatures, read_corpus_table,
                               read_parquet, write_corpus_table, write_embeddings_table)
+from flows.batches import Batching, BatchStage, run_batches
 from flows.routing import GpuRoute, choose_route, run_on_pool
-from tasks.batch import PlateOutcome, batches, file_size
+from tasks.batch import PlateOutcome, file_size
 from tasks.features import update_plate_features
 from tasks.heads import apply_predictors
 from tasks.candidates import candidates_batch, candidates_of_plates
-from tasks.characterize import characterize_batch, characterize_plates, key_suffix
+from tasks.characterize import characterize_batch, characterize_plates, step_key
 from tasks.embed.models import require_weights
 from tasks.embed.reader import PlateJob
 from tasks.embed.writer import embedding_key, load_vectors, store_path, vectors_problem
 from tasks.quality import corpus_flags, paper_share, quality_scores
 from tasks.report import build_report
 from tasks.save import current_record
-from tasks.smart_crop import CropJob, smart_crop_batch, smart_crop_plates
+from tasks.smart_crop import CropJob, crop_key, smart_crop_batch, smart_crop_plates
 
 HASH, CHARACTERISE, CANDIDATES, SMART_CROP = "hash", "characterize", "candidates", "smart crop"
-FAILED_STEP = {CHARACTERISE: "characterize", CANDIDATES: "candidates", SMART_CROP: "smart_crop"}  # table's names
 
 
 def embed_stage(model: str) -> str:
@@ -306,47 +305,9 @@ class PlateRunner:
             return self.config.workers
 
 
-def in_batches(run: Refresh, runner: PlateRunner, stage: str, items: list, task, parameters: Callable,
-               rerun: Callable, apply: Callable[[Any, PlateOutcome], None],
-               cost: Callable[[Any], int] = lambda _: 0) -> None:
-    """``task`` over ``items`` in batches on ``runner`` (``parameters(batch)``: its arguments);
-    each plate's outcome goes to ``apply(item, outcome)``. A log line per batch and per failure."""
-    if not items:
-        return
-    groups = batches(items, cost, run.config.batch_plates, run.config.batch_bytes, runner.places())
-    names = [f"{i + 1}of{len(groups)}" for i in range(len(groups))]  # the task runs' names end so
-    futures = {runner.get().submit(task, {**parameters(group), "name": name}): (name, group)
-               for name, group in zip(names, groups)}
-    for done, future in enumerate(as_completed(list(futures)), start=1):
-        name, group = futures[future]
-        outcomes = _outcomes(future, group, rerun, stage, run.logger)
-        for item, outcome in zip(group, outcomes):
-            apply(item, outcome)
-        failed = sum(o.failed for o in outcomes)
-        run.logger.info("%s batch %s: %s, %d failed (%d of %d batches done)", stage, name, plural(len(group), "plate"),
-                        failed, done, len(groups))
-        run.progress.advance(stage, len(group), failed)
-
-
-def _outcomes(future, group: list, rerun: Callable, stage: str, logger) -> list[PlateOutcome]:
-    """A batch's outcomes; a batch whose outcome was lost runs again here; a batch that died (a
-    lost Dask worker, a crash) fails its plates with the reason, and the next refresh redoes them."""
-    try:
-        outcomes = future.result(raise_on_failure=False)
-    except MissingResult:  # finished, but its outcome did not come back (a busy server): idempotent
-        logger.warning("a %s batch's outcome was lost; running it again here", stage)
-        return rerun(group)
-    except Exception as exc:  # noqa: BLE001 - e.g. distributed's KilledWorker: the batch is lost, not the run
-        outcomes = exc
-    if isinstance(outcomes, list):
-        return outcomes
-    reason = f"{type(outcomes).__name__}: {outcomes}" if isinstance(outcomes, BaseException) else future.state.message
-    return [PlateOutcome(_folder(item), "failed", failed_step=FAILED_STEP[stage], error=f"its {stage} batch was lost: {reason}")
-            for item in group]
-
-
-def _folder(item) -> str:
-    return item.plate.folder
+def _batching(run: Refresh, runner: PlateRunner, stage: str) -> Batching:
+    return Batching(run.config.batch_plates, run.config.batch_bytes, runner.places(),
+                    lambda plates, failed: run.progress.advance(stage, plates, failed))
 
 
 def characterize_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunner) -> None:
@@ -364,14 +325,11 @@ def characterize_stage(run: Refresh, records: list[PlateRecord], runner: PlateRu
             else:
                 rec.settle(outcome.status, outcome.value)
 
-        in_batches(run, runner, CHARACTERISE, todo, characterize_batch,
-                   lambda group: {"items": _items(group), "params": run.params, "root": str(run.root)},
-                   lambda group: characterize_plates(_items(group), run.params, run.root, run.logger),
-                   apply, cost=PlateRecord.source_bytes)
-
-
-def _items(group: list[PlateRecord]) -> list[tuple[PlateRef, str]]:
-    return [(r.plate, r.sha256) for r in group]
+        stage = BatchStage(CHARACTERISE, "characterize", characterize_batch, characterize_plates,
+                           {"params": run.params, "root": str(run.root)}, apply,
+                           item=lambda r: (r.plate, r.sha256), cost=PlateRecord.source_bytes)
+        if todo:
+            run_batches(stage, todo, runner.get, _batching(run, runner, CHARACTERISE), run.logger)
 
 
 def hash_sources(run: Refresh, records: list[PlateRecord]) -> None:
@@ -410,12 +368,11 @@ def _rehash(index: SourceIndex, rec: PlateRecord) -> PlateRecord:
 def settle_current(records: list[PlateRecord], root: Path, params: CharacterizeParams) -> list[PlateRecord]:
     """Settle, without a task, every plate whose outputs (or failure record) are in place for
     its cache key; return the plates that have work to do."""
-    todo, suffix = [], key_suffix(params)
+    todo, key = [], step_key(params)
     for rec in records:
         if not rec.ok:
             continue
-        record = current_record(rec.plate, root, f"characterize-{rec.sha256}{suffix}", params.viz,
-                                params.working_copy)
+        record = current_record(rec.plate, root, key(rec.sha256), params.viz, params.working_copy)
         if record is None:
             todo.append(rec)
         elif record.get("loadable") is False:  # bad input, already found bad with these bytes and code
@@ -462,9 +419,10 @@ def candidates_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunn
         else:
             rec.boxes = outcome.value
 
-    in_batches(run, runner, CANDIDATES, ok, candidates_batch,
-               lambda group: {"items": [(r.plate, r.size) for r in group], "params": crop},
-               lambda group: candidates_of_plates([(r.plate, r.size) for r in group], crop, run.logger), apply)
+    stage = BatchStage(CANDIDATES, "candidates", candidates_batch, candidates_of_plates, {"params": crop}, apply,
+                       item=lambda r: (r.plate, r.size))
+    if ok:
+        run_batches(stage, ok, runner.get, _batching(run, runner, CANDIDATES), run.logger)
 
 
 def embed_model(run: Refresh, records: list[PlateRecord], model: str, route: GpuRoute) -> None:
@@ -526,9 +484,9 @@ def smart_crop_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunn
             rec.row["embed_status"] = "computed" if rec.embedded else "cached"
     ok = {r.plate.folder: r for r in records if r.ok}
     run.progress.stage(SMART_CROP, len(ok))
-    jobs = [CropJob(r.plate, hashlib.sha256("|".join([r.metadata["sha256"], cfg.best_crop_model,
-                                                        cfg.crop.model_dump_json(), *keys]).encode()).hexdigest()[:20],
-                    dict(r.vector_files), r.boxes, r.size, r.metadata["sha256"]) for r in ok.values()]
+    key = crop_key(cfg.best_crop_model, cfg.crop, keys)
+    jobs = [CropJob(r.plate, key(r.metadata["sha256"]), dict(r.vector_files), r.boxes, r.size, r.metadata["sha256"])
+            for r in ok.values()]
 
     def apply(job: CropJob, outcome: PlateOutcome) -> None:
         if outcome.failed:
@@ -536,11 +494,11 @@ def smart_crop_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunn
         else:
             ok[job.plate.folder].row.update(outcome.value)
 
-    in_batches(run, runner, SMART_CROP, jobs, smart_crop_batch,
-               lambda group: {"jobs": group, "run_id": run.run_id, "crop_model": cfg.best_crop_model,
-                              "params": cfg.crop},
-               lambda group: smart_crop_plates(group, run.run_id, cfg.best_crop_model, cfg.crop, run.logger),
-               apply, cost=lambda job: file_size(job.plate.source_path))
+    stage = BatchStage(SMART_CROP, "smart_crop", smart_crop_batch, smart_crop_plates,
+                       {"run_id": run.run_id, "crop_model": cfg.best_crop_model, "params": cfg.crop}, apply,
+                       cost=lambda job: file_size(job.plate.source_path))
+    if jobs:
+        run_batches(stage, jobs, runner.get, _batching(run, runner, SMART_CROP), run.logger)
 
 
 def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem]) -> State:

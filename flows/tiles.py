@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pyarrow as pa
 from prefect import flow, get_run_logger
-from prefect.futures import as_completed
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -37,8 +36,10 @@ from plateflow.artifacts import plural
 from plateflow.layout import PLATES, SHARD_NAME, SHARD_STATE, STATE, CorpusLayout, shard_name
 from plateflow.runlog import quiet_returned_failures
 from plateflow.tables import TILE_PLATES_SCHEMA, TILES_SCHEMA, parquet_bytes
-from tasks.batch import batches, file_size
-from tasks.tiles import TileJob, TileParams, group_of, split_of, stored_tiles, tiles_batch, write_shard
+from flows.batches import Batching, BatchStage, run_batches
+from tasks.batch import file_size
+from tasks.tiles import (TileJob, TileParams, group_of, split_of, stored_tiles, tiles_batch, tiles_of_plates,
+                         write_shard)
 
 
 
@@ -161,21 +162,24 @@ def _hash(root: Path, logger) -> tuple[list[tuple[PlateRef, str]], dict[str, str
 
 def _cut(todo: list[TileJob], params: TileParams, store: Path, logger) -> dict[str, str]:
     """The plates' tiles, in batches sized as the refresh sizes them (profiles/dispatch.toml:
-    plates and source megabytes per batch, and about four batches per worker)."""
-    if not todo:
-        return {}
+    plates and source megabytes per batch, and about four batches per worker); the plates that
+    failed, with why."""
     failed = {}
+
+    def apply(job: TileJob, outcome) -> None:
+        if outcome.failed:
+            failed[outcome.folder] = outcome.error
+            logger.warning("%s failed at tiles: %s", outcome.folder, outcome.error)
+
+    if not todo:
+        return failed
     policy, workers = dispatch_policy().cpu, default_workers()
-    groups = batches(todo, lambda job: file_size(job.plate.source_path), policy.batch_plates,
-                     int(policy.batch_megabytes * 2**20), workers)
+    # tasks/tiles.py's source is part of the tiles' key: its names stay as they are (jobs, not items)
+    stage = BatchStage("tiles", "tiles", tiles_batch, tiles_of_plates, {"params": params, "store": store},
+                       apply, cost=lambda job: file_size(job.plate.source_path), items_arg="jobs")
     with ThreadPoolTaskRunner(max_workers=workers) as runner:
-        futures = [runner.submit(tiles_batch, {"jobs": g, "params": params, "store": str(store),
-                                               "name": f"{i + 1}of{len(groups)}"}) for i, g in enumerate(groups)]
-        for future in as_completed(futures):
-            for outcome in future.result():
-                if outcome.failed:
-                    failed[outcome.folder] = outcome.error
-                    logger.warning("%s failed at tiles: %s", outcome.folder, outcome.error)
+        run_batches(stage, todo, lambda: runner, Batching(policy.batch_plates, int(policy.batch_megabytes * 2**20),
+                                                          workers), logger)
     return failed
 
 

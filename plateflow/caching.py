@@ -1,9 +1,11 @@
-"""Cache keys: content hash + a step's parameters + that step's code version."""
+"""Cache keys: content hash + a step's parameters + that step's code version, one way for every
+cached step (``StepKey``, ``fingerprint``, ``code_version``)."""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 
 from plateflow.errors import is_transient
@@ -18,6 +20,24 @@ def code_version(*module_names: str) -> str:
     for name in module_names:  # read, not imported: a flow that only needs keys skips their imports
         digest.update(Path(importlib.util.find_spec(name).origin).read_bytes())
     return digest.hexdigest()[:12]
+
+
+def fingerprint(*parts: str, length: int = 16) -> str:
+    """A short hash of ``parts`` (parameters as JSON, other keys, code versions)."""
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:length]
+
+
+@dataclass(frozen=True)
+class StepKey:
+    """A cached step's key for every plate of a run: ``<step>-<content sha256>-<version>``, where
+    ``version`` joins the step's parameters' fingerprint and the code version of the modules it
+    runs (each step's ``CODE_MODULES``). Made once per run; called once per plate."""
+
+    step: str
+    version: str
+
+    def __call__(self, sha256: str) -> str:
+        return f"{self.step}-{sha256}-{self.version}"
 
 
 def retry_transient(task, task_run, state) -> bool:

@@ -17,7 +17,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from plateflow.atomic import write_bytes
-from plateflow.caching import code_version
+from plateflow.caching import StepKey, code_version
 from plateflow.config import CharacterizeParams
 from plateflow.corpus import PlateRef
 from plateflow.errors import ImageDecodeError, TooManyPixelsError
@@ -26,10 +26,10 @@ from plateflow.profiles import quality_profile
 from tasks.batch import PlateOutcome, isolated, summary
 from tasks.save import save_characterization, save_failure_record
 
-CODE_VERSION = code_version(
-    "tasks.image", "tasks.histograms", "tasks.metadata", "tasks.viz", "tasks.working_copy", "tasks.quality",
-    "tasks.characterize",
-)
+# The modules whose code makes the step's outputs: part of its key.
+CODE_MODULES = ("tasks.image", "tasks.histograms", "tasks.metadata", "tasks.viz", "tasks.working_copy",
+                "tasks.quality", "tasks.characterize", "tasks.save")
+CODE_VERSION = code_version(*CODE_MODULES)
 
 
 @dataclass
@@ -44,14 +44,14 @@ class Characterization:
     working_jpeg: bytes | None = None
 
 
+def step_key(params: CharacterizeParams) -> StepKey:
+    """The step's key: the parameters' fingerprint, the quality profile's (profiles/quality.toml:
+    its per-plate sections) and the code version."""
+    return StepKey("characterize", f"{params.fingerprint()}-{quality_profile().fingerprint()}-{CODE_VERSION}")
+
+
 def cache_key(sha256: str, params: CharacterizeParams) -> str:
-    return f"characterize-{sha256}{key_suffix(params)}"
-
-
-def key_suffix(params: CharacterizeParams) -> str:
-    """What every plate's key shares: the parameters' fingerprint, the quality profile's
-    (profiles/quality.toml: its per-plate sections) and the code version."""
-    return f"-{params.fingerprint()}-{quality_profile().fingerprint()}-{CODE_VERSION}"
+    return step_key(params)(sha256)
 
 
 def characterize_image(

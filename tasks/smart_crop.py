@@ -19,6 +19,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from plateflow.atomic import dumps_json, write_bytes
+from plateflow.caching import StepKey, code_version, fingerprint
 from plateflow.config import CropParams
 from plateflow.corpus import PlateRef
 from plateflow.errors import SourceChangedError
@@ -121,6 +122,17 @@ def _cut_crop_streaming(source: Path | bytes, box: list[int], fmt: str) -> bytes
         return None
 
 
+# The modules whose code makes the crop (its choice, the cut, the crop's encoding): part of its key.
+CODE_MODULES = ("tasks.smart_crop", "tasks.image", "tasks.working_copy")
+CODE_VERSION = code_version(*CODE_MODULES)
+
+
+def crop_key(crop_model: str, params: CropParams, embedding_keys: list[str]) -> StepKey:
+    """The smart crop's key: the model that chooses, the crop parameters, the embedding keys of
+    the vectors it compares (which carry the candidates' and models' code) and its own code."""
+    return StepKey("crop", fingerprint(crop_model, params.model_dump_json(), *embedding_keys, CODE_VERSION, length=20))
+
+
 def find_run(plate_dir: Path, key: str) -> str | None:
     """The run id of an earlier run whose outputs for this plate were made with ``key``."""
     for metrics in sorted(PlateLayout(plate_dir).runs.glob(f"*/{METRICS}"), reverse=True):
@@ -194,18 +206,18 @@ class CropJob:
     sha256: str
 
 
-def smart_crop_plates(jobs: list[CropJob], run_id: str, crop_model: str, params: CropParams,
+def smart_crop_plates(items: list[CropJob], run_id: str, crop_model: str, params: CropParams,
                       logger=None) -> list[PlateOutcome]:
     """Each plate's best crop and runs/<run_id>/ outputs (or an earlier run's, for the same key)."""
     logger = logger or logging.getLogger(__name__)
     return [isolated(j.plate.folder, "smart_crop", lambda j=j: smart_crop_plate(
         j.plate, run_id, j.key, j.vector_files, j.boxes, crop_model, params, j.original_size, j.sha256), logger)
-        for j in jobs]
+        for j in items]
 
 
 @task(name="smart-crop-batch", task_run_name="smart-crop-{name}", cache_policy=NO_CACHE)
-def smart_crop_batch(jobs: list[CropJob], run_id: str, crop_model: str, params: CropParams,
+def smart_crop_batch(items: list[CropJob], run_id: str, crop_model: str, params: CropParams,
                      name: str = "0") -> list[PlateOutcome]:
     """A batch of plates' smart crops."""
     logger = get_run_logger()
-    return summary(logger, "smart crop", smart_crop_plates(jobs, run_id, crop_model, params, logger))
+    return summary(logger, "smart crop", smart_crop_plates(items, run_id, crop_model, params, logger))

@@ -1,0 +1,93 @@
+"""One runner for every per-plate batch stage (refresh's characterization, candidates and smart
+crop; make-tiles' cutting): a stage is described once (``BatchStage``) and ``run_batches``
+sends its plates to a task runner in batches, applies each plate's outcome, and handles a
+batch whose outcome was lost or whose worker died, for every stage alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from prefect.exceptions import MissingResult
+from prefect.futures import as_completed
+from prefect.task_runners import TaskRunner
+
+from plateflow.artifacts import plural
+from tasks.batch import PlateOutcome, batches
+
+
+def _same(item: Any) -> Any:
+    return item
+
+
+def _free(_: Any) -> int:
+    return 0
+
+
+@dataclass
+class BatchStage:
+    """A stage's batches: its ``task`` (``task(items=[...], **args, name="2of8")``), the same
+    work in this process (``work(items, **args, logger=...)``: a lost batch is run again here),
+    what each record becomes as the task's item, how an outcome is applied to its record, and
+    what a record costs (source bytes, for sizing batches). Records have a ``.plate``."""
+
+    name: str  # in the logs and the progress bars: "characterization"
+    failed_step: str  # plates.parquet's failed_step for a plate whose batch was lost
+    task: Any
+    work: Callable[..., list[PlateOutcome]]
+    args: dict
+    apply: Callable[[Any, PlateOutcome], None]
+    item: Callable[[Any], Any] = _same
+    cost: Callable[[Any], int] = _free
+    items_arg: str = "items"  # the name of the task's (and the work's) first argument
+
+
+@dataclass
+class Batching:
+    """How plates are grouped: at most ``plates`` and ``bytes`` of source a batch, and small
+    enough that each of ``places`` parallel slots gets about four batches."""
+
+    plates: int
+    bytes: int
+    places: int = 1
+    on_batch: Callable[[int, int], None] = field(default=lambda plates, failed: None)  # progress
+
+
+def run_batches(stage: BatchStage, records: list, runner: Callable[[], TaskRunner], batching: Batching,
+                logger) -> None:
+    """``stage`` over ``records`` in batches on ``runner()`` (called only when there is work, so
+    a stage with nothing to do starts no cluster). A log line per batch."""
+    if not records:
+        return
+    groups = batches(records, stage.cost, batching.plates, batching.bytes, batching.places)
+    names = [f"{i + 1}of{len(groups)}" for i in range(len(groups))]  # the task runs' names end so
+    submit = runner().submit
+    futures = {submit(stage.task, {stage.items_arg: [stage.item(r) for r in group], **stage.args, "name": name}):
+               (name, group) for name, group in zip(names, groups)}
+    for done, future in enumerate(as_completed(list(futures)), start=1):
+        name, group = futures[future]
+        outcomes = _outcomes(stage, future, group, logger)
+        for record, outcome in zip(group, outcomes):
+            stage.apply(record, outcome)
+        failed = sum(o.failed for o in outcomes)
+        logger.info("%s batch %s: %s, %d failed (%d of %d batches done)", stage.name, name,
+                    plural(len(group), "plate"), failed, done, len(groups))
+        batching.on_batch(len(group), failed)
+
+
+def _outcomes(stage: BatchStage, future, group: list, logger) -> list[PlateOutcome]:
+    """A batch's outcomes; a batch whose outcome was lost runs again here (the work is
+    idempotent); a batch that died (a lost Dask worker, a crash) fails its plates with the
+    reason, and the next run redoes them."""
+    try:
+        outcomes = future.result(raise_on_failure=False)
+    except MissingResult:  # finished, but its outcome did not come back (a busy server)
+        logger.warning("a %s batch's outcome was lost; running it again here", stage.name)
+        return stage.work([stage.item(r) for r in group], **stage.args, logger=logger)
+    except Exception as exc:  # noqa: BLE001 - e.g. distributed's KilledWorker: the batch is lost, not the run
+        outcomes = exc
+    if isinstance(outcomes, list):
+        return outcomes
+    reason = f"{type(outcomes).__name__}: {outcomes}" if isinstance(outcomes, BaseException) else future.state.message
+    return [PlateOutcome(r.plate.folder, "failed", failed_step=stage.failed_step,
+                         error=f"its {stage.name} batch was lost: {reason}") for r in group]
