@@ -386,7 +386,7 @@ def local_api() -> Iterator[str | None]:
 
     On the local server a flow run sends no heartbeats: no worker or automation there watches
     for crashed runs, and Prefect's heartbeat thread, which sleeps in 1 s steps, holds every
-    flow run's end for up to a second (0.9 s of an unchanged make-tiles run of 1.2 s here)."""
+    flow run's end for up to a second: most of a short run."""
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_UI_URL, temporary_settings
 
     if PREFECT_API_URL.value():

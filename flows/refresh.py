@@ -214,7 +214,7 @@ def check_models(config: RefreshConfig, gpu_class: str | None, in_process: bool)
 def start(root: Path, config: RefreshConfig, partial: bool, logger, waited: float, died: str = "") -> Refresh:
     """Under the corpus lock: clear what stopped writers left, record the configuration.
 
-    The sweep walks every folder of the corpus (2 s at 20,000 plates), so it runs only when a
+    The sweep walks every folder of the corpus (seconds at 10^4 plates), so it runs only when a
     writer may have died mid-write: the last refresh died holding the lock (``died`` names it),
     or ``sweep-needed`` says an ingest or remote workers have written since the last sweep."""
     corpus = CorpusLayout(root)

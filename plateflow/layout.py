@@ -221,10 +221,6 @@ class CorpusLayout:
         return f"{self.slug}/{REPORTS}/{self.report.name}"
 
 
-def layout(root: str | os.PathLike) -> CorpusLayout:
-    return CorpusLayout(Path(root))
-
-
 def chunk_ledger(vector_file: str | Path) -> Path:
     """The ledger of finished embed-chunks beside a model's vector store (the folder of
     ``vector_file``): one record per chunk, written when the chunk completes."""
