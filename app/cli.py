@@ -13,6 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from plateflow.limits import MAX_MEGAPIXELS
+
 # Offline-friendly defaults for Prefect's embedded server; a user's own settings win.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -59,7 +61,7 @@ CredentialsOpt = Annotated[Optional[str], typer.Option(
 def ingest(
     sources: Annotated[list[str], typer.Argument(metavar="SOURCES...", help="Image files or folders (searched recursively), or fsspec URLs: s3://bucket/prefix, gs://, az://, file://.")],
     root: RootOpt,
-    max_megapixels: Annotated[float, typer.Option(help="Images above this size are skipped (refresh's limit).")] = 250.0,
+    max_megapixels: Annotated[float, typer.Option(help="Images above this size are skipped (refresh's limit).")] = MAX_MEGAPIXELS,
     credentials_block: CredentialsOpt = None,
 ) -> None:
     """Copy images into ROOT in the notebooks' layout; sources are never moved, modified or
@@ -114,7 +116,7 @@ def refresh(
     root: RootOpt,
     workers: Annotated[Optional[int], typer.Option(metavar="N", min=1, help=f"Batches run at once (default: one per core, at most {POLICY.cpu.max_workers if POLICY else 'max_workers of profiles/dispatch.toml'}).")] = None,
     no_viz: Annotated[bool, typer.Option("--no-viz", help="Skip the viz/ PNG files.")] = False,
-    max_megapixels: Annotated[float, typer.Option(metavar="MP", help="Plates above this size fail.")] = 250.0,
+    max_megapixels: Annotated[float, typer.Option(metavar="MP", help="Plates above this size fail.")] = MAX_MEGAPIXELS,
     models: Annotated[str, typer.Option(metavar="NAMES", help=f"Comma-separated embedding models: {MODEL_NAMES}. Default: none (characterization only).")] = "",
     crop_model: Annotated[Optional[str], typer.Option(metavar="NAME", help="The model whose similarity picks the crop (default: the first of --models).")] = None,
     crop_format: Annotated[CropFormat, typer.Option(help="Format of the saved best crop.")] = "jpeg",
@@ -710,8 +712,8 @@ def demo(
     root = root.expanduser().resolve()
     sources = write_demo_sources(CorpusLayout(root).demo_sources)
     console.print(f"demo sources: {len(sources)} plates written under {sources[0].parent}")
-    ingest(sources, root, max_megapixels=250.0)
-    refresh(root, workers=None, no_viz=False, max_megapixels=250.0, models=models, crop_model=None,
+    ingest(sources, root, max_megapixels=MAX_MEGAPIXELS)
+    refresh(root, workers=None, no_viz=False, max_megapixels=MAX_MEGAPIXELS, models=models, crop_model=None,
             crop_format="jpeg", min_crop_area=0.0, gpu_class=None, weights=weights, failed_only=False,
             verify=False, batch_plates=None, batch_megabytes=None)
     console.print(f"open {CorpusLayout(root).plates} to see each plate's JSON and viz/ files")

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from plateflow.errors import ConfigError
 from plateflow.layout import CorpusLayout
+from plateflow.limits import MAX_MEGAPIXELS
 from plateflow.profiles import dispatch_policy
 
 
@@ -26,7 +27,7 @@ class CharacterizeParams(BaseModel):
         245, ge=1, le=255, description="A pixel is paper background when its Rec. 709 luminance is >= this."
     )
     max_pixels: int = Field(
-        250_000_000,
+        int(MAX_MEGAPIXELS * 1e6),
         ge=1,
         lt=2**31,
         description="Plates with more pixels fail with a clear message instead of exhausting memory.",
