@@ -58,6 +58,28 @@ def test_refresh_writes_the_report_and_publishes_progress_table_and_summary(corp
     assert "../plates_structured/plate-001/viz/input_preview.png" in sheet
     assert "exact_duplicates: 1 plate" in page and '<div class="pair">' in page  # beside the plate it duplicates
     assert "Near-duplicate pairs" in page and "<td>plate-001</td><td>plate-005</td>" in page
+    chunk = (reports / "data" / "plates-0000.js").read_text()
+    data = json.loads(chunk[chunk.index(",") + 1:chunk.rindex(")")])
+    two = data["plate_dir"].index("plate-002")
+    boxes = data["candidates"][two]
+    assert len(boxes) > 8 and len(boxes) % 4 == 0  # its crop candidates, for its page
+    assert boxes[:4] == [0, 0, data["width"][two], data["height"][two]]  # the whole plate first
+    assert data["candidates"][data["plate_dir"].index("plate-004")] is None  # failed: none
+
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium")
+        tab = browser.new_page()
+        tab.goto((reports / "plate.html").as_uri() + "#0/plate-002")
+        tab.wait_for_selector("table.facts")
+        drawn = tab.eval_on_selector_all(".hero .candidate", "c => c.length"), tab.eval_on_selector_all(".hero .crop", "c => c.length")
+        text = tab.text_content("#plate")
+        browser.close()
+    assert drawn == (len(boxes) // 4 - 1, 1)  # every candidate but the whole plate, and the best in red
+    assert "Best crop" in text and "similarity" in text
 
     def artifact(what):
         with get_client(sync_client=True) as client:
