@@ -20,7 +20,6 @@ import os
 import socket
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -337,32 +336,19 @@ def hash_sources(run: Refresh, records: list[PlateRecord]) -> None:
     (all read again with ``verify``); a source that cannot be read fails its plate. A refresh of
     the whole corpus drops the entries of sources that are gone."""
     index = SourceIndex(run.root)
-    to_read = []
-    for rec in records:  # a stat each: most sources are unchanged, and threads would cost more
-        try:
-            rec.sha256 = None if run.config.verify else index.known(rec.plate.source_path)
-        except OSError:
-            rec.sha256 = None
-        if rec.sha256 is None:
-            to_read.append(rec)
-    run.progress.advance(HASH, len(records) - len(to_read))
-    with ThreadPoolExecutor(run.config.workers, thread_name_prefix="plateflow-hash") as pool:
-        for rec in pool.map(lambda rec: _rehash(index, rec), to_read):
-            run.progress.advance(HASH, 1, int(not rec.ok))
+    hashes = index.hash_all([r.plate.source_path for r in records], run.config.workers, run.config.verify,
+                            lambda done, failed: run.progress.advance(HASH, done, failed))
+    for rec, value in zip(records, hashes):
+        if isinstance(value, OSError):
+            rec.fail("hash", f"{type(value).__name__}: {value}")
+        else:
+            rec.sha256 = value
     if not run.partial:
         index.forget_missing({index.key(r.plate.source_path) for r in records})
     try:
         index.save()
     except OSError as exc:  # a full disk: the next refresh hashes these sources again, nothing is lost
         run.logger.warning("could not write the source index: %s", exc)
-
-
-def _rehash(index: SourceIndex, rec: PlateRecord) -> PlateRecord:
-    try:
-        rec.sha256 = index.rehash_patiently(rec.plate.source_path)
-    except OSError as exc:
-        rec.fail("hash", f"{type(exc).__name__}: {exc}")
-    return rec
 
 
 def settle_current(records: list[PlateRecord], root: Path, params: CharacterizeParams) -> list[PlateRecord]:

@@ -17,7 +17,6 @@ import json
 import os
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -144,15 +143,12 @@ def _hash(root: Path, logger) -> tuple[list[tuple[PlateRef, str]], dict[str, str
     failed = {p.folder: f"{type(p.error).__name__}: {p.error}" for p in found if not isinstance(p, PlateRef)}
     plates = [p for p in found if isinstance(p, PlateRef)]
 
-    def sha(p: PlateRef) -> str | None:  # the refresh's rule: the index where the stat is unchanged, else a read
-        try:
-            return index.known(p.source_path) or index.rehash_patiently(p.source_path)
-        except OSError as exc:
-            failed[p.folder] = f"{type(exc).__name__}: {exc}"
-            return None
-
-    with ThreadPoolExecutor(default_workers()) as pool:
-        hashed = [(p, h) for p, h in zip(plates, pool.map(sha, plates)) if h is not None]
+    hashed = []
+    for plate, value in zip(plates, index.hash_all([p.source_path for p in plates], default_workers())):
+        if isinstance(value, OSError):
+            failed[plate.folder] = f"{type(value).__name__}: {value}"
+        else:
+            hashed.append((plate, value))
     try:
         index.save()
     except OSError as exc:

@@ -12,7 +12,9 @@ import hashlib
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 from plateflow.layout import CorpusLayout
 
@@ -141,3 +143,31 @@ class SourceIndex:
         columns = [[k for k, _ in items], *([v[i] for _, v in items] for i in range(6))]
         table = pa.Table.from_arrays(columns, schema=SOURCE_INDEX_SCHEMA)
         write_parquet(self.path, table)
+
+    def hash_all(self, paths: list[Path], workers: int, verify: bool = False,
+                 progress: Callable[[int, int], None] = lambda done, failed: None) -> list[str | OSError]:
+        """Each path's sha256, or the OSError that kept it from being read: from the index
+        where the stat is unchanged (a stat, no read), else read, in ``workers`` threads;
+        ``verify`` reads them all. ``progress(done, failed)`` as they come. Not saved."""
+        out: list[str | OSError | None] = [None] * len(paths)
+        to_read = []
+        for i, path in enumerate(paths):  # a stat each: most sources are unchanged, and threads would cost more
+            try:
+                out[i] = None if verify else self.known(path)
+            except OSError:
+                out[i] = None
+            if out[i] is None:
+                to_read.append(i)
+        progress(len(paths) - len(to_read), 0)
+
+        def read(i: int) -> str | OSError:
+            try:
+                return self.rehash_patiently(paths[i])
+            except OSError as exc:
+                return exc
+
+        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="plateflow-hash") as pool:
+            for i, value in zip(to_read, pool.map(read, to_read)):
+                out[i] = value
+                progress(1, int(isinstance(value, OSError)))
+        return out
