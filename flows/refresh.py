@@ -15,7 +15,6 @@ The batch tasks run on this process's threads, or on Dask (``RefreshConfig.dask`
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import socket
 import time

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from plateflow.config import Dispatch
 from plateflow.errors import ConfigError
-from plateflow.pools import EMBED_DEPLOYMENT, EMBED_FLOW, QueueDef, work_pool, worker_prefix
+from plateflow.pools import EMBED_DEPLOYMENT, QueueDef, work_pool, worker_prefix
 from plateflow.profiles import Profiles, dispatch_policy
 
 

@@ -94,7 +94,7 @@ def work_pool(path: Path = POOLS_FILE) -> PoolDef:
 def ensure_pools(path: Path = POOLS_FILE) -> list[tuple[str, str]]:
     """Create the pool and its queues, or update their descriptions to match; returns (what, action)."""
     from prefect import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate, WorkQueueUpdate
+    from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
     from prefect.workers.process import ProcessWorker
 

@@ -1,0 +1,61 @@
+"""The plateflow command line: a thin layer over the functions the flows call. The commands
+live in corpus.py, serving.py and training.py; this module holds what they share."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import typer
+from rich.console import Console
+
+
+# Offline-friendly defaults for Prefect's embedded server; a user's own settings win.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+app = typer.Typer(help="Characterize, embed and smart-crop collections of plates with Prefect.",
+                  no_args_is_help=True, add_completion=False, rich_markup_mode=None)
+console = Console(soft_wrap=True)  # paths stay on one line, easy to copy
+
+RootOpt = Annotated[Path, typer.Option("--root", "-r", metavar="DIR", help="Corpus root (holds plates_structured/).")]
+
+
+CropFormat = Literal["jpeg", "png"]
+Dispatch = Literal["auto", "local", "pool"]
+TileMode = Literal["classic", "noise-framed"]
+
+
+def _profile_facts() -> tuple[object | None, str, str]:
+    """(dispatch policy, model names, GPU class names) for the help texts; a broken profile
+    still lets --help print (the command then says what is wrong)."""
+    from plateflow.errors import ConfigError
+    from plateflow.profiles import dispatch_policy, load_profiles
+
+    try:
+        profiles = load_profiles()
+        return dispatch_policy(), ", ".join(profiles.models), ", ".join(profiles.classes)
+    except ConfigError:
+        return None, "see profiles/models.toml", "see profiles/gpu_classes.toml"
+
+
+POLICY, MODEL_NAMES, CLASS_NAMES = _profile_facts()
+
+
+def _policy(section: str, key: str, unit: str = "") -> str:
+    value = getattr(getattr(POLICY, section), key) if POLICY is not None else None
+    return f"default: {value:g}{unit}, from profiles/dispatch.toml" if value is not None else "default: profiles/dispatch.toml"
+
+
+CredentialsOpt = Annotated[Optional[str], typer.Option(
+    help="Prefect block with the bucket's credentials, as <block-type>/<name> (s3-bucket/scans, aws-credentials/lab, "
+         "gcs-bucket/scans, gcp-credentials/lab); without it, the environment's credentials.")]
+
+
+# The commands register themselves on ``app`` (imported last: they import the names above).
+from app.cli import corpus, serving, training  # noqa: E402,F401  (registers the commands)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

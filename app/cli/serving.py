@@ -1,0 +1,136 @@
+"""The commands that run plateflow as a service: hardware, pools, deploy, worker, server, local-server."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from app.cli import app, console, RootOpt, CLASS_NAMES
+
+
+@app.command()
+def hardware() -> None:
+    """Print the detected device, its GPU class and each model's batch size and dtype as JSON."""
+    import json
+
+    from plateflow.hardware import hardware_report
+    from plateflow.pools import work_pool
+    from plateflow.profiles import load_profiles
+
+    report = hardware_report(load_profiles())
+    pool = work_pool()
+    print(json.dumps({**report, "pool": pool.name, "queue": pool.queue(report["gpu_class"]).name}, indent=2))
+
+@app.command()
+def pools() -> None:
+    """Create the work pool and its queues (one per GPU class of profiles/gpu_classes.toml,
+    named by deployments/work-pools.toml) on the configured Prefect server (PREFECT_API_URL),
+    or update them to match; running it again changes nothing. `plateflow deploy` does this too."""
+    from plateflow.pools import ensure_pools
+
+    for name, action in ensure_pools():
+        console.print(f"{action:9s} {name}")
+
+@app.command()
+def deploy(
+    root: Annotated[Optional[Path], typer.Option("--root", "-r", help="Default corpus root of refresh-corpus and retry-failed-plates (else $PLATEFLOW_CORPUS).")] = None,
+) -> None:
+    """Create the work pools and every deployment on the configured Prefect server
+    (PREFECT_API_URL): refresh-corpus and retry-failed-plates from prefect.yaml, and one
+    embed-plates-<class> per GPU class of profiles/gpu_classes.toml. Running it again
+    updates them to match."""
+    from app.deploy import deploy_all
+
+    try:
+        deploy_all(root.expanduser().resolve() if root else None, say=console.print)
+    except RuntimeError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+
+@app.command()
+def worker(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the worker command, do not start it.")] = False,
+) -> None:
+    """Start a Prefect worker on the work queue of this machine's GPU class (PLATEFLOW_GPU_CLASS
+    overrides detection), running at most the queue's worker_limit flow runs at once."""
+    from plateflow.hardware import gpu_class
+    from plateflow.pools import work_pool, worker_name
+    from plateflow.profiles import load_profiles
+
+    cls = gpu_class(load_profiles())
+    pool = work_pool()
+    queue = pool.queue(cls)
+    prefect_cli = Path(sys.executable).with_name("prefect")
+    cmd = [str(prefect_cli), "worker", "start", "--pool", pool.name, "--work-queue", queue.name, "--type", pool.type,
+           "--limit", str(queue.worker_limit), "--name", worker_name(queue, os.getpid())]
+    console.print(f"GPU class {cls}: {' '.join(cmd)}")
+    if not dry_run:
+        os.execv(cmd[0], cmd)
+
+@app.command()
+def server(
+    root: RootOpt,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the API and UI.")] = 4200,
+    report_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Port of the report server (default: the next port, or a free one when that is taken).")] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    gpu_class: Annotated[Optional[str], typer.Option(metavar="CLASS", help=f"Class of this machine's worker: {CLASS_NAMES} (default: detected).")] = None,
+) -> None:
+    """Start a local Prefect server (SQLite in PREFECT_HOME; PREFECT_API_DATABASE_CONNECTION_URL
+    selects PostgreSQL), a report server, the work pool and deployments (`plateflow deploy`)
+    with ROOT as the default corpus, and workers for this machine's class and the CPU. One per
+    PREFECT_HOME: the local server an earlier refresh started is stopped first, and other
+    plateflow commands on this PREFECT_HOME use this server. Ctrl-C stops it all."""
+    import signal as _signal
+
+    from app import server as srv
+    from plateflow.errors import ConfigError
+
+    def on_term(*_):
+        raise KeyboardInterrupt
+
+    _signal.signal(_signal.SIGTERM, on_term)  # stop the children on `kill` too
+    stack = srv.Stack()
+    try:
+        srv.claim_home(say=console.print)
+        stack = srv.start(root.expanduser().resolve(), port, host, gpu_class, say=console.print,
+                          report_port=report_port)
+        procs = stack.procs
+        console.print(f"plateflow server ready: http://{host}:{port} (deployments refresh-corpus, "
+                      f"retry-failed-plates, embed-plates, ...); Ctrl-C to stop")
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+        failed = next(p for p in procs if p.poll() is not None)
+        console.print(f"[red]{' '.join(map(str, failed.args[:3]))} exited with code {failed.returncode}; "
+                      f"stopping[/]")
+        raise typer.Exit(1)
+    except ConfigError as exc:  # a busy port, another server on this PREFECT_HOME: nothing was left running
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    except RuntimeError as exc:  # the Prefect server or deploy failed to start: what had started is stopped
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
+
+@app.command("local-server")
+def local_server(
+    stop: Annotated[bool, typer.Option("--stop", help="Stop it.")] = False,
+) -> None:
+    """The local Prefect server `plateflow refresh` uses when PREFECT_API_URL is unset: started in
+    the background by the first refresh, reused by the next ones, stopped by itself after
+    PLATEFLOW_LOCAL_SERVER_IDLE_MINUTES (60) without a request, or by `--stop`. One per PREFECT_HOME."""
+    from app.server import local_server_info, stop_local_server
+
+    if stop:
+        pid = stop_local_server()
+        console.print(f"stopped the local server (pid {pid})" if pid else "no local server was running")
+        return
+    info = local_server_info()
+    console.print(f"local server: {info['url']} (pid {info['pid']})" if info else "no local server is running")
