@@ -9,130 +9,43 @@ The stages, each counted in plates (``Progress``):
    in-process or on a work pool), smart crop (smart-crop-batch tasks);
 4. plates.parquet, the embeddings tables, the corpus report and the run's artifacts.
 
-The batch tasks run on this process's threads, or on Dask (``RefreshConfig.dask``).
+The batch tasks run on this process's threads, or on Dask (``RefreshConfig.dask``). This module
+holds the flow, its checks and its end; the run's state is in flows/run.py, the CPU stage in
+flows/characterize.py, the model stages in flows/gpu.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
 
 from prefect import flow, get_run_logger
-from prefect.exceptions import MissingResult
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from plateflow.artifacts import Progress, RunCounts, plural, publish
 from plateflow.atomic import dumps_json, remove_stale_temps, write_bytes_if_changed
-from plateflow.config import CharacterizeParams, RefreshConfig, corpus_root
+from plateflow.config import RefreshConfig, corpus_root
 from plateflow.errors import ConfigError
-from plateflow.corpus import PlateProblem, PlateRef, corpus_lock, discover_plates, original_path
+from plateflow.corpus import PlateProblem, PlateRef, corpus_lock, discover_plates
 from plateflow.hardware import gpu_class as detect_gpu_class
-from plateflow.hashindex import SourceIndex
-from plateflow.layout import SOURCE, CorpusLayout, PlateLayout, natural_key
+from plateflow.layout import SOURCE, CorpusLayout, natural_key
 from plateflow.profiles import load_profiles, quality_profile
 from plateflow.runlog import quiet_returned_failures
-from plateflow.tables import (CHARACTERIZATION_COLUMNS, failure_signature, failure_signatures, read_corpus_table,
-                              read_parquet, write_corpus_table, write_embeddings_table)
-from flows.batches import Batching, BatchStage, run_batches
-from flows.routing import GpuRoute, choose_route, run_on_pool
-from tasks.batch import PlateOutcome, file_size
-from tasks.features import update_plate_features
+from plateflow.tables import (failure_signature, failure_signatures, read_corpus_table, read_parquet,
+                              write_corpus_table)
+from flows.characterize import characterize_stage
+from flows.gpu import gpu_stage
+from flows.run import CANDIDATES, CHARACTERISE, HASH, SMART_CROP, PlateRecord, PlateRunner, Refresh, embed_stage
+from flows.routing import GpuRoute, choose_route
 from tasks.heads import apply_predictors
-from tasks.candidates import candidates_batch, candidates_of_plates
-from tasks.characterize import characterize_batch, characterize_plates, step_key
 from tasks.embed.models import require_weights
-from tasks.embed.reader import PlateJob
-from tasks.embed.writer import embedding_key, load_vectors, store_path, vectors_problem
-from tasks.quality import corpus_flags, paper_share, quality_scores
+from tasks.quality import corpus_flags
 from tasks.report import build_report
-from tasks.save import current_record
-from tasks.smart_crop import CropJob, crop_key, smart_crop_batch, smart_crop_plates
-
-HASH, CHARACTERISE, CANDIDATES, SMART_CROP = "hash", "characterize", "candidates", "smart crop"
-
-
-def embed_stage(model: str) -> str:
-    return f"embed {model}"
-
-
-@dataclass
-class PlateRecord:
-    """One plate through a refresh: its source's hash, its corpus-table row and what each stage
-    found (input_image.json fields, crop boxes, vector files)."""
-
-    plate: PlateRef
-    sha256: str | None = None
-    metadata: dict | None = None
-    boxes: list[list[int]] | None = None
-    vector_files: dict[str, str] = field(default_factory=dict)
-    embedded: bool = False  # some model's vectors were computed by this refresh
-    row: dict = field(init=False)
-
-    def __post_init__(self):
-        self.row = {"plate_dir": self.plate.folder, "plate_id": self.plate.plate_id,
-                    "source_image": self.plate.source_image, "status": "ok",
-                    "original_path": original_path(self.plate.manifest)}
-
-    @property
-    def ok(self) -> bool:
-        return self.row["status"] == "ok"
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.metadata["width"], self.metadata["height"]
-
-    def settle(self, status: str, metadata: dict) -> None:
-        self.metadata = metadata
-        quality = metadata.get("quality") or {}
-        self.row.update({k: metadata[k] for k in CHARACTERIZATION_COLUMNS}, characterize_status=status,
-                        quality_flags=quality.get("flags"), pixel_hash=quality.get("pixel_hash"),
-                        phash=quality.get("phash"), paper_share=paper_share(quality),
-                        quality_scores=quality_scores(quality))
-
-    def fail(self, step: str, error: str, **extra) -> None:
-        """Mark the plate failed at ``step``, with the error that says why (and the source's
-        hash, when known: a failure with the same hash is known on the next run)."""
-        self.row.update(status="failed", failed_step=step, error=error, **extra)
-        if self.sha256 is not None:
-            self.row.setdefault("sha256", self.sha256)
-        self.row.setdefault("characterize_status", "not_run")
-
-    def source_bytes(self) -> int:
-        return file_size(self.plate.source_path)
-
-
-@dataclass
-class Refresh:
-    """One refresh run: where, with what, and what it has measured so far."""
-
-    root: Path
-    corpus: CorpusLayout
-    config: RefreshConfig
-    partial: bool
-    logger: Any
-    progress: Progress
-    run_id: str
-    started: float = field(default_factory=time.perf_counter)
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def params(self) -> CharacterizeParams:
-        return self.config.effective_characterize()
-
-    @contextlib.contextmanager
-    def timed(self, what: str) -> Iterator[None]:
-        t = time.perf_counter()
-        yield
-        self.timings[what] = self.timings.get(what, 0.0) + time.perf_counter() - t
 
 
 @flow(name="refresh-corpus", validate_parameters=True)
@@ -258,232 +171,6 @@ def find_plates(run: Refresh, wanted: list[str] | None) -> tuple[list[PlateRecor
     for stage in stages:  # all known from the start, so the overall progress never goes back
         run.progress.stage(stage, len(records))
     return records, problems
-
-
-class PlateRunner:
-    """Where the batch tasks run: ``config.workers`` threads here, or Dask (a scheduler's
-    address, or ``local:N`` worker processes started for this refresh). Started on first use,
-    so a refresh with nothing to compute starts no cluster; stopped with the ``with`` block."""
-
-    def __init__(self, config: RefreshConfig):
-        self.config = config
-        self._runner: TaskRunner | None = None
-        self._stack = contextlib.ExitStack()
-
-    def __enter__(self) -> "PlateRunner":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stack.close()
-
-    def get(self) -> TaskRunner:
-        if self._runner is None:
-            self._runner = self._stack.enter_context(self._make())
-        return self._runner
-
-    def _make(self) -> TaskRunner:
-        dask = self.config.dask
-        if dask is None:
-            return ThreadPoolTaskRunner(max_workers=self.config.workers)
-        from prefect_dask import DaskTaskRunner
-
-        if dask.startswith("local:"):
-            return DaskTaskRunner(cluster_kwargs={"n_workers": int(dask.removeprefix("local:")),
-                                                  "threads_per_worker": 1, "processes": True,
-                                                  "dashboard_address": None})
-        return DaskTaskRunner(address=dask)
-
-    def places(self) -> int:
-        """How many batches run at once: the threads, or the Dask cluster's worker threads."""
-        if self.config.dask is None:
-            return self.config.workers
-        try:
-            return max(1, sum(self.get().client.nthreads().values()))
-        except Exception:  # noqa: BLE001 - only a hint for sizing batches
-            return self.config.workers
-
-
-def _batching(run: Refresh, runner: PlateRunner, stage: str) -> Batching:
-    return Batching(run.config.batch_plates, run.config.batch_bytes, runner.places(),
-                    lambda plates, failed: run.progress.advance(stage, plates, failed))
-
-
-def characterize_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunner) -> None:
-    with run.timed("hashing"):
-        hash_sources(run, records)
-    with run.timed("characterization"):
-        todo = settle_current(records, run.root, run.params)
-        run.progress.advance(CHARACTERISE, len(records) - len(todo), sum(not r.ok for r in records))
-        run.logger.info("%s current, %d to characterize", plural(len(records) - len(todo), "plate"), len(todo))
-
-        def apply(rec: PlateRecord, outcome: PlateOutcome) -> None:
-            if outcome.failed:
-                rec.fail(outcome.failed_step, outcome.error,
-                         characterize_status="failed" if outcome.failed_step == "characterize" else "computed")
-            else:
-                rec.settle(outcome.status, outcome.value)
-
-        stage = BatchStage(CHARACTERISE, "characterize", characterize_batch, characterize_plates,
-                           {"params": run.params, "root": str(run.root)}, apply,
-                           item=lambda r: (r.plate, r.sha256), cost=PlateRecord.source_bytes)
-        if todo:
-            run_batches(stage, todo, runner.get, _batching(run, runner, CHARACTERISE), run.logger)
-
-
-def hash_sources(run: Refresh, records: list[PlateRecord]) -> None:
-    """Each source's sha256, from ROOT/.plateflow/source-index.parquet where its stat is unchanged
-    (all read again with ``verify``); a source that cannot be read fails its plate. A refresh of
-    the whole corpus drops the entries of sources that are gone."""
-    index = SourceIndex(run.root)
-    hashes = index.hash_all([r.plate.source_path for r in records], run.config.workers, run.config.verify,
-                            lambda done, failed: run.progress.advance(HASH, done, failed))
-    for rec, value in zip(records, hashes):
-        if isinstance(value, OSError):
-            rec.fail("hash", f"{type(value).__name__}: {value}")
-        else:
-            rec.sha256 = value
-    if not run.partial:
-        index.forget_missing({index.key(r.plate.source_path) for r in records})
-    try:
-        index.save()
-    except OSError as exc:  # a full disk: the next refresh hashes these sources again, nothing is lost
-        run.logger.warning("could not write the source index: %s", exc)
-
-
-def settle_current(records: list[PlateRecord], root: Path, params: CharacterizeParams) -> list[PlateRecord]:
-    """Settle, without a task, every plate whose outputs (or failure record) are in place for
-    its cache key; return the plates that have work to do."""
-    todo, key = [], step_key(params)
-    for rec in records:
-        if not rec.ok:
-            continue
-        record = current_record(rec.plate, root, key(rec.sha256), params.viz, params.working_copy)
-        if record is None:
-            todo.append(rec)
-        elif record.get("loadable") is False:  # bad input, already found bad with these bytes and code
-            rec.fail("characterize", record.get("plateflow_error") or record.get("error", ""),
-                     characterize_status="failed")
-        else:
-            rec.settle("cached", record)
-    return todo
-
-
-def gpu_stage(run: Refresh, records: list[PlateRecord], route: GpuRoute, runner: PlateRunner) -> None:
-    """Candidates, embeddings (only plates without stored vectors go to the GPU flow), smart crop,
-    and the embeddings tables."""
-    with run.timed("candidates and embeddings"):
-        candidates_stage(run, records, runner)
-        for model in run.config.models:
-            embed_model(run, [r for r in records if r.ok], model, route)
-    with run.timed("smart crop"):
-        smart_crop_stage(run, records, runner)
-    profiles = load_profiles()
-    for model in run.config.models:
-        spec = profiles.model(model)
-        ok = [r for r in records if r.ok]
-        vectors = [load_vectors(r.vector_files[model], len(r.boxes)) for r in ok]
-        rows = [(r.plate.plate_id, r.metadata["sha256"], r.boxes, v) for r, v in zip(ok, vectors)]
-        run.logger.info("wrote %s", write_embeddings_table(run.root, model, rows, spec.embed_dim,
-                                                             partial=run.partial))
-        items = [(r.plate.folder, r.plate.plate_id, r.metadata["sha256"], v) for r, v in zip(ok, vectors)]
-        version, written = update_plate_features(run.root, model, items, spec.embed_dim,
-                                                 embedding_key(spec, run.config.crop), partial=run.partial)
-        if written:
-            run.logger.info("%s features: version %s, %s (float16, %s)", model, version, plural(len(items), "plate"),
-                            run.corpus.features(model))
-
-
-def candidates_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunner) -> None:
-    ok = [r for r in records if r.ok]
-    run.progress.stage(CANDIDATES, len(ok))
-    crop = run.config.crop
-
-    def apply(rec: PlateRecord, outcome: PlateOutcome) -> None:
-        if outcome.failed:
-            rec.fail(outcome.failed_step, outcome.error, embed_status="not_run")
-        else:
-            rec.boxes = outcome.value
-
-    stage = BatchStage(CANDIDATES, "candidates", candidates_batch, candidates_of_plates, {"params": crop}, apply,
-                       item=lambda r: (r.plate, r.size))
-    if ok:
-        run_batches(stage, ok, runner.get, _batching(run, runner, CANDIDATES), run.logger)
-
-
-def embed_model(run: Refresh, records: list[PlateRecord], model: str, route: GpuRoute) -> None:
-    """``model``'s vectors for each plate: stored ones are kept (damaged ones removed and
-    computed again), the others are computed by the embed-plates flow, here or on a work pool."""
-    spec = load_profiles().model(model)
-    stage, jobs = embed_stage(model), {}
-    run.progress.stage(stage, len(records))
-    for rec in records:
-        path = store_path(run.root, spec, rec.metadata["sha256"], run.config.crop)
-        rec.vector_files[model] = str(path)
-        if path.is_file() and (problem := vectors_problem(path, len(rec.boxes), spec.embed_dim)):
-            run.logger.warning("%s: %s; removed, its vectors are computed again", rec.plate.folder, problem)
-            path.unlink(missing_ok=True)
-        if not path.is_file():
-            jobs[rec.plate.folder] = (rec, PlateJob(rec.plate.folder, str(PlateLayout(rec.plate.plate_dir).working_copy),
-                                                    rec.size, tuple(map(tuple, rec.boxes)), str(path)))
-    run.logger.info("%s: %s cached, %d to embed", model, plural(len(records) - len(jobs), "plate"), len(jobs))
-    run.progress.advance(stage, len(records) - len(jobs))
-    if not jobs:
-        return
-    outcome = _embed(run, model, route, [job for _, job in jobs.values()])
-    failed = 0
-    for folder, (rec, _) in jobs.items():
-        error = outcome.get(folder, "no result came back for this plate")
-        if error is not None:
-            rec.fail("embed", f"RuntimeError: {model}: {error}", embed_status="failed")
-            failed += 1
-        rec.embedded = True
-    run.progress.advance(stage, len(jobs), failed)
-
-
-def _embed(run: Refresh, model: str, route: GpuRoute, jobs: list[PlateJob]) -> dict[str, str | None]:
-    """plate_id -> None or its error, from the embed-plates flow: a subflow here, or pool runs."""
-    from flows.embed import embed_plates
-
-    cfg = run.config
-    if not route.local:
-        wait = None if cfg.worker_wait_minutes is None else 60 * cfg.worker_wait_minutes
-        return run_on_pool(route, model, jobs, cfg.chunk_size, cfg.weights_root,
-                           run.corpus.dispatch(run.run_id), run.logger, worker_wait_s=wait)
-    state = embed_plates(model, route.gpu_class, jobs=jobs, chunk_size=cfg.chunk_size,
-                         weights_root=cfg.weights_root, return_state=True)
-    if not state.is_completed():
-        return {job.plate_id: state.message for job in jobs}
-    try:
-        return state.result()
-    except MissingResult:  # completed, but its outcome did not come back (a busy server): the files say
-        run.logger.warning("%s: embed-plates' outcome was lost; reading the vectors it stored", model)
-        dim = load_profiles().model(model).embed_dim
-        return {job.plate_id: vectors_problem(job.cache_file, len(job.boxes), dim) for job in jobs}
-
-
-def smart_crop_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunner) -> None:
-    cfg, profiles = run.config, load_profiles()
-    keys = [f"{m}:{embedding_key(profiles.model(m), cfg.crop)}" for m in cfg.models]
-    for rec in records:
-        if rec.row.get("embed_status") is None and rec.boxes is not None:
-            rec.row["embed_status"] = "computed" if rec.embedded else "cached"
-    ok = {r.plate.folder: r for r in records if r.ok}
-    run.progress.stage(SMART_CROP, len(ok))
-    key = crop_key(cfg.best_crop_model, cfg.crop, keys)
-    jobs = [CropJob(r.plate, key(r.metadata["sha256"]), dict(r.vector_files), r.boxes, r.size, r.metadata["sha256"])
-            for r in ok.values()]
-
-    def apply(job: CropJob, outcome: PlateOutcome) -> None:
-        if outcome.failed:
-            ok[job.plate.folder].fail(outcome.failed_step, outcome.error)
-        else:
-            ok[job.plate.folder].row.update(outcome.value)
-
-    stage = BatchStage(SMART_CROP, "smart_crop", smart_crop_batch, smart_crop_plates,
-                       {"run_id": run.run_id, "crop_model": cfg.best_crop_model, "params": cfg.crop}, apply,
-                       cost=lambda job: file_size(job.plate.source_path))
-    if jobs:
-        run_batches(stage, jobs, runner.get, _batching(run, runner, SMART_CROP), run.logger)
 
 
 def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem]) -> State:

@@ -1,0 +1,76 @@
+"""The refresh's CPU stage: hash every source (the index where its stat is unchanged), settle
+the plates whose outputs are in place for their key, characterize the rest in batch tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+from plateflow.artifacts import plural
+from plateflow.config import CharacterizeParams
+from plateflow.hashindex import SourceIndex
+from flows.run import CHARACTERISE, HASH, PlateRecord, PlateRunner, Refresh, batching
+from flows.batches import BatchStage, run_batches
+from tasks.batch import PlateOutcome
+from tasks.characterize import characterize_batch, characterize_plates, step_key
+from tasks.save import current_record
+
+
+def characterize_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunner) -> None:
+    with run.timed("hashing"):
+        hash_sources(run, records)
+    with run.timed("characterization"):
+        todo = settle_current(records, run.root, run.params)
+        run.progress.advance(CHARACTERISE, len(records) - len(todo), sum(not r.ok for r in records))
+        run.logger.info("%s current, %d to characterize", plural(len(records) - len(todo), "plate"), len(todo))
+
+        def apply(rec: PlateRecord, outcome: PlateOutcome) -> None:
+            if outcome.failed:
+                rec.fail(outcome.failed_step, outcome.error,
+                         characterize_status="failed" if outcome.failed_step == "characterize" else "computed")
+            else:
+                rec.settle(outcome.status, outcome.value)
+
+        stage = BatchStage(CHARACTERISE, "characterize", characterize_batch, characterize_plates,
+                           {"params": run.params, "root": str(run.root)}, apply,
+                           item=lambda r: (r.plate, r.sha256), cost=PlateRecord.source_bytes)
+        if todo:
+            run_batches(stage, todo, runner.get, batching(run, runner, CHARACTERISE), run.logger)
+
+
+def hash_sources(run: Refresh, records: list[PlateRecord]) -> None:
+    """Each source's sha256, from ROOT/.plateflow/source-index.parquet where its stat is unchanged
+    (all read again with ``verify``); a source that cannot be read fails its plate. A refresh of
+    the whole corpus drops the entries of sources that are gone."""
+    index = SourceIndex(run.root)
+    hashes = index.hash_all([r.plate.source_path for r in records], run.config.workers, run.config.verify,
+                            lambda done, failed: run.progress.advance(HASH, done, failed))
+    for rec, value in zip(records, hashes):
+        if isinstance(value, OSError):
+            rec.fail("hash", f"{type(value).__name__}: {value}")
+        else:
+            rec.sha256 = value
+    if not run.partial:
+        index.forget_missing({index.key(r.plate.source_path) for r in records})
+    try:
+        index.save()
+    except OSError as exc:  # a full disk: the next refresh hashes these sources again, nothing is lost
+        run.logger.warning("could not write the source index: %s", exc)
+
+
+def settle_current(records: list[PlateRecord], root: Path, params: CharacterizeParams) -> list[PlateRecord]:
+    """Settle, without a task, every plate whose outputs (or failure record) are in place for
+    its cache key; return the plates that have work to do."""
+    todo, key = [], step_key(params)
+    for rec in records:
+        if not rec.ok:
+            continue
+        record = current_record(rec.plate, root, key(rec.sha256), params.viz, params.working_copy)
+        if record is None:
+            todo.append(rec)
+        elif record.get("loadable") is False:  # bad input, already found bad with these bytes and code
+            rec.fail("characterize", record.get("plateflow_error") or record.get("error", ""),
+                     characterize_status="failed")
+        else:
+            rec.settle("cached", record)
+    return todo

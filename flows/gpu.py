@@ -1,0 +1,138 @@
+"""The refresh's model stages: crop candidates, each model's vectors (the embed-plates flow,
+in-process or on a work pool), the smart crop, and the embeddings tables and features."""
+
+from __future__ import annotations
+
+from prefect.exceptions import MissingResult
+
+from plateflow.artifacts import plural
+from plateflow.layout import PlateLayout
+from plateflow.profiles import load_profiles
+from plateflow.tables import write_embeddings_table
+from flows.run import CANDIDATES, SMART_CROP, PlateRecord, PlateRunner, Refresh, batching, embed_stage
+from flows.batches import BatchStage, run_batches
+from flows.routing import GpuRoute, run_on_pool
+from tasks.batch import PlateOutcome, file_size
+from tasks.features import update_plate_features
+from tasks.candidates import candidates_batch, candidates_of_plates
+from tasks.embed.reader import PlateJob
+from tasks.embed.writer import embedding_key, load_vectors, store_path, vectors_problem
+from tasks.smart_crop import CropJob, crop_key, smart_crop_batch, smart_crop_plates
+
+
+def gpu_stage(run: Refresh, records: list[PlateRecord], route: GpuRoute, runner: PlateRunner) -> None:
+    """Candidates, embeddings (only plates without stored vectors go to the GPU flow), smart crop,
+    and the embeddings tables."""
+    with run.timed("candidates and embeddings"):
+        candidates_stage(run, records, runner)
+        for model in run.config.models:
+            embed_model(run, [r for r in records if r.ok], model, route)
+    with run.timed("smart crop"):
+        smart_crop_stage(run, records, runner)
+    profiles = load_profiles()
+    for model in run.config.models:
+        spec = profiles.model(model)
+        ok = [r for r in records if r.ok]
+        vectors = [load_vectors(r.vector_files[model], len(r.boxes)) for r in ok]
+        rows = [(r.plate.plate_id, r.metadata["sha256"], r.boxes, v) for r, v in zip(ok, vectors)]
+        run.logger.info("wrote %s", write_embeddings_table(run.root, model, rows, spec.embed_dim,
+                                                             partial=run.partial))
+        items = [(r.plate.folder, r.plate.plate_id, r.metadata["sha256"], v) for r, v in zip(ok, vectors)]
+        version, written = update_plate_features(run.root, model, items, spec.embed_dim,
+                                                 embedding_key(spec, run.config.crop), partial=run.partial)
+        if written:
+            run.logger.info("%s features: version %s, %s (float16, %s)", model, version, plural(len(items), "plate"),
+                            run.corpus.features(model))
+
+
+def candidates_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunner) -> None:
+    ok = [r for r in records if r.ok]
+    run.progress.stage(CANDIDATES, len(ok))
+    crop = run.config.crop
+
+    def apply(rec: PlateRecord, outcome: PlateOutcome) -> None:
+        if outcome.failed:
+            rec.fail(outcome.failed_step, outcome.error, embed_status="not_run")
+        else:
+            rec.boxes = outcome.value
+
+    stage = BatchStage(CANDIDATES, "candidates", candidates_batch, candidates_of_plates, {"params": crop}, apply,
+                       item=lambda r: (r.plate, r.size))
+    if ok:
+        run_batches(stage, ok, runner.get, batching(run, runner, CANDIDATES), run.logger)
+
+
+def embed_model(run: Refresh, records: list[PlateRecord], model: str, route: GpuRoute) -> None:
+    """``model``'s vectors for each plate: stored ones are kept (damaged ones removed and
+    computed again), the others are computed by the embed-plates flow, here or on a work pool."""
+    spec = load_profiles().model(model)
+    stage, jobs = embed_stage(model), {}
+    run.progress.stage(stage, len(records))
+    for rec in records:
+        path = store_path(run.root, spec, rec.metadata["sha256"], run.config.crop)
+        rec.vector_files[model] = str(path)
+        if path.is_file() and (problem := vectors_problem(path, len(rec.boxes), spec.embed_dim)):
+            run.logger.warning("%s: %s; removed, its vectors are computed again", rec.plate.folder, problem)
+            path.unlink(missing_ok=True)
+        if not path.is_file():
+            jobs[rec.plate.folder] = (rec, PlateJob(rec.plate.folder, str(PlateLayout(rec.plate.plate_dir).working_copy),
+                                                    rec.size, tuple(map(tuple, rec.boxes)), str(path)))
+    run.logger.info("%s: %s cached, %d to embed", model, plural(len(records) - len(jobs), "plate"), len(jobs))
+    run.progress.advance(stage, len(records) - len(jobs))
+    if not jobs:
+        return
+    outcome = _embed(run, model, route, [job for _, job in jobs.values()])
+    failed = 0
+    for folder, (rec, _) in jobs.items():
+        error = outcome.get(folder, "no result came back for this plate")
+        if error is not None:
+            rec.fail("embed", f"RuntimeError: {model}: {error}", embed_status="failed")
+            failed += 1
+        rec.embedded = True
+    run.progress.advance(stage, len(jobs), failed)
+
+
+def _embed(run: Refresh, model: str, route: GpuRoute, jobs: list[PlateJob]) -> dict[str, str | None]:
+    """plate_id -> None or its error, from the embed-plates flow: a subflow here, or pool runs."""
+    from flows.embed import embed_plates
+
+    cfg = run.config
+    if not route.local:
+        wait = None if cfg.worker_wait_minutes is None else 60 * cfg.worker_wait_minutes
+        return run_on_pool(route, model, jobs, cfg.chunk_size, cfg.weights_root,
+                           run.corpus.dispatch(run.run_id), run.logger, worker_wait_s=wait)
+    state = embed_plates(model, route.gpu_class, jobs=jobs, chunk_size=cfg.chunk_size,
+                         weights_root=cfg.weights_root, return_state=True)
+    if not state.is_completed():
+        return {job.plate_id: state.message for job in jobs}
+    try:
+        return state.result()
+    except MissingResult:  # completed, but its outcome did not come back (a busy server): the files say
+        run.logger.warning("%s: embed-plates' outcome was lost; reading the vectors it stored", model)
+        dim = load_profiles().model(model).embed_dim
+        return {job.plate_id: vectors_problem(job.cache_file, len(job.boxes), dim) for job in jobs}
+
+
+def smart_crop_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunner) -> None:
+    cfg, profiles = run.config, load_profiles()
+    keys = [f"{m}:{embedding_key(profiles.model(m), cfg.crop)}" for m in cfg.models]
+    for rec in records:
+        if rec.row.get("embed_status") is None and rec.boxes is not None:
+            rec.row["embed_status"] = "computed" if rec.embedded else "cached"
+    ok = {r.plate.folder: r for r in records if r.ok}
+    run.progress.stage(SMART_CROP, len(ok))
+    key = crop_key(cfg.best_crop_model, cfg.crop, keys)
+    jobs = [CropJob(r.plate, key(r.metadata["sha256"]), dict(r.vector_files), r.boxes, r.size, r.metadata["sha256"])
+            for r in ok.values()]
+
+    def apply(job: CropJob, outcome: PlateOutcome) -> None:
+        if outcome.failed:
+            ok[job.plate.folder].fail(outcome.failed_step, outcome.error)
+        else:
+            ok[job.plate.folder].row.update(outcome.value)
+
+    stage = BatchStage(SMART_CROP, "smart_crop", smart_crop_batch, smart_crop_plates,
+                       {"run_id": run.run_id, "crop_model": cfg.best_crop_model, "params": cfg.crop}, apply,
+                       cost=lambda job: file_size(job.plate.source_path))
+    if jobs:
+        run_batches(stage, jobs, runner.get, batching(run, runner, SMART_CROP), run.logger)
