@@ -1,0 +1,160 @@
+"""The contract every per-plate batch stage keeps, run on each stage's own work function (what a
+batch task runs): a re-run over unchanged plates does no work and changes no byte; a bad plate
+fails alone, with its step and error, and the others complete; the stage's key changes with its
+parameters and with its code version."""
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from conftest import make_plate, paper_plate
+from plateflow.config import CharacterizeParams, CropParams
+from plateflow.corpus import PlateRef, discover_plates
+
+GOOD = ("plate-001", "plate-002", "plate-003")
+BAD = "plate-bad"
+
+
+def corpus(root: Path) -> list[PlateRef]:
+    for i, folder in enumerate(GOOD):
+        make_plate(root, folder, paper_plate(320 + 40 * i, 240, seed=i), filename="scan.png")
+    make_plate(root, BAD, b"\x89PNG\r\n\x1a\n not a whole image", filename="scan.png")
+    return [p for p in discover_plates(root) if isinstance(p, PlateRef)]
+
+
+def sha(plate: PlateRef) -> str:
+    return hashlib.sha256(plate.source_path.read_bytes()).hexdigest()
+
+
+def files(root: Path) -> dict[str, bytes]:
+    """Every file a stage may write: the plates' outputs and plateflow's stores."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and "source" not in p.parts and p.name != "manifest.json"}
+
+
+@dataclass
+class Stage:
+    """How the contract drives one stage: its work over plates, and its key for given params."""
+
+    run: Callable[[Path, list[PlateRef], object], list]  # (root, plates, params) -> outcomes
+    params: object
+    other_params: object  # params that must change the key
+    key: Callable[[object, str], str]  # (params, sha256) -> key
+    code_module: str  # the module whose CODE_VERSION is in the key
+    bad_fails_at: str | None  # the step a corrupt source fails at; None: the stage never reads pixels
+
+
+def _characterize(root, plates, params):
+    from tasks.characterize import characterize_plates
+
+    return characterize_plates([(p, sha(p)) for p in plates], params, root)
+
+
+def _candidates(root, plates, params):
+    from tasks.candidates import candidates_of_plates
+
+    return candidates_of_plates([(p, (320, 240)) for p in plates if p.folder != BAD]
+                                + [(p, (0, -1)) for p in plates if p.folder == BAD], params)
+
+
+def _tiles(root, plates, params):
+    from tasks.tiles import TileJob, tiles_of_plates
+
+    store = root / ".plateflow" / "tiles"
+    return tiles_of_plates([TileJob(p, sha(p)) for p in plates], params, store)
+
+
+def _crop_jobs(root, plates, params):
+    """Each plate's candidates and stored vectors (random, unit length: the real files a model
+    would leave), as the refresh hands them to the smart crop."""
+    import numpy as np
+
+    from tasks.candidates import candidate_boxes
+    from tasks.smart_crop import CropJob
+
+    jobs = []
+    for i, p in enumerate(plates):
+        boxes = candidate_boxes(320, 240, params)
+        vectors = np.random.default_rng(i).normal(size=(len(boxes), 8)).astype("<f4")
+        path = root / ".plateflow" / "vectors" / f"{p.folder}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+        digest = sha(p)
+        jobs.append(CropJob(p, _crop_key(params, digest), {"m": str(path)}, boxes, (320, 240), digest))
+    return jobs
+
+
+def _smart_crop(root, plates, params):
+    from tasks.smart_crop import smart_crop_plates
+
+    return smart_crop_plates(_crop_jobs(root, plates, params), "run-1", "m", params)
+
+
+def _crop_key(params, digest):
+    from tasks.smart_crop import crop_key
+
+    return crop_key("m", params, ["m:embedding-key"])(digest)
+
+
+def _tile_params(**kw):
+    from tasks.tiles import TileParams
+
+    return TileParams(width=64, height=64, **kw)
+
+
+def _tile_key(params, digest):
+    return params.key(digest)
+
+
+def _characterize_key(params, digest):
+    from tasks.characterize import cache_key
+
+    return cache_key(digest, params)
+
+
+def _candidates_key(params, digest):
+    from tasks.embed.writer import embedding_key
+    from plateflow.profiles import load_profiles
+
+    return embedding_key(load_profiles().model("dinov2_small"), params)  # the boxes are in every vector's key
+
+
+STAGES = {
+    "characterize": Stage(_characterize, CharacterizeParams(), CharacterizeParams(preview_size=256),
+                          _characterize_key, "tasks.characterize", "characterize"),
+    "candidates": Stage(_candidates, CropParams(), CropParams(n_candidates=8), _candidates_key,
+                        "tasks.embed.writer", "candidates"),
+    "smart crop": Stage(_smart_crop, CropParams(), CropParams(crop_format="png"), _crop_key, "tasks.smart_crop",
+                        "smart_crop"),
+    "tiles": Stage(_tiles, _tile_params(), _tile_params(grayscale=True), _tile_key, "tasks.tiles", "tiles"),
+}
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_a_stage_reruns_for_free_isolates_a_bad_plate_and_keys_on_params_and_code(name, tmp_path, monkeypatch):
+    stage = STAGES[name]
+    plates = corpus(tmp_path)
+    first = {o.folder: o for o in stage.run(tmp_path, plates, stage.params)}
+    assert set(first) == set(GOOD) | {BAD}
+    assert all(not first[f].failed for f in GOOD), {f: first[f].error for f in GOOD}
+    assert first[BAD].failed and first[BAD].failed_step == stage.bad_fails_at and first[BAD].error
+    written = files(tmp_path)
+    assert written, f"{name} wrote nothing"
+
+    again = {o.folder: o for o in stage.run(tmp_path, [p for p in plates if p.folder in GOOD], stage.params)}
+    assert all(not o.failed for o in again.values())
+    assert files(tmp_path) == written  # an unchanged re-run changes no byte
+    if name == "characterize":
+        assert {o.status for o in again.values()} == {"cached"}  # and decodes nothing
+
+    digest = sha(plates[0])
+    assert stage.key(stage.params, digest) != stage.key(stage.other_params, digest)
+    import importlib
+
+    module = importlib.import_module(stage.code_module)
+    before = stage.key(stage.params, digest)
+    monkeypatch.setattr(module, "CODE_VERSION", "edited")
+    assert stage.key(stage.params, digest) != before  # an edit to the stage's code is a new key
