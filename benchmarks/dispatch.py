@@ -40,8 +40,8 @@ def main() -> None:
     ap.add_argument("--gpu-class", default="T4_16GB", help="class the worker simulates (its reader kind included)")
     args = ap.parse_args()
 
-    from conftest import free_port
-    from tiny_models import build_tiny_models
+    from fixtures.processes import free_port
+    from fixtures.tiny_models import build_tiny_models
 
     base = Path(tempfile.mkdtemp(prefix="plateflow-dispatch-"))
     profiles, weights = build_tiny_models(base)

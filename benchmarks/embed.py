@@ -297,7 +297,7 @@ def main() -> None:
     cuda = device.cuda
     if not cuda:
         sys.path.insert(0, str(HERE.parent / "tests"))
-        from tiny_models import build_tiny_models
+        from fixtures.tiny_models import build_tiny_models
 
         profiles_dir, _ = build_tiny_models(Path(tempfile.mkdtemp()))
         os.environ["PLATEFLOW_PROFILES"] = str(profiles_dir)

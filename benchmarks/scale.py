@@ -33,7 +33,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
 
 
 def build(root: Path, n: int) -> None:
-    from conftest import make_plate, paper_plate
+    from fixtures.plates import make_plate, paper_plate
 
     (root / "plates_structured").mkdir(parents=True, exist_ok=True)
     old = time.time() - 3600  # sources made an hour ago, as scans are
@@ -73,7 +73,7 @@ def db_mb(home: Path) -> float:
 
 def variants(root: Path, empty: Path, home: Path, options: tuple[str, ...]) -> list[tuple]:
     def change():
-        from conftest import paper_plate
+        from fixtures.plates import paper_plate
 
         paper_plate(64, 64, seed=10**6 + len(options)).save(root / "plates_structured" / "plate-000001" / "source"
                                                              / "scan.png")

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 from app.cli import app
 from plateflow.tables import write_corpus_table, write_embeddings_table
 
-from conftest import paper_plate, read_image
+from fixtures.plates import paper_plate, read_image
 
 runner = CliRunner()
 
@@ -194,7 +194,7 @@ def test_missing_weights_online_without_a_network_are_said_once_within_seconds_a
 
     from huggingface_hub import constants
 
-    from conftest import free_port
+    from fixtures.processes import free_port
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")

@@ -18,10 +18,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import assert_none_left, free_port, make_plate, paper_plate, wait_until
+from fixtures import REPO
+from fixtures.plates import make_plate, paper_plate
+from fixtures.processes import assert_none_left, free_port, wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.server]
-REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(os.environ.get("PLATEFLOW_E2E_SHOTS", REPO / "test-output" / "e2e"))
 

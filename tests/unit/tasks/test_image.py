@@ -9,7 +9,7 @@ from plateflow.errors import ImageDecodeError, TooManyPixelsError
 from tasks.characterize import characterize_image
 from tasks.image import decode_image
 
-from conftest import paper_plate, read_image
+from fixtures.plates import paper_plate, read_image
 
 MODES = ["RGB", "L", "LA", "RGBA", "P", "CMYK", "1", "I;16", "I", "F"]
 

@@ -22,7 +22,9 @@ from flows.tiles import make_tiles
 from plateflow.corpus import discover_plates, ingest
 from tasks.tiles import TileParams
 
-from conftest import make_plate, paper_plate, wait_until
+from fixtures import REPO
+from fixtures.plates import make_plate, paper_plate
+from fixtures.processes import wait_until
 
 runner = CliRunner()
 
@@ -193,7 +195,7 @@ def test_an_interrupted_upload_leaves_no_partial_object_and_a_rerun_finishes(s3,
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     log = tmp_path / "interrupted.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, cwd=Path(__file__).parent.parent, stdout=out,
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_until(lambda: any(p.endswith(".tar") for p in objects(s3, name)) or proc.poll() is not None,
@@ -208,7 +210,7 @@ def test_an_interrupted_upload_leaves_no_partial_object_and_a_rerun_finishes(s3,
         if path.endswith(".tar"):
             assert _shard_ok(s3.cat_file(path))  # every shard that is visible is whole
 
-    finished = subprocess.run(cmd, env=env, cwd=Path(__file__).parent.parent, capture_output=True, text=True,
+    finished = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True,
                               timeout=300)
     assert finished.returncode == 0, finished.stdout + finished.stderr
     assert "Traceback" not in finished.stdout + finished.stderr
@@ -226,7 +228,7 @@ def test_an_interrupted_upload_leaves_no_partial_object_and_a_rerun_finishes(s3,
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_an_unreachable_bucket_is_one_line_before_any_work(s3, tmp_path, monkeypatch):
-    from conftest import free_port
+    from fixtures.processes import free_port
 
     root = tmp_path / "corpus"
     make_plate(root, "plate-001", paper_plate(256, 128))
@@ -251,7 +253,7 @@ def test_an_s3_server_that_dies_mid_ingest_stops_it_within_a_bounded_time_saying
 
     import s3fs
 
-    from conftest import free_port
+    from fixtures.processes import free_port
 
     port = free_port()
     proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],

@@ -9,7 +9,7 @@ import tarfile
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_plate, paper_plate
+from fixtures.plates import make_plate, paper_plate
 from plateflow.layout import safe_file_name, safe_key
 
 HOSTILE_IDS = ["../../../x", "BM.2001.34", "A" * 120, "q?x=1#h%41", "a/b", "..", "x\x00y"]

@@ -6,7 +6,7 @@ import pytest
 from plateflow.corpus import PlateProblem, PlateRef, discover_plates, ingest, read_manifest, sha256_file
 from plateflow.errors import DuplicatePlateError, ManifestError, UnsafePathError
 
-from conftest import make_plate, paper_plate
+from fixtures.plates import make_plate, paper_plate
 
 
 def test_notebook_manifest_with_extra_keys_is_read_as_is(tmp_path):

@@ -11,7 +11,8 @@ from PIL import Image
 from flows.refresh import refresh_corpus
 from plateflow.config import CharacterizeParams, RefreshConfig
 
-from conftest import copy_corpus, make_plate, paper_plate, read_image, wait_until
+from fixtures.plates import copy_corpus, make_plate, paper_plate, read_image
+from fixtures.processes import wait_until
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -13,7 +13,7 @@ from plateflow.config import RefreshConfig
 from plateflow.corpus import read_manifest
 from plateflow.hashindex import SourceIndex, sha256_file
 
-from conftest import make_plate, paper_plate
+from fixtures.plates import make_plate, paper_plate
 
 
 def age(path, seconds=3600):

@@ -10,7 +10,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import make_plate, paper_plate
+from fixtures.plates import make_plate, paper_plate
 from plateflow.config import CharacterizeParams, CropParams
 from plateflow.corpus import PlateRef, discover_plates
 

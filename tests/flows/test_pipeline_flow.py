@@ -8,7 +8,7 @@ from PIL import Image
 from flows.refresh import refresh_corpus
 from plateflow.config import CropParams, RefreshConfig
 
-from conftest import paper_plate, read_image
+from fixtures.plates import paper_plate, read_image
 
 DEVICE = __import__("os").environ.get("PLATEFLOW_TEST_DEVICE", "cpu")
 
@@ -54,7 +54,7 @@ def test_a_gpu_class_decodes_on_the_device_in_the_flow_and_gets_the_thread_reade
                                                                                              caplog):
     import logging
 
-    from conftest import copy_corpus
+    from fixtures.plates import copy_corpus
     from plateflow.profiles import load_profiles
 
     assert load_profiles().gpu_class("T4_16GB").readers == "device"
@@ -124,7 +124,7 @@ def test_missing_weights_fail_an_in_process_refresh_before_any_work_with_one_mes
 
 
 def test_odd_but_valid_plates_go_through_the_whole_pipeline(tmp_path, tiny_env):
-    from conftest import make_plate
+    from fixtures.plates import make_plate
 
     root = tmp_path / "corpus"
     make_plate(root, "plate-001", Image.new("RGB", (1, 1), (10, 20, 30)), filename="dot.png")

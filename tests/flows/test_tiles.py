@@ -12,7 +12,7 @@ from PIL import Image
 from flows.tiles import make_tiles
 from tasks.tiles import TileParams, cut_tiles, split_of
 
-from conftest import make_plate, paper_plate
+from fixtures.plates import make_plate, paper_plate
 
 SHA = "ab" * 32
 

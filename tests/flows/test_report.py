@@ -13,7 +13,7 @@ from tasks.report import near_duplicates, outliers
 
 from PIL import Image
 
-from conftest import make_plate, paper_plate
+from fixtures.plates import make_plate, paper_plate
 
 
 def test_near_duplicates_and_outliers_from_whole_plate_vectors():

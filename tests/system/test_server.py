@@ -14,11 +14,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import assert_none_left, free_port, make_plate, paper_plate, wait_until
+from fixtures import REPO
+from fixtures.plates import make_plate, paper_plate
+from fixtures.processes import assert_none_left, free_port, wait_until
 from app.server import server_env, start
 
 pytestmark = pytest.mark.server
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
@@ -417,3 +418,20 @@ def test_an_interrupted_refresh_cancels_the_runs_it_sent(live, client, tmp_path)
     ours = [run for run in runs_of(client, route.deployment) if run.id not in before]
     assert len(ours) == 1 and ours[0].state.is_cancelled(), [r.state for r in ours]
     assert ours[0].state.message == "the refresh that sent it stopped"
+
+
+def test_server_stop_ends_the_workers_before_the_server(tmp_path):
+    from app.server import Stack
+
+    log = tmp_path / "order.log"
+
+    def spawn(name: str, linger: float) -> subprocess.Popen:
+        script = (f"trap 'sleep {linger}; echo {name} >> {log}; exit 0' TERM; "
+                  f"echo ready > {tmp_path / name}; while :; do sleep 0.05; done")
+        return subprocess.Popen(["bash", "-c", script], start_new_session=True)
+
+    procs = [spawn("server", 0), spawn("worker-a", 0.5), spawn("worker-b", 0.3)]
+    wait_until(lambda: all((tmp_path / n).exists() for n in ("server", "worker-a", "worker-b")), 10, "ready")
+    Stack(procs).stop()
+    assert all(p.poll() is not None for p in procs)
+    assert log.read_text().split() == ["worker-b", "worker-a", "server"]

@@ -22,10 +22,12 @@ from flows.refresh import refresh_corpus
 from plateflow.config import RefreshConfig
 from tasks.features import open_store
 
-from conftest import make_plate, paper_plate, wait_until
+from fixtures import REPO
+from fixtures.plates import make_plate, paper_plate
+from fixtures.processes import wait_until
 
 runner = CliRunner()
-MODEL = "tiny_vit"  # a tiny random ViT whose features see the pixels (tests/tiny_models.py)
+MODEL = "tiny_vit"  # a tiny random ViT whose features see the pixels (tests/fixtures/tiny_models.py)
 
 
 def labelled_corpus(root: Path, n: int, size=(160, 120)) -> dict[str, str]:
@@ -197,7 +199,7 @@ def test_a_killed_embed_job_resumes_at_the_next_unfinished_chunk(tmp_path, tiny_
     ledger = store / ".chunks"
     with open(tmp_path / "log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "jobs.json")], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent, start_new_session=True)
+                                stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
     try:
         wait_until(lambda: (ledger.is_dir() and any(ledger.glob("*.json"))) or proc.poll() is not None, 180,
                    "the first finished chunk", every=0.02)

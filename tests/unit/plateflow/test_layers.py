@@ -4,7 +4,8 @@ never imports one from a floor above its own."""
 import ast
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from fixtures import REPO
+
 FLOORS = {"plateflow": 0, "tasks": 1, "flows": 2, "app": 3}
 
 

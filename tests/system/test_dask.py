@@ -13,9 +13,10 @@ import pytest
 from flows.refresh import refresh_corpus
 from plateflow.config import RefreshConfig
 
-from conftest import free_port, make_plate, paper_plate, wait_until
+from fixtures import REPO
+from fixtures.plates import make_plate, paper_plate
+from fixtures.processes import free_port, wait_until
 
-REPO = Path(__file__).resolve().parents[1]
 DASK = str(Path(sys.executable).with_name("dask"))
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 

@@ -16,8 +16,9 @@ from plateflow.profiles import quality_profile
 from tasks.characterize import characterize_image
 from tasks.quality import corpus_flags
 
+from fixtures import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
+
 
 
 def quality(path, **params) -> dict:
@@ -176,7 +177,7 @@ def test_the_rocket_with_5_px_cut_from_each_side_is_a_near_duplicate_of_its_orig
 def test_near_duplicates_on_a_designed_set_find_every_pair_and_no_false_one():
     """benchmarks/near_duplicates.py's set, smaller: crops of 1-5 %, 5 px cuts, 90 % resizes,
     JPEG q60 and all at once, among plates of one layout and a crowd of blank pages."""
-    spec = importlib.util.spec_from_file_location("near_duplicates", ROOT / "benchmarks" / "near_duplicates.py")
+    spec = importlib.util.spec_from_file_location("near_duplicates", REPO / "benchmarks" / "near_duplicates.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     figures = bench.measure(pairs=20, unrelated=40, blank=20)
@@ -185,7 +186,7 @@ def test_near_duplicates_on_a_designed_set_find_every_pair_and_no_false_one():
 
 
 def test_a_blank_page_has_no_perceptual_hash():
-    spec = importlib.util.spec_from_file_location("near_duplicates", ROOT / "benchmarks" / "near_duplicates.py")
+    spec = importlib.util.spec_from_file_location("near_duplicates", REPO / "benchmarks" / "near_duplicates.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     blank = bench.blank_page(0)

@@ -18,7 +18,7 @@ from tasks.embed.models import ModelUnavailableError, load_model, require_weight
 from tasks.embed.reader import PlateJob
 from tasks.embed.runner import embed_and_store, encode_plates
 
-from conftest import paper_plate, read_image
+from fixtures.plates import paper_plate, read_image
 
 DEVICE = __import__("os").environ.get("PLATEFLOW_TEST_DEVICE", "cpu")
 

@@ -1,0 +1,81 @@
+"""Damaged caches and tables: named with the fix, recomputed or kept aside, never trusted."""
+
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from app.cli import app
+
+from fixtures.plates import make_plate, paper_plate
+
+runner = CliRunner()
+
+
+def _npy(array) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda good: good[:-7], "truncated"),
+    (lambda good: b"\x00garbage" * 40, "not a .npy file"),
+    (lambda good: _npy(np.ones((3, 8), np.float32)), r"expected float32 \(4, 8\)"),
+    (lambda good: _npy(np.ones((4, 8), np.float64)), "float64"),
+    (lambda good: _npy(np.full((4, 8), np.nan, np.float32)), "not finite"),
+    (lambda good: good + b"\x00" * 8, "too long"),
+])
+def test_damaged_cached_vectors_are_refused_with_the_file_named(tmp_path, damage, words):
+    from plateflow.errors import CacheEntryError
+    from tasks.embed.writer import load_vectors, vectors_problem
+
+    path = tmp_path / "v.npy"
+    good = _npy(np.arange(32, dtype=np.float32).reshape(4, 8))
+    path.write_bytes(good)
+    assert np.array_equal(load_vectors(path, 4, 8), np.arange(32, dtype=np.float32).reshape(4, 8))
+    path.write_bytes(damage(good))
+    with pytest.raises(CacheEntryError, match=words) as err:
+        load_vectors(path, 4, 8)
+    assert str(path) in str(err.value) and vectors_problem(path, 4, 8) == str(err.value)
+
+
+def test_unreadable_tables_are_named_with_how_to_recover_and_exit_non_zero(tmp_path):
+    from plateflow.tables import write_corpus_table
+
+    make_plate(tmp_path, "plate-001", paper_plate())
+    (tmp_path / "plates.parquet").write_bytes(b"PAR1 this is not a table PAR1")
+    for args in (["status"], ["refresh", "--failed-only"]):
+        result = runner.invoke(app, [*args, "--root", str(tmp_path)], terminal_width=400)
+        assert result.exit_code == 2, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+        assert f"{tmp_path / 'plates.parquet'} is not a readable corpus table" in result.output
+        assert f"a plain `plateflow refresh --root {tmp_path}` rebuilds it" in result.output
+    write_corpus_table(tmp_path, [{"plate_dir": "plate-001", "plate_id": "plate-001", "status": "ok"}])
+    (tmp_path / "embeddings").mkdir()
+    (tmp_path / "embeddings" / "tiny.parquet").write_bytes(b"garbage")
+    result = runner.invoke(app, ["status", "--root", str(tmp_path)], terminal_width=400)
+    assert result.exit_code == 2 and "1 plates: 1 ok" in result.output
+    assert "embeddings/tiny.parquet: unreadable" in result.output and "--models tiny rebuilds it" in result.output
+
+
+def test_a_full_refresh_keeps_an_unreadable_table_aside_and_carries_columns_by_plate_folder(tmp_path):
+    import pyarrow as pa
+
+    from plateflow.tables import write_corpus_table
+
+    (tmp_path / "plates.parquet").write_bytes(b"garbage")
+    write_corpus_table(tmp_path, [{"plate_dir": "plate-001", "plate_id": "x", "status": "ok"}])
+    assert (tmp_path / "plates.parquet.unreadable").read_bytes() == b"garbage"
+    # Two folders with one plate_id (both fail as duplicates): each keeps its own note.
+    rows = [{"plate_dir": d, "plate_id": "dup", "status": "failed"} for d in ("plate-001", "plate-002")]
+    write_corpus_table(tmp_path, rows + [{"plate_dir": "plate-003", "plate_id": "c", "status": "ok"}])
+    table = pq.read_table(tmp_path / "plates.parquet")
+    notes = {"plate-001": "torn corner", "plate-002": "water stain", "plate-003": None}
+    table = table.append_column("note", pa.array([notes[d] for d in table.column("plate_dir").to_pylist()]))
+    pq.write_table(table, tmp_path / "plates.parquet")
+    write_corpus_table(tmp_path, list(reversed(rows)))
+    after = {r["plate_dir"]: r["note"] for r in pq.read_table(tmp_path / "plates.parquet").to_pylist()}
+    assert after == {"plate-001": "torn corner", "plate-002": "water stain"}
