@@ -122,23 +122,23 @@ class RefreshConfig(BaseModel):
         description="The CPU step: histograms, preview, pixel limit, flags (part of its cache key).")
     # The GPU stage: none without models.
     models: list[str] = Field(default_factory=list, description="Embedding models (profiles/models.toml).")
-    crop_model: str | None = Field(None, description="Model whose similarity picks the crop (default: the first).")
+    crop_model: str | None = Field(None, description="The model whose similarity picks the crop (default: the first of the models).")
     crop: CropParams = Field(default_factory=CropParams,
                              description="Crop candidates and the smart-crop choice (part of their cache keys).")
-    gpu_class: str | None = Field(None, description="GPU class of the GPU step (default: detected).")
+    gpu_class: str | None = Field(None, description="GPU class of the GPU step (default: with a worker online on the server, the best class that has one; else this machine's).")
     weights_root: str | None = Field(None, description="Folder with one folder of weights per model, named as the model (default: the Hugging Face cache).")
-    gpu_dispatch: Dispatch = Field("auto", description="auto, local (in-process) or pool (embed-plates runs).")
+    gpu_dispatch: Dispatch = Field("auto", description="auto: to a work queue with an online worker when the server has one, else in-process; local: in-process; pool: a work queue or an error.")
     chunk_size: int = Field(default_factory=_gpu("chunk_size"), ge=1,
-                            description="Plates per embed-chunk task (the GPU step's unit of retry).")
+                            description="Plates per embed-chunk task of the GPU step, its unit of retry and progress.")
     worker_wait_minutes: float | None = Field(
         default_factory=_gpu("worker_wait_minutes"), gt=0,
-        description="How long a work pool with no online worker is waited for (None: no limit).")
+        description="How long a work queue may have no online worker before its plates fail (empty: no limit).")
     # The CPU stage.
     workers: int = Field(default_factory=default_workers, ge=1, le=64,
                          description="Batches run at once in this process (threads); also the hashing threads.")
-    dask: str | None = Field(None, description="Run the CPU batches on Dask: a scheduler address "
-                                               "(tcp://host:8786) or local:N (N worker processes here).")
-    verify: bool = Field(False, description="Hash every source again, not only those whose stat changed.")
+    dask: str | None = Field(None, description="Run the CPU batches on Dask: a scheduler address (tcp://host:8786) or "
+                                               "local:N (N worker processes here). Workers need the corpus at the same path.")
+    verify: bool = Field(False, description="Hash every source again, not only those whose size, mtime, inode or ctime changed.")
     batch_plates: int = Field(default_factory=_cpu("batch_plates"), ge=1, le=100_000,
                               description="Most plates in one batch task.")
     batch_megabytes: float = Field(default_factory=_cpu("batch_megabytes"), gt=0,

@@ -48,6 +48,15 @@ def _policy(section: str, key: str, unit: str = "") -> str:
     return f"default: {value:g}{unit}, from profiles/dispatch.toml" if value is not None else "default: profiles/dispatch.toml"
 
 
+def described(model: type, field: str, extra: str = "") -> str:
+    """An option's help from its configuration field's description: written once, in the model,
+    which the Prefect UI's form shows too; ``extra``: what only the command line adds."""
+    text = (model.model_fields[field].description or "").rstrip(".")
+    if not extra:
+        return f"{text}."
+    return f"{text[:-1]}; {extra})." if text.endswith(")") else f"{text} ({extra})."
+
+
 CredentialsOpt = Annotated[Optional[str], typer.Option(
     help="Prefect block with the bucket's credentials, as <block-type>/<name> (s3-bucket/scans, aws-credentials/lab, "
          "gcs-bucket/scans, gcp-credentials/lab); without it, the environment's credentials.")]

@@ -10,8 +10,9 @@ from typing import Annotated, Iterator, Optional
 import typer
 from rich.table import Table
 
-from app.cli import (app, console, RootOpt, CropFormat, Dispatch, POLICY, MODEL_NAMES, CLASS_NAMES, _policy,
+from app.cli import (described, app, console, RootOpt, CropFormat, Dispatch, POLICY, MODEL_NAMES, CLASS_NAMES, _policy,
                      CredentialsOpt)
+from plateflow.config import CropParams, RefreshConfig
 from plateflow.limits import MAX_MEGAPIXELS
 
 
@@ -71,23 +72,23 @@ def ingest(
 @app.command()
 def refresh(
     root: RootOpt,
-    workers: Annotated[Optional[int], typer.Option(metavar="N", min=1, help=f"Batches run at once (default: one per core, at most {POLICY.cpu.max_workers if POLICY else 'max_workers of profiles/dispatch.toml'}).")] = None,
+    workers: Annotated[Optional[int], typer.Option(metavar="N", min=1, help=described(RefreshConfig, "workers", f"default: one per core, at most {POLICY.cpu.max_workers if POLICY else 'max_workers of profiles/dispatch.toml'}"))] = None,
     no_viz: Annotated[bool, typer.Option("--no-viz", help="Skip the viz/ PNG files.")] = False,
     max_megapixels: Annotated[float, typer.Option(metavar="MP", help="Plates above this size fail.")] = MAX_MEGAPIXELS,
     models: Annotated[str, typer.Option(metavar="NAMES", help=f"Comma-separated embedding models: {MODEL_NAMES}. Default: none (characterization only).")] = "",
-    crop_model: Annotated[Optional[str], typer.Option(metavar="NAME", help="The model whose similarity picks the crop (default: the first of --models).")] = None,
-    crop_format: Annotated[CropFormat, typer.Option(help="Format of the saved best crop.")] = "jpeg",
-    min_crop_area: Annotated[float, typer.Option(metavar="FRACTION", help="Smallest crop, as a fraction of the plate area.")] = 0.0,
-    gpu_class: Annotated[Optional[str], typer.Option(metavar="CLASS", help=f"GPU class of the GPU step: {CLASS_NAMES} (default: with a worker online on the server, the best class that has one; else this machine's).")] = None,
-    chunk_size: Annotated[Optional[int], typer.Option(metavar="N", help=f"Plates per embed-chunk task of the GPU step, its unit of retry and progress ({_policy('gpu', 'chunk_size')}).", min=1)] = None,
-    gpu_dispatch: Annotated[Dispatch, typer.Option(help="auto: to a work queue with an online worker when the server has one, else in-process; local: in-process; pool: a work queue or an error.")] = "auto",
-    worker_wait_minutes: Annotated[Optional[float], typer.Option(metavar="MINUTES", help=f"How long a work queue may have no online worker before its plates fail; 0: no limit ({_policy('gpu', 'worker_wait_minutes')}).", min=0)] = None,
-    weights: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder with one folder of weights per model, named as the model (default: the Hugging Face cache).")] = None,
+    crop_model: Annotated[Optional[str], typer.Option(metavar="NAME", help=described(RefreshConfig, "crop_model"))] = None,
+    crop_format: Annotated[CropFormat, typer.Option(help=described(CropParams, "crop_format"))] = "jpeg",
+    min_crop_area: Annotated[float, typer.Option(metavar="FRACTION", help=described(CropParams, "min_area_fraction"))] = 0.0,
+    gpu_class: Annotated[Optional[str], typer.Option(metavar="CLASS", help=described(RefreshConfig, "gpu_class", f"one of {CLASS_NAMES}"))] = None,
+    chunk_size: Annotated[Optional[int], typer.Option(metavar="N", help=described(RefreshConfig, "chunk_size", _policy('gpu', 'chunk_size')), min=1)] = None,
+    gpu_dispatch: Annotated[Dispatch, typer.Option(help=described(RefreshConfig, "gpu_dispatch"))] = "auto",
+    worker_wait_minutes: Annotated[Optional[float], typer.Option(metavar="MINUTES", help=described(RefreshConfig, "worker_wait_minutes", f"on the command line 0; {_policy('gpu', 'worker_wait_minutes')}"), min=0)] = None,
+    weights: Annotated[Optional[Path], typer.Option(metavar="DIR", help=described(RefreshConfig, "weights_root"))] = None,
     failed_only: Annotated[bool, typer.Option("--failed-only", help="Retry only the plates whose last status is failed (the retry-failed-plates flow).")] = False,
-    verify: Annotated[bool, typer.Option("--verify", help="Hash every source again, not only those whose size, mtime, inode or ctime changed.")] = False,
-    batch_plates: Annotated[Optional[int], typer.Option(metavar="N", help=f"Most plates in one batch task ({_policy('cpu', 'batch_plates')}).", min=1)] = None,
-    batch_megabytes: Annotated[Optional[float], typer.Option(metavar="MB", help=f"Most source megabytes in one batch task ({_policy('cpu', 'batch_megabytes')}).", min=0.001)] = None,
-    dask: Annotated[Optional[str], typer.Option(metavar="ADDRESS", help="Run the CPU batches on Dask: a scheduler address (tcp://host:8786) or local:N (N worker processes here). Workers need the corpus at the same path.")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help=described(RefreshConfig, "verify"))] = False,
+    batch_plates: Annotated[Optional[int], typer.Option(metavar="N", help=described(RefreshConfig, "batch_plates", _policy('cpu', 'batch_plates')), min=1)] = None,
+    batch_megabytes: Annotated[Optional[float], typer.Option(metavar="MB", help=described(RefreshConfig, "batch_megabytes", _policy('cpu', 'batch_megabytes')), min=0.001)] = None,
+    dask: Annotated[Optional[str], typer.Option(metavar="ADDRESS", help=described(RefreshConfig, "dask"))] = None,
 ) -> None:
     """Run the refresh flow: only plates whose content, parameters or code changed are recomputed.
 
@@ -311,7 +312,7 @@ def report(
 def demo(
     root: Annotated[Path, typer.Option("--root", "-r", help="Where to build the demo corpus.")] = Path("demo-corpus"),
     models: Annotated[str, typer.Option(metavar="NAMES", help=f"Also embed and smart-crop with these models (comma-separated: {MODEL_NAMES}); needs their weights.")] = "",
-    weights: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder with one folder of weights per model, named as the model (default: the Hugging Face cache).")] = None,
+    weights: Annotated[Optional[Path], typer.Option(metavar="DIR", help=described(RefreshConfig, "weights_root"))] = None,
 ) -> None:
     """Build a demo corpus from scikit-image's sample photographs, ingest it and refresh it."""
     from app.demo import write_demo_sources
