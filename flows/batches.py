@@ -13,6 +13,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner
 
 from plateflow.artifacts import plural
+from plateflow.status import Status
 from tasks.batch import PlateOutcome, batches
 
 
@@ -89,5 +90,5 @@ def _outcomes(stage: BatchStage, future, group: list, logger) -> list[PlateOutco
     if isinstance(outcomes, list):
         return outcomes
     reason = f"{type(outcomes).__name__}: {outcomes}" if isinstance(outcomes, BaseException) else future.state.message
-    return [PlateOutcome(r.plate.folder, "failed", failed_step=stage.failed_step,
+    return [PlateOutcome(r.plate.folder, Status.FAILED, failed_step=stage.failed_step,
                          error=f"its {stage.name} batch was lost: {reason}") for r in group]

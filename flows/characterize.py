@@ -9,6 +9,7 @@ from pathlib import Path
 from plateflow.artifacts import plural
 from plateflow.config import CharacterizeParams
 from plateflow.hashindex import SourceIndex
+from plateflow.status import Status, Step
 from flows.run import CHARACTERISE, HASH, PlateRecord, PlateRunner, Refresh, batching
 from flows.batches import BatchStage, run_batches
 from tasks.batch import PlateOutcome
@@ -27,7 +28,7 @@ def characterize_stage(run: Refresh, records: list[PlateRecord], runner: PlateRu
         def apply(rec: PlateRecord, outcome: PlateOutcome) -> None:
             if outcome.failed:
                 rec.fail(outcome.failed_step, outcome.error,
-                         characterize_status="failed" if outcome.failed_step == "characterize" else "computed")
+                         characterize_status=Status.FAILED if outcome.failed_step == Step.CHARACTERIZE else Status.COMPUTED)
             else:
                 rec.settle(outcome.status, outcome.value)
 
@@ -70,7 +71,7 @@ def settle_current(records: list[PlateRecord], root: Path, params: CharacterizeP
             todo.append(rec)
         elif record.get("loadable") is False:  # bad input, already found bad with these bytes and code
             rec.fail("characterize", record.get("plateflow_error") or record.get("error", ""),
-                     characterize_status="failed")
+                     characterize_status=Status.FAILED)
         else:
-            rec.settle("cached", record)
+            rec.settle(Status.CACHED, record)
     return todo

@@ -9,6 +9,7 @@ from plateflow.artifacts import plural
 from plateflow.layout import PlateLayout
 from plateflow.profiles import load_profiles
 from plateflow.tables import write_embeddings_table
+from plateflow.status import Status
 from flows.run import CANDIDATES, SMART_CROP, PlateRecord, PlateRunner, Refresh, batching, embed_stage
 from flows.batches import BatchStage, run_batches
 from flows.routing import GpuRoute, run_on_pool
@@ -52,7 +53,7 @@ def candidates_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunn
 
     def apply(rec: PlateRecord, outcome: PlateOutcome) -> None:
         if outcome.failed:
-            rec.fail(outcome.failed_step, outcome.error, embed_status="not_run")
+            rec.fail(outcome.failed_step, outcome.error, embed_status=Status.NOT_RUN)
         else:
             rec.boxes = outcome.value
 
@@ -86,7 +87,7 @@ def embed_model(run: Refresh, records: list[PlateRecord], model: str, route: Gpu
     for folder, (rec, _) in jobs.items():
         error = outcome.get(folder, "no result came back for this plate")
         if error is not None:
-            rec.fail("embed", f"RuntimeError: {model}: {error}", embed_status="failed")
+            rec.fail("embed", f"RuntimeError: {model}: {error}", embed_status=Status.FAILED)
             failed += 1
         rec.embedded = True
     run.progress.advance(stage, len(jobs), failed)
@@ -118,7 +119,7 @@ def smart_crop_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunn
     keys = [f"{m}:{embedding_key(profiles.model(m), cfg.crop)}" for m in cfg.models]
     for rec in records:
         if rec.row.get("embed_status") is None and rec.boxes is not None:
-            rec.row["embed_status"] = "computed" if rec.embedded else "cached"
+            rec.row["embed_status"] = Status.COMPUTED if rec.embedded else Status.CACHED
     ok = {r.plate.folder: r for r in records if r.ok}
     run.progress.stage(SMART_CROP, len(ok))
     key = crop_key(cfg.best_crop_model, cfg.crop, keys)

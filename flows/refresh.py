@@ -38,6 +38,7 @@ from plateflow.profiles import load_profiles, quality_profile
 from plateflow.runlog import quiet_returned_failures
 from plateflow.tables import (failure_signature, failure_signatures, read_corpus_table, read_parquet,
                               write_corpus_table)
+from plateflow.status import Status
 from flows.characterize import characterize_stage
 from flows.gpu import gpu_stage
 from flows.run import CANDIDATES, CHARACTERISE, HASH, SMART_CROP, PlateRecord, PlateRunner, Refresh, embed_stage
@@ -180,7 +181,7 @@ def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem
     scan a curator already knows is bad does not turn every nightly run red."""
     rows = sorted([rec.row for rec in records] + [_problem_row(p) for p in problems],
                   key=lambda r: natural_key(r["plate_dir"]))
-    failed = [r for r in rows if r["status"] == "failed"]
+    failed = [r for r in rows if r["status"] == Status.FAILED]
     before = failure_signatures(run.root) if failed else {}
     known = {r["plate_dir"] for r in failed if before.get(r["plate_dir"]) == failure_signature(r)}
     counts = RunCounts.of(rows, known, run.config.models)
@@ -228,9 +229,9 @@ def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem
 
 
 def _problem_row(problem: PlateProblem) -> dict:
-    return {"plate_dir": problem.folder, "plate_id": problem.plate_id, "status": "failed",
+    return {"plate_dir": problem.folder, "plate_id": problem.plate_id, "status": Status.FAILED,
             "failed_step": "manifest", "error": f"{type(problem.error).__name__}: {problem.error}",
-            "characterize_status": "not_run"}
+            "characterize_status": Status.NOT_RUN}
 
 
 def _failures(failed: list[dict]) -> str:

@@ -14,6 +14,7 @@ from plateflow.errors import ConfigError
 from plateflow.artifacts import plural
 from plateflow.runlog import quiet_returned_failures
 from plateflow.tables import read_corpus_table
+from plateflow.status import Status
 
 
 def failed_plates(root: Path) -> list[str]:
@@ -21,7 +22,7 @@ def failed_plates(root: Path) -> list[str]:
     table = read_corpus_table(root)
     if table is None:
         raise ConfigError(f"{root} has no plates.parquet yet: run `plateflow refresh --root {root}` first")
-    return sorted((r["plate_dir"] for r in table.to_pylist() if r["status"] == "failed"), key=natural_key)
+    return sorted((r["plate_dir"] for r in table.to_pylist() if r["status"] == Status.FAILED), key=natural_key)
 
 
 @flow(name="retry-failed-plates", validate_parameters=True)

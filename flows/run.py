@@ -16,6 +16,7 @@ from plateflow.config import CharacterizeParams, RefreshConfig
 from plateflow.corpus import PlateRef, original_path
 from plateflow.layout import CorpusLayout
 from plateflow.tables import CHARACTERIZATION_COLUMNS
+from plateflow.status import Status
 from flows.batches import Batching
 from tasks.batch import file_size
 from tasks.quality import paper_share, quality_scores
@@ -43,12 +44,12 @@ class PlateRecord:
 
     def __post_init__(self):
         self.row = {"plate_dir": self.plate.folder, "plate_id": self.plate.plate_id,
-                    "source_image": self.plate.source_image, "status": "ok",
+                    "source_image": self.plate.source_image, "status": Status.OK,
                     "original_path": original_path(self.plate.manifest)}
 
     @property
     def ok(self) -> bool:
-        return self.row["status"] == "ok"
+        return self.row["status"] == Status.OK
 
     @property
     def size(self) -> tuple[int, int]:
@@ -65,10 +66,10 @@ class PlateRecord:
     def fail(self, step: str, error: str, **extra) -> None:
         """Mark the plate failed at ``step``, with the error that says why (and the source's
         hash, when known: a failure with the same hash is known on the next run)."""
-        self.row.update(status="failed", failed_step=step, error=error, **extra)
+        self.row.update(status=Status.FAILED, failed_step=step, error=error, **extra)
         if self.sha256 is not None:
             self.row.setdefault("sha256", self.sha256)
-        self.row.setdefault("characterize_status", "not_run")
+        self.row.setdefault("characterize_status", Status.NOT_RUN)
 
     def source_bytes(self) -> int:
         return file_size(self.plate.source_path)

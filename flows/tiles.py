@@ -35,6 +35,7 @@ from plateflow.artifacts import plural
 from plateflow.layout import PLATES, SHARD_NAME, SHARD_STATE, STATE, CorpusLayout, shard_name
 from plateflow.runlog import quiet_returned_failures
 from plateflow.tables import TILE_PLATES_SCHEMA, TILES_SCHEMA, parquet_bytes
+from plateflow.status import Status
 from flows.batches import Batching, BatchStage, run_batches
 from tasks.batch import file_size
 from tasks.tiles import (TileJob, TileParams, group_of, split_of, stored_tiles, tiles_batch, tiles_of_plates,
@@ -249,9 +250,9 @@ def _write_tables(dest: Location, params: TileParams, records: dict, failed: dic
         rows = record["rows"] if record else []
         tiles += [{**r, "box": list(r["box"]), "shard": shard_of.get(folder)} for r in rows]
         plates.append({"plate_dir": folder, "plate_id": plate.plate_id, "sha256": sha,
-                       "split": split_of(sha, params), "tiles": len(rows), "status": "skipped" if not rows else "ok",
+                       "split": split_of(sha, params), "tiles": len(rows), "status": Status.SKIPPED if not rows else Status.OK,
                        "reason": record.get("reason") if record else None})
-    plates += [{"plate_dir": f, "plate_id": None, "sha256": None, "split": None, "tiles": 0, "status": "failed",
+    plates += [{"plate_dir": f, "plate_id": None, "sha256": None, "split": None, "tiles": 0, "status": Status.FAILED,
                 "reason": why} for f, why in sorted(failed.items())]
     dest.put_bytes_if_changed("tiles.parquet", parquet_bytes(pa.Table.from_pylist(tiles, schema=TILES_SCHEMA)))
     dest.put_bytes_if_changed("tile-plates.parquet",

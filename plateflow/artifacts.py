@@ -12,6 +12,7 @@ from urllib.parse import quote
 from typing import Callable
 
 from plateflow.layout import PLATES, PREVIEW, REPORTS, VIZ, CorpusLayout
+from plateflow.status import Status
 
 
 
@@ -105,7 +106,7 @@ class RunCounts:
 
     @classmethod
     def of(cls, rows: list[dict], known: set[str], models: list[str]) -> "RunCounts":
-        failed = [r for r in rows if r["status"] == "failed"]
+        failed = [r for r in rows if r["status"] == Status.FAILED]
         char_failed = {r["plate_dir"] for r in failed if r.get("failed_step") in CHARACTERIZE_STEPS}
         characterized = [r for r in rows if r["plate_dir"] not in char_failed]
         char = {s: sum(r.get("characterize_status") == s for r in characterized) for s in ("computed", "cached")}
@@ -147,7 +148,7 @@ def summary_markdown(root: Path, rows: list[dict], counts: RunCounts, known: set
                      report: Path | None, models: list[str], corpus_rows: int | None = None) -> str:
     """The run's summary: ``rows`` are this run's plates (``corpus_rows``: the table's, when
     the run covered only some)."""
-    failed = [r for r in rows if r["status"] == "failed"]
+    failed = [r for r in rows if r["status"] == Status.FAILED]
     lines = [f"# Refresh of `{root}`", "", f"- **{counts.headline()}**"]
     if corpus_rows is not None:
         lines.append(f"- this run refreshed {plural(len(rows), 'plate')}; plates.parquet holds {corpus_rows}")
@@ -213,8 +214,8 @@ def table_rows(rows: list[dict], failed_max: int = TABLE_FAILED, sample: int = T
     """The rows the table artifact holds: the failed plates (up to ``failed_max``), then an even
     sample of ``sample`` of the others. Every row again on every refresh would grow Prefect's
     database by megabytes per nightly run of a large corpus; plates.parquet has them all."""
-    failed = [r for r in rows if r["status"] == "failed"][:failed_max]
-    others = [r for r in rows if r["status"] != "failed"]
+    failed = [r for r in rows if r["status"] == Status.FAILED][:failed_max]
+    others = [r for r in rows if r["status"] != Status.FAILED]
     step = max(1, -(-len(others) // sample)) if sample else len(others) + 1
     return failed + others[::step][:sample]
 
@@ -227,7 +228,7 @@ def publish(root: Path, rows: list[dict], counts: RunCounts, known: set[str], ti
 
     every = rows if corpus is None else corpus
     shown = table_rows(every)
-    failed = sum(r["status"] == "failed" for r in every)
+    failed = sum(r["status"] == Status.FAILED for r in every)
     create_table_artifact(plate_table(shown), key=artifact_key(root, "plates"),
                           description=(f"Plates of {root}: {len(every)} in all, {failed} failed; shown: "
                                        f"{sum(r['status'] == 'failed' for r in shown)} failed and a sample of "

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from plateflow.artifacts import plural
 from plateflow.errors import PlateError, is_transient
+from plateflow.status import Status
 
 RETRIES = 2  # transient failures of one plate: tried again after 1 s, then 2 s (with jitter)
 
@@ -34,7 +35,7 @@ class PlateOutcome:
 
     @property
     def failed(self) -> bool:
-        return self.status == "failed"
+        return self.status == Status.FAILED
 
 
 def _retrying(step: Callable[[], Any], what: str, logger) -> Any:
@@ -50,7 +51,7 @@ def _retrying(step: Callable[[], Any], what: str, logger) -> Any:
             time.sleep(delay)
 
 
-def isolated(folder: str, step: str, fn: Callable[[], Any], logger, status: str = "computed",
+def isolated(folder: str, step: str, fn: Callable[[], Any], logger, status: str = Status.COMPUTED,
              on_error: Callable[[Exception], None] | None = None) -> PlateOutcome:
     """``fn()`` for one plate as an outcome: its value, or the error that failed it at ``step``
     (after ``on_error(exc)``, when given)."""
@@ -61,11 +62,11 @@ def isolated(folder: str, step: str, fn: Callable[[], Any], logger, status: str 
             logger.exception("%s: unexpected error in %s", folder, step)
         if on_error is not None:
             on_error(exc)
-        return PlateOutcome(folder, "failed", failed_step=step, error=f"{type(exc).__name__}: {exc}")
+        return PlateOutcome(folder, Status.FAILED, failed_step=step, error=f"{type(exc).__name__}: {exc}")
 
 
 def summary(logger, what: str, outcomes: list[PlateOutcome]) -> list[PlateOutcome]:
-    counts = {s: sum(o.status == s for o in outcomes) for s in ("computed", "cached", "failed")}
+    counts = {s: sum(o.status == s for o in outcomes) for s in (Status.COMPUTED, Status.CACHED, Status.FAILED)}
     logger.info("%s: %s: %d computed, %d cached, %d failed", what, plural(len(outcomes), "plate"), *counts.values())
     return outcomes
 

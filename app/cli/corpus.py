@@ -14,6 +14,7 @@ from app.cli import (described, app, console, RootOpt, CropFormat, Dispatch, POL
                      CredentialsOpt)
 from plateflow.config import CropParams, RefreshConfig
 from plateflow.limits import MAX_MEGAPIXELS
+from plateflow.status import Status
 
 
 @app.command()
@@ -238,7 +239,7 @@ def _print_status(root: Path) -> tuple[bool, int]:
         return False, 0
     rows = table.to_pylist()
     unreadable = 0
-    failed = [r for r in rows if r["status"] == "failed"]
+    failed = [r for r in rows if r["status"] == Status.FAILED]
 
     counts = RunCounts.of(rows, set(), ["any"] if any(r.get("embed_status") for r in rows) else [])
     console.print(f"{len(rows)} plates: {len(rows) - len(failed)} ok, {len(failed)} failed; "
