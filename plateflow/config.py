@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from plateflow.errors import ConfigError
 from plateflow.layout import CorpusLayout
 from plateflow.limits import MAX_MEGAPIXELS
-from plateflow.profiles import dispatch_policy
+from plateflow.profiles import dispatch_policy, quality_profile
 
 
 class CharacterizeParams(BaseModel):
@@ -34,8 +34,9 @@ class CharacterizeParams(BaseModel):
     )
     very_large_megapixels: float = Field(30.0, gt=0, description="Flag plates above this size.")
     extreme_aspect_ratio: float = Field(
-        3.0, ge=1, description="Flag plates whose long side exceeds the short side by this factor."
-    )
+        default_factory=lambda: quality_profile().odd_aspect_ratio.max_ratio, ge=1,
+        description="extreme_aspect: the long side exceeds the short side by this factor (default: "
+                    "odd_aspect_ratio's max_ratio in profiles/quality.toml, set once there).")
     preview_size: int = Field(512, ge=16, le=4096, description="Longest side of viz/input_preview.png.")
     viz: bool = Field(True, description="Write the viz/ PNGs (preview and histogram plots).")
     working_copy: bool = Field(False, description="Leave working_copy.jpg for the crop and GPU steps.")
