@@ -50,7 +50,8 @@ def build(root: Path, plates: int, views: int, dim: int, classes: int = 5) -> No
 
 
 def train(root: Path, epochs: int) -> dict:
-    from tasks.heads import HeadConfig, read_labels, train_experiment
+    from plateflow.config import HeadConfig
+    from tasks.heads import read_labels, train_experiment
 
     t0 = time.perf_counter()
     labels = read_labels(root, "class", root / "labels.csv")

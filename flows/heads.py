@@ -17,7 +17,11 @@ from plateflow.corpus import corpus_lock
 from plateflow.errors import ConfigError
 from plateflow.experiments import check as ledger_check
 from plateflow.runlog import quiet_returned_failures
-from tasks.heads import HeadConfig, check_labels, predict, read_labels, require_features, train_experiment
+from plateflow.config import HeadConfig
+from tasks.heads import check_labels, predict, read_labels, require_features, train_experiment
+
+
+_HEAD = HeadConfig().model_dump()  # the defaults, set once (plateflow/config.py: HeadConfig)
 
 
 @task(name="train-head", task_run_name="train-{config.head}-lr{config.lr}", cache_policy=NO_CACHE)
@@ -29,9 +33,10 @@ def train_one(root: str, model: str, label: str, config: HeadConfig, labels: dic
 
 @flow(name="train-head", validate_parameters=True)
 def train_head(root: str, model: str, label: str, labels_file: str | None = None,
-               heads: list[str] = ["linear"], lrs: list[float] = [1e-3], epochs: int = 30,  # noqa: B006
-               seed: int = 0, hidden: int = 256, test_every: int | None = None,
-               test_fraction: float | None = 0.2, features: str = "plates") -> list[str]:
+               heads: list[str] = [_HEAD["head"]], lrs: list[float] = [_HEAD["lr"]],  # noqa: B006
+               epochs: int = _HEAD["epochs"], seed: int = _HEAD["seed"], hidden: int = _HEAD["hidden"],
+               test_every: int | None = _HEAD["test_every"], test_fraction: float | None = _HEAD["test_fraction"],
+               features: str = "plates") -> list[str]:
     """Train a classifier head per (head, learning rate) on the cached features of ``model``;
     returns the experiment ids. Publishes a table of their metrics and their confusion matrices.
 

@@ -188,3 +188,26 @@ def corpus_root(root: str | Path) -> Path:
         raise ConfigError(f"{path} is not a plate corpus: it has no plates_structured/ folder "
                           "(create one with `plateflow ingest SRC --root ROOT`)")
     return path
+
+
+class HeadConfig(BaseModel):
+    """How one head is trained."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    head: Literal["linear", "mlp"] = Field("linear", description="linear: one layer; mlp: one hidden layer.")
+    lr: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate.")
+    epochs: int = Field(30, ge=1, le=10_000, description="Passes over the train plates.")
+    seed: int = Field(0, description="Seeds the initial weights and the minibatch order.")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    hidden: int = Field(256, ge=1, le=65536, description="Hidden units of the mlp head.")
+    batch_size: int = Field(256, ge=1, description="Plates per step.")
+    validation_fraction: float = Field(0.1, ge=0, lt=1, description="Train plates held out, by hash, to pick the best epoch.")
+    test_every: int | None = Field(None, ge=2, description="Test plates: hash 0 mod this (the tiles' rule).")
+    test_fraction: float | None = Field(0.2, gt=0, lt=1, description="Or: this share of plates, by hash, is test.")
+
+    @model_validator(mode="after")
+    def _one_split_rule(self) -> "HeadConfig":
+        if self.test_every is not None and self.test_fraction is not None:
+            raise ValueError("give test_every or test_fraction, not both")
+        return self

@@ -28,14 +28,13 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from plateflow import experiments as ledger
 from plateflow.atomic import temp_file, write_bytes, write_json, write_parquet
 from plateflow.caching import code_version
+from plateflow.config import HeadConfig
 from plateflow.errors import ConfigError
 from plateflow.layout import CorpusLayout
 from plateflow.split import in_validation, split_of
@@ -43,29 +42,6 @@ from tasks.features import FeatureStore, open_store, plate_inputs
 
 CODE_VERSION = code_version("tasks.heads", "tasks.features", "plateflow.split")
 LABEL_NAME = re.compile(r"^[A-Za-z0-9_]+$")
-
-
-class HeadConfig(BaseModel):
-    """How one head is trained."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    head: Literal["linear", "mlp"] = Field("linear", description="linear: one layer; mlp: one hidden layer.")
-    lr: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate.")
-    epochs: int = Field(30, ge=1, le=10_000, description="Passes over the train plates.")
-    seed: int = Field(0, description="Seeds the initial weights and the minibatch order.")
-    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
-    hidden: int = Field(256, ge=1, le=65536, description="Hidden units of the mlp head.")
-    batch_size: int = Field(256, ge=1, description="Plates per step.")
-    validation_fraction: float = Field(0.1, ge=0, lt=1, description="Train plates held out, by hash, to pick the best epoch.")
-    test_every: int | None = Field(None, ge=2, description="Test plates: hash 0 mod this (the tiles' rule).")
-    test_fraction: float | None = Field(0.2, gt=0, lt=1, description="Or: this share of plates by hash (default 0.2).")
-
-    @model_validator(mode="after")
-    def _one_split_rule(self) -> "HeadConfig":
-        if self.test_every is not None and self.test_fraction is not None:
-            raise ValueError("give test_every or test_fraction, not both")
-        return self
 
 
 def read_labels(root: Path, label: str, labels_file: str | Path | None = None) -> dict[str, str]:

@@ -8,7 +8,11 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from app.cli import app, console, RootOpt, TileMode, MODEL_NAMES, CredentialsOpt
+from plateflow.config import HeadConfig
+from app.cli import described, app, console, RootOpt, TileMode, MODEL_NAMES, CredentialsOpt
+
+
+HEAD = HeadConfig().model_dump()  # train-head's defaults, set once (plateflow/config.py: HeadConfig)
 
 
 @app.command()
@@ -110,12 +114,12 @@ def train_head(
     label: Annotated[str, typer.Option(help="The manifest key with each plate's class (or the classes' name with --labels).")],
     labels: Annotated[Optional[Path], typer.Option(help="A CSV of plate_id,label instead of the manifests' key.")] = None,
     head: Annotated[str, typer.Option(help="linear, mlp, or both: linear,mlp (each is its own experiment).")] = "linear",
-    lr: Annotated[str, typer.Option(help="Learning rate(s), comma-separated: each with each head.")] = "1e-3",
-    epochs: Annotated[int, typer.Option(help="Passes over the train plates.", min=1)] = 30,
-    seed: Annotated[int, typer.Option(help="Seeds the weights and the minibatch order.")] = 0,
-    hidden: Annotated[int, typer.Option(help="Hidden units of the mlp head.", min=1)] = 256,
-    test_every: Annotated[Optional[int], typer.Option(help="Test plates: content hash 0 mod K (the tiles' rule).")] = None,
-    test_fraction: Annotated[float, typer.Option(help="Or: this share of plates by content hash is test.")] = 0.2,
+    lr: Annotated[str, typer.Option(help=described(HeadConfig, "lr", "comma-separated: each with each head"))] = f"{HEAD['lr']:g}",
+    epochs: Annotated[int, typer.Option(help=described(HeadConfig, "epochs"), min=1)] = HEAD["epochs"],
+    seed: Annotated[int, typer.Option(help=described(HeadConfig, "seed"))] = HEAD["seed"],
+    hidden: Annotated[int, typer.Option(help=described(HeadConfig, "hidden"), min=1)] = HEAD["hidden"],
+    test_every: Annotated[Optional[int], typer.Option(help=described(HeadConfig, "test_every"))] = HEAD["test_every"],
+    test_fraction: Annotated[float, typer.Option(help=described(HeadConfig, "test_fraction"))] = HEAD["test_fraction"],
     features: Annotated[str, typer.Option("--features", help="plates, or tiles (a head per tile, from `plateflow features --tiles`).")] = "plates",
 ) -> None:
     """Train light classifier heads on cached features (the train-head flow); each (head, lr) is
