@@ -1,10 +1,10 @@
 """viz/ files: a small preview, and histogram plots drawn with matplotlib (Agg).
 
 A plot per file, three per plate, on every characterization: drawing a figure from scratch
-(ticks, labels, legend) costs ~100 ms a plot here. So each thread keeps one figure, draws its
+(ticks, labels, legend) costs most of a plot's time. So each thread keeps one figure, draws its
 axes, ticks, labels, legend and title once per kind of plot, keeps that as a background, and
-per plate only restores it, sets the lines' data and draws them (matplotlib's blitting):
-~10 ms a plot (benchmarks/cpu_stage.py). The y axis is each level's count over the peak
+per plate only restores it, sets the lines' data and draws them (matplotlib's blitting; the
+cost of each: benchmarks/cpu_stage.py). The y axis is each level's count over the peak
 level's, so one background fits every plate.
 """
 
