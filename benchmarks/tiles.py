@@ -70,7 +70,8 @@ def main() -> None:
 
     from benchmarks.cpu_stage import build_plates
     from plateflow.config import default_workers
-    from plateflow.corpus import discover_plates, ingest
+    from plateflow.corpus import discover_plates
+    from plateflow.ingest import ingest
     from tasks.image import decode_image
     from tasks.tiles import TileParams, cut_tiles, encode_png, split_of
 

@@ -30,7 +30,7 @@ def ingest(
     from rich.progress import Progress
 
     from plateflow.buckets import is_url
-    from plateflow.corpus import ingest as ingest_files, iter_source_files
+    from plateflow.ingest import ingest as ingest_files, iter_source_files
     from plateflow.errors import ConfigError
 
     sources = [s if is_url(s) else Path(s) for s in sources]

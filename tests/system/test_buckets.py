@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from app.cli import app
 from flows.tiles import make_tiles
-from plateflow.corpus import discover_plates, ingest
+from plateflow.corpus import discover_plates
+from plateflow.ingest import ingest
 from tasks.tiles import TileParams
 
 from fixtures import REPO

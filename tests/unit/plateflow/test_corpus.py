@@ -3,7 +3,9 @@ import os
 
 import pytest
 
-from plateflow.corpus import PlateProblem, PlateRef, discover_plates, ingest, read_manifest, sha256_file
+from plateflow.corpus import PlateProblem, PlateRef, discover_plates, read_manifest
+from plateflow.hashindex import sha256_file
+from plateflow.ingest import ingest
 from plateflow.errors import DuplicatePlateError, ManifestError, UnsafePathError
 
 from fixtures.plates import make_plate, paper_plate

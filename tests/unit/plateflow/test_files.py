@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from plateflow.atomic import write_bytes
-from plateflow.corpus import PlateProblem, PlateRef, discover_plates, ingest
+from plateflow.corpus import PlateProblem, PlateRef, discover_plates
+from plateflow.ingest import ingest
 from plateflow.errors import UnsafePathError
 
 from fixtures import REPO

@@ -13,7 +13,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from app.cli import app
-from plateflow.corpus import PlateRef, discover_plates, ingest
+from plateflow.corpus import PlateRef, discover_plates
+from plateflow.ingest import ingest
 
 from fixtures.plates import make_plate, paper_plate
 

@@ -116,7 +116,7 @@ def test_each_bad_manifest_or_source_path_fails_its_own_plate_with_what_is_wrong
 
 
 def test_ingest_copies_a_long_name_safely_and_never_ingests_its_own_corpus(tmp_path):
-    from plateflow.corpus import ingest
+    from plateflow.ingest import ingest
 
     scans = tmp_path / "scans"
     scans.mkdir()
