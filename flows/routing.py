@@ -155,104 +155,138 @@ def run_on_pool(route: GpuRoute, model: str, jobs: list, chunk_size: int, weight
     refresh stops (Ctrl-C, an error), the runs it sent that have not finished are cancelled.
     """
     from prefect import get_client
-    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
-                                                FlowRunFilterWorkQueueName, WorkPoolFilter, WorkPoolFilterName)
-    from prefect.client.schemas.objects import StateType
-    from prefect.deployments import run_deployment
-    from prefect.states import Cancelled, Cancelling
 
-    from plateflow.atomic import write_json
-
-    policy = dispatch_policy().gpu
-    poll_s = policy.poll_seconds if poll_s is None else poll_s
     report_dir.mkdir(parents=True, exist_ok=True)
-    queue = work_pool().queue(route.gpu_class)
-    where = f"{route.pool}/{route.queue}"
-
     with get_client(sync_client=True) as client:
-        workers = online_workers(client, route.pool, queue)
-        # Places taken by runs already running there (this refresh's own run, when it runs on
-        # the same queue) are not free: runs sent for them would only queue, each a start more.
-        running = client.count_flow_runs(
-            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[route.pool])),
-            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])),
-                                          work_queue_name=FlowRunFilterWorkQueueName(any_=[route.queue])))
-        free = max(0, workers * queue.worker_limit - running)
-        parts = [jobs[r.start:r.stop] for r in split_runs(len(jobs), free, chunk_size, max_run_plates)]
-        logger.info("%s: %d plate(s) in %d run(s) on %s (%d online worker(s), %d run(s) each, %d running)",
-                    model, len(jobs), len(parts), where, workers, queue.worker_limit, running)
-
-        def submit(n: int, attempt: int):
-            report = report_dir / f"{model}-{n}-{attempt}.json"
-            jobs_file = report_dir / f"{model}-{n}-jobs.json"
-            if attempt == 0:
-                write_json(jobs_file, [asdict(j) for j in parts[n]])
-            run = run_deployment(route.deployment, timeout=0, as_subflow=True, tags=["plateflow"],
-                                 work_queue_name=route.queue,
-                                 flow_run_name=f"embed-{model}-run-{n}" + (f"-retry-{attempt}" if attempt else ""),
-                                 parameters={"model": model, "jobs_file": str(jobs_file),
-                                             "gpu_class": route.gpu_class, "chunk_size": chunk_size,
-                                             "weights_root": weights_root, "report": str(report)})
-            logger.info("%s run %d/%d (%d plate(s)): flow run %s on %s", model, n + 1, len(parts),
-                        len(parts[n]), run.name, where)
-            return run.id, report
-
-        outcome: dict[str, str | None] = {}
-        no_worker_since = None if workers else time.monotonic()
-        if no_worker_since is not None:
-            logger.warning("work queue %s has no online worker: its runs wait until one starts "
-                           "(`plateflow worker` on a %s machine)%s", where, route.gpu_class,
-                           f", at most {worker_wait_s:g} s" if worker_wait_s is not None else "")
-        pending: dict[int, tuple] = {}
+        runs = PoolRuns(client, route, model, chunk_size, weights_root, report_dir, logger, worker_wait_s)
         try:
-            for n in range(len(parts)):
-                pending[n] = (*submit(n, 0), 0)
-            while pending:
-                time.sleep(poll_s)
-                if online_workers(client, route.pool, queue):
-                    no_worker_since = None
-                elif no_worker_since is None:
-                    no_worker_since = time.monotonic()
-                gave_up = (worker_wait_s is not None and no_worker_since is not None
-                           and time.monotonic() - no_worker_since >= worker_wait_s)
-                for n, (run_id, report, attempt) in list(pending.items()):
-                    state = client.read_flow_run(run_id).state
-                    if gave_up and state is not None and state.is_scheduled():
-                        why = (f"no worker polled work queue {where} for {worker_wait_s:g} s, so nothing "
-                               f"ran these plates; start one (`plateflow worker` on a {route.gpu_class} "
-                               f"machine) or use gpu_dispatch=local, then retry the failed plates")
-                        client.set_flow_run_state(run_id, Cancelled(message=why), force=True)
-                        logger.error("%s run %d: %s", model, n + 1, why)
-                        del pending[n]
-                        for job in parts[n]:
-                            outcome[job.plate_id] = why
-                        continue
-                    if state is None or not state.is_final():
-                        continue
-                    del pending[n]
-                    if state.is_completed() and report.is_file():
-                        outcome.update(json.loads(report.read_text()))
-                        # Done with: a failed or cancelled run keeps its files (its plates, for a
-                        # retry from the UI, and what it reported).
-                        for name in ["jobs", *range(attempt + 1)]:
-                            (report_dir / f"{model}-{n}-{name}.json").unlink(missing_ok=True)
-                    elif state.is_crashed() and attempt < policy.crash_retries:
-                        logger.warning("%s run %d: crashed (%s); sending it again", model, n + 1, state.message)
-                        pending[n] = (*submit(n, attempt + 1), attempt + 1)
-                    else:
-                        why = state.message or state.name
-                        if state.is_completed():
-                            why = f"the run completed but wrote no report at {report}"
-                        for job in parts[n]:
-                            outcome[job.plate_id] = f"{route.deployment} run ended {state.name}: {why}"
+            runs.send(jobs, max_run_plates)
+            runs.wait(dispatch_policy().gpu.poll_seconds if poll_s is None else poll_s)
         except BaseException:  # Ctrl-C, a lost server: no run of ours is left waiting for a worker
-            for run_id, _, _ in pending.values():
-                with contextlib.suppress(Exception):
-                    scheduled = client.read_flow_run(run_id).state.is_scheduled()
-                    # A run a worker has taken is stopped by that worker (Cancelling).
-                    client.set_flow_run_state(run_id, (Cancelled if scheduled else Cancelling)(
-                        message="the refresh that sent it stopped"), force=True)
+            runs.cancel_pending()
             raise
     with contextlib.suppress(OSError):  # only when empty: what a failed run left stays
         report_dir.rmdir()
-    return outcome
+    return runs.outcome
+
+
+class PoolRuns:
+    """One model's runs on a work queue (``run_on_pool``): sent, watched, resent, collected."""
+
+    def __init__(self, client, route: GpuRoute, model: str, chunk_size: int, weights_root: str | None,
+                 report_dir: Path, logger, worker_wait_s: float | None):
+        self.client, self.route, self.model, self.logger = client, route, model, logger
+        self.chunk_size, self.weights_root, self.report_dir = chunk_size, weights_root, report_dir
+        self.worker_wait_s = worker_wait_s
+        self.queue = work_pool().queue(route.gpu_class)
+        self.where = f"{route.pool}/{route.queue}"
+        self.parts: list[list] = []
+        self.pending: dict[int, tuple] = {}  # run n -> (flow run id, report path, attempt)
+        self.outcome: dict[str, str | None] = {}
+        self.no_worker_since: float | None = None
+
+    def send(self, jobs: list, max_run_plates: int | None) -> None:
+        """Split the plates over the queue's free places and send a run for each part."""
+        from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
+                                                    FlowRunFilterWorkQueueName, WorkPoolFilter, WorkPoolFilterName)
+        from prefect.client.schemas.objects import StateType
+
+        workers = online_workers(self.client, self.route.pool, self.queue)
+        # Places taken by runs already running there (this refresh's own run, when it runs on
+        # the same queue) are not free: runs sent for them would only queue, each a start more.
+        running = self.client.count_flow_runs(
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[self.route.pool])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])),
+                                          work_queue_name=FlowRunFilterWorkQueueName(any_=[self.route.queue])))
+        free = max(0, workers * self.queue.worker_limit - running)
+        self.parts = [jobs[r.start:r.stop] for r in split_runs(len(jobs), free, self.chunk_size, max_run_plates)]
+        self.logger.info("%s: %d plate(s) in %d run(s) on %s (%d online worker(s), %d run(s) each, %d running)",
+                         self.model, len(jobs), len(self.parts), self.where, workers, self.queue.worker_limit, running)
+        if not workers:
+            self.no_worker_since = time.monotonic()
+            self.logger.warning("work queue %s has no online worker: its runs wait until one starts "
+                                "(`plateflow worker` on a %s machine)%s", self.where, self.route.gpu_class,
+                                f", at most {self.worker_wait_s:g} s" if self.worker_wait_s is not None else "")
+        for n in range(len(self.parts)):
+            self.pending[n] = (*self._submit(n, 0), 0)
+
+    def _submit(self, n: int, attempt: int) -> tuple:
+        from prefect.deployments import run_deployment
+
+        from plateflow.atomic import write_json
+
+        report = self.report_dir / f"{self.model}-{n}-{attempt}.json"
+        jobs_file = self.report_dir / f"{self.model}-{n}-jobs.json"
+        if attempt == 0:
+            write_json(jobs_file, [asdict(j) for j in self.parts[n]])
+        run = run_deployment(self.route.deployment, timeout=0, as_subflow=True, tags=["plateflow"],
+                             work_queue_name=self.route.queue,
+                             flow_run_name=f"embed-{self.model}-run-{n}" + (f"-retry-{attempt}" if attempt else ""),
+                             parameters={"model": self.model, "jobs_file": str(jobs_file),
+                                         "gpu_class": self.route.gpu_class, "chunk_size": self.chunk_size,
+                                         "weights_root": self.weights_root, "report": str(report)})
+        self.logger.info("%s run %d/%d (%d plate(s)): flow run %s on %s", self.model, n + 1, len(self.parts),
+                         len(self.parts[n]), run.name, self.where)
+        return run.id, report
+
+    def wait(self, poll_s: float) -> None:
+        """Watch the runs until each has ended (or was given up): every ``poll_s`` seconds."""
+        while self.pending:
+            time.sleep(poll_s)
+            gave_up = self._no_worker_for_too_long()
+            for n, (run_id, report, attempt) in list(self.pending.items()):
+                state = self.client.read_flow_run(run_id).state
+                if gave_up and state is not None and state.is_scheduled():
+                    self._give_up(n, run_id)
+                elif state is not None and state.is_final():
+                    del self.pending[n]
+                    self._ended(n, state, report, attempt)
+
+    def _no_worker_for_too_long(self) -> bool:
+        if online_workers(self.client, self.route.pool, self.queue):
+            self.no_worker_since = None
+        elif self.no_worker_since is None:
+            self.no_worker_since = time.monotonic()
+        return (self.worker_wait_s is not None and self.no_worker_since is not None
+                and time.monotonic() - self.no_worker_since >= self.worker_wait_s)
+
+    def _give_up(self, n: int, run_id) -> None:
+        """A run no worker took in time: cancelled, its plates failed saying why."""
+        from prefect.states import Cancelled
+
+        why = (f"no worker polled work queue {self.where} for {self.worker_wait_s:g} s, so nothing "
+               f"ran these plates; start one (`plateflow worker` on a {self.route.gpu_class} "
+               f"machine) or use gpu_dispatch=local, then retry the failed plates")
+        self.client.set_flow_run_state(run_id, Cancelled(message=why), force=True)
+        self.logger.error("%s run %d: %s", self.model, n + 1, why)
+        del self.pending[n]
+        for job in self.parts[n]:
+            self.outcome[job.plate_id] = why
+
+    def _ended(self, n: int, state, report: Path, attempt: int) -> None:
+        """A run's end: its report read, or sent again after a crash, or its plates failed."""
+        if state.is_completed() and report.is_file():
+            self.outcome.update(json.loads(report.read_text()))
+            # Done with: a failed or cancelled run keeps its files (its plates, for a retry from
+            # the UI, and what it reported).
+            for name in ["jobs", *range(attempt + 1)]:
+                (self.report_dir / f"{self.model}-{n}-{name}.json").unlink(missing_ok=True)
+        elif state.is_crashed() and attempt < dispatch_policy().gpu.crash_retries:
+            self.logger.warning("%s run %d: crashed (%s); sending it again", self.model, n + 1, state.message)
+            self.pending[n] = (*self._submit(n, attempt + 1), attempt + 1)
+        else:
+            why = state.message or state.name
+            if state.is_completed():
+                why = f"the run completed but wrote no report at {report}"
+            for job in self.parts[n]:
+                self.outcome[job.plate_id] = f"{self.route.deployment} run ended {state.name}: {why}"
+
+    def cancel_pending(self) -> None:
+        """Cancel the runs not yet ended; a run a worker has taken is stopped by that worker."""
+        from prefect.states import Cancelled, Cancelling
+
+        for run_id, _, _ in self.pending.values():
+            with contextlib.suppress(Exception):
+                scheduled = self.client.read_flow_run(run_id).state.is_scheduled()
+                self.client.set_flow_run_state(run_id, (Cancelled if scheduled else Cancelling)(
+                    message="the refresh that sent it stopped"), force=True)
