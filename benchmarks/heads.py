@@ -1,9 +1,9 @@
 """Heads benchmark: three light heads trained on 20,000 plates of cached features the size of
 dinov2_base's (768-d, 16 views, float16: 492 MB), on this machine's CPU.
 
-Builds a feature store (tasks/features.py:write_store) of synthetic features whose class shows in
+Builds a feature store (plateflow/features.py:write_store) of synthetic features whose class shows in
 a random low-dimensional subspace under noise, and a labels CSV; then, in a fresh process (so
-its peak RSS is its own), trains three configurations with tasks/heads.py:train_experiment,
+its peak RSS is its own), trains three configurations with plateflow/heads.py:train_experiment,
 each recorded as an experiment, and reports the seconds of each, their total, the test
 accuracy, and the peak RSS against the store's size; then the same trainings on a store of 200
 plates, whose peak RSS is the fixed cost (the interpreter, torch and its CPU kernels, pyarrow,
@@ -31,7 +31,7 @@ CONFIGS = [{"head": "linear", "lr": 1e-3}, {"head": "linear", "lr": 1e-2}, {"hea
 
 
 def build(root: Path, plates: int, views: int, dim: int, classes: int = 5) -> None:
-    from tasks.features import write_store
+    from plateflow.features import write_store
 
     rng = np.random.default_rng(0)
     basis = rng.normal(size=(classes, dim)).astype(np.float32)
@@ -51,7 +51,7 @@ def build(root: Path, plates: int, views: int, dim: int, classes: int = 5) -> No
 
 def train(root: Path, epochs: int) -> dict:
     from plateflow.config import HeadConfig
-    from tasks.heads import read_labels, train_experiment
+    from plateflow.heads import read_labels, train_experiment
 
     t0 = time.perf_counter()
     labels = read_labels(root, "class", root / "labels.csv")

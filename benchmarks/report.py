@@ -6,7 +6,7 @@ folder and preview for each, then times, in this process:
 
   corpus flags   tasks.quality.corpus_flags over every row (odd size, exact and near duplicates),
                  which each refresh runs when it writes plates.parquet;
-  report         tasks.report.build_report from scratch (index, plots, contact-sheet and flag pages);
+  report         plateflow.report.build_report from scratch (index, plots, contact-sheet and flag pages);
   unchanged      build_report again, with nothing changed (the fingerprint check);
 
 and, with Chromium, how long the index and a contact-sheet page take to load.
@@ -40,7 +40,7 @@ def build_corpus(root: Path, n: int) -> None:
     from plateflow.atomic import write_parquet
     from plateflow.layout import CorpusLayout
     from plateflow.tables import PLATES_SCHEMA
-    from tasks.quality import PLATE_FLAGS
+    from plateflow.flags import PLATE_FLAGS
 
     rng = np.random.default_rng(0)
     corpus = CorpusLayout(root)
@@ -88,7 +88,7 @@ def main() -> None:
 
     from plateflow.profiles import quality_profile
     from tasks.quality import corpus_flags
-    from tasks.report import CHUNK, build_report
+    from plateflow.report import CHUNK, build_report
 
     base = Path(tempfile.mkdtemp(prefix="plateflow-report-"))
     try:

@@ -32,7 +32,7 @@ from plateflow.profiles import load_profiles
 from tasks.embed.reader import PlateJob
 from tasks.embed.writer import embedding_key, load_vectors
 from plateflow.tables import TILE_FEATURES_INDEX_SCHEMA
-from tasks.features import write_store
+from plateflow.features import write_store
 
 
 @flow(name="tile-features", validate_parameters=True)

@@ -14,7 +14,7 @@ from flows.run import CANDIDATES, SMART_CROP, PlateRecord, PlateRunner, Refresh,
 from flows.batches import BatchStage, run_batches
 from flows.routing import GpuRoute, run_on_pool
 from tasks.batch import PlateOutcome, file_size
-from tasks.features import update_plate_features
+from plateflow.features import update_plate_features
 from tasks.candidates import candidates_batch, candidates_of_plates
 from tasks.embed.reader import PlateJob
 from tasks.embed.writer import embedding_key, load_vectors, store_path, vectors_problem

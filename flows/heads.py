@@ -1,34 +1,24 @@
 """train_head: light heads trained on a model's cached features, each combination of head and
-learning rate its own experiment (tasks/heads.py); its metrics published as artifacts."""
+learning rate its own experiment (plateflow/heads.py); its metrics published as artifacts."""
 
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
 from plateflow.artifacts import artifact_key, plural
-from plateflow.config import corpus_root
+from plateflow.config import HeadConfig, corpus_root
 from plateflow.corpus import corpus_lock
 from plateflow.errors import ConfigError
 from plateflow.experiments import check as ledger_check
 from plateflow.runlog import quiet_returned_failures
-from plateflow.config import HeadConfig
-from tasks.heads import check_labels, predict, read_labels, require_features, train_experiment
-
+from plateflow.heads import check_labels, predict, read_labels, require_features
+from tasks.heads import train_one
 
 _HEAD = HeadConfig().model_dump()  # the defaults, set once (plateflow/config.py: HeadConfig)
-
-
-@task(name="train-head", task_run_name="train-{config.head}-lr{config.lr}", cache_policy=NO_CACHE)
-def train_one(root: str, model: str, label: str, config: HeadConfig, labels: dict[str, str],
-              features: str = "plates") -> dict:
-    """One head trained and recorded as an experiment."""
-    return train_experiment(Path(root), model, label, config, labels, get_run_logger(), features=features)
 
 
 @flow(name="train-head", validate_parameters=True)

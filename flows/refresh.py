@@ -43,10 +43,10 @@ from flows.characterize import characterize_stage
 from flows.gpu import gpu_stage
 from flows.run import CANDIDATES, CHARACTERISE, HASH, SMART_CROP, PlateRecord, PlateRunner, Refresh, embed_stage
 from flows.routing import GpuRoute, choose_route
-from tasks.heads import apply_predictors
+from plateflow.heads import apply_predictors
 from tasks.embed.models import require_weights
 from tasks.quality import corpus_flags
-from tasks.report import build_report
+from plateflow.report import build_report
 
 
 @flow(name="refresh-corpus", validate_parameters=True)

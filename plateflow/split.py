@@ -1,6 +1,6 @@
 """The train/test split of a corpus: decided from each plate's content hash alone, so adding
 plates never moves one, all of a plate's tiles share its split, and the tiles and the heads
-trained on cached features (tasks/heads.py) agree on which plates are held out."""
+trained on cached features (plateflow/heads.py) agree on which plates are held out."""
 
 from __future__ import annotations
 

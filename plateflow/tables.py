@@ -246,7 +246,7 @@ def write_embeddings_table(root: Path, model: str, rows: list[tuple[str, str, li
 
 
 # DEST/tiles.parquet and DEST/tile-plates.parquet of `plateflow tiles` (flows/tiles.py).
-# ROOT/features/<model>/index-<version>.parquet: a feature store's rows (tasks/features.py).
+# ROOT/features/<model>/index-<version>.parquet: a feature store's rows (plateflow/features.py).
 FEATURES_INDEX_SCHEMA = pa.schema([
     ("row", pa.int32()),
     ("plate_dir", pa.string()),

@@ -32,12 +32,10 @@ import math
 import numpy as np
 from PIL import Image
 
+from plateflow.flags import PLATE_FLAGS, SCORES
 from plateflow.profiles import QualityProfile
 from tasks.histograms import Histograms, hist_entropy
 
-PLATE_FLAGS = ("dark", "light", "low_information", "blurry", "odd_aspect_ratio", "grayscale")
-CORPUS_FLAGS = ("odd_size", "exact_duplicates", "near_duplicates")
-FLAGS = PLATE_FLAGS + CORPUS_FLAGS
 
 
 def _percentile(hist: np.ndarray, q: float) -> int:
@@ -198,10 +196,6 @@ def paper_share(scores: dict) -> float | None:
     if "foreground_share" not in scores:
         return None
     return 0.0 if scores.get("paper_luminance") is None else 1.0 - scores["foreground_share"]
-
-
-SCORES = ("brightness", "foreground_brightness", "paper_luminance", "foreground_share", "entropy",
-          "edge_width", "tint_spread")
 
 
 def quality_scores(quality: dict) -> dict | None:

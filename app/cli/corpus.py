@@ -280,7 +280,7 @@ def report(
     from app.reports import ReportServer
     from plateflow.config import corpus_root
     from plateflow.errors import ConfigError, CorpusTableError
-    from tasks.report import build_report
+    from plateflow.report import build_report
 
     try:
         root = corpus_root(root)

@@ -78,7 +78,7 @@ def features(
     from plateflow.corpus import corpus_lock
     from plateflow.errors import ConfigError
     from plateflow.layout import CorpusLayout
-    from tasks.features import build_from_embeddings_table
+    from plateflow.features import build_from_embeddings_table
 
     try:
         root = corpus_root(root)
@@ -137,7 +137,7 @@ def train_head(
         raise typer.BadParameter(f"--head {head!r}: linear, mlp or linear,mlp")
     try:
         root = corpus_root(root)
-        from tasks.heads import check_labels, read_labels, require_features
+        from plateflow.heads import check_labels, read_labels, require_features
 
         store = require_features(root, model, features)  # said before any run, in one line
         from plateflow.experiments import check as ledger_check
@@ -203,7 +203,7 @@ def predict(
     from plateflow.experiments import experiments as ledger_rows
 
     from plateflow.errors import ConfigError
-    from tasks.heads import check_predictable
+    from plateflow.heads import check_predictable
 
     try:
         root = corpus_root(root)

@@ -182,7 +182,7 @@ def test_a_feature_store_on_a_full_disk_is_an_error_with_no_temp_file_never_a_si
     an OSError naming the file (through a memory map it would be SIGBUS, killing the process)."""
     import numpy as np
 
-    from tasks.features import write_store
+    from plateflow.features import write_store
 
     folder = small_disk / "corpus" / "features" / "m"
     vectors = [np.ones((16, 768), np.float32) for _ in range(400)]  # 9.8 MB of float16 on a 4 MB disk

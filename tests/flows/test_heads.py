@@ -1,5 +1,5 @@
-"""Cached float16 features (tasks/features.py), resumable embed chunks (the chunk ledger), and
-light heads trained on the features (tasks/heads.py, flows/heads.py): real refreshes with a tiny
+"""Cached float16 features (plateflow/features.py), resumable embed chunks (the chunk ledger), and
+light heads trained on the features (plateflow/heads.py, flows/heads.py): real refreshes with a tiny
 random-weight model, real training, a real SQLite ledger."""
 
 import json
@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from app.cli import app
 from flows.refresh import refresh_corpus
 from plateflow.config import RefreshConfig
-from tasks.features import open_store
+from plateflow.features import open_store
 
 from fixtures import REPO
 from fixtures.plates import make_plate, paper_plate
@@ -259,7 +259,7 @@ def test_tiles_are_embedded_once_into_their_own_store_and_a_head_trains_per_tile
 
 
 def test_unusable_labels_files_are_one_line_naming_the_file_and_line(tmp_path):
-    from tasks.features import write_store
+    from plateflow.features import write_store
 
     root = tmp_path / "corpus"
     (root / "plates_structured").mkdir(parents=True)

@@ -9,7 +9,7 @@ import pytest
 from flows.refresh import refresh_corpus
 from plateflow.config import RefreshConfig
 from plateflow.artifacts import artifact_key
-from tasks.report import near_duplicates, outliers
+from plateflow.report import near_duplicates, outliers
 
 from PIL import Image
 

@@ -38,10 +38,10 @@ import pyarrow.parquet as pq
 
 from plateflow.atomic import write_bytes_if_changed
 from plateflow.caching import code_version
+from plateflow.flags import FLAGS, SCORES
 from plateflow.layout import HISTOGRAM_PLOTS, PLATES, PREVIEW, RUNS, VIZ, WORKING_COPY, CorpusLayout
 from plateflow.profiles import quality_profile
 from plateflow.tables import read_corpus_table
-from tasks.quality import FLAGS, SCORES
 
 SHEET_SIZE = 500  # plates per contact-sheet page
 CHUNK = 500  # plates per data file of the plate pages
@@ -54,7 +54,7 @@ COLUMNS = ("plate_dir", "plate_id", "status", "failed_step", "error", "original_
            "image_format", "mode", "file_size_bytes", "megapixels", "luminance_mean", "entropy",
            "paper_share", "width", "height", "run_id", "crop_box", "best_crop_idx", "similarity",
            "quality_flags", "duplicate_of", "quality_scores")
-CODE_VERSION = code_version("tasks.report")
+CODE_VERSION = code_version("plateflow.report")
 
 
 def _esc(value) -> str:
