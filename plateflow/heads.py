@@ -41,7 +41,6 @@ from plateflow.split import in_validation, split_of
 from plateflow.features import FeatureStore, open_store, plate_inputs
 
 CODE_VERSION = code_version("plateflow.heads", "plateflow.features", "plateflow.split")
-LABEL_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
 def read_labels(root: Path, label: str, labels_file: str | Path | None = None) -> dict[str, str]:
