@@ -13,6 +13,7 @@ from plateflow.report import near_duplicates, outliers
 
 from PIL import Image
 
+from fixtures import REPO
 from fixtures.plates import make_plate, paper_plate
 
 
@@ -192,11 +193,13 @@ def test_the_summary_shows_a_few_captioned_previews_with_most_to_look_at_never_g
     assert all(f"**{caption}**" in text for caption in shown)
 
 
+@pytest.mark.browser
 @pytest.mark.usefixtures("prefect_harness")
 def test_the_report_is_a_worklist_in_chromium(tmp_path):
     """Designed plates with known answers (a 5 px cut of the rocket, a panorama, a 102 px image,
     motion blur, a corrupt file), the report opened from disk in headless Chromium, and the
-    curator's path through it clicked: failed plates first, filters, pairs, plate pages."""
+    curator's path through it clicked: failed plates first, filters, pairs, plate pages. The
+    screenshots it takes on the way (test-output/report/) are the docs' pictures of the report."""
     import shutil
     from pathlib import Path
 
@@ -227,7 +230,10 @@ def test_the_report_is_a_worklist_in_chromium(tmp_path):
         tab = browser.new_page(viewport={"width": 1280, "height": 900})
         tab.on("pageerror", lambda exc: errors.append(str(exc)))
         tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        shots = REPO / "test-output" / "report"
+        shots.mkdir(parents=True, exist_ok=True)
         tab.goto((reports / "index.html").as_uri())
+        tab.screenshot(path=str(shots / "1-index.png"))
         filters = tab.eval_on_selector_all("nav.filters a", "links => links.map(a => a.getAttribute('href'))")
         assert all((reports / f).is_file() for f in filters) and "failed-0001.html" in filters
         headings = tab.eval_on_selector_all("h2", "hs => hs.map(h => h.textContent)")
@@ -241,6 +247,7 @@ def test_the_report_is_a_worklist_in_chromium(tmp_path):
         tab.goto((reports / "index.html").as_uri())
         tab.click("nav.filters >> text=near_duplicates (1)")  # a static filter page
         pair = tab.eval_on_selector_all(".pair figure", "fs => fs.map(f => f.id)")
+        tab.screenshot(path=str(shots / "2-near-duplicates-side-by-side.png"))
         assert pair == ["plate-002", "plate-001"]  # side by side: the copy and its original
         tab.click("#plate-002 a.frame")  # a thumbnail opens its plate's page
         tab.wait_for_selector("table.scores")
@@ -249,6 +256,7 @@ def test_the_report_is_a_worklist_in_chromium(tmp_path):
         assert "within 4 bits of plate-001" in tab.text_content("ul.why")
         rows = tab.eval_on_selector_all("table.scores tr", "rs => rs.map(r => r.innerText)")
         assert any("edge width" in r and "> 1.6" in r for r in rows)
+        tab.screenshot(path=str(shots / "3-a-plate-page.png"), full_page=True)
         tab.click("ul.why a")  # the original's page: its name from the manifest, as text
         tab.wait_for_function("document.querySelector('h1').textContent === 'plate-001'")
         assert "/scans/launch/Rocket <1>.jpg" in tab.text_content("table.facts")
