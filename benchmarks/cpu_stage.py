@@ -39,6 +39,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from results import write_result  # noqa: E402 - benchmarks/results.py
 
 
 def build_plates(folder: Path, n: int, megapixels: float) -> list[Path]:
@@ -294,6 +297,10 @@ def end_to_end(args) -> None:
     for name in ("refresh --no-viz", "refresh"):
         print(f"| {name} | {best[name]:.2f} | {best[name] - fixed:.2f} | {(best[name] - fixed) / floor:.2f} | "
               f"<= 1.5x |")
+    write_result("cpu_stage", {"plates": len(sources), "megapixels": round(mp), "workers": args.workers,
+                               "repeats": args.repeats, "seconds": {k: round(v, 3) for k, v in best.items()},
+                               "x_decode": {n: round((best[n] - fixed) / floor, 2) for n in ("refresh --no-viz", "refresh")}},
+                 sys.argv[1:])
 
 
 def main() -> None:

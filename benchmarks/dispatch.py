@@ -21,7 +21,6 @@ spends on a chunk of plates.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -31,6 +30,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests"), str(HERE)]
+
+from results import write_result  # noqa: E402 - benchmarks/results.py
 
 
 def main() -> None:
@@ -91,10 +92,7 @@ def main() -> None:
         report["run_start_s"] = round((old["seconds"] - new["seconds"]) / max(1, old["runs"] - new["runs"]), 1)
         print(f"one run per worker is {report['speed-up']}x one run per chunk; a run's start costs about "
               f"{report['run_start_s']} s here")
-        out = HERE / "out" / "dispatch.json"
-        out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
-        print(f"wrote {out}")
+        write_result("dispatch", report, sys.argv[1:])
     finally:
         stack.stop()
 

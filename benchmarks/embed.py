@@ -22,7 +22,6 @@ on a CPU-only machine it runs tiny models as a smoke test. Reported per model:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -33,6 +32,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from results import write_result  # noqa: E402 - benchmarks/results.py
 
 # Vision-tower shapes of the CLIP checkpoints, for random-weight models of the same size.
 CLIP_CONFIGS = {
@@ -380,9 +382,7 @@ def main() -> None:
         report["crop_save_vs_decode"] = round(ratio, 2)
     else:
         print(f"no sources in {args.sources} (run benchmarks/cpu_stage.py first) for the crop-save ratio")
-    out = HERE / "out" / "embed.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_result("embed", report, sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from results import write_result  # noqa: E402 - benchmarks/results.py
 CONFIGS = [{"head": "linear", "lr": 1e-3}, {"head": "linear", "lr": 1e-2}, {"head": "mlp", "lr": 1e-3}]
 
 
@@ -102,8 +105,10 @@ def main() -> None:
           f"{result['peak_rss_mb'] / store_mb:.2f} x the store (target < 2); the same trainings on 200 plates: "
           f"{fixed['peak_rss_mb']:.0f} MiB, so the features cost {above:.0f} MiB = {above / store_mb:.2f} x the store")
     result["fixed_peak_rss_mb"] = fixed["peak_rss_mb"]
-    (HERE / "out" / "heads.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                         "store_mib": store_mb, **result}, indent=2))
+    write_result("heads", {"plates": args.plates, "views": args.views, "dim": args.dim, "store_mib": round(store_mb, 1),
+                           **{k: v for k, v in result.items() if k != "configs"},
+                           **{f"{c['head']} lr {c['lr']:g}": {k: c[k] for k in ("seconds", "accuracy", "macro_f1")}
+                              for c in result["configs"]}}, sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
+sys.path.insert(0, str(HERE))
+
+from results import write_result  # noqa: E402 - benchmarks/results.py
 
 
 def build(root: Path, n: int) -> None:
@@ -110,7 +113,8 @@ def work_alone(base: Path, n: int, workers: int) -> float:
     return (time.perf_counter() - t) / n
 
 
-def table(rows: list[tuple], plates: int, title: str, alone: float | None = None) -> None:
+def table(rows: list[tuple], plates: int, title: str, alone: float | None = None) -> dict:
+    """Print the variants' table; return its figures."""
     empty_s = rows[0][1]
     print(f"\n| {title} ({plates} plates) | seconds | ms per plate above empty | peak RSS MB | Prefect DB growth MB |")
     print("|---|---|---|---|---|")
@@ -126,6 +130,9 @@ def table(rows: list[tuple], plates: int, title: str, alone: float | None = None
               f"{1000 * (first - alone):.2f} ms per plate")
     for name, *_, last in rows:
         print(f"{name}: {last}")
+    return {name: {"seconds": round(seconds, 2), "ms_per_plate_above_empty": round(1000 * (seconds - empty_s) / plates, 3),
+                   "peak_rss_mb": round(peak), "prefect_db_growth_mb": round(grew, 2)}
+            for name, seconds, peak, grew, _ in rows}
 
 
 def main() -> None:
@@ -148,10 +155,12 @@ def main() -> None:
         in_process = variants(root, empty, home, ())
         from plateflow.config import default_workers
 
-        table(in_process, args.plates, "refresh", work_alone(base, min(args.plates, 2000), default_workers()))
+        figures = {"plates": args.plates, "refresh": table(in_process, args.plates, "refresh",
+                                                           work_alone(base, min(args.plates, 2000), default_workers()))}
         if not args.no_dask:
-            table(variants(base / "corpus-dask", empty, home, ("--dask", "local:2")), args.plates,
-                  "refresh --dask local:2")
+            figures["refresh --dask local:2"] = table(variants(base / "corpus-dask", empty, home, ("--dask", "local:2")),
+                                                      args.plates, "refresh --dask local:2")
+        write_result("scale", figures, sys.argv[1:])
     finally:
         subprocess.run([PLATEFLOW, "local-server", "--stop"], env=_env(home), capture_output=True)
 

@@ -35,6 +35,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from results import write_result  # noqa: E402 - benchmarks/results.py
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
@@ -169,8 +172,8 @@ def main() -> None:
         tiles = f"{r['tiles'] / work:.0f}" if r.get("tiles") else "–"
         png = f"{r['png_mb'] / work:.0f}" if r.get("png_mb") else "–"
         print(f"| {name} | {r['seconds']:.2f} | {fixed:.2f} | {work:.2f} | {work / ref:.2f} | {tiles} | {png} |")
-    out = HERE / "out" / "tiles.json"
-    out.write_text(json.dumps({"args": vars(args), "workers": workers, "source_mb": source_mb, "results": results}, indent=2))
+    write_result("tiles", {"plates": len(plates), "megapixels": args.megapixels, "size": args.size, "workers": workers,
+                           "source_mb": round(source_mb, 1), **results}, sys.argv[1:])
 
 
 if __name__ == "__main__":
