@@ -61,6 +61,43 @@ def _rows(figures: dict, prefix: str = "") -> list[str]:
     return rows
 
 
+def _numbers(figures: dict, prefix: str = "") -> dict[str, float]:
+    """Every number among a result's figures, by its path: what a bar chart can show."""
+    out = {}
+    for key, value in figures.items():
+        if isinstance(value, dict):
+            out.update(_numbers(value, f"{prefix}{key} / "))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
+def plot(data: dict) -> bytes | None:
+    """A bar chart (matplotlib) of a result's timings (the figures in seconds), or None."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    import io
+
+    seconds = {k: v for k, v in _numbers(data.get("figures", {})).items() if k.endswith("_s") or "seconds" in k}
+    if len(seconds) < 2:
+        return None
+    names = list(seconds)[::-1]
+    fig = Figure(figsize=(7, 0.35 * len(names) + 1.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.barh(names, [seconds[n] for n in names], color="#3b6ea5")
+    ax.set_xlabel("seconds")
+    ax.set_title(f"{data.get('benchmark')}: {data.get('date', '')}", fontsize=10)
+    ax.tick_params(axis="y", labelsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+PLOTS: dict[str, bytes] = {}
+
+
 def performance() -> str:
     out = ["# Performance", "",
            "Each benchmark in `benchmarks/` writes its figures to `benchmarks/results/<benchmark>.json` "
@@ -76,6 +113,10 @@ def performance() -> str:
                 "| figure | value |", "|---|---|"]
         out += _rows(figures)
         out.append("")
+        png = plot(data)
+        if png is not None:
+            PLOTS[f"assets/performance/{path.stem}.png"] = png
+            out += [f"![{path.stem}: its timings](assets/performance/{path.stem}.png)", ""]
     benchmarks = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py") if p.stem not in ("results",))
     missing = [b for b in benchmarks if not (REPO / "benchmarks" / "results" / f"{b}.json").is_file()]
     if missing:
@@ -106,6 +147,8 @@ SHOTS = re.compile(r"<!-- screenshots: ([\w-]+) -->")
 def on_files(files, config):
     for uri, content in (("reference/cli.md", cli_reference()), ("performance.md", performance())):
         files.append(File.generated(config, uri, content=content))
+    for uri, png in PLOTS.items():
+        files.append(File.generated(config, uri, content=png))
     for folder in sorted({m for page in Path(config["docs_dir"]).rglob("*.md") for m in SHOTS.findall(page.read_text())}):
         for png in sorted((REPO / "test-output" / folder).glob("*.png")):
             files.append(File.generated(config, f"assets/screenshots/{folder}/{png.name}", abs_src_path=str(png)))
