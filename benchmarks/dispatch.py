@@ -58,6 +58,15 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("dispatch")
+
+    class SentRuns(logging.Handler):
+        """Counts the runs run_on_pool sends (a completed run's files are removed, so they cannot say)."""
+        sent = 0
+
+        def emit(self, record: logging.LogRecord) -> None:
+            SentRuns.sent += "plate(s)): flow run" in record.getMessage()
+
+    log.addHandler(SentRuns())
     jobs, _ = make_stage_inputs(base / "plates", args.plates)
     pool = work_pool()
     queue = pool.queue(args.gpu_class)
@@ -77,14 +86,14 @@ def main() -> None:
         for label, max_run in (("one run per chunk", args.chunk), ("one run per worker", None)):
             for job in jobs:
                 Path(job.cache_file).unlink(missing_ok=True)
-            start_t = time.perf_counter()
+            start_t, SentRuns.sent = time.perf_counter(), 0
             outcome = run_on_pool(route, "tiny_dinov2", jobs, args.chunk, None, base / "reports" / label.replace(" ", "-"),
                                   log, poll_s=0.5, **({"max_run_plates": max_run} if max_run else {}))
             seconds = time.perf_counter() - start_t
             failed = {k: v for k, v in outcome.items() if v is not None}
             if failed or len(outcome) != len(jobs):
                 raise RuntimeError(f"{label}: {len(outcome)} outcomes, failed: {list(failed.items())[:3]}")
-            runs = len(list((base / "reports" / label.replace(" ", "-")).glob("*-jobs.json")))
+            runs = SentRuns.sent
             report[label] = {"runs": runs, "seconds": round(seconds, 1), "plates_per_s": round(args.plates / seconds, 1)}
             print(f"{label:20s}: {runs:3d} runs, {seconds:6.1f} s, {args.plates / seconds:6.1f} plates/s", flush=True)
         old, new = report["one run per chunk"], report["one run per worker"]
