@@ -364,7 +364,7 @@ class _IdleExit:
     def _watch(self) -> None:
         while True:
             time.sleep(min(30.0, self.idle_s / 4))
-            # Before its first request the server may still be starting (10 s or more on a busy machine).
+            # Before its first request the server may still be starting (slow on a busy machine).
             idle_s = self.idle_s if self.seen else self.idle_s + 120
             if self.active == 0 and time.monotonic() - self.last > idle_s:
                 os.kill(os.getpid(), signal.SIGTERM)
