@@ -218,6 +218,10 @@ def test_the_report_is_a_worklist_in_chromium(tmp_path):
     make_plate(root, "plate-004", Image.fromarray(data.camera()).resize((102, 102)), filename="tiny.png")
     make_plate(root, "plate-005", b"\x89PNG\r\n\x1a\n broken", filename="broken.png")
     make_plate(root, "plate-006", Image.open(Path(skimage.data.__file__).parent / "clock_motion.png"), filename="clock.png")
+    make_plate(root, "plate-007", Image.fromarray((data.astronaut() * 0.2).astype(np.uint8)), filename="dark.png")
+    make_plate(root, "plate-008", Image.fromarray((200 + data.chelsea() * 0.2).astype(np.uint8)), filename="washed.png")
+    blank = np.random.default_rng(0).normal(0, 2, (700, 500, 3)) + [247, 245, 238]
+    make_plate(root, "plate-009", Image.fromarray(blank.clip(0, 255).astype(np.uint8)), filename="blank.png")
     state = refresh_corpus(str(root), RefreshConfig(), return_state=True)
     assert state.is_failed() and "plate-005" in state.message
     reports = root / "reports"
@@ -266,6 +270,12 @@ def test_the_report_is_a_worklist_in_chromium(tmp_path):
         assert "102×102" in tab.text_content("#plate-004 figcaption")  # odd sizes shown with their sizes
         tab.goto((reports / "flag-blurry-0001.html").as_uri())
         assert tab.eval_on_selector_all(".sheet figure", "fs => fs.map(f => f.id)") == ["plate-006"]
+        for flag in ("dark", "light", "low_information", "blurry", "odd_aspect_ratio", "odd_size"):
+            page = reports / f"flag-{flag}-0001.html"  # what each flag catches, for the docs
+            assert page.is_file(), f"no plate flagged {flag}"
+            tab.goto(page.as_uri())
+            tab.wait_for_function("[...document.querySelectorAll('.sheet img')].every(i => i.complete)")
+            tab.screenshot(path=str(shots / f"4-flag-{flag}.png"))
         tab.goto((reports / "sheet-0001.html").as_uri())
         tab.wait_for_function("[...document.querySelectorAll('.sheet img')].every(i => i.complete)")
         pano = tab.eval_on_selector("#plate-003 img", "i => i.getBoundingClientRect().width")
