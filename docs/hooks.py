@@ -141,6 +141,18 @@ def models_table() -> str:
     return "\n".join(out)
 
 
+def gpu_classes_table() -> str:
+    """The GPU classes of profiles/gpu_classes.toml: each a work queue of the pool `plates`."""
+    import tomllib
+
+    classes = tomllib.loads((REPO / "profiles" / "gpu_classes.toml").read_text())["classes"]
+    out = ["| class | queue | what it is | dtype | readers |", "|---|---|---|---|---|"]
+    for name, c in classes.items():
+        out.append(f"| `{name}` | `{name.lower().replace('_', '-')}` | {c.get('description', '')} | "
+                   f"{c.get('dtype', '')} | {c.get('readers', 'device')} |")
+    return "\n".join(out)
+
+
 SHOTS = re.compile(r"<!-- screenshots: ([\w-]+) -->")
 
 
@@ -165,4 +177,5 @@ def on_page_markdown(markdown, page, config, files):
         depth = "../" * page.file.src_uri.count("/")
         return "\n\n".join(f"![{p.stem.replace('-', ' ')}]({depth}assets/screenshots/{folder}/{p.name})" for p in pngs)
 
-    return SHOTS.sub(shots, markdown).replace("<!-- models -->", models_table())
+    return (SHOTS.sub(shots, markdown).replace("<!-- models -->", models_table())
+            .replace("<!-- gpu-classes -->", gpu_classes_table()))
