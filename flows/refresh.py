@@ -43,7 +43,7 @@ from flows.characterize import characterize_stage
 from flows.gpu import gpu_stage
 from flows.run import CANDIDATES, CHARACTERISE, HASH, SMART_CROP, PlateRecord, PlateRunner, Refresh, embed_stage
 from flows.routing import GpuRoute, choose_route
-from plateflow.heads import apply_predictors
+from plateflow.predictions import apply_predictors
 from tasks.embed.models import require_weights
 from tasks.quality import corpus_flags
 from plateflow.report import build_report

@@ -203,7 +203,7 @@ def predict(
     from plateflow.experiments import experiments as ledger_rows
 
     from plateflow.errors import ConfigError
-    from plateflow.heads import check_predictable
+    from plateflow.predictions import check_predictable
 
     try:
         root = corpus_root(root)
