@@ -12,15 +12,15 @@ import pyarrow.parquet as pq
 
 from plateflow.atomic import write_parquet
 from plateflow.errors import CorpusTableError
+from plateflow.flags import SCORES
 from plateflow.layout import CorpusLayout, natural_key
 
 
 
-QUALITY_SCORES = pa.struct([
-    ("brightness", pa.int16()), ("foreground_brightness", pa.int16()), ("paper_luminance", pa.int16()),
-    ("foreground_share", pa.float32()), ("entropy", pa.float32()), ("edge_width", pa.float32()),
-    ("tint_spread", pa.float32()),
-])
+_SCORE_TYPES = {"brightness": pa.int16(), "foreground_brightness": pa.int16(), "paper_luminance": pa.int16(),
+                "foreground_share": pa.float32(), "entropy": pa.float32(), "edge_width": pa.float32(),
+                "tint_spread": pa.float32()}
+QUALITY_SCORES = pa.struct([(name, _SCORE_TYPES[name]) for name in SCORES])  # the names: plateflow/flags.py
 
 
 PLATES_SCHEMA = pa.schema([

@@ -53,10 +53,10 @@ def paper_level(luminance: np.ndarray, profile: QualityProfile) -> int | None:
     return mode if mode >= p.min_luminance and near >= p.min_share * luminance.sum() else None
 
 
-def edge_width(full: Image.Image, small: Image.Image, profile: QualityProfile) -> float | None:
+def edge_width(full: Image.Image, gray: np.ndarray, profile: QualityProfile) -> float | None:
     """How wide the plate's sharpest edges are, in pixels of the plate itself: blur shows at
     full resolution, so it is measured there, on ``tiles`` tiles of the full decode where the
-    reduced plate (``small``) has the most edge energy.
+    reduced plate (``gray``: its luminance at the profile's scale) has the most edge energy.
 
     Per direction (x, y), over those tiles: the energy of the second difference over that of the
     first, R; for an edge blurred by a Gaussian of width s, R = 1 / (2 s^2), whatever its
@@ -66,7 +66,7 @@ def edge_width(full: Image.Image, small: Image.Image, profile: QualityProfile) -
     colour wheel with a crisp rim is sharp, a photo with a soft background is sharp where it is
     in focus. None when the tiles hold no edges at all (a flat image)."""
     b = profile.blurry
-    g = np.asarray(small.convert("L"), np.float32)
+    g = gray.astype(np.float32)
     if min(g.shape) < 3:
         return None
     energy = np.diff(g, axis=1)[:-1] ** 2 + np.diff(g, axis=0)[:, :-1] ** 2
@@ -116,7 +116,7 @@ def tint_spread(small: Image.Image, profile: QualityProfile) -> float:
                      for d in (a[:, 0] - a[:, 1], a[:, 1] - a[:, 2])))
 
 
-def perceptual_hashes(small: Image.Image, paper: int | None, foreground_share: float,
+def perceptual_hashes(small: Image.Image, gray: np.ndarray, paper: int | None, foreground_share: float,
                       profile: QualityProfile) -> str:
     """The plate's perceptual hashes (imagehash.phash, 64 bits each, hex, space-separated):
     of its content, then of the content cut by each of ``crops`` on every side.
@@ -134,7 +134,7 @@ def perceptual_hashes(small: Image.Image, paper: int | None, foreground_share: f
         return None
     box = small
     if paper is not None:
-        fg = np.asarray(small.convert("L")) < paper - profile.paper.margin
+        fg = gray < paper - profile.paper.margin
         rows = np.flatnonzero(fg.mean(axis=1) >= nd.min_line_share)
         cols = np.flatnonzero(fg.mean(axis=0) >= nd.min_line_share)
         if len(rows) >= 8 and len(cols) >= 8:
@@ -154,6 +154,7 @@ def plate_quality(hist: Histograms, image: Image.Image, full: Image.Image,
     from tasks.viz import make_preview
 
     small = make_preview(image, profile.scale.long_side)
+    gray = np.asarray(small.convert("L"))  # the reduced plate's luminance: where blur is read, the content box
     lum = hist.luminance
     n = int(lum.sum())
     paper = paper_level(lum, profile)
@@ -170,12 +171,12 @@ def plate_quality(hist: Histograms, image: Image.Image, full: Image.Image,
         "paper_luminance": paper,
         "foreground_share": foreground_share,
         "entropy": entropy,
-        "edge_width": edge_width(full, small, profile),
+        "edge_width": edge_width(full, gray, profile),
         "aspect_ratio": max(width, height) / min(width, height),
         "tint_spread": tint_spread(small, profile),
         "sqrt_area": math.sqrt(width * height),
         "pixel_hash": hist.pixel_hash,
-        "phash": perceptual_hashes(small, paper, foreground_share, profile),
+        "phash": perceptual_hashes(small, gray, paper, foreground_share, profile),
     }
     blur = scores["edge_width"]
     flags = {
