@@ -106,8 +106,8 @@ def run_variant(variant: str, paths: list[Path], workers: int, repeats: int) -> 
 
     from plateflow.config import CharacterizeParams
     from plateflow.corpus import PlateRef
-    from tasks.characterize import characterize_image
-    from tasks.save import save_characterization
+    from plateflow.characterize.step import characterize_image
+    from plateflow.characterize.save import save_characterization
 
     out_root = Path(tempfile.mkdtemp(prefix="plateflow-bench-"))
 
@@ -125,11 +125,11 @@ def run_variant(variant: str, paths: list[Path], workers: int, repeats: int) -> 
     if variant.endswith("(no quality flags)"):
         import functools
 
-        import tasks.histograms
-        import tasks.quality
+        import plateflow.characterize.histograms
+        import plateflow.characterize.quality
 
-        tasks.quality.plate_quality = lambda *args, **kw: ({"flags": []}, None)
-        tasks.histograms.compute_histograms = functools.partial(tasks.histograms.compute_histograms, pixel_hash=False)
+        plateflow.characterize.quality.plate_quality = lambda *args, **kw: ({"flags": []}, None)
+        plateflow.characterize.histograms.compute_histograms = functools.partial(plateflow.characterize.histograms.compute_histograms, pixel_hash=False)
 
     fn = {
         "decode": decode,
@@ -168,8 +168,8 @@ def quality_side() -> int:
 def plot_seconds(path: Path, repeats: int = 20) -> float:
     """Seconds to draw one plate's three histogram PNGs (after the first, which draws the axes)."""
     from plateflow.config import CharacterizeParams
-    from tasks.characterize import characterize_image
-    from tasks.viz import histogram_plots
+    from plateflow.characterize.step import characterize_image
+    from plateflow.characterize.viz import histogram_plots
 
     record = characterize_image(path, CharacterizeParams(viz=False)).histograms
     histogram_plots(record)
@@ -182,7 +182,7 @@ def plot_seconds(path: Path, repeats: int = 20) -> float:
 def check_agreement(path: Path) -> float:
     """Max absolute difference between plateflow's and the NumPy statistics (they must agree)."""
     from plateflow.config import CharacterizeParams
-    from tasks.characterize import characterize_image
+    from plateflow.characterize.step import characterize_image
 
     ours = characterize_image(path, CharacterizeParams(viz=False))
     ref = numpy_reference(path)

@@ -48,7 +48,7 @@ CLIP_CONFIGS = {
 def random_model(spec):
     """A LoadedModel of the spec's architecture with random weights (no download)."""
 
-    from tasks.embed.models import LoadedModel
+    from plateflow.embed.models import LoadedModel
 
     if spec.backend == "timm":
         import timm
@@ -117,8 +117,8 @@ def make_stage_inputs(folder: Path, plates: int, short_side: int = 1024):
     from skimage import data
 
     from plateflow.config import CropParams
-    from tasks.candidates import candidate_boxes
-    from tasks.embed.reader import PlateJob
+    from plateflow.embed.candidates import candidate_boxes
+    from plateflow.embed.reader import PlateJob
 
     folder.mkdir(parents=True, exist_ok=True)
     photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
@@ -169,9 +169,9 @@ def stage(jobs, boxes, spec, model, embed, batch: int, workers: int, readers: st
 
     from plateflow.atomic import write_json
     from plateflow.config import CropParams
-    from tasks.smart_crop import choose_best_crop
-    from tasks.embed.runner import encode_plates
-    from tasks.embed.writer import save_vectors
+    from plateflow.smart_crop import choose_best_crop
+    from plateflow.embed.runner import encode_plates
+    from plateflow.embed.writer import save_vectors
 
     params = CropParams()
 
@@ -200,7 +200,7 @@ def launch_latency(jobs, size: int, workers: int, readers: str | None, ops: int 
 
     import torch
 
-    from tasks.embed.reader import PlateReader, prefetch_batches
+    from plateflow.embed.reader import PlateReader, prefetch_batches
 
     x, stop = torch.zeros(64), threading.Event()
 
@@ -230,10 +230,10 @@ def pipeline(jobs, boxes, spec, model, batch: int, dtype: str, device: str, work
     (the model kept between chunks), then each plate's crop chosen from its stored vectors: plates/s."""
     import numpy as np
 
-    from tasks.embed.runner import embed_and_store
+    from plateflow.embed.runner import embed_and_store
     from plateflow.atomic import write_json
     from plateflow.config import CropParams
-    from tasks.smart_crop import choose_best_crop
+    from plateflow.smart_crop import choose_best_crop
 
     params = CropParams()
     start = time.perf_counter()
@@ -250,8 +250,8 @@ def crop_save_ratio(sources: list[Path]) -> tuple[float, float]:
     from PIL import Image
 
     from plateflow.config import CropParams
-    from tasks.candidates import candidate_boxes
-    from tasks.smart_crop import cut_crop
+    from plateflow.embed.candidates import candidate_boxes
+    from plateflow.smart_crop import cut_crop
 
     def decode():
         for p in sources:
@@ -279,8 +279,8 @@ def main() -> None:
 
     from plateflow.hardware import classify, detect_device
     from plateflow.profiles import load_profiles
-    from tasks.embed.mapper import ViewEncoder
-    from tasks.embed.reader import reader_threads
+    from plateflow.embed.mapper import ViewEncoder
+    from plateflow.embed.reader import reader_threads
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=None, help="comma-separated; default: dinov2_base,clip_vit_b32 on CUDA, tiny models on CPU")

@@ -6,7 +6,7 @@ pages), one altered copy of each of ``--pairs`` of them (cut by 1-5 % on each si
 cut from each side (the rocket among them), resized to 90 %, recompressed as JPEG q60, and all three
 at once), ``--unrelated`` originals without a copy, and ``--blank`` blank pages (paper with
 noise and uneven light). Every image is written to a file and characterized
-(tasks.characterize.characterize_image), then ``corpus_flags`` decides the corpus's flags as a
+(plateflow.characterize.step.characterize_image), then ``corpus_flags`` decides the corpus's flags as a
 refresh does.
 
 A flagged plate is a true positive when it names its own original (or copy); every other flag
@@ -151,8 +151,8 @@ def designed_set(pairs: int, unrelated: int, blank: int, seed: int = 0):
 def measure(pairs: int, unrelated: int, blank: int) -> dict:
     from plateflow.config import CharacterizeParams
     from plateflow.profiles import quality_profile
-    from tasks.characterize import characterize_image
-    from tasks.quality import corpus_flags
+    from plateflow.characterize.step import characterize_image
+    from plateflow.characterize.quality import corpus_flags
 
     items, truth = designed_set(pairs, unrelated, blank)
     rows = []

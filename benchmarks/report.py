@@ -4,7 +4,7 @@ Writes a plates.parquet of N synthetic plates (sizes, statistics, flags and hash
 random, a few percent flagged, some near-duplicate hashes) into a temporary corpus with a plate
 folder and preview for each, then times, in this process:
 
-  corpus flags   tasks.quality.corpus_flags over every row (odd size, exact and near duplicates),
+  corpus flags   plateflow.characterize.quality.corpus_flags over every row (odd size, exact and near duplicates),
                  which each refresh runs when it writes plates.parquet;
   report         plateflow.report.build_report from scratch (index, plots, contact-sheet and flag pages);
   unchanged      build_report again, with nothing changed (the fingerprint check);
@@ -87,7 +87,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from plateflow.profiles import quality_profile
-    from tasks.quality import corpus_flags
+    from plateflow.characterize.quality import corpus_flags
     from plateflow.report import CHUNK, build_report
 
     base = Path(tempfile.mkdtemp(prefix="plateflow-report-"))

@@ -101,7 +101,7 @@ def work_alone(base: Path, n: int, workers: int) -> float:
     from plateflow.config import CharacterizeParams
     from plateflow.corpus import discover_plates
     from plateflow.hashindex import sha256_file
-    from tasks.characterize import characterize_plates
+    from plateflow.characterize.step import characterize_plates
 
     root = base / "work-alone"
     build(root, n)

@@ -15,7 +15,7 @@ them, then measures in one run, with the worker threads make-tiles uses (one per
 Reports seconds (best of --repeats); for the flows also an unchanged re-run (the command's fixed
 cost: a flow run, hashing, the shard check), and the work above it as a ratio to decoding, in
 tiles/s and PNG MB/s written; and the PNG encoder alone, Pillow's against plateflow's
-(tasks/tiles.py:encode_png), on the same tiles. Writes benchmarks/out/tiles.json.
+(plateflow/tiles.py:encode_png), on the same tiles. Writes benchmarks/out/tiles.json.
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ def main() -> None:
     from plateflow.config import default_workers
     from plateflow.corpus import discover_plates
     from plateflow.ingest import ingest
-    from tasks.image import decode_image
-    from tasks.tiles import TileParams, cut_tiles, encode_png, split_of
+    from plateflow.image import decode_image
+    from plateflow.tiles import TileParams, cut_tiles, encode_png, split_of
 
     work = HERE / "out" / "tiles_bench"
     sources = build_plates(HERE / "out" / "cpu_plates", args.plates, args.megapixels)

@@ -14,7 +14,7 @@ from prefect.task_runners import TaskRunner
 
 from plateflow.artifacts import plural
 from plateflow.status import Status
-from tasks.batch import PlateOutcome, batches
+from plateflow.outcomes import PlateOutcome, batches
 
 
 def _same(item: Any) -> Any:

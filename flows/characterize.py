@@ -12,9 +12,10 @@ from plateflow.hashindex import SourceIndex
 from plateflow.status import Status, Step
 from flows.run import CHARACTERISE, HASH, PlateRecord, PlateRunner, Refresh, batching
 from flows.batches import BatchStage, run_batches
-from tasks.batch import PlateOutcome
-from tasks.characterize import characterize_batch, characterize_plates, step_key
-from tasks.save import current_record
+from plateflow.outcomes import PlateOutcome
+from plateflow.characterize.step import characterize_plates, step_key
+from tasks.characterize import characterize_batch
+from plateflow.characterize.save import current_record
 
 
 def characterize_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunner) -> None:

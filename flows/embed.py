@@ -14,9 +14,9 @@ from plateflow.atomic import write_json
 from plateflow.layout import chunk_ledger
 from plateflow.errors import ConfigError
 from plateflow.profiles import dispatch_policy, load_profiles
-from tasks.embed.reader import PlateJob
-from tasks.embed.runner import embed_chunk
-from tasks.embed.writer import ChunkLedger, vectors_problem
+from plateflow.embed.reader import PlateJob
+from tasks.embed import embed_chunk
+from plateflow.embed.writer import ChunkLedger, vectors_problem
 
 
 @flow(name="embed-plates")
@@ -26,7 +26,7 @@ def embed_plates(model: str, gpu_class: str, jobs: list[PlateJob] | None = None,
     """Embed the views of ``jobs`` (or of the plates listed in ``jobs_file``, a JSON file of
     PlateJob fields) with ``model``, ``chunk_size`` plates per embed-chunk task (default: the
     dispatch policy's, profiles/dispatch.toml); returns
-    plate_id -> None or its error, and writes the same to ``report`` (a JSON file) when given.
+    each job's name -> None or its error, and writes the same to ``report`` (a JSON file) when given.
 
     The plates are cut into chunks in the order given; each finished chunk is recorded in the
     ledger beside the vector store (``.chunks/<key>.json``: its plates, their outcomes, when), so
@@ -66,16 +66,16 @@ def embed_plates(model: str, gpu_class: str, jobs: list[PlateJob] | None = None,
     for n, chunk in enumerate(chunks):
         key = ledger.key(model, chunk)
         if ledger.finished(key, chunk):  # recorded complete, and its files are there: nothing to do
-            outcome.update({j.plate_id: None for j in chunk})
+            outcome.update({j.name: None for j in chunk})
             finished += 1
             continue
-        done = {j.plate_id for j in chunk if vectors_problem(j.cache_file, len(j.boxes), spec.embed_dim) is None}
+        done = {j.name for j in chunk if vectors_problem(j.cache_file, len(j.boxes), spec.embed_dim) is None}
         outcome.update({p: None for p in done})
-        todo = [j for j in chunk if j.plate_id not in done]
+        todo = [j for j in chunk if j.name not in done]
         if todo:
             outcome.update(embed_chunk(todo, spec, batch_size, dtype, chunk_name=str(n), weights_root=weights_root,
                                        readers=readers))
-        ledger.record(key, chunk, {j.plate_id: outcome[j.plate_id] for j in chunk})
+        ledger.record(key, chunk, {j.name: outcome[j.name] for j in chunk})
         logger.info("%s: chunk %d/%d done, %d/%d plates", model, n + 1, len(chunks), len(outcome), len(jobs))
     logger.info("%s on %s: %d plates in %d chunks (%d recorded finished before), batch %d images, %s, reader %s",
                 model, gpu_class, len(jobs), len(chunks), finished, batch_size, dtype, readers)

@@ -29,8 +29,8 @@ from plateflow.errors import ConfigError
 from plateflow.hardware import gpu_class as detect_class
 from plateflow.layout import SHARD_NAME, CorpusLayout
 from plateflow.profiles import load_profiles
-from tasks.embed.reader import PlateJob
-from tasks.embed.writer import embedding_key, load_vectors
+from plateflow.embed.reader import PlateJob
+from plateflow.embed.writer import embedding_key, load_vectors
 from plateflow.tables import TILE_FEATURES_INDEX_SCHEMA
 from plateflow.features import write_store
 

@@ -13,12 +13,14 @@ from plateflow.status import Status
 from flows.run import CANDIDATES, SMART_CROP, PlateRecord, PlateRunner, Refresh, batching, embed_stage
 from flows.batches import BatchStage, run_batches
 from flows.routing import GpuRoute, run_on_pool
-from tasks.batch import PlateOutcome, file_size
+from plateflow.outcomes import PlateOutcome, file_size
 from plateflow.features import update_plate_features
-from tasks.candidates import candidates_batch, candidates_of_plates
-from tasks.embed.reader import PlateJob
-from tasks.embed.writer import embedding_key, load_vectors, store_path, vectors_problem
-from tasks.smart_crop import CropJob, crop_key, smart_crop_batch, smart_crop_plates
+from plateflow.embed.candidates import candidates_of_plates
+from plateflow.embed.reader import PlateJob
+from plateflow.embed.writer import embedding_key, load_vectors, store_path, vectors_problem
+from plateflow.smart_crop import CropJob, crop_key, smart_crop_plates
+from tasks.candidates import candidates_batch
+from tasks.smart_crop import smart_crop_batch
 
 
 def gpu_stage(run: Refresh, records: list[PlateRecord], route: GpuRoute, runner: PlateRunner) -> None:
@@ -94,7 +96,7 @@ def embed_model(run: Refresh, records: list[PlateRecord], model: str, route: Gpu
 
 
 def _embed(run: Refresh, model: str, route: GpuRoute, jobs: list[PlateJob]) -> dict[str, str | None]:
-    """plate_id -> None or its error, from the embed-plates flow: a subflow here, or pool runs."""
+    """folder -> None or its error, from the embed-plates flow: a subflow here, or pool runs."""
     from flows.embed import embed_plates
 
     cfg = run.config
@@ -105,13 +107,13 @@ def _embed(run: Refresh, model: str, route: GpuRoute, jobs: list[PlateJob]) -> d
     state = embed_plates(model, route.gpu_class, jobs=jobs, chunk_size=cfg.chunk_size,
                          weights_root=cfg.weights_root, return_state=True)
     if not state.is_completed():
-        return {job.plate_id: state.message for job in jobs}
+        return {job.name: state.message for job in jobs}
     try:
         return state.result()
     except MissingResult:  # completed, but its outcome did not come back (a busy server): the files say
         run.logger.warning("%s: embed-plates' outcome was lost; reading the vectors it stored", model)
         dim = load_profiles().model(model).embed_dim
-        return {job.plate_id: vectors_problem(job.cache_file, len(job.boxes), dim) for job in jobs}
+        return {job.name: vectors_problem(job.cache_file, len(job.boxes), dim) for job in jobs}
 
 
 def smart_crop_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunner) -> None:

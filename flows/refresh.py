@@ -44,8 +44,8 @@ from flows.gpu import gpu_stage
 from flows.run import CANDIDATES, CHARACTERISE, HASH, SMART_CROP, PlateRecord, PlateRunner, Refresh, embed_stage
 from flows.routing import GpuRoute, choose_route
 from plateflow.predictions import apply_predictors
-from tasks.embed.models import require_weights
-from tasks.quality import corpus_flags
+from plateflow.embed.models import require_weights
+from plateflow.characterize.quality import corpus_flags
 from plateflow.report import build_report
 
 

@@ -18,8 +18,8 @@ from plateflow.layout import CorpusLayout
 from plateflow.tables import CHARACTERIZATION_COLUMNS
 from plateflow.status import Status
 from flows.batches import Batching
-from tasks.batch import file_size
-from tasks.quality import paper_share, quality_scores
+from plateflow.outcomes import file_size
+from plateflow.characterize.quality import paper_share, quality_scores
 
 
 HASH, CHARACTERISE, CANDIDATES, SMART_CROP = "hash", "characterize", "candidates", "smart crop"

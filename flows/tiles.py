@@ -24,22 +24,22 @@ from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.batches import Batching, BatchStage, run_batches
+from plateflow.artifacts import plural
 from plateflow.atomic import remove_stale_temps
 from plateflow.buckets import Location, is_url
-from plateflow.errors import ConfigError
 from plateflow.config import corpus_root, default_workers
-from plateflow.profiles import dispatch_policy
 from plateflow.corpus import PlateRef, corpus_lock, discover_plates
+from plateflow.errors import ConfigError
 from plateflow.hashindex import SourceIndex
-from plateflow.artifacts import plural
 from plateflow.layout import PLATES, SHARD_NAME, SHARD_STATE, STATE, CorpusLayout, shard_name
+from plateflow.outcomes import file_size
+from plateflow.profiles import dispatch_policy
 from plateflow.runlog import quiet_returned_failures
-from plateflow.tables import TILE_PLATES_SCHEMA, TILES_SCHEMA, parquet_bytes
 from plateflow.status import Status
-from flows.batches import Batching, BatchStage, run_batches
-from tasks.batch import file_size
-from tasks.tiles import (TileJob, TileParams, group_of, split_of, stored_tiles, tiles_batch, tiles_of_plates,
-                         write_shard)
+from plateflow.tables import TILE_PLATES_SCHEMA, TILES_SCHEMA, parquet_bytes
+from plateflow.tiles import TileJob, TileParams, group_of, split_of, stored_tiles, tiles_of_plates, write_shard
+from tasks.tiles import tiles_batch
 
 
 
@@ -171,7 +171,7 @@ def _cut(todo: list[TileJob], params: TileParams, store: Path, logger) -> dict[s
     if not todo:
         return failed
     policy, workers = dispatch_policy().cpu, default_workers()
-    # tasks/tiles.py's source is part of the tiles' key: its names stay as they are (jobs, not items)
+    # plateflow/tiles.py's source is part of the tiles' key: its names stay as they are (jobs, not items)
     stage = BatchStage("tiles", "tiles", tiles_batch, tiles_of_plates, {"params": params, "store": store},
                        apply, cost=lambda job: file_size(job.plate.source_path), items_arg="jobs")
     with ThreadPoolTaskRunner(max_workers=workers) as runner:
@@ -186,7 +186,7 @@ def _write_shards(dest: Location, staging: Path, store: Path, params: TileParams
     rewritten. DEST/.shards.json records each shard's plates as soon as it is written, so a run
     that was interrupted writes, when run again, only the shards it had not finished."""
     limit = params.shard_megabytes * 2**20
-    planned: dict[str, list[tuple[str, str]]] = {}  # shard -> [(folder, key)]
+    planned: dict[str, list[tuple[str, str, str]]] = {}  # shard -> [(folder, key, its earlier spelling)]
     by_group: dict[tuple[str, int], list] = {}
     for folder, (plate, sha, record) in records.items():
         if record and record["rows"]:
@@ -197,14 +197,16 @@ def _write_shards(dest: Location, staging: Path, store: Path, params: TileParams
             n = (store / f"{params.key(sha)}.tar").stat().st_size
             if size and size + n > limit:
                 part, size = part + 1, 0
-            planned.setdefault(shard_name(split, group, part), []).append((folder, params.key(sha)))
+            planned.setdefault(shard_name(split, group, part), []).append((folder, params.key(sha),
+                                                                           params.earlier_key(sha)))
             size += n
     written = _shard_state(dest, logger)
     present = dest.names()
     rewritten = 0
     for name, members in planned.items():
-        keys = [k for _, k in members]
-        if written.get(name) == keys and name in present:
+        keys = [k for _, k, _ in members]
+        if written.get(name) in (keys, [e for _, _, e in members]) and name in present:
+            written[name] = keys  # the same archives, recorded by an earlier version under the earlier keys
             continue
         with dest.writing(name, staging) as fh:
             write_shard(fh, [store / f"{k}.tar" for k in keys])
@@ -216,7 +218,7 @@ def _write_shards(dest: Location, staging: Path, store: Path, params: TileParams
         del written[stale]
     _save_state(dest, written)
     logger.info("%d shards, %d written, %d unchanged", len(planned), rewritten, len(planned) - rewritten)
-    return {name: [f for f, _ in members] for name, members in planned.items()}
+    return {name: [f for f, _, _ in members] for name, members in planned.items()}
 
 
 def _shard_state(dest: Location, logger) -> dict[str, list[str]]:

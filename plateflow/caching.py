@@ -1,25 +1,122 @@
-"""Cache keys: content hash + a step's parameters + that step's code version, one way for every
-cached step (``StepKey``, ``fingerprint``, ``code_version``)."""
+"""Cache keys: a step's content hash, its parameters and the version of its code, made one way
+for every cached step (``cache_key``).
+
+A step's code version is a hash of what its modules *do* (``STEP_CODE``): their definitions'
+tokens, without docstrings, comments, imports or the order of definitions, so editing a
+docstring or moving a function between the step's modules keeps every corpus's outputs, and
+any change to code recomputes them. A refactor that changes tokens but not behaviour (a rename,
+a move to a new module) is recorded in ``KEPT_VERSIONS``: the step's new version -> the one
+its outputs were keyed with. ``python -m plateflow.caching`` prints each step's versions.
+"""
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
 import importlib.util
+import io
+import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
 from plateflow.errors import is_transient
 
+# The modules whose code makes each cached step's outputs (read, never imported: a flow that
+# only needs keys skips their imports). tests/unit/plateflow/test_caching.py checks that every
+# module a step's work imports is here.
+STEP_CODE: dict[str, tuple[str, ...]] = {
+    "characterize": ("plateflow.image", "plateflow.imagefile", "plateflow.characterize.histograms", "plateflow.characterize.metadata",
+                     "plateflow.characterize.viz", "plateflow.characterize.working_copy",
+                     "plateflow.characterize.quality", "plateflow.characterize.step", "plateflow.characterize.save"),
+    "embed": ("plateflow.embed.models", "plateflow.embed.surgery", "plateflow.embed.reader",
+              "plateflow.embed.mapper", "plateflow.embed.writer", "plateflow.embed.candidates"),
+    "crop": ("plateflow.smart_crop", "plateflow.image", "plateflow.imagefile", "plateflow.characterize.working_copy"),
+    "tiles": ("plateflow.tiles", "plateflow.image", "plateflow.imagefile"),
+}
+
+# step -> {its code's version now: the version its outputs were keyed with}. An entry states that
+# the code behaves exactly as the code of that version did; it stops applying at the next edit
+# (the version moves on), and a test then asks for it to be removed.
+KEPT_VERSIONS: dict[str, dict[str, str]] = {
+    "embed": {"573c6cb26cde": "a96d9e0ddc82"},  # moved to plateflow/embed; PlateJob.plate_id -> name
+    "tiles": {"9a633ec33c3d": "9ae7a008ef61"},  # moved to plateflow/tiles.py; keys made by cache_key
+}
+
+
+def _source(module: str) -> str:
+    return Path(importlib.util.find_spec(module).origin).read_text(encoding="utf-8")
+
+
+def _docstrings(tree: ast.Module) -> set[tuple[int, int]]:
+    """Where each docstring starts: the first statement of a module, class or function body
+    when it is a string."""
+    starts = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str):
+                starts.add((first.lineno, first.col_offset))
+    return starts
+
+
+def definitions(source: str) -> list[str]:
+    """The module's top-level statements but its imports and docstring, each as its tokens
+    without comments, blank lines or docstrings: what the code does, not how it reads."""
+    tree = ast.parse(source)
+    docstrings = _docstrings(tree)
+    statements = [(min([d.lineno for d in getattr(node, "decorator_list", [])] + [node.lineno]), node.end_lineno)
+                  for node in tree.body
+                  if not isinstance(node, (ast.Import, ast.ImportFrom))
+                  and (node.lineno, node.col_offset) not in docstrings]
+    parts: list[list[str]] = [[] for _ in statements]
+    skip_newline = False
+    index = 0
+    inside: int | None = None
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type in (tokenize.COMMENT, tokenize.NL, tokenize.ENCODING, tokenize.ENDMARKER):
+            continue
+        if tok.type == tokenize.STRING and tok.start in docstrings:
+            skip_newline = True
+            continue
+        if tok.type == tokenize.NEWLINE and skip_newline:
+            skip_newline = False
+            continue
+        skip_newline = False
+        if tok.type == tokenize.DEDENT:  # closes a block of the statement before, wherever it stands
+            if inside is not None:
+                parts[inside].append("dedent")
+            continue
+        line = tok.start[0]
+        while index < len(statements) and line > statements[index][1]:
+            index += 1
+        inside = index if index < len(statements) and statements[index][0] <= line else None
+        if inside is not None:
+            parts[inside].append(f"{tok.type}:{tok.string}")
+    return ["\x00".join(p) for p in parts]
+
+
+def semantic_version(sources: list[str]) -> str:
+    """A short hash of the definitions of ``sources``, in any order and any of the modules."""
+    digest = hashlib.sha256()
+    for definition in sorted(d for source in sources for d in definitions(source)):
+        digest.update(definition.encode())
+        digest.update(b"\x01")
+    return digest.hexdigest()[:12]
+
 
 def code_version(*module_names: str) -> str:
-    """A short hash of the source of the modules that implement a step.
+    """The semantic version of the code in ``module_names``."""
+    return semantic_version([_source(name) for name in module_names])
 
-    Any edit to those modules changes the key, so outputs computed by old code are not reused.
-    """
-    digest = hashlib.sha256()
-    for name in module_names:  # read, not imported: a flow that only needs keys skips their imports
-        digest.update(Path(importlib.util.find_spec(name).origin).read_bytes())
-    return digest.hexdigest()[:12]
+
+@functools.cache
+def step_version(step: str) -> str:
+    """The version of ``step``'s code, as its outputs are keyed: its modules' semantic version,
+    or the version a recorded behaviour-neutral refactor kept."""
+    current = code_version(*STEP_CODE[step])
+    return KEPT_VERSIONS.get(step, {}).get(current, current)
 
 
 def fingerprint(*parts: str, length: int = 16) -> str:
@@ -29,15 +126,20 @@ def fingerprint(*parts: str, length: int = 16) -> str:
 
 @dataclass(frozen=True)
 class StepKey:
-    """A cached step's key for every plate of a run: ``<step>-<content sha256>-<version>``, where
-    ``version`` joins the step's parameters' fingerprint and the code version of the modules it
-    runs (each step's ``CODE_MODULES``). Made once per run; called once per plate."""
+    """A cached step's key for every plate of a run: ``<step>-<content sha256>-<version>``.
+    Made once per run (``cache_key``); called once per plate."""
 
     step: str
     version: str
 
     def __call__(self, sha256: str) -> str:
         return f"{self.step}-{sha256}-{self.version}"
+
+
+def cache_key(step: str, *parameters: str) -> StepKey:
+    """The one way a cached step is keyed: ``version`` hashes the step's parameters (each a
+    string: a fingerprint or JSON) and its code version (``step_version``)."""
+    return StepKey(step, fingerprint(*parameters, step_version(step)))
 
 
 def retry_transient(task, task_run, state) -> bool:
@@ -49,3 +151,8 @@ def retry_transient(task, task_run, state) -> bool:
         except BaseException as raised:  # noqa: BLE001 - we only classify it
             exc = raised
     return exc is not None and is_transient(exc)
+
+
+if __name__ == "__main__":
+    for name in STEP_CODE:
+        print(f"{name}: code {code_version(*STEP_CODE[name])}, keyed as {step_version(name)}")

@@ -50,7 +50,7 @@ PLATES_SCHEMA = pa.schema([
     ("grayscale_like", pa.bool_()),
     ("very_large", pa.bool_()),
     ("extreme_aspect", pa.bool_()),
-    # cleanvision's issue names (tasks/quality.py): the plate's own, then the corpus's; the
+    # cleanvision's issue names (plateflow/characterize/quality.py): the plate's own, then the corpus's; the
     # plate an exact or near duplicate duplicates; the hashes that decide duplicates.
     ("quality_flags", pa.list_(pa.string())),
     # The share of the plate at its detected paper level (0 for a photograph: no paper found).

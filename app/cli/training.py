@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from app.cli import MODEL_NAMES, CredentialsOpt, RootOpt, TileMode, app, console, described
 from plateflow.config import HeadConfig
-from app.cli import described, app, console, RootOpt, TileMode, MODEL_NAMES, CredentialsOpt
+from plateflow.tiles import TileParams
 
 
 HEAD = HeadConfig().model_dump()  # train-head's defaults, set once (plateflow/config.py: HeadConfig)
@@ -20,12 +21,12 @@ def tiles(
     root: RootOpt,
     size: Annotated[str, typer.Option(metavar="WxH", help="Tile size in pixels, width x height (e.g. 512x512).")],
     out: Annotated[str, typer.Option(help="Folder or fsspec URL (s3://bucket/prefix, gs://, az://) for the WebDataset shards and tiles.parquet.")],
-    mode: Annotated[TileMode, typer.Option(help="classic: whole tiles only; noise-framed: edge tiles filled with paper noise.")] = "classic",
-    grayscale: Annotated[bool, typer.Option("--grayscale", help="L tiles instead of RGB.")] = False,
-    test_every: Annotated[Optional[int], typer.Option(help="A plate is test when its content hash is 0 mod K.")] = None,
-    test_fraction: Annotated[Optional[float], typer.Option(help="Or: this fraction of plates, by content hash, is test.")] = None,
-    shard_megabytes: Annotated[float, typer.Option(help="Most megabytes in one shard.")] = 256.0,
-    png_level: Annotated[int, typer.Option(help="PNG compression: 1-3 ISA-L (1 fastest), 4-9 zlib (smaller, slower), 0 stored.", min=0, max=9)] = 1,
+    mode: Annotated[TileMode, typer.Option(help=described(TileParams, "mode"))] = "classic",
+    grayscale: Annotated[bool, typer.Option("--grayscale", help=described(TileParams, "grayscale"))] = False,
+    test_every: Annotated[Optional[int], typer.Option(help=described(TileParams, "test_every"))] = None,
+    test_fraction: Annotated[Optional[float], typer.Option(help=described(TileParams, "test_fraction"))] = None,
+    shard_megabytes: Annotated[float, typer.Option(help=described(TileParams, "shard_megabytes"))] = 256.0,
+    png_level: Annotated[int, typer.Option(help=described(TileParams, "png_compress_level"), min=0, max=9)] = 1,
     credentials_block: CredentialsOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Write to a destination that holds another corpus's tiles (they are replaced).")] = False,
 ) -> None:
@@ -36,7 +37,6 @@ def tiles(
     from flows.tiles import make_tiles
     from plateflow.config import corpus_root
     from plateflow.errors import ConfigError
-    from tasks.tiles import TileParams
 
     import re
 

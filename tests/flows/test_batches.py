@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.batches import Batching, BatchStage, run_batches
-from tasks.batch import PlateOutcome
+from plateflow.outcomes import PlateOutcome
 
 
 @dataclass

@@ -198,7 +198,7 @@ def test_tiles_to_a_full_disk_fail_in_one_message_with_no_temp_file_left(small_d
     from PIL import Image
 
     from flows.tiles import make_tiles
-    from tasks.tiles import TileParams
+    from plateflow.tiles import TileParams
 
     root = tmp_path / "corpus"
     noise = np.random.default_rng(0).integers(0, 256, (1280, 1536, 3), dtype=np.uint8)  # PNG cannot shrink it

@@ -183,7 +183,7 @@ def test_a_killed_embed_job_resumes_at_the_next_unfinished_chunk(tmp_path, tiny_
     from prefect.settings import PREFECT_API_URL
 
     from plateflow.atomic import write_json
-    from tasks.embed.reader import PlateJob
+    from plateflow.embed.reader import PlateJob
 
     jobs = []
     store = tmp_path / "store"
@@ -213,12 +213,12 @@ def test_a_killed_embed_job_resumes_at_the_next_unfinished_chunk(tmp_path, tiny_
         assert len(record["plates"]) == 2 and record["outcome"] == {p: None for p in record["plates"]}
         assert record["finished"]
     done = {p for r in recorded.values() for p in r["plates"]}
-    before = {j.plate_id: os.stat(j.cache_file).st_mtime_ns for j in jobs if j.plate_id in done}
+    before = {j.name: os.stat(j.cache_file).st_mtime_ns for j in jobs if j.name in done}
 
     from flows.embed import embed_plates
 
     outcome = embed_plates("tiny_dinov2", "CPU", jobs_file=str(tmp_path / "jobs.json"), chunk_size=2)
-    assert outcome == {j.plate_id: None for j in jobs}
+    assert outcome == {j.name: None for j in jobs}
     assert len(list(ledger.glob("*.json"))) == 20
     assert {p: os.stat(jobs[int(p.split("-")[1])].cache_file).st_mtime_ns for p in before} == before  # not redone
 
@@ -226,7 +226,7 @@ def test_a_killed_embed_job_resumes_at_the_next_unfinished_chunk(tmp_path, tiny_
 @pytest.mark.usefixtures("prefect_harness")
 def test_tiles_are_embedded_once_into_their_own_store_and_a_head_trains_per_tile(tmp_path, tiny_env):
     from flows.tiles import make_tiles
-    from tasks.tiles import TileParams
+    from plateflow.tiles import TileParams
 
     root = tmp_path / "corpus"
     kinds = labelled_corpus(root, 40, size=(320, 240))

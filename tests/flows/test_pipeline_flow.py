@@ -61,7 +61,7 @@ def test_a_gpu_class_decodes_on_the_device_in_the_flow_and_gets_the_thread_reade
     assert load_profiles().gpu_class("CPU").readers == "threads"
     other = copy_corpus(corpus, tmp_path / "other")
     vectors = {}
-    caplog.set_level(logging.INFO, logger="tasks.embed.runner")
+    caplog.set_level(logging.INFO, logger="plateflow.embed.runner")
     for root, cls in ((corpus, "CPU"), (other, "T4_16GB")):  # T4's plan on this CPU: device decoding, batch 64
         caplog.clear()
         state = refresh_corpus(str(root), RefreshConfig(models=["tiny_dinov2"], gpu_class=cls), return_state=True)
@@ -162,7 +162,7 @@ def test_embed_plates_reads_its_plates_from_a_jobs_file_and_skips_stored_vectors
 
     from flows.embed import embed_plates
     from plateflow.atomic import write_json
-    from tasks.embed.reader import PlateJob
+    from plateflow.embed.reader import PlateJob
 
     jobs = []
     for i in range(3):

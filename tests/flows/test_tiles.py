@@ -1,4 +1,4 @@
-"""Model-input tiles (flows/tiles.py, tasks/tiles.py): the two modes, the split, the shards."""
+"""Model-input tiles (flows/tiles.py, plateflow/tiles.py): the two modes, the split, the shards."""
 
 import io
 import json
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from flows.tiles import make_tiles
-from tasks.tiles import TileParams, cut_tiles, split_of
+from plateflow.tiles import TileParams, cut_tiles, split_of
 
 from fixtures.plates import make_plate, paper_plate
 
@@ -113,7 +113,7 @@ def test_make_tiles_writes_shards_webdataset_reads_and_reruns_rewrite_only_what_
 
 @pytest.mark.parametrize("level", [0, 1, 3, 6])
 def test_tile_pngs_decode_to_exactly_the_tile_pixels(level):
-    from tasks.tiles import encode_png
+    from plateflow.tiles import encode_png
 
     rng = np.random.default_rng(level)
     smooth = np.cumsum(rng.integers(0, 3, (37, 53, 3)), axis=1).astype(np.uint8)  # odd sizes, wrapping differences

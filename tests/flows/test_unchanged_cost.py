@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.refresh import PlateRecord, refresh_corpus
-from tasks.batch import batches
+from plateflow.outcomes import batches
 from plateflow.config import RefreshConfig
 from plateflow.corpus import read_manifest
 from plateflow.hashindex import SourceIndex, sha256_file

@@ -21,7 +21,7 @@ from app.cli import app
 from flows.tiles import make_tiles
 from plateflow.corpus import discover_plates
 from plateflow.ingest import ingest
-from tasks.tiles import TileParams
+from plateflow.tiles import TileParams
 
 from fixtures import REPO
 from fixtures.plates import make_plate, paper_plate

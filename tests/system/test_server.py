@@ -298,7 +298,7 @@ def test_a_crashed_gpu_run_is_sent_again_then_its_plates_fail_with_the_reason(li
 
     from flows.routing import GpuRoute, run_on_pool
     from plateflow.profiles import dispatch_policy
-    from tasks.embed.reader import PlateJob
+    from plateflow.embed.reader import PlateJob
 
     route = GpuRoute("H100_80GB", "plates", "h100-80gb", "embed-plates/embed-plates")
     jobs = [PlateJob(f"plate-{i}", str(tmp_path / f"w{i}.jpg"), (100, 100), ((0, 0, 100, 100),),
@@ -340,7 +340,7 @@ def test_a_pool_with_no_online_worker_fails_its_plates_after_the_wait(live, clie
     import logging
 
     from flows.routing import GpuRoute, run_on_pool
-    from tasks.embed.reader import PlateJob
+    from plateflow.embed.reader import PlateJob
 
     route = GpuRoute("H100_80GB", "plates", "h100-80gb", "embed-plates/embed-plates")
     jobs = [PlateJob(f"plate-{i}", str(tmp_path / f"w{i}.jpg"), (100, 100), ((0, 0, 100, 100),),
@@ -369,7 +369,7 @@ def test_a_run_already_running_on_the_pool_takes_a_place_so_the_plates_go_as_few
     from prefect.states import Cancelled, Running
 
     from flows.routing import GpuRoute, run_on_pool
-    from tasks.embed.reader import PlateJob
+    from plateflow.embed.reader import PlateJob
 
     caplog.set_level(logging.INFO)
     refresh = client.read_deployment_by_name("refresh-corpus/refresh-corpus")
@@ -386,7 +386,7 @@ def test_a_run_already_running_on_the_pool_takes_a_place_so_the_plates_go_as_few
                               poll_s=0.5)
     finally:
         client.set_flow_run_state(busy.id, Cancelled(message="test over"), force=True)
-    assert outcome == {job.plate_id: None for job in jobs}
+    assert outcome == {job.name: None for job in jobs}
     assert all(np.load(job.cache_file).shape == (2, 32) for job in jobs)
     assert "4 plate(s) in 1 run(s) on plates/cpu (1 online worker(s), 2 run(s) each, 1 running)" in caplog.text
     assert not (tmp_path / "reports").exists()  # a completed run leaves no dispatch files
@@ -398,7 +398,7 @@ def test_an_interrupted_refresh_cancels_the_runs_it_sent(live, client, tmp_path)
     import signal
 
     from flows.routing import GpuRoute, run_on_pool
-    from tasks.embed.reader import PlateJob
+    from plateflow.embed.reader import PlateJob
 
     route = GpuRoute("H100_80GB", "plates", "h100-80gb", "embed-plates/embed-plates")
     jobs = [PlateJob("plate-0", str(tmp_path / "w.jpg"), (100, 100), ((0, 0, 100, 100),), str(tmp_path / "v.npy"))]

@@ -94,7 +94,7 @@ def test_ingest_lists_fifos_sockets_and_symlink_loops_as_skipped_and_never_block
 def test_a_tiff_only_tifffile_reads_is_ingested_and_decoded_by_the_documented_rule(tmp_path):
     import tifffile
 
-    from tasks.image import decode_image
+    from plateflow.image import decode_image
 
     path = skimage_tiff()
     with pytest.raises(Exception):

@@ -60,3 +60,21 @@ def test_the_corpus_table_takes_the_characterization_columns_from_one_schema():
     from plateflow.tables import CHARACTERIZATION_COLUMNS, PLATES_SCHEMA
 
     assert set(CHARACTERIZATION_COLUMNS) <= set(PLATES_SCHEMA.names)
+
+
+def _tasks_defined(path: Path) -> list[str]:
+    """The functions a module decorates with Prefect's ``@task``."""
+    return [node.name for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.FunctionDef)
+            and any(getattr(getattr(d, "func", d), "id", None) == "task" for d in node.decorator_list)]
+
+
+def test_tasks_holds_the_task_wrappers_and_only_they_are_tasks():
+    """tasks/ is the floor of @task wrappers around the library's per-plate functions: each of
+    its modules defines one, and no other floor does."""
+    for path in sorted((REPO / "tasks").glob("*.py")):
+        if path.name != "__init__.py":
+            assert _tasks_defined(path), f"{path.relative_to(REPO)} defines no @task"
+    for package in ("plateflow", "flows", "app"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            assert not _tasks_defined(path), f"{path.relative_to(REPO)} defines a @task: it belongs in tasks/"

@@ -38,7 +38,7 @@ def test_hostile_plate_ids_give_shards_that_extract_inside_and_read_as_one_sampl
     import webdataset as wds
 
     from flows.tiles import make_tiles
-    from tasks.tiles import TileParams
+    from plateflow.tiles import TileParams
 
     root = tmp_path / "work" / "corpus"
     ids = [i for i in HOSTILE_IDS if "\x00" not in i]
@@ -70,7 +70,7 @@ def test_hostile_plate_ids_give_shards_that_extract_inside_and_read_as_one_sampl
 @pytest.mark.usefixtures("prefect_harness")
 def test_a_tampered_shard_state_never_makes_tiles_touch_a_file_outside_dest(tmp_path, caplog):
     from flows.tiles import make_tiles
-    from tasks.tiles import TileParams
+    from plateflow.tiles import TileParams
 
     root = tmp_path / "corpus"
     make_plate(root, "plate-001", paper_plate(256, 128))

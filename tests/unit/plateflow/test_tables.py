@@ -30,7 +30,7 @@ def _npy(array) -> bytes:
 ])
 def test_damaged_cached_vectors_are_refused_with_the_file_named(tmp_path, damage, words):
     from plateflow.errors import CacheEntryError
-    from tasks.embed.writer import load_vectors, vectors_problem
+    from plateflow.embed.writer import load_vectors, vectors_problem
 
     path = tmp_path / "v.npy"
     good = _npy(np.arange(32, dtype=np.float32).reshape(4, 8))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from tasks.image import pixel_words
+from plateflow.image import pixel_words
 
 # Rec. 709 luma weights in 16-bit fixed point; they sum to exactly 65536 so grey stays grey.
 W709 = (13933, 46871, 4732)

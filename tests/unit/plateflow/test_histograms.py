@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 from plateflow.config import CharacterizeParams
-from tasks.characterize import characterize_image
-from tasks.histograms import compute_histograms, hist_entropy, histogram_record, rebin
+from plateflow.characterize.step import characterize_image
+from plateflow.characterize.histograms import compute_histograms, hist_entropy, histogram_record, rebin
 
 
 def test_solid_colour_has_exact_statistics(tmp_path):
@@ -40,7 +40,7 @@ def test_two_equal_halves_have_one_bit_of_entropy_and_known_std():
     h = compute_histograms(Image.fromarray(a))
     assert hist_entropy(h.luminance) == pytest.approx(1.0)
     meta_std = math.sqrt(((0 - 127.5) ** 2 + (255 - 127.5) ** 2) / 2)
-    from tasks.histograms import hist_mean_std
+    from plateflow.characterize.histograms import hist_mean_std
     assert hist_mean_std(h.rgb[1]) == pytest.approx((127.5, meta_std))
     assert h.grayscale_like is True
 

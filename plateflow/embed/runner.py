@@ -9,14 +9,12 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from prefect import task
 
-from plateflow.caching import retry_transient
 from plateflow.profiles import ModelSpec
-from tasks.embed.mapper import forward_with_backoff, encoder_for, to_host
-from tasks.embed.models import LoadedModel
-from tasks.embed.reader import READER_KINDS, PlateJob, PlateReader, prefetch_batches, reader_threads
-from tasks.embed.writer import VectorWriter
+from plateflow.embed.mapper import forward_with_backoff, encoder_for, to_host
+from plateflow.embed.models import LoadedModel
+from plateflow.embed.reader import READER_KINDS, PlateJob, PlateReader, prefetch_batches, reader_threads
+from plateflow.embed.writer import VectorWriter
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +93,7 @@ def embed_and_store(jobs: list[PlateJob], spec: ModelSpec, batch_size: int, dtyp
     """Embed ``jobs``; write each plate's vectors to its cache file. ``readers``: see
     ``encode_plates`` (None: "device" on a GPU, "threads" on the CPU).
 
-    Returns plate_id -> None when done, or the error message of a plate that failed alone.
+    Returns each job's name -> None when done, or the error message of a plate that failed alone.
     """
     import torch
 
@@ -112,18 +110,8 @@ def embed_and_store(jobs: list[PlateJob], spec: ModelSpec, batch_size: int, dtyp
                                                  pin_memory=encoder.device.type == "cuda", readers=readers):
             if error is None:
                 writer.write(job.cache_file, vectors)
-            outcome[job.plate_id] = error
+            outcome[job.name] = error
         t = time.perf_counter()
     log.info("%s: %d plates' vectors written in %.2f s on the writer's threads (%.2f s waited for at the end)",
              spec.name, len(jobs), writer.seconds, time.perf_counter() - t)
     return outcome
-
-@task(name="embed-chunk", task_run_name="embed-{spec.name}-{chunk_name}", retries=2,
-      retry_delay_seconds=[5, 30], retry_jitter_factor=0.5, retry_condition_fn=retry_transient)
-def embed_chunk(jobs: list[PlateJob], spec: ModelSpec, batch_size: int, dtype: str,
-                chunk_name: str = "0", weights_root: str | None = None,
-                readers: str = "device") -> dict[str, str | None]:
-    """A chunk of plates through one model; only GpuOutOfMemoryError/I/O failures are retried.
-    ``readers``: the GPU class's reader kind (see ``encode_plates``)."""
-    return embed_and_store(jobs, spec, batch_size, dtype, weights_root=Path(weights_root) if weights_root else None,
-                           readers=readers)

@@ -15,20 +15,21 @@ from pathlib import Path
 import numpy as np
 
 from plateflow.atomic import write_bytes, write_json
-from plateflow.caching import code_version
+from plateflow.caching import StepKey, cache_key
 from plateflow.config import CropParams
 from plateflow.errors import CacheEntryError
 from plateflow.layout import CorpusLayout
 from plateflow.profiles import ModelSpec
 
-# The vectors depend on the model code, the views (reader, mapper) and the candidates' boxes.
-CODE_VERSION = code_version("tasks.embed.models", "tasks.embed.surgery", "tasks.embed.reader",
-                            "tasks.embed.mapper", "tasks.embed.writer", "tasks.candidates")
+def step_key(spec: ModelSpec, params: CropParams) -> StepKey:
+    """The vectors' key: the model's entry in the capability table, the crop parameters (the
+    candidates' boxes) and the code of the models, readers, mapper, writer and candidates."""
+    return cache_key("embed", spec.model_dump_json(), params.fingerprint())
 
 
 def embedding_key(spec: ModelSpec, params: CropParams) -> str:
-    data = f"{spec.model_dump_json()}|{params.fingerprint()}|{CODE_VERSION}"
-    return hashlib.sha256(data.encode()).hexdigest()[:16]
+    """The part of a vector file's name after the plate's sha256 (``store_path``)."""
+    return step_key(spec, params).version
 
 
 def store_path(root: Path, spec: ModelSpec, sha256: str, params: CropParams) -> Path:
@@ -144,5 +145,5 @@ class ChunkLedger:
     def record(self, key: str, chunk: list, outcome: dict[str, str | None]) -> None:
         from datetime import datetime, timezone
 
-        write_json(self.folder / f"{key}.json", {"plates": [j.plate_id for j in chunk], "outcome": outcome,
+        write_json(self.folder / f"{key}.json", {"plates": [j.name for j in chunk], "outcome": outcome,
                                                  "finished": datetime.now(timezone.utc).isoformat()})

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from plateflow.errors import PlateError
-from tasks.smart_crop import _cut_crop_streaming, cut_crop
-from tasks.image import decode_image
+from plateflow.smart_crop import _cut_crop_streaming, cut_crop
+from plateflow.image import decode_image
 from plateflow.tables import write_embeddings_table
 
 BOX = [100, 50, 500, 400]

@@ -6,8 +6,8 @@ from PIL import Image
 
 from plateflow.config import CharacterizeParams
 from plateflow.errors import ImageDecodeError, TooManyPixelsError
-from tasks.characterize import characterize_image
-from tasks.image import decode_image
+from plateflow.characterize.step import characterize_image
+from plateflow.image import decode_image
 
 from fixtures.plates import paper_plate, read_image
 

@@ -20,7 +20,7 @@ def test_a_source_changed_before_its_crop_is_cut_fails_that_plate_and_writes_not
     from plateflow.config import CropParams
     from plateflow.corpus import read_manifest
     from plateflow.errors import SourceChangedError
-    from tasks.smart_crop import smart_crop_plate
+    from plateflow.smart_crop import smart_crop_plate
 
     d = make_plate(tmp_path, "plate-001", paper_plate(seed=1))
     plate = read_manifest(d)

@@ -1,4 +1,4 @@
-"""Quality flags on generated and real images whose answers are known (tasks/quality.py)."""
+"""Quality flags on generated and real images whose answers are known (plateflow/characterize/quality.py)."""
 
 import importlib.util
 import io
@@ -13,8 +13,8 @@ from skimage import data
 
 from plateflow.config import CharacterizeParams
 from plateflow.profiles import quality_profile
-from tasks.characterize import characterize_image
-from tasks.quality import corpus_flags
+from plateflow.characterize.step import characterize_image
+from plateflow.characterize.quality import corpus_flags
 
 from fixtures import REPO
 
@@ -191,8 +191,8 @@ def test_a_blank_page_has_no_perceptual_hash():
     spec.loader.exec_module(bench)
     blank = bench.blank_page(0)
     small = blank.resize((398, 512))
-    from tasks.histograms import compute_histograms
-    from tasks.quality import plate_quality
+    from plateflow.characterize.histograms import compute_histograms
+    from plateflow.characterize.quality import plate_quality
 
     q, _ = plate_quality(compute_histograms(blank, 245), small, blank, quality_profile())
     assert q["phash"] is None and "low_information" in q["flags"]

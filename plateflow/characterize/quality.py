@@ -34,7 +34,7 @@ from PIL import Image
 
 from plateflow.flags import PLATE_FLAGS, SCORES
 from plateflow.profiles import QualityProfile
-from tasks.histograms import Histograms, hist_entropy
+from plateflow.characterize.histograms import Histograms, hist_entropy
 
 
 
@@ -151,7 +151,7 @@ def plate_quality(hist: Histograms, image: Image.Image, full: Image.Image,
     plate at the profile's fixed scale that most are measured on (from ``image``: the decoded
     plate or its working copy; the preview reuses it when it is the same size). Blur is
     measured on ``full``, the decoded plate."""
-    from tasks.viz import make_preview
+    from plateflow.characterize.viz import make_preview
 
     small = make_preview(image, profile.scale.long_side)
     gray = np.asarray(small.convert("L"))  # the reduced plate's luminance: where blur is read, the content box

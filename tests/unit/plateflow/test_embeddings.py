@@ -10,13 +10,13 @@ from PIL import Image
 from plateflow.config import CropParams
 from plateflow.errors import ConfigError, GpuOutOfMemoryError, is_transient
 from plateflow.profiles import load_profiles
-from tasks.candidates import candidate_boxes
-from tasks.smart_crop import choose_best_crop
-from tasks.working_copy import make_working_copy
-from tasks.embed.mapper import ViewEncoder, forward_with_backoff
-from tasks.embed.models import ModelUnavailableError, load_model, require_weights
-from tasks.embed.reader import PlateJob
-from tasks.embed.runner import embed_and_store, encode_plates
+from plateflow.embed.candidates import candidate_boxes
+from plateflow.smart_crop import choose_best_crop
+from plateflow.characterize.working_copy import make_working_copy
+from plateflow.embed.mapper import ViewEncoder, forward_with_backoff
+from plateflow.embed.models import ModelUnavailableError, load_model, require_weights
+from plateflow.embed.reader import PlateJob
+from plateflow.embed.runner import embed_and_store, encode_plates
 
 from fixtures.plates import paper_plate, read_image
 
@@ -50,7 +50,7 @@ def dino(tiny_env):
 
 
 def all_vectors(embed, jobs, model, batch):
-    return {job.plate_id: vec for job, vec, err in encode_plates(embed, jobs, model, batch, num_workers=2)}
+    return {job.name: vec for job, vec, err in encode_plates(embed, jobs, model, batch, num_workers=2)}
 
 
 def test_batch_gives_the_same_vectors_as_one_plate_at_a_time(dino, tmp_path):
@@ -59,9 +59,9 @@ def test_batch_gives_the_same_vectors_as_one_plate_at_a_time(dino, tmp_path):
     jobs = make_jobs(tmp_path, 5)
     batched = all_vectors(embed, jobs, model, batch=64)  # four plates share a forward pass
     for job in jobs:
-        single = all_vectors(embed, [job], model, batch=16)[job.plate_id]
-        np.testing.assert_allclose(batched[job.plate_id], single, atol=1e-5)
-        assert batched[job.plate_id].shape == (16, spec.embed_dim)
+        single = all_vectors(embed, [job], model, batch=16)[job.name]
+        np.testing.assert_allclose(batched[job.name], single, atol=1e-5)
+        assert batched[job.name].shape == (16, spec.embed_dim)
         np.testing.assert_allclose(np.linalg.norm(single, axis=1), 1.0, atol=1e-5)
 
 
@@ -80,19 +80,19 @@ def test_injected_out_of_memory_shrinks_the_batch_and_keeps_every_plate_once(din
     flaky = Flaky(model, DEVICE, "float32")
 
     jobs = make_jobs(tmp_path, 6)
-    seen = [job.plate_id for job, _, _ in encode_plates(flaky, jobs, model, 64, num_workers=2)]
-    assert sorted(seen) == sorted(j.plate_id for j in jobs) and len(seen) == len(set(seen))
+    seen = [job.name for job, _, _ in encode_plates(flaky, jobs, model, 64, num_workers=2)]
+    assert sorted(seen) == sorted(j.name for j in jobs) and len(seen) == len(set(seen))
     assert calls[:3] == [64, 32, 16] and max(calls[3:]) <= 8
     reference = all_vectors(real, jobs, model, 16)
     for job, vec, _ in encode_plates(flaky, jobs, model, 64, num_workers=2):
-        np.testing.assert_allclose(vec, reference[job.plate_id], atol=1e-5)
+        np.testing.assert_allclose(vec, reference[job.name], atol=1e-5)
 
 
 def test_device_readers_decode_each_batch_on_the_device_and_a_bad_plate_fails_alone(dino, tmp_path, caplog):
     """Reader threads read JPEG bytes; the embedder decodes a batch of them at once (nvJPEG on a
     GPU, libjpeg-turbo through torchvision here). A file that is not a whole JPEG goes to Pillow,
     and a batch the device cannot decode goes to Pillow plate by plate: the others are kept."""
-    import tasks.embed.reader as emb
+    import plateflow.embed.reader as emb
 
     spec, model = dino
     embed = ViewEncoder(model, DEVICE, "float32")
@@ -105,28 +105,28 @@ def test_device_readers_decode_each_batch_on_the_device_and_a_bad_plate_fails_al
     Path(jobs[6].working_copy).write_bytes(whole[:3] + b"\0" * 200 + whole[-2:])  # markers, no image
     assert isinstance(emb.read_encoded(jobs[0], spec.input_size), emb.EncodedPlate)
     assert isinstance(emb.read_encoded(jobs[2], spec.input_size), emb.DecodedPlate)
-    by_threads = {job.plate_id: (vec, err) for job, vec, err in encode_plates(embed, jobs, model, 64, num_workers=2)}
-    caplog.set_level("INFO", logger="tasks.embed.runner")
+    by_threads = {job.name: (vec, err) for job, vec, err in encode_plates(embed, jobs, model, 64, num_workers=2)}
+    caplog.set_level("INFO", logger="plateflow.embed.runner")
     seen = []
     for job, vec, err in encode_plates(embed, jobs, model, 64, num_workers=2, readers="device",
                                     pin_memory=DEVICE == "cuda"):  # 4 plates a batch
-        seen.append(job.plate_id)
-        ref_vec, ref_err = by_threads[job.plate_id]
-        assert (err is None) == (ref_err is None), (job.plate_id, err, ref_err)
+        seen.append(job.name)
+        ref_vec, ref_err = by_threads[job.name]
+        assert (err is None) == (ref_err is None), (job.name, err, ref_err)
         if err is None:
             assert vec.shape == (16, spec.embed_dim)
             np.testing.assert_allclose(vec, ref_vec, atol=0.05)  # two JPEG decoders, a few levels apart
-    assert sorted(seen) == sorted(j.plate_id for j in jobs) and len(seen) == len(set(seen))
+    assert sorted(seen) == sorted(j.name for j in jobs) and len(seen) == len(set(seen))
     assert "cannot read working copy" in by_threads["plate-4"][1] and "cannot read working copy" in by_threads["plate-6"][1]
     assert "waiting for the readers (device)" in caplog.text
     assert "decoding 3 working copies" in caplog.text  # plate-6 with plates 5 and 7 (4 failed in its reader)
     # A batch decoded on the device gives the same vectors as its plates decoded one at a time
     # (nvJPEG's batched decode can put a few pixels a level away from its decode of one image).
     good = [jobs[k] for k in (0, 1, 3, 5, 7)]
-    batched = {job.plate_id: vec for job, vec, err in encode_plates(embed, good, model, 80, readers="device")}
+    batched = {job.name: vec for job, vec, err in encode_plates(embed, good, model, 80, readers="device")}
     for job in good:
-        single = {j.plate_id: v for j, v, e in encode_plates(embed, [job], model, 16, readers="device")}
-        np.testing.assert_allclose(batched[job.plate_id], single[job.plate_id], atol=1e-5 if DEVICE == "cpu" else 2e-3)
+        single = {j.name: v for j, v, e in encode_plates(embed, [job], model, 16, readers="device")}
+        np.testing.assert_allclose(batched[job.name], single[job.name], atol=1e-5 if DEVICE == "cpu" else 2e-3)
 
 
 def test_the_next_batch_is_queued_on_the_device_before_a_batch_is_handed_out(dino, tmp_path):
@@ -142,7 +142,7 @@ def test_the_next_batch_is_queued_on_the_device_before_a_batch_is_handed_out(din
     jobs = make_jobs(tmp_path, 5)
     embed = Recording(model, DEVICE, "float32")
     for job, vec, err in encode_plates(embed, jobs, model, 32, num_workers=2):  # 2 plates a batch
-        events.append(job.plate_id)
+        events.append(job.name)
     assert events == ["launch 2 plates", "launch 2 plates", "plate-0", "plate-1", "launch 1 plates",
                       "plate-2", "plate-3", "plate-4"]
 
@@ -182,7 +182,7 @@ def test_both_backends_load_from_a_weights_folder_and_embed(tiny_env, tmp_path):
 def test_the_chunks_of_one_model_load_its_weights_once(tiny_env, tmp_path, monkeypatch):
     import os
 
-    import tasks.embed.mapper as mapper
+    import plateflow.embed.mapper as mapper
 
     loads = []
     real_load = mapper.load_model
@@ -193,7 +193,7 @@ def test_the_chunks_of_one_model_load_its_weights_once(tiny_env, tmp_path, monke
     jobs = make_jobs(tmp_path, 4)
 
     def embed(spec, chunk):
-        assert embed_and_store(chunk, spec, 16, "float32", device=DEVICE) == {j.plate_id: None for j in chunk}
+        assert embed_and_store(chunk, spec, 16, "float32", device=DEVICE) == {j.name: None for j in chunk}
 
     embed(dino, jobs[:2])
     first = np.load(jobs[0].cache_file)
@@ -278,7 +278,7 @@ def test_every_model_and_class_in_the_table_is_complete():
 
 
 def views_of(model, image: Image.Image, boxes, pin=False):
-    from tasks.embed.reader import DecodedPlate
+    from plateflow.embed.reader import DecodedPlate
 
     plate = DecodedPlate(torch.from_numpy(np.asarray(image.convert("RGB")).copy()), np.asarray(boxes, np.float64))
     return ViewEncoder(model, DEVICE, "float32").cut_views([plate]).cpu().numpy()
@@ -339,7 +339,7 @@ def test_known_crop_is_chosen_on_a_constructed_plate(dino, tmp_path):
     """On a uniform plate some candidates see exactly the pixels of the whole plate (same
     letterbox), so their embedding equals the whole plate's: the first of them must win, with
     cosine 1, and every candidate whose view differs must score lower."""
-    from tasks.embed.reader import PlateReader
+    from plateflow.embed.reader import PlateReader
 
     spec, model = dino
     params = CropParams()
@@ -357,7 +357,7 @@ def test_known_crop_is_chosen_on_a_constructed_plate(dino, tmp_path):
 
 def test_smart_crop_writes_a_run_once_per_key(tmp_path):
     from plateflow.corpus import PlateRef
-    from tasks.smart_crop import smart_crop_plate
+    from plateflow.smart_crop import smart_crop_plate
 
     plate_dir = tmp_path / "plate-001"
     (plate_dir / "source").mkdir(parents=True)
@@ -384,7 +384,7 @@ def test_layer_scale_is_folded_into_the_linear_before_it_without_changing_the_ou
 
     from timm.layers import LayerScale
 
-    from tasks.embed.surgery import fold_layer_scale
+    from plateflow.embed.surgery import fold_layer_scale
 
     spec, model = dino
     net = copy.deepcopy(model.net).eval()
@@ -410,7 +410,7 @@ def test_the_gelu_epilogue_mlp_computes_fc1_gelu_fc2_and_only_reduced_precision_
 
     from timm.layers import Mlp
 
-    from tasks.embed.surgery import fuse_gelu_epilogue
+    from plateflow.embed.surgery import fuse_gelu_epilogue
 
     spec, model = dino
     net = copy.deepcopy(model.net).eval().to(DEVICE)

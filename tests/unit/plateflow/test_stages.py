@@ -43,25 +43,25 @@ class Stage:
     params: object
     other_params: object  # params that must change the key
     key: Callable[[object, str], str]  # (params, sha256) -> key
-    code_module: str  # the module whose CODE_VERSION is in the key
+    step: str  # its name in plateflow/caching.py:STEP_CODE: the code in its key
     bad_fails_at: str | None  # the step a corrupt source fails at; None: the stage never reads pixels
 
 
 def _characterize(root, plates, params):
-    from tasks.characterize import characterize_plates
+    from plateflow.characterize.step import characterize_plates
 
     return characterize_plates([(p, sha(p)) for p in plates], params, root)
 
 
 def _candidates(root, plates, params):
-    from tasks.candidates import candidates_of_plates
+    from plateflow.embed.candidates import candidates_of_plates
 
     return candidates_of_plates([(p, (320, 240)) for p in plates if p.folder != BAD]
                                 + [(p, (0, -1)) for p in plates if p.folder == BAD], params)
 
 
 def _tiles(root, plates, params):
-    from tasks.tiles import TileJob, tiles_of_plates
+    from plateflow.tiles import TileJob, tiles_of_plates
 
     store = root / ".plateflow" / "tiles"
     return tiles_of_plates([TileJob(p, sha(p)) for p in plates], params, store)
@@ -72,8 +72,8 @@ def _crop_jobs(root, plates, params):
     would leave), as the refresh hands them to the smart crop."""
     import numpy as np
 
-    from tasks.candidates import candidate_boxes
-    from tasks.smart_crop import CropJob
+    from plateflow.embed.candidates import candidate_boxes
+    from plateflow.smart_crop import CropJob
 
     jobs = []
     for i, p in enumerate(plates):
@@ -88,19 +88,19 @@ def _crop_jobs(root, plates, params):
 
 
 def _smart_crop(root, plates, params):
-    from tasks.smart_crop import smart_crop_plates
+    from plateflow.smart_crop import smart_crop_plates
 
     return smart_crop_plates(_crop_jobs(root, plates, params), "run-1", "m", params)
 
 
 def _crop_key(params, digest):
-    from tasks.smart_crop import crop_key
+    from plateflow.smart_crop import crop_key
 
     return crop_key("m", params, ["m:embedding-key"])(digest)
 
 
 def _tile_params(**kw):
-    from tasks.tiles import TileParams
+    from plateflow.tiles import TileParams
 
     return TileParams(width=64, height=64, **kw)
 
@@ -110,13 +110,13 @@ def _tile_key(params, digest):
 
 
 def _characterize_key(params, digest):
-    from tasks.characterize import cache_key
+    from plateflow.characterize.step import plate_key
 
-    return cache_key(digest, params)
+    return plate_key(digest, params)
 
 
 def _candidates_key(params, digest):
-    from tasks.embed.writer import embedding_key
+    from plateflow.embed.writer import embedding_key
     from plateflow.profiles import load_profiles
 
     return embedding_key(load_profiles().model("dinov2_small"), params)  # the boxes are in every vector's key
@@ -124,12 +124,12 @@ def _candidates_key(params, digest):
 
 STAGES = {
     "characterize": Stage(_characterize, CharacterizeParams(), CharacterizeParams(preview_size=256),
-                          _characterize_key, "tasks.characterize", "characterize"),
+                          _characterize_key, "characterize", "characterize"),
     "candidates": Stage(_candidates, CropParams(), CropParams(n_candidates=8), _candidates_key,
-                        "tasks.embed.writer", "candidates"),
-    "smart crop": Stage(_smart_crop, CropParams(), CropParams(crop_format="png"), _crop_key, "tasks.smart_crop",
+                        "embed", "candidates"),
+    "smart crop": Stage(_smart_crop, CropParams(), CropParams(crop_format="png"), _crop_key, "crop",
                         "smart_crop"),
-    "tiles": Stage(_tiles, _tile_params(), _tile_params(grayscale=True), _tile_key, "tasks.tiles", "tiles"),
+    "tiles": Stage(_tiles, _tile_params(), _tile_params(grayscale=True), _tile_key, "tiles", "tiles"),
 }
 
 
@@ -152,9 +152,36 @@ def test_a_stage_reruns_for_free_isolates_a_bad_plate_and_keys_on_params_and_cod
 
     digest = sha(plates[0])
     assert stage.key(stage.params, digest) != stage.key(stage.other_params, digest)
-    import importlib
+    from plateflow import caching
 
-    module = importlib.import_module(stage.code_module)
     before = stage.key(stage.params, digest)
-    monkeypatch.setattr(module, "CODE_VERSION", "edited")
-    assert stage.key(stage.params, digest) != before  # an edit to the stage's code is a new key
+    edited = tmp_path / "edited_stage_code.py"  # one more function in the stage's code
+    edited.write_text("def probe():\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(caching.STEP_CODE, stage.step, caching.STEP_CODE[stage.step] + ("edited_stage_code",))
+    caching.step_version.cache_clear()
+    try:
+        assert stage.key(stage.params, digest) != before  # an edit to the stage's code is a new key
+    finally:
+        monkeypatch.undo()
+        caching.step_version.cache_clear()
+    assert stage.key(stage.params, digest) == before
+
+
+def test_tiles_stored_under_the_earlier_spelling_of_their_key_are_adopted_not_cut_again(tmp_path):
+    from plateflow.tiles import stored_tiles
+
+    plates = [p for p in corpus(tmp_path) if p.folder in GOOD]
+    params = _tile_params()
+    store = tmp_path / ".plateflow" / "tiles"
+    _tiles(tmp_path, plates, params)
+    digest = sha(plates[0])
+    record = stored_tiles(store, params, digest)
+    for suffix in (".tar", ".json"):  # as an earlier version left them
+        (store / f"{params.key(digest)}{suffix}").rename(store / f"{params.earlier_key(digest)}{suffix}")
+    archive = (store / f"{params.earlier_key(digest)}.tar").read_bytes()
+
+    assert stored_tiles(store, params, digest) == record
+    assert (store / f"{params.key(digest)}.tar").read_bytes() == archive
+    assert not list(store.glob(f"{params.earlier_key(digest)}.*"))
+    assert stored_tiles(store, params.model_copy(update={"grayscale": True}), digest) is None

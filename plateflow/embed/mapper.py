@@ -13,9 +13,9 @@ import numpy as np
 
 from plateflow.errors import GpuOutOfMemoryError
 from plateflow.profiles import ModelSpec
-from tasks.embed.models import LoadedModel, load_model, weights_dir
-from tasks.embed.reader import DecodedPlate, EncodedPlate, _decoded, read_plate
-from tasks.embed.surgery import fold_layer_scale, fuse_gelu_epilogue
+from plateflow.embed.models import LoadedModel, load_model, weights_dir
+from plateflow.embed.reader import DecodedPlate, EncodedPlate, decoded_plate, read_plate
+from plateflow.embed.surgery import fold_layer_scale, fuse_gelu_epilogue
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class ViewEncoder:
                 out[k] = read_plate(plates[k].job, self.size, pin_memory=self.device.type == "cuda")
             return out
         for k, image in zip(todo, images):
-            out[k] = _decoded(plates[k].job, image.permute(1, 2, 0))
+            out[k] = decoded_plate(plates[k].job, image.permute(1, 2, 0))
         return out
 
     def cut_views(self, plates: list[DecodedPlate]):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from plateflow.config import CharacterizeParams
-from tasks.histograms import Histograms, hist_entropy, hist_mean_std, hist_min_max
-from tasks.image import DecodedImage
+from plateflow.characterize.histograms import Histograms, hist_entropy, hist_mean_std, hist_min_max
+from plateflow.image import DecodedImage
 
 
 def image_metadata(decoded: DecodedImage, hist: Histograms, params: CharacterizeParams) -> dict:

@@ -18,7 +18,7 @@ from plateflow.corpus import PlateRef
 from plateflow.layout import HISTOGRAMS, INPUT_IMAGE, PREVIEW, VIZ, VIZ_FILES, WORKING_COPY, PlateLayout
 
 if TYPE_CHECKING:
-    from tasks.characterize import Characterization
+    from plateflow.characterize.step import Characterization
 
 
 def input_image_record(plate: PlateRef, root: Path, result: "Characterization") -> dict:
@@ -82,7 +82,7 @@ def current_record(plate: PlateRef, root: Path, key: str, viz: bool, working_cop
 
 def save_characterization(plate: PlateRef, root: Path, result: "Characterization") -> bool:
     """Write input_image.json, input_color_histograms.json and viz/; False if all were current."""
-    from tasks.viz import histogram_plots
+    from plateflow.characterize.viz import histogram_plots
 
     files = PlateLayout(plate.plate_dir)
     record = dumps_json(input_image_record(plate, root, result))

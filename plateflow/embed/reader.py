@@ -1,10 +1,9 @@
 """The reader: threads that read each working copy once, nothing more.
 
 Decoding (on a GPU), cutting, resizing and letterboxing all of a batch's views happens on the
-device (``ViewEncoder.decode``, ``.cut_views``), where it costs a fraction of the forward pass. On
-a 16-core H100 host, resizing 16 views per plate on the CPU capped the stage at ~150 plates/s,
-and Pillow decoding in 15 reader threads at 257, under the ~510 plates/s the H100's forward pass
-allows (8,228 images/s, 16 views a plate); nvJPEG decodes several thousand a second.
+device (``ViewEncoder.decode``, ``.cut_views``), where it costs a fraction of the forward pass:
+resizing a plate's views on the host's CPU cores, or decoding them there with Pillow, cannot
+keep a large GPU's forward pass fed (docs/scaling.md), while the GPU's JPEG decoder can.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ class PlateJob:
     """One plate's input to the GPU step: small, picklable (a flow-run parameter, so each field
     says what it is in the Prefect UI's form)."""
 
-    plate_id: Annotated[str, Field(description="The plate's folder name.")]
+    name: Annotated[str, Field(description="What the job is called in outcomes: the plate's folder (or a tile's key).")]
     working_copy: Annotated[str, Field(description="Path of the plate's working_copy.jpg.")]
     original_size: Annotated[tuple[int, int], Field(description="The source's (width, height) in pixels.")]
     boxes: Annotated[tuple[tuple[int, int, int, int], ...],
@@ -49,7 +48,7 @@ class EncodedPlate:
     job: PlateJob
 
 
-def _decoded(job: PlateJob, pixels) -> DecodedPlate:
+def decoded_plate(job: PlateJob, pixels) -> DecodedPlate:
     """A plate decoded to ``pixels`` (H, W, 3), with its boxes in those pixels' coordinates."""
     sx, sy = pixels.shape[1] / job.original_size[0], pixels.shape[0] / job.original_size[1]
     return DecodedPlate(pixels, np.asarray(job.boxes, np.float64) * [sx, sy, sx, sy])
@@ -95,7 +94,7 @@ def read_plate(job: PlateJob, size: int, pin_memory: bool = False) -> "DecodedPl
         return f"cannot read working copy {Path(job.working_copy).name}: {exc}"
     pixels = torch.empty((work.height, work.width, 3), dtype=torch.uint8, pin_memory=pin_memory)
     np.copyto(pixels.numpy(), np.asarray(work))
-    return _decoded(job, pixels)
+    return decoded_plate(job, pixels)
 
 
 def read_encoded(job: PlateJob, size: int, pin_memory: bool = False) -> "EncodedPlate | DecodedPlate | str":
@@ -122,11 +121,9 @@ def prefetch_batches(dataset: PlateReader, plates_per_batch: int, workers: int):
 
     On the CPU the threads decode with Pillow (the forward pass needs the cores anyway).
     Feeding a GPU they only read each working copy's bytes (``dataset.encoded``), and the GPU
-    decodes a batch at once. Pillow decoding in 15 threads held the GIL that the thread
-    launching the GPU's kernels needs (a small torch op took 1.7 ms instead of 7 us) and held an
-    H100 host to 257 plates/s (436 decoding on the device); reader processes, which avoided the
-    GIL but moved every decoded plate through shared memory, reached 328 on an H200 (422 there
-    decoding on the device), and were removed.
+    decodes a batch at once: Pillow decoding in many threads holds the GIL that the thread
+    launching the GPU's kernels needs, and reader processes would move every decoded plate
+    through shared memory.
     """
     batch = []
     for item in _read_threads(dataset, workers, _lookahead(plates_per_batch, workers)):
