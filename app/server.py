@@ -3,23 +3,19 @@ ready to use from the UI. One foreground command; Ctrl-C stops everything it sta
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 
+from app.local_server import stop_local_server
+from app.processes import BIN, REPO, SERVER, prefect_home, terminate, wait_healthy
 from plateflow.errors import ConfigError
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 
 def server_env(port: int, host: str, corpus: Path, report_port: int | None = None) -> dict[str, str]:
@@ -34,20 +30,6 @@ def server_env(port: int, host: str, corpus: Path, report_port: int | None = Non
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PLATEFLOW_HOME": str(REPO),
             "PLATEFLOW_CORPUS": str(corpus)}
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the Prefect server exited with code {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"the Prefect server did not answer at {url} within {timeout:.0f} s")
 
 
 def wait_workers(url: str, classes: list[str], procs: list[subprocess.Popen], timeout: float = 180) -> None:
@@ -107,9 +89,6 @@ def report_server(corpus: Path, host: str, port: int, say=print):
     return server.start()
 
 
-SERVER = "plateflow-server"  # PREFECT_HOME/<this>.lock (held while it runs) and .json (pid, url)
-
-
 def claim_home(say=print) -> int:
     """Make `plateflow server` the only server of this PREFECT_HOME: ``ConfigError`` when
     another `plateflow server` holds it; the local server of an earlier refresh is stopped (two
@@ -118,7 +97,7 @@ def claim_home(say=print) -> int:
     import fcntl
     import json
 
-    home = _home()
+    home = prefect_home()
     fd = os.open(home / f"{SERVER}.lock", os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -137,27 +116,6 @@ def claim_home(say=print) -> int:
     return fd
 
 
-def plateflow_server_info() -> dict | None:
-    """{"pid", "url"} of the `plateflow server` of this PREFECT_HOME if it runs and answers, else None."""
-    return _answering(SERVER)
-
-
-def _answering(name: str, **expected) -> dict | None:
-    """The info file PREFECT_HOME/<name>.json if its process lives, its fields match ``expected``
-    and its server answers /health; else None."""
-    import json
-
-    try:
-        info = json.loads((_home() / f"{name}.json").read_text())
-        os.kill(info["pid"], 0)
-        if (all(info.get(k) == v for k, v in expected.items())
-                and httpx.get(f"{info['url']}/health", timeout=5).status_code == 200):
-            return info
-    except (OSError, ValueError, KeyError, TypeError, httpx.HTTPError):
-        pass
-    return None
-
-
 @dataclass
 class Stack:
     """What `plateflow server` runs: the processes (the Prefect server first, then the
@@ -171,8 +129,8 @@ class Stack:
     def stop(self) -> None:
         """Stop the workers first and wait for them, then the server: a worker that loses its
         server mid-shutdown prints connection tracebacks. Then the report server."""
-        _terminate(self.procs[1:])
-        _terminate(self.procs[:1])
+        terminate(self.procs[1:])
+        terminate(self.procs[:1])
         if self.reports is not None:
             self.reports.stop()
             self.reports = None
@@ -192,7 +150,7 @@ def start(corpus: Path, port: int = 4200, host: str = "127.0.0.1", gpu_class: st
     check_port(host, port, "Prefect server")
     stack = Stack(reports=report_server(corpus, host, report_port or port + 1, say))
     env = {**server_env(port, host, corpus, stack.reports.httpd.server_address[1]), **(env or {})}
-    home = Path(env["PREFECT_HOME"]).expanduser() if env.get("PREFECT_HOME") else _home()
+    home = Path(env["PREFECT_HOME"]).expanduser() if env.get("PREFECT_HOME") else prefect_home()
     procs = stack.procs
 
     def spawn(name: str, cmd: list[str], **extra) -> subprocess.Popen:
@@ -232,183 +190,3 @@ def start(corpus: Path, port: int = 4200, host: str = "127.0.0.1", gpu_class: st
         stack.stop()
         raise
     return stack
-
-
-def _terminate(procs: list[subprocess.Popen], grace: float = 20) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-LOCAL_SERVER = "plateflow-local-server"  # PREFECT_HOME/<this>.json (pid, url), .lock, .log
-IDLE_MINUTES = float(os.environ.get("PLATEFLOW_LOCAL_SERVER_IDLE_MINUTES", "60"))
-
-
-def _home() -> Path:
-    from prefect.settings import PREFECT_HOME
-
-    home = Path(PREFECT_HOME.value()).expanduser()
-    home.mkdir(parents=True, exist_ok=True)
-    return home
-
-
-def local_server_info() -> dict | None:
-    """{"pid", "url", "prefect"} of the local server of this PREFECT_HOME if it is up and answers, else None."""
-    import prefect
-
-    return _answering(LOCAL_SERVER, prefect=prefect.__version__)
-
-
-def start_local_server(timeout: float = 120) -> dict:
-    """The local server of this PREFECT_HOME: the running one, or a new one started in the
-    background (its own session: it outlives this command, and stops itself after
-    ``IDLE_MINUTES`` without a request). One at a time per PREFECT_HOME (a lock file)."""
-    import fcntl
-
-    import prefect
-    from prefect.settings import get_current_settings
-
-    from plateflow.atomic import dumps_json, write_bytes
-
-    home = _home()
-    fd = os.open(home / f"{LOCAL_SERVER}.lock", os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # another command may be starting it right now
-        if (info := local_server_info()) is not None:
-            return info
-        stop_local_server()  # one that no longer answers, or of another Prefect version
-        port = _free_port()
-        env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
-               "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-               "PLATEFLOW_LOCAL_SERVER_IDLE_MINUTES": str(IDLE_MINUTES)}
-        env.pop("PREFECT_API_URL", None)
-        cmd = [sys.executable, "-m", "uvicorn", "--factory", "app.server:idle_app", "--host", "127.0.0.1",
-               "--port", str(port), "--log-level", "error", "--lifespan", "on"]
-        with open(home / f"{LOCAL_SERVER}.log", "ab") as log:
-            proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        url = f"http://127.0.0.1:{port}/api"
-        try:
-            wait_healthy(url, proc, timeout)
-        except BaseException:
-            _terminate([proc])
-            raise
-        info = {"pid": proc.pid, "url": url, "prefect": prefect.__version__}
-        write_bytes(home / f"{LOCAL_SERVER}.json", dumps_json(info))
-        return info
-    finally:
-        os.close(fd)
-
-
-def stop_local_server(grace: float = 20) -> int | None:
-    """Stop the local server of this PREFECT_HOME, if one runs; its pid, or None."""
-    import json
-
-    path = _home() / f"{LOCAL_SERVER}.json"
-    try:
-        pid = json.loads(path.read_text())["pid"]
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError, KeyError, TypeError):
-        path.unlink(missing_ok=True)
-        return None
-    path.unlink(missing_ok=True)
-    if b"server:idle_app" not in cmdline:  # the pid was reused by another process (or: ours, before app/ existed)
-        return None
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-        if Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z":
-            break
-        time.sleep(0.1)
-    else:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return pid
-
-
-class _IdleExit:
-    """ASGI wrapper: stops its server (SIGTERM to itself) after ``idle_s`` with no request in flight."""
-
-    def __init__(self, app, idle_s: float):
-        import threading
-
-        self.app, self.idle_s, self.active, self.last, self.seen = app, idle_s, 0, time.monotonic(), False
-        threading.Thread(target=self._watch, daemon=True, name="plateflow-idle").start()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "lifespan":
-            return await self.app(scope, receive, send)
-        self.active += 1
-        self.seen = True
-        try:
-            return await self.app(scope, receive, send)
-        finally:
-            self.active -= 1
-            self.last = time.monotonic()
-
-    def _watch(self) -> None:
-        while True:
-            time.sleep(min(30.0, self.idle_s / 4))
-            # Before its first request the server may still be starting (slow on a busy machine).
-            idle_s = self.idle_s if self.seen else self.idle_s + 120
-            if self.active == 0 and time.monotonic() - self.last > idle_s:
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-
-
-def idle_app():
-    """uvicorn factory of the local server: Prefect's API app, stopped when idle."""
-    from prefect.server.api.server import create_app
-
-    return _IdleExit(create_app(), 60 * float(os.environ.get("PLATEFLOW_LOCAL_SERVER_IDLE_MINUTES", "60")))
-
-
-@contextlib.contextmanager
-def local_api() -> Iterator[str | None]:
-    """The API for one command: the configured server (PREFECT_API_URL; then nothing is started
-    and None is yielded), else the `plateflow server` running on this PREFECT_HOME, else
-    plateflow's local server (``start_local_server``); the URL is yielded. This process's logs and events reach the server before the command ends.
-
-    On the local server a flow run sends no heartbeats: no worker or automation there watches
-    for crashed runs, and Prefect's heartbeat thread, which sleeps in 1 s steps, holds every
-    flow run's end for up to a second: most of a short run."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_UI_URL, temporary_settings
-
-    if PREFECT_API_URL.value():
-        yield None
-        return
-    running = plateflow_server_info()  # `plateflow server` of this PREFECT_HOME: its API, not a second server
-    url = running["url"] if running else start_local_server()["url"]
-    # No "View at" links: this server has no UI.
-    with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_UI_URL: "",
-                                     PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        try:
-            yield url
-        finally:
-            _drain_client()
-
-
-def _drain_client() -> None:
-    """Send this process's buffered logs and events to the server before it stops."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    with contextlib.suppress(RuntimeError):
-        APILogWorker.drain_all(timeout=30)
-    with contextlib.suppress(RuntimeError):
-        EventsWorker.drain_all(timeout=30)

@@ -54,7 +54,8 @@ def build(root: Path, plates: int, views: int, dim: int, classes: int = 5) -> No
 
 def train(root: Path, epochs: int) -> dict:
     from plateflow.config import HeadConfig
-    from plateflow.heads import read_labels, train_experiment
+    from plateflow.heads import train_experiment
+    from plateflow.labels import read_labels
 
     t0 = time.perf_counter()
     labels = read_labels(root, "class", root / "labels.csv")

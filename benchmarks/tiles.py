@@ -122,7 +122,7 @@ def main() -> None:
     results["PNG encode alone: plateflow"] = {"seconds": best(lambda: encode_all(lambda im: len(encode_png(im, args.level)))),
                                               "tiles": len(cut)}
 
-    from app.server import local_api
+    from app.local_server import local_api
     from flows.tiles import make_tiles
     from plateflow.layout import CorpusLayout
 

@@ -15,7 +15,8 @@ from plateflow.corpus import corpus_lock
 from plateflow.errors import ConfigError
 from plateflow.experiments import check as ledger_check
 from plateflow.runlog import quiet_returned_failures
-from plateflow.heads import check_labels, read_labels, require_features
+from plateflow.heads import require_features
+from plateflow.labels import check_labels, read_labels
 from plateflow.predictions import predict
 from tasks.heads import train_one
 

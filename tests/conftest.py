@@ -15,7 +15,7 @@ def _stop_local_server():
     """A refresh run in this process without a harness starts plateflow's local server in the
     background; it is stopped when the session ends, not left to its idle timeout."""
     yield
-    from app.server import stop_local_server
+    from app.local_server import stop_local_server
 
     stop_local_server()
 

@@ -103,7 +103,7 @@ def refresh(
     from flows.retry import retry_failed_plates
     from plateflow.config import CharacterizeParams, CropParams, RefreshConfig, corpus_root
     from plateflow.errors import ConfigError
-    from app.server import local_api
+    from app.local_server import local_api
 
     try:
         root = corpus_root(root)

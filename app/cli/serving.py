@@ -126,7 +126,7 @@ def local_server(
     """The local Prefect server `plateflow refresh` uses when PREFECT_API_URL is unset: started in
     the background by the first refresh, reused by the next ones, stopped by itself after
     PLATEFLOW_LOCAL_SERVER_IDLE_MINUTES (60) without a request, or by `--stop`. One per PREFECT_HOME."""
-    from app.server import local_server_info, stop_local_server
+    from app.local_server import local_server_info, stop_local_server
 
     if stop:
         pid = stop_local_server()

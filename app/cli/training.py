@@ -33,7 +33,7 @@ def tiles(
     """Cut every plate into model-input tiles (the make-tiles flow): a stable train/test split
     from each plate's content hash, WebDataset shards, tiles.parquet. Unchanged plates are not
     cut again, and only the shards of changed plates are rewritten."""
-    from app.server import local_api
+    from app.local_server import local_api
     from flows.tiles import make_tiles
     from plateflow.config import corpus_root
     from plateflow.errors import ConfigError
@@ -90,7 +90,7 @@ def features(
             return
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
-    from app.server import local_api
+    from app.local_server import local_api
     from flows.features import tile_features
 
     with local_api():
@@ -124,7 +124,7 @@ def train_head(
 ) -> None:
     """Train light classifier heads on cached features (the train-head flow); each (head, lr) is
     an experiment in ROOT/experiments/experiments.db with its checkpoint and confusion matrix."""
-    from app.server import local_api
+    from app.local_server import local_api
     from flows.heads import train_head as train_flow
     from plateflow.config import corpus_root
     from plateflow.errors import ConfigError
@@ -137,7 +137,8 @@ def train_head(
         raise typer.BadParameter(f"--head {head!r}: linear, mlp or linear,mlp")
     try:
         root = corpus_root(root)
-        from plateflow.heads import check_labels, read_labels, require_features
+        from plateflow.heads import require_features
+        from plateflow.labels import check_labels, read_labels
 
         store = require_features(root, model, features)  # said before any run, in one line
         from plateflow.experiments import check as ledger_check
@@ -197,7 +198,7 @@ def predict(
 ) -> None:
     """Write pred_<label> and pred_<label>_p into plates.parquet from an experiment's head, for
     every plate with features; later refreshes predict new and changed plates with it."""
-    from app.server import local_api
+    from app.local_server import local_api
     from flows.heads import predict_head
     from plateflow.config import corpus_root
     from plateflow.experiments import experiments as ledger_rows

@@ -74,7 +74,7 @@ def test_the_local_server_stops_by_itself_once_idle(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PLATEFLOW_LOCAL_SERVER_IDLE_MINUTES="0.1")
-    script = "from app.server import start_local_server; print(start_local_server()['pid'])"
+    script = "from app.local_server import start_local_server; print(start_local_server()['pid'])"
     pid = int(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                              check=True, timeout=180).stdout)
     try:

@@ -48,7 +48,7 @@ def ui(tmp_path_factory):
     env = {**os.environ, "PREFECT_HOME": str(base / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
     env.pop("PREFECT_API_URL", None)
-    local = subprocess.run([sys.executable, "-c", "from app.server import start_local_server; "
+    local = subprocess.run([sys.executable, "-c", "from app.local_server import start_local_server; "
                             "print(start_local_server()['pid'])"], cwd=REPO, env=env, capture_output=True, text=True,
                            timeout=180)
     assert local.returncode == 0, local.stderr
