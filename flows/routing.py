@@ -261,7 +261,7 @@ class PoolRuns:
         self.logger.error("%s run %d: %s", self.model, n + 1, why)
         del self.pending[n]
         for job in self.parts[n]:
-            self.outcome[job.plate_id] = why
+            self.outcome[job.name] = why
 
     def _ended(self, n: int, state, report: Path, attempt: int) -> None:
         """A run's end: its report read, or sent again after a crash, or its plates failed."""
@@ -279,7 +279,7 @@ class PoolRuns:
             if state.is_completed():
                 why = f"the run completed but wrote no report at {report}"
             for job in self.parts[n]:
-                self.outcome[job.plate_id] = f"{self.route.deployment} run ended {state.name}: {why}"
+                self.outcome[job.name] = f"{self.route.deployment} run ended {state.name}: {why}"
 
     def cancel_pending(self) -> None:
         """Cancel the runs not yet ended; a run a worker has taken is stopped by that worker."""

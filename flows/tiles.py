@@ -74,7 +74,7 @@ def make_tiles(root: str, params: TileParams, out: str, credentials_block: str |
         logger.info("aborted %d unfinished uploads under %s that an interrupted run left", aborted, dest.url)
     holder = f"make-tiles on {socket.gethostname()}, pid {os.getpid()}"
     with corpus_lock(root_path, holder):
-        plates, failed = _hash(root_path, logger)
+        plates, failed = hash_plates(root_path, logger)
         todo = [TileJob(p, sha) for p, sha in plates if stored_tiles(store, params, sha) is None]
         logger.info("%s: %d with stored tiles, %d to cut", plural(len(plates), "plate"), len(plates) - len(todo), len(todo))
         failed |= _cut(todo, params, store, logger)
@@ -137,7 +137,7 @@ def claim_destination(dest: Location, root: Path) -> None:
     dest.put_bytes_if_changed(OWNER, json.dumps({"corpus": str(root)}).encode())
 
 
-def _hash(root: Path, logger) -> tuple[list[tuple[PlateRef, str]], dict[str, str]]:
+def hash_plates(root: Path, logger) -> tuple[list[tuple[PlateRef, str]], dict[str, str]]:
     """Valid plates with their source's sha256, and the plates that failed (folder -> why)."""
     index = SourceIndex(root)
     found = discover_plates(root)

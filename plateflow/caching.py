@@ -33,6 +33,7 @@ STEP_CODE: dict[str, tuple[str, ...]] = {
               "plateflow.embed.mapper", "plateflow.embed.writer", "plateflow.embed.candidates"),
     "crop": ("plateflow.smart_crop", "plateflow.image", "plateflow.imagefile", "plateflow.characterize.working_copy"),
     "tiles": ("plateflow.tiles", "plateflow.image", "plateflow.imagefile"),
+    "patches": ("plateflow.segment.patches", "plateflow.embed.models", "plateflow.image", "plateflow.imagefile"),
 }
 
 # step -> {its code's version now: the version its outputs were keyed with}. An entry states that

@@ -16,9 +16,9 @@ COLUMNS = {
     "id": "TEXT PRIMARY KEY",
     "created": "TEXT NOT NULL",       # ISO 8601, UTC
     "model": "TEXT NOT NULL",         # the feature store's model
-    "feature_kind": "TEXT NOT NULL",  # plates or tiles
+    "feature_kind": "TEXT NOT NULL",  # plates, tiles or patches
     "label": "TEXT NOT NULL",
-    "head": "TEXT NOT NULL",          # linear or mlp
+    "head": "TEXT NOT NULL",          # linear or mlp; seg-linear or seg-conv
     "hyperparameters": "TEXT NOT NULL",  # JSON: lr, epochs, seed, weight decay, hidden, batch, split rule
     "code_version": "TEXT NOT NULL",
     "features_version": "TEXT NOT NULL",
@@ -30,6 +30,7 @@ COLUMNS = {
     "class_balance": "TEXT NOT NULL",  # JSON: {split: {class: count}}
     "accuracy": "REAL",
     "macro_f1": "REAL",
+    "miou": "REAL",                   # segmentation heads: the test plates' mean IoU
     "per_class": "TEXT NOT NULL",     # JSON: {class: {precision, recall, f1, support}}
     "best_epoch": "INTEGER",
     "duration_s": "REAL NOT NULL",
@@ -56,6 +57,10 @@ def _connect(root: Path) -> sqlite3.Connection:
     try:
         db.execute(f"CREATE TABLE IF NOT EXISTS experiments ({', '.join(f'{k} {v}' for k, v in COLUMNS.items())})")
         db.execute("SELECT count(*) FROM experiments").fetchone()
+        have = {r[1] for r in db.execute("PRAGMA table_info(experiments)")}
+        for name in COLUMNS.keys() - have:  # a ledger from before the column was added: nullable ones only
+            with db:
+                db.execute(f"ALTER TABLE experiments ADD COLUMN {name} {COLUMNS[name].replace(' NOT NULL', '')}")
     except sqlite3.DatabaseError as exc:
         db.close()
         raise _damaged(path, exc) from None
@@ -70,7 +75,7 @@ def check(root: Path) -> None:
 
 def record(root: Path, row: dict[str, Any]) -> None:
     """Add one experiment (every column of ``COLUMNS``)."""
-    values = [json.dumps(row[k], sort_keys=True) if k in JSON_COLUMNS else row[k] for k in COLUMNS]
+    values = [json.dumps(row[k], sort_keys=True) if k in JSON_COLUMNS else row.get(k) for k in COLUMNS]
     with closing(_connect(root)) as db, db:
         db.execute(f"INSERT INTO experiments ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", values)
 

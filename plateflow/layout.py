@@ -42,12 +42,14 @@ VIZ_FILES = (PREVIEW, *HISTOGRAM_PLOTS)
 WORKING_COPY = "working_copy.jpg"
 CANDIDATES = "crop_candidates.json"
 RUNS = "runs"
+SEGMENTATION = "segmentation"  # <experiment>.png: a plate's predicted mask
+SEGMENTATION_OVERLAY = "segmentation_overlay.png"  # in viz/
 # Inside runs/<run_id>/
 RUN_VECTORS = EMBEDDINGS  # <model>.npy
 SMART_CROP = "smart_crop.json"
 METRICS = "metrics.json"
 # Folders plateflow writes into inside a plate folder: a symlink there must not lead out of it.
-OUTPUT_DIRS = (VIZ, RUNS)
+OUTPUT_DIRS = (VIZ, RUNS, SEGMENTATION)
 
 
 def natural_key(name: str) -> list:
@@ -91,6 +93,10 @@ class PlateLayout:
     def runs(self) -> Path:
         return self.dir / RUNS
 
+    def segmentation(self, experiment_id: str) -> Path:
+        """The plate's full-resolution mask from a segmentation experiment (an indexed PNG)."""
+        return self.dir / SEGMENTATION / f"{experiment_id}.png"
+
     def run(self, run_id: str) -> Path:
         return self.dir / RUNS / run_id
 
@@ -122,6 +128,14 @@ class CorpusLayout:
     def features(self, name: str) -> Path:
         """The float16 feature store of a model (``<model>``) or of the tiles (``<model>-tiles``)."""
         return self.root / FEATURES / name
+
+    def patch_index(self, model: str) -> Path:
+        """patches.parquet: every plate's patches (their windows) and where their tokens are."""
+        return self.features(f"{model}-patches") / "patches.parquet"
+
+    def patch_store(self, model: str) -> Path:
+        """Stored per-plate patch tokens of ``model`` (float16 .npy), by content hash and key."""
+        return self.state / "patches" / model
 
     @property
     def experiments(self) -> Path:

@@ -269,6 +269,19 @@ TILES_SCHEMA = pa.schema([
     ("height", pa.int32()),
     ("shard", pa.string()),
 ])
+# ROOT/features/<model>-patches/patches.parquet: a row per patch of every plate.
+PATCHES_SCHEMA = pa.schema([
+    ("patch_id", pa.string()),  # <plate folder>:<index>
+    ("plate_dir", pa.string()),
+    ("plate_id", pa.string()),
+    ("sha256", pa.string()),
+    ("index", pa.int32()),  # the patch's row in its tokens file
+    ("box", pa.list_(pa.int32(), 4)),  # x0, y0, x1, y1 in source pixels (may reach past the plate's edge)
+    ("tokens_file", pa.string()),  # relative to ROOT: (patches, grid*grid, dim) float16
+    ("version", pa.string()),  # the patch key's version: model, patch parameters, code
+    ("grid", pa.int16()),
+    ("dim", pa.int32()),
+])
 TILE_PLATES_SCHEMA = pa.schema([
     ("plate_dir", pa.string()),
     ("plate_id", pa.string()),

@@ -23,7 +23,8 @@ from plateflow.report.plots import bars_png, histogram_png, scatter_png
 from plateflow.tables import read_corpus_table
 
 
-CODE_VERSION = code_version(*(f"plateflow.report.{m}" for m in ("plates", "plots", "pages", "plate_pages", "embeddings", "build")))
+CODE_VERSION = code_version("plateflow.report.plates", "plateflow.report.plots", "plateflow.report.pages",
+                            "plateflow.report.plate_pages", "plateflow.report.embeddings", "plateflow.report.build")
 
 
 def _inputs_fingerprint(root: Path, table: pa.Table, models: list[str]) -> str:

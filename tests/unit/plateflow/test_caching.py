@@ -15,7 +15,7 @@ from plateflow.caching import (KEPT_VERSIONS, STEP_CODE, StepKey, cache_key, cod
 # The packages and modules that make outputs; plateflow's other modules are plumbing (paths,
 # atomic writes, configuration), which every step shares and none of whose code is a result.
 STAGE_CODE = ("plateflow.image", "plateflow.imagefile", "plateflow.characterize", "plateflow.embed",
-              "plateflow.smart_crop", "plateflow.tiles")
+              "plateflow.smart_crop", "plateflow.tiles", "plateflow.segment")
 
 
 def is_stage_code(module: str) -> bool:
@@ -31,6 +31,7 @@ ENTRIES = {  # the module that does each step's work
     "crop": "plateflow.smart_crop",
     "tiles": "plateflow.tiles",
     "embed": "plateflow.embed.runner",
+    "patches": "plateflow.segment.patches",
 }
 
 

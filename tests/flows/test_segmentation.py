@@ -1,0 +1,106 @@
+"""Segmentation from patch features (plateflow/segment/, flows/segment.py): real patch tokens from
+a tiny random-weight ViT whose tokens see the pixels, a real head trained on plates whose parts
+are known, masks stitched at full resolution and scored against the truth."""
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from flows.refresh import refresh_corpus
+from flows.segment import patch_features, predict_segmentation, train_segmentation
+from plateflow.config import RefreshConfig
+from plateflow.experiments import experiments
+from plateflow.layout import SEGMENTATION_OVERLAY, CorpusLayout
+from plateflow.segment.patches import PatchParams
+from plateflow.segment.train import SegConfig, confusion, iou_scores
+from plateflow.split import split_of
+
+from fixtures.plates import make_plate
+from fixtures.segmentation import CLASSES, save_mask, segmented_plate
+
+MODEL = "tiny_seg"  # 8 x 8 tokens a patch (tests/fixtures/tiny_models.py)
+PARAMS = PatchParams(patch_size=64, overlap=16)
+PLATES = 32
+
+
+def segmented_corpus(root: Path, masks: Path) -> dict[str, np.ndarray]:
+    masks.mkdir(parents=True)
+    (masks / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    truth = {}
+    for i in range(PLATES):
+        folder = f"plate-{i + 1:03d}"
+        image, mask = segmented_plate(i)
+        make_plate(root, folder, image, quality=92)
+        save_mask(masks / f"{folder}.png", mask)
+        truth[folder] = mask
+    return truth
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_patches_masks_from_a_few_labelled_plates_and_stitched_predictions(tmp_path, tiny_env):
+    root, masks = tmp_path / "corpus", tmp_path / "masks"
+    truth = segmented_corpus(root, masks)
+    assert np.asarray(Image.open(masks / "plate-001.png")).max() == 255  # unlabelled seams survive saving
+    state = refresh_corpus(str(root), RefreshConfig(), return_state=True)  # previews and plates.parquet
+    assert state.is_completed(), state.message
+
+    state = patch_features(str(root), MODEL, PARAMS, return_state=True)
+    assert state.is_completed(), state.message
+    corpus = CorpusLayout(root)
+    index = pq.read_table(corpus.patch_index(MODEL)).to_pylist()
+    assert len(index) == PLATES * 88  # 512 x 384 in windows of 64 every 48 pixels: 11 x 8
+    first = [r for r in index if r["plate_dir"] == "plate-001"]
+    assert [r["box"] for r in first[:2]] == [[0, 0, 64, 64], [48, 0, 112, 64]] and first[-1]["box"] == [448, 320, 512, 384]
+    tokens = np.load(root / first[0]["tokens_file"], mmap_mode="r")
+    assert tokens.dtype == np.float16 and tokens.shape == (88, 64, 32)
+
+    # An unchanged corpus costs nothing; a changed plate redoes only its own patches.
+    stored = {p: p.stat().st_mtime_ns for p in corpus.patch_store(MODEL).glob("*.npy")}
+    index_bytes = corpus.patch_index(MODEL).read_bytes()
+    state = patch_features(str(root), MODEL, PARAMS, return_state=True)
+    assert state.is_completed() and "(unchanged)" in state.message
+    assert {p: p.stat().st_mtime_ns for p in corpus.patch_store(MODEL).glob("*.npy")} == stored
+    assert corpus.patch_index(MODEL).read_bytes() == index_bytes
+    image, mask = segmented_plate(100)
+    make_plate(root, "plate-002", image, quality=92)
+    save_mask(masks / "plate-002.png", mask)
+    truth["plate-002"] = mask
+    assert patch_features(str(root), MODEL, PARAMS, return_state=True).is_completed()
+    now = {p: p.stat().st_mtime_ns for p in corpus.patch_store(MODEL).glob("*.npy")}
+    assert len(set(now) - set(stored)) == 1 and all(now[p] == t for p, t in stored.items() if p in now)
+
+    # A head trained on the labelled plates' tokens, scored on the held-out ones.
+    state = train_segmentation(str(root), MODEL, str(masks), PARAMS, SegConfig(head="conv", epochs=25),
+                               return_state=True)
+    assert state.is_completed(), state.message
+    experiment = state.result()
+    row = experiments(root, experiment)[0]
+    assert row["feature_kind"] == "patches" and row["classes"] == CLASSES and row["test_size"] >= 3
+    assert row["miou"] >= 0.8, row["per_class"]
+    assert (root / row["checkpoint"]).is_file() and (root / row["confusion_png"]).is_file()
+
+    state = predict_segmentation(str(root), experiment, return_state=True)
+    assert state.is_completed(), state.message
+    table = {r["plate_dir"]: r for r in pq.read_table(corpus.table).to_pylist()}
+    sha = {r["plate_dir"]: r["sha256"] for r in pq.read_table(corpus.patch_index(MODEL)).to_pylist()}
+    matrix = np.zeros((len(CLASSES), len(CLASSES)), np.int64)
+    test = set()
+    for folder, mask in truth.items():
+        path = corpus.plate(folder).segmentation(experiment)
+        with Image.open(path) as im:
+            assert im.mode == "P" and im.size == (512, 384)
+            predicted = np.asarray(im)
+        assert predicted.max() < len(CLASSES)
+        shares = [table[folder][f"seg_{c}"] for c in CLASSES]
+        assert np.isclose(sum(shares), 1, atol=1e-4)
+        assert np.allclose(shares, np.bincount(predicted.ravel(), minlength=4) / predicted.size, atol=1e-4)
+        assert corpus.plate(folder).viz(SEGMENTATION_OVERLAY).is_file()
+        if split_of(sha[folder], test_fraction=0.25) == "test":
+            test.add(folder)
+            matrix += confusion(mask.ravel(), predicted.ravel().astype(np.int64), len(CLASSES))
+    assert len(truth) >= 20 and len(test) == row["test_size"]
+    scores = iou_scores(matrix)
+    assert scores["miou"] >= 0.8 and abs(scores["miou"] - row["miou"]) < 1e-6
