@@ -148,7 +148,7 @@ def train_segmentation(root: str, model: str, masks: str, params: PatchParams = 
 def predict_segmentation(root: str, experiment: str):
     """Write the masks of a segmentation experiment for every plate with its patch tokens: the
     full-resolution mask in the plate's segmentation/ folder, an overlay in viz/, and per-class
-    area shares (seg_<class>) in plates.parquet.
+    area shares (seg_CLASS) in plates.parquet.
 
     Args:
         root: The corpus root: the folder that holds plates_structured/.
@@ -162,11 +162,14 @@ def predict_segmentation(root: str, experiment: str):
         root_path = corpus_root(root)
         with corpus_lock(root_path, f"predict-segmentation on {socket.gethostname()}, pid {os.getpid()}"):
             result = predict(root_path, experiment, logger)
+            from plateflow.report import build_report
+
+            report = build_report(root_path)  # the masks on each plate's page
     except ConfigError as exc:
         logger.error("configuration error: %s", exc)
         return Failed(message=str(exc), data=exc)
     message = (f"{plural(result['plates'], 'mask')} of experiment {experiment}; {len(result['failed'])} failed; "
-               f"stitching peaked at {result['peak_bytes'] / 2**20:.1f} MB")
+               f"stitching peaked at {result['peak_bytes'] / 2**20:.1f} MB" + (f"; report: {report}" if report else ""))
     if result["failed"]:
         return Failed(message=message + ": " + "; ".join(f"{k}: {v}" for k, v in sorted(result["failed"].items())))
     return Completed(message=message)

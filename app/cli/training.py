@@ -160,14 +160,15 @@ def train_head(
 def _print_experiments(rows: list[dict], balance: bool = False) -> None:
     table = Table()
     table.add_column("id", no_wrap=True)  # copied into `plateflow predict --experiment`
-    for name in ("model", "label", "head", "lr", "epochs", "train", "test", "accuracy", "macro-F1", "seconds"):
+    for name in ("model", "label", "head", "lr", "epochs", "train", "test", "accuracy", "macro-F1", "mIoU", "seconds"):
         table.add_column(name)
     for r in rows:
         hp = r["hyperparameters"]
         table.add_row(r["id"], r["model"], r["label"], r["head"], f"{hp['lr']:g}", str(hp["epochs"]),
                       str(r["train_size"]), str(r["test_size"]),
                       "–" if r["accuracy"] is None else f"{r['accuracy']:.3f}",
-                      "–" if r["macro_f1"] is None else f"{r['macro_f1']:.3f}", f"{r['duration_s']:.1f}")
+                      "–" if r["macro_f1"] is None else f"{r['macro_f1']:.3f}",
+                      "–" if r.get("miou") is None else f"{r['miou']:.3f}", f"{r['duration_s']:.1f}")
     console.print(table)
     if balance and rows:
         for split, counts in rows[0]["class_balance"].items():
@@ -209,6 +210,9 @@ def predict(
     try:
         root = corpus_root(root)
         known = ledger_rows(root, experiment)
+        if known and known[0]["feature_kind"] == "patches":
+            raise typer.BadParameter(f"experiment {experiment} is a segmentation: `plateflow predict-seg --root {root} "
+                                     f"--experiment {experiment}` writes its masks", param_hint="--experiment")
         if known:
             check_predictable(root, experiment)  # a damaged checkpoint or store: one line, before any run
     except ConfigError as exc:

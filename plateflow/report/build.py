@@ -29,11 +29,12 @@ CODE_VERSION = code_version("plateflow.report.plates", "plateflow.report.plots",
 
 def _inputs_fingerprint(root: Path, table: pa.Table, models: list[str]) -> str:
     """What the report shows: its columns, the embeddings tables' stat, the thumbnails' presence
-    is implied by the plates' rows; the thresholds and this module's code."""
+    is implied by the plates' rows; a segmentation's shares; the thresholds and this module's code."""
     digest = hashlib.sha256(CODE_VERSION.encode())
     digest.update(quality_profile().model_dump_json().encode())
     sink = pa.BufferOutputStream()
-    cols = table.select([c for c in COLUMNS if c in table.column_names]).replace_schema_metadata(None)
+    shown = [c for c in COLUMNS if c in table.column_names] + [c for c in table.column_names if c.startswith("seg_")]
+    cols = table.select(shown).replace_schema_metadata(None)
     with pa.ipc.new_stream(sink, cols.schema) as writer:
         writer.write_table(cols)
     digest.update(sink.getvalue())

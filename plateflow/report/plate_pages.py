@@ -12,16 +12,18 @@ import pyarrow.parquet as pq
 
 from plateflow.atomic import write_bytes_if_changed
 from plateflow.flags import SCORES
-from plateflow.layout import HISTOGRAM_PLOTS, PLATES, PREVIEW, RUNS, VIZ, CorpusLayout
+from plateflow.layout import (HISTOGRAM_PLOTS, PLATES, PREVIEW, RUNS, SEGMENTATION, SEGMENTATION_OVERLAY, VIZ,
+                              CorpusLayout)
 from plateflow.profiles import quality_profile
 from plateflow.report.pages import _page
 from plateflow.report.plates import CHUNK, DUPLICATED_BY, Plates
+from plateflow.segment.stitch import COLOURS
 
 
 DATA_COLUMNS = ("plate_dir", "plate_id", "status", "failed_step", "error", "original_path", "source_image",
                 "image_format", "mode", "file_size_bytes", "width", "height", "megapixels", "luminance_mean",
                 "paper_share", "run_id", "crop_box", "best_crop_idx", "similarity", "quality_flags",
-                "duplicate_of") + tuple(f"q_{s}" for s in SCORES)
+                "duplicate_of", "segmentation") + tuple(f"q_{s}" for s in SCORES)
 
 
 def _candidates(root: Path, models: list[str], p: Plates) -> list[list[int] | None]:
@@ -87,7 +89,8 @@ def _plate_pages(reports: Path, p: Plates, candidates: list[list[int] | None]) -
     ok_sides = [math.sqrt(w * h) for w, h, st in zip(p["width"], p["height"], p["status"]) if st == "ok" and w and h]
     context = {"rules": _rules(), "chunks": chunks, "median_side": float(np.median(ok_sides)) if ok_sides else None,
                "plates_dir": f"../{PLATES}", "viz": VIZ, "preview": PREVIEW, "histograms": list(HISTOGRAM_PLOTS),
-               "runs": RUNS}
+               "runs": RUNS, "segmentation_dir": SEGMENTATION, "segmentation_overlay": SEGMENTATION_OVERLAY,
+               "segmentation_colours": [f"rgb{c}" for c in COLOURS]}
     script = PLATE_SCRIPT.replace("/*CONTEXT*/null", json.dumps(context).replace("</", "<\\/"))
     write_bytes_if_changed(reports / "plate.html", _page("Plate", PLATE_BODY, f"<script>{script}</script>"))
 
@@ -217,6 +220,14 @@ function render(c, i, k) {
       const v = value(r.score); const hit = r.flag && v !== null && compare(v, r.op, r.threshold);
       return "<tr><td>" + esc(r.label) + "</td><td>" + esc(fmt(v)) + "</td><td" + (hit ? " class='flags'" : "") + ">" + esc(r.flag || "") + "</td><td>" + (r.flag ? esc(r.op + " " + r.threshold) : "") + "</td></tr>";
     }).join("") + "</table>";
+  const seg = g("segmentation");
+  if (seg) {
+    const mask = dir + "/" + CTX.segmentation_dir + "/" + encodeURIComponent(seg[0]) + ".png";
+    html += "<h2>Segmentation</h2><p>Experiment " + esc(seg[0]) + " (<a href='" + esc(mask) + "'>full-resolution mask</a>): " +
+      Object.entries(seg[1]).map(([k, v], n) => "<span style='display:inline-block;width:.8em;height:.8em;background:" +
+        CTX.segmentation_colours[n % CTX.segmentation_colours.length] + "'></span> " + esc(k) + " " + (100 * v).toFixed(1) + " %").join(", ") + " of the plate.</p>" +
+      "<img class='overlay' src='" + esc(dir + "/" + CTX.viz + "/" + CTX.segmentation_overlay) + "' alt='the mask over the plate' width='480' onerror='this.remove()'>";
+  }
   if (g("status") === "ok") {
     html += "<h2>Histograms</h2><div class='plots'>" + CTX.histograms.map(n => "<img src='" + esc(dir + "/" + CTX.viz + "/" + n) + "' alt='" + esc(n) + "' width='480' onerror='this.remove()'>").join("") + "</div>";
   }

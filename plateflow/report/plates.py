@@ -69,4 +69,15 @@ def read_plates(root: Path, table: pa.Table) -> Plates:
                             if os.path.isfile(f"{plates}/{folder}/{name}")), None))
         links.append(f"plate.html#{i // CHUNK}/{url}")
     index_of = {pid: i for i, pid in reversed(list(enumerate(cols["plate_id"])))}
+    cols["segmentation"] = _segmentation(table)
     return Plates(cols, thumbs, links, index_of)
+
+
+def _segmentation(table: pa.Table) -> list:
+    """Per plate: [experiment, {class: area share}] from predict-seg's columns, or None."""
+    if "seg_experiment" not in table.column_names:
+        return [None] * table.num_rows
+    names = [c for c in table.column_names if c.startswith("seg_") and c != "seg_experiment"]
+    shares = {c[len("seg_"):]: table.column(c).to_pylist() for c in names}
+    return [[exp, {k: v[i] for k, v in shares.items() if v[i] is not None}] if exp else None
+            for i, exp in enumerate(table.column("seg_experiment").to_pylist())]

@@ -104,3 +104,23 @@ def test_patches_masks_from_a_few_labelled_plates_and_stitched_predictions(tmp_p
     assert len(truth) >= 20 and len(test) == row["test_size"]
     scores = iou_scores(matrix)
     assert scores["miou"] >= 0.8 and abs(scores["miou"] - row["miou"]) < 1e-6
+
+    # The masks on the plates' report pages, as a browser shows them.
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium")
+        tab = browser.new_page()
+        errors = []
+        tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        tab.goto((corpus.reports / "plate.html").as_uri() + "#0/plate-003")
+        tab.wait_for_selector("img.overlay")
+        text = tab.text_content("#plate")
+        overlay = tab.eval_on_selector("img.overlay", "i => [i.complete, i.naturalWidth]")
+        mask_link = tab.get_attribute("a[href$='.png']:text('full-resolution mask')", "href")
+        browser.close()
+    assert "Segmentation" in text and f"Experiment {experiment}" in text and "picture" in text
+    assert overlay[0] and overlay[1] > 0 and mask_link.endswith(f"/segmentation/{experiment}.png")
+    assert errors == []

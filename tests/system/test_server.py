@@ -133,13 +133,16 @@ def test_prefect_deploy_all_creates_every_deployment_with_its_pool_schedule_and_
     assert [s.schedule.cron for s in refresh.schedules] == ["0 2 * * *"]
     for d in (retry, embed):
         assert (d.work_pool_name, d.work_queue_name) == ("plates", "cpu")
-    for name in ("make-tiles/make-tiles", "train-head/train-head", "predict-head/predict-head"):
+    for name in ("make-tiles/make-tiles", "train-head/train-head", "predict-head/predict-head",
+                 "patch-features/patch-features", "train-segmentation/train-segmentation",
+                 "predict-segmentation/predict-segmentation"):
         other = client.read_deployment_by_name(name)  # the tiles and heads run from the UI too
         assert other.work_pool_name == "plates" and other.parameters["root"] == str(live.corpus)
     # One deployment per flow, all on the queue the CPU worker polls: none waits on a GPU this site lacks.
     deployments = client.read_deployments()
-    assert sorted(d.name for d in deployments) == ["embed-plates", "make-tiles", "predict-head", "refresh-corpus",
-                                                   "retry-failed-plates", "train-head"]
+    assert sorted(d.name for d in deployments) == ["embed-plates", "make-tiles", "patch-features", "predict-head",
+                                                   "predict-segmentation", "refresh-corpus", "retry-failed-plates",
+                                                   "train-head", "train-segmentation"]
     wait_until(lambda: all(d.status.value == "READY" for d in client.read_deployments()), 120,
                "every deployment to be Ready")
     automations = client.read_resource_related_automations(f"prefect.deployment.{refresh.id}")
