@@ -5,20 +5,20 @@ from __future__ import annotations
 
 from prefect.exceptions import MissingResult
 
-from plateflow.artifacts import plural
-from plateflow.layout import PlateLayout
-from plateflow.profiles import load_profiles
-from plateflow.tables import write_embeddings_table
-from plateflow.status import Status
-from flows.run import CANDIDATES, SMART_CROP, PlateRecord, PlateRunner, Refresh, batching, embed_stage
 from flows.batches import BatchStage, run_batches
 from flows.routing import GpuRoute, run_on_pool
-from plateflow.outcomes import PlateOutcome, file_size
-from plateflow.features import update_plate_features
+from flows.run import CANDIDATES, SMART_CROP, PlateRecord, PlateRunner, Refresh, batching, embed_stage
+from plateflow.artifacts import plural
 from plateflow.embed.candidates import candidates_of_plates
 from plateflow.embed.reader import PlateJob
 from plateflow.embed.writer import embedding_key, load_vectors, store_path, vectors_problem
+from plateflow.features import update_plate_features
+from plateflow.layout import CorpusLayout, PlateLayout
+from plateflow.outcomes import PlateOutcome, file_size
+from plateflow.profiles import load_profiles
 from plateflow.smart_crop import CropJob, crop_key, smart_crop_plates
+from plateflow.status import Status
+from plateflow.tables import write_embeddings_table
 from tasks.candidates import candidates_batch
 from tasks.smart_crop import smart_crop_batch
 
@@ -124,9 +124,15 @@ def smart_crop_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunn
             rec.row["embed_status"] = Status.COMPUTED if rec.embedded else Status.CACHED
     ok = {r.plate.folder: r for r in records if r.ok}
     run.progress.stage(SMART_CROP, len(ok))
-    key = crop_key(cfg.best_crop_model, cfg.crop, keys)
-    jobs = [CropJob(r.plate, key(r.metadata["sha256"]), dict(r.vector_files), r.boxes, r.size, r.metadata["sha256"])
-            for r in ok.values()]
+    experiment, mask_index = _segmenter(run) if cfg.crop.mask_class else (None, None)
+    key = crop_key(cfg.best_crop_model, cfg.crop, keys + ([f"mask:{experiment}"] if experiment else []))
+    jobs = []
+    for r in ok.values():
+        mask = PlateLayout(r.plate.plate_dir).segmentation(experiment) if experiment else None
+        mask = str(mask) if mask is not None and mask.is_file() else None
+        sha = r.metadata["sha256"]  # a plate whose mask appears or goes is cropped again
+        jobs.append(CropJob(r.plate, key(sha) + ("-mask" if mask else ""), dict(r.vector_files), r.boxes, r.size, sha,
+                            mask, mask_index if mask else None))
 
     def apply(job: CropJob, outcome: PlateOutcome) -> None:
         if outcome.failed:
@@ -139,3 +145,29 @@ def smart_crop_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunn
                        cost=lambda job: file_size(job.plate.source_path))
     if jobs:
         run_batches(stage, jobs, runner.get, batching(run, runner, SMART_CROP), run.logger)
+
+
+def _segmenter(run: Refresh) -> tuple[str | None, int | None]:
+    """The registered segmentation (experiments/segmentation.json) and the index of the crop's
+    mask class in it; (None, None), said once, when there is none or it lacks the class."""
+    import json
+
+    path = CorpusLayout(run.root).segmenter
+    wanted = run.config.crop.mask_class
+    try:
+        data = json.loads(path.read_bytes())
+        experiment, classes = data["experiment"], list(data["classes"])
+    except FileNotFoundError:
+        run.logger.warning("--crop-to-class %s: no segmentation is registered (`plateflow predict-seg` registers "
+                           "one); every plate gets the similarity crop", wanted)
+        return None, None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        run.logger.warning("--crop-to-class %s: %s cannot be read (%s); every plate gets the similarity crop",
+                           wanted, path, exc)
+        return None, None
+    if wanted not in classes:
+        run.logger.warning("--crop-to-class %s: segmentation %s has no such class (its classes: %s); every plate "
+                           "gets the similarity crop", wanted, experiment, ", ".join(map(str, classes)))
+        return None, None
+    return str(experiment), classes.index(wanted)
+

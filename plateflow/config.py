@@ -75,6 +75,9 @@ class CropParams(BaseModel):
     min_area_fraction: float = Field(0.0, ge=0, le=1, description="Smallest allowed crop, as plate area.")
     aspect_range: tuple[float, float] | None = Field(None, description="Allowed width/height of the crop.")
     crop_format: str = Field("jpeg", pattern="^(jpeg|png)$", description="Format of the saved best crop.")
+    mask_class: str | None = Field(None, max_length=200, description=(
+        "Crop to this class's region of the plate's mask from the registered segmentation (plateflow predict-seg), "
+        "for example picture; plates without a mask, or without that class, get the similarity crop."))
 
     @field_validator("aspects")
     @classmethod
@@ -91,7 +94,7 @@ class CropParams(BaseModel):
         return v
 
     def fingerprint(self) -> str:
-        data = self.model_dump(exclude={"crop_format"})
+        data = self.model_dump(exclude={"crop_format", "mask_class"})  # what the candidates' vectors depend on
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

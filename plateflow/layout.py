@@ -150,6 +150,11 @@ class CorpusLayout:
         return self.experiments / experiment_id
 
     @property
+    def segmenter(self) -> Path:
+        """The segmentation whose masks a refresh's mask-guided crop reads (predict-seg registers it)."""
+        return self.experiments / "segmentation.json"
+
+    @property
     def predictors(self) -> Path:
         """The experiments whose predictions plates.parquet keeps, by label: refreshes predict new plates."""
         return self.experiments / "predictors.json"

@@ -139,14 +139,21 @@ def find_run(plate_dir: Path, key: str) -> str | None:
     return None
 
 
+MASK_SIDE = 1024  # a mask's region is found on the mask reduced to this many pixels a side at most
+MASK_MIN_SHARE = 0.005  # a region covering less of the plate is taken as absent
+
+
 def save_run_outputs(plate: PlateRef, run_id: str, key: str, vectors: dict[str, "object"],
-                     boxes: list[list[int]], crop_model: str, best: int, similarity: float,
-                     original_size: tuple[int, int], crop_format: str, sha256: str | None = None) -> str:
+                     boxes: list[list[int]], crop_model: str, best: int | None, similarity: float | None,
+                     original_size: tuple[int, int], crop_format: str, sha256: str | None = None,
+                     box: list[int] | None = None, chosen_by: str = "similarity") -> str:
     """Write runs/<run_id>/: embeddings/<model>.npy, smart_crop.json, the best crop, metrics.json.
+    The crop is candidate ``best``, or ``box`` (a mask's region, ``chosen_by`` naming the class).
     With ``sha256``, a source that no longer has that hash fails the plate before anything is written."""
     run_dir = PlateLayout(plate.plate_dir).run(run_id)
     crop_name = f"best_crop.{'png' if crop_format == 'png' else 'jpg'}"
-    crop = cut_crop(plate.source_path, boxes[best], crop_format, expected_sha256=sha256)
+    box = box if box is not None else boxes[best]
+    crop = cut_crop(plate.source_path, box, crop_format, expected_sha256=sha256)
     outputs = []
     for model, vec in vectors.items():
         buf = io.BytesIO()
@@ -156,34 +163,67 @@ def save_run_outputs(plate: PlateRef, run_id: str, key: str, vectors: dict[str, 
     write_bytes(run_dir / crop_name, crop)
     outputs.append(crop_name)
     write_bytes(run_dir / SMART_CROP, dumps_json({
-        "plate_id": plate.plate_id, "crop_box": boxes[best], "similarity": similarity,
+        "plate_id": plate.plate_id, "crop_box": box, "similarity": similarity,
         "best_crop_idx": best, "original_size": list(original_size), "crop_model": crop_model,
-        "candidates": len(boxes) - 1,
+        "candidates": len(boxes) - 1, "chosen_by": chosen_by,
     }))
     outputs.append(SMART_CROP)
     write_bytes(run_dir / METRICS, dumps_json({
         "run_id": run_id, "plate_id": plate.plate_id,
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "models": list(vectors), "outputs": outputs,
-        "notes": f"smart crop by {crop_model}: candidate {best} of {len(boxes) - 1}, cosine {similarity:.4f}",
+        "notes": (f"smart crop by {crop_model}: candidate {best} of {len(boxes) - 1}, cosine {similarity:.4f}"
+                  if best is not None else f"crop to the {chosen_by}"),
         "plateflow_key": key,
     }))
     return run_id
 
 
+def mask_region(mask_file: Path, index: int, original_size: tuple[int, int], min_share: float = MASK_MIN_SHARE,
+                side: int = MASK_SIDE) -> list[int] | None:
+    """The bounding box (source pixels) of the largest connected region of class ``index`` in
+    a plate's mask (stray blobs of the class elsewhere are left out), found on the mask reduced
+    to ``side`` pixels at most; None when that region covers under ``min_share`` of the plate."""
+    from PIL import Image
+    from skimage.measure import label
+
+    with Image.open(mask_file) as im:
+        scale = max(im.size) / side
+        small = im if scale <= 1 else im.resize((max(1, round(im.width / scale)), max(1, round(im.height / scale))),
+                                                Image.NEAREST)
+        regions = label(np.asarray(small) == index, connectivity=2)
+    sizes = np.bincount(regions.ravel())[1:]
+    if not sizes.size or sizes.max() < min_share * regions.size:
+        return None
+    rows, cols = np.nonzero(regions == int(sizes.argmax()) + 1)
+    w, h = original_size
+    sx, sy = w / regions.shape[1], h / regions.shape[0]
+    return [int(cols.min() * sx), int(rows.min() * sy), min(w, int(np.ceil((cols.max() + 1) * sx))),
+            min(h, int(np.ceil((rows.max() + 1) * sy)))]
+
+
 def smart_crop_plate(plate: PlateRef, run_id: str, key: str, vector_files: dict[str, str],
                      boxes: list[list[int]], crop_model: str, crop_params, original_size: tuple[int, int],
-                     sha256: str | None = None) -> dict:
+                     sha256: str | None = None, mask: str | None = None, mask_index: int | None = None) -> dict:
     """Choose the best crop and write this run's outputs, unless an earlier run has them for
-    ``key``. The crop is cut only from a source whose bytes still have ``sha256``."""
+    ``key``. With ``mask`` (the plate's mask from the registered segmentation) and
+    ``crop_params.mask_class``, the crop is that class's region; without one, or where the class
+    is missing, the candidate most like the whole plate. The crop is cut only from a source whose
+    bytes still have ``sha256``."""
     vectors = {m: load_vectors(f, len(boxes)) for m, f in vector_files.items()}
-    best, similarity = choose_best_crop(vectors[crop_model], boxes, crop_params)
+    region = (mask_region(Path(mask), mask_index, original_size)
+              if mask and crop_params.mask_class and mask_index is not None else None)
+    if region is not None:
+        best, similarity, box, chosen_by = None, None, region, f"{crop_params.mask_class} region of the plate's mask"
+    else:
+        best, similarity = choose_best_crop(vectors[crop_model], boxes, crop_params)
+        box, chosen_by = boxes[best], "similarity"
     existing = find_run(plate.plate_dir, key)
     if existing is None:
         save_run_outputs(plate, run_id, key, vectors, boxes, crop_model, best, similarity,
-                         original_size, crop_params.crop_format, sha256)
+                         original_size, crop_params.crop_format, sha256, box, chosen_by)
     return {"run_id": existing or run_id, "crop_status": "cached" if existing else "computed",
-            "best_crop_idx": best, "crop_box": boxes[best], "similarity": similarity,
+            "best_crop_idx": best, "crop_box": box, "similarity": similarity,
             "original_size": list(original_size)}
 
 
@@ -197,6 +237,8 @@ class CropJob:
     boxes: list[list[int]]
     original_size: tuple[int, int]
     sha256: str
+    mask: str | None = None  # the plate's mask from the registered segmentation, for a mask-guided crop
+    mask_index: int | None = None  # the index of CropParams.mask_class in that segmentation's classes
 
 
 def smart_crop_plates(items: list[CropJob], run_id: str, crop_model: str, params: CropParams,
@@ -204,5 +246,6 @@ def smart_crop_plates(items: list[CropJob], run_id: str, crop_model: str, params
     """Each plate's best crop and runs/<run_id>/ outputs (or an earlier run's, for the same key)."""
     logger = logger or logging.getLogger(__name__)
     return [isolated(j.plate.folder, "smart_crop", lambda j=j: smart_crop_plate(
-        j.plate, run_id, j.key, j.vector_files, j.boxes, crop_model, params, j.original_size, j.sha256), logger)
+        j.plate, run_id, j.key, j.vector_files, j.boxes, crop_model, params, j.original_size, j.sha256, j.mask,
+        j.mask_index), logger)
         for j in items]

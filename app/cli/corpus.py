@@ -80,6 +80,7 @@ def refresh(
     crop_model: Annotated[Optional[str], typer.Option(metavar="NAME", help=described(RefreshConfig, "crop_model"))] = None,
     crop_format: Annotated[CropFormat, typer.Option(help=described(CropParams, "crop_format"))] = "jpeg",
     min_crop_area: Annotated[float, typer.Option(metavar="FRACTION", help=described(CropParams, "min_area_fraction"))] = 0.0,
+    crop_to_class: Annotated[Optional[str], typer.Option(metavar="CLASS", help=described(CropParams, "mask_class"))] = None,
     gpu_class: Annotated[Optional[str], typer.Option(metavar="CLASS", help=described(RefreshConfig, "gpu_class", f"one of {CLASS_NAMES}"))] = None,
     chunk_size: Annotated[Optional[int], typer.Option(metavar="N", help=described(RefreshConfig, "chunk_size", _policy('gpu', 'chunk_size')), min=1)] = None,
     gpu_dispatch: Annotated[Dispatch, typer.Option(help=described(RefreshConfig, "gpu_dispatch"))] = "auto",
@@ -115,7 +116,7 @@ def refresh(
         cfg = RefreshConfig(
             characterize=CharacterizeParams(viz=not no_viz, max_pixels=int(max_megapixels * 1e6)),
             models=models.split(","), crop_model=crop_model, gpu_class=gpu_class,
-            crop=CropParams(crop_format=crop_format, min_area_fraction=min_crop_area),
+            crop=CropParams(crop_format=crop_format, min_area_fraction=min_crop_area, mask_class=crop_to_class),
             weights_root=str(weights) if weights else None, gpu_dispatch=gpu_dispatch, verify=verify, dask=dask,
             **dispatch)
     except ValueError as exc:
@@ -324,6 +325,6 @@ def demo(
     console.print(f"demo sources: {len(sources)} plates written under {sources[0].parent}")
     ingest(sources, root, max_megapixels=MAX_MEGAPIXELS)
     refresh(root, workers=None, no_viz=False, max_megapixels=MAX_MEGAPIXELS, models=models, crop_model=None,
-            crop_format="jpeg", min_crop_area=0.0, gpu_class=None, weights=weights, failed_only=False,
+            crop_format="jpeg", min_crop_area=0.0, crop_to_class=None, gpu_class=None, weights=weights, failed_only=False,
             verify=False, batch_plates=None, batch_megabytes=None)
     console.print(f"open {CorpusLayout(root).plates} to see each plate's JSON and viz/ files")

@@ -233,8 +233,9 @@ function render(c, i, k) {
   }
   if (g("run_id") && b) {
     const run = dir + "/" + CTX.runs + "/" + encodeURIComponent(g("run_id")) + "/";
-    html += "<h2>Best crop</h2><p>Candidate " + esc(g("best_crop_idx")) + " of the plate's crop candidates, similarity " + esc(fmt(g("similarity"))) +
-      " to the whole plate (" + (cands.length / 4) + " candidates, the whole plate first); box " + esc(b.join(", ")) + ".</p><img class='best' src='" + esc(run + "best_crop.jpg") + "' alt='best crop' style='max-width:480px' " +
+    html += "<h2>Best crop</h2><p>" + (g("best_crop_idx") === null ? "The region of the plate's segmentation mask the refresh was asked to crop to" :
+      "Candidate " + esc(g("best_crop_idx")) + " of the plate's crop candidates, similarity " + esc(fmt(g("similarity"))) +
+      " to the whole plate (" + (cands.length / 4) + " candidates, the whole plate first)") + "; box " + esc(b.join(", ")) + ".</p><img class='best' src='" + esc(run + "best_crop.jpg") + "' alt='best crop' style='max-width:480px' " +
       "onerror=\"if(!this.dataset.png){this.dataset.png=1;this.src='" + esc(run + "best_crop.png") + "'}else{this.remove()}\">";
   }
   document.getElementById("plate").innerHTML = html;

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from plateflow import experiments as ledger
-from plateflow.atomic import temp_file, write_bytes, write_parquet
+from plateflow.atomic import temp_file, write_bytes, write_json, write_parquet
 from plateflow.errors import ConfigError
 from plateflow.layout import PREVIEW, SEGMENTATION_OVERLAY, CorpusLayout, safe_key
 from plateflow.segment.patches import load_tokens, stored_record
@@ -149,6 +149,7 @@ def predict_segmentation(root: Path, experiment_id: str, logger=None) -> dict:
         table = table.append_column(pa.field("seg_experiment", pa.string()), pa.array(
             [experiment_id if d in shares else None for d in folders], pa.string()))
         write_parquet(corpus.table, table)
+    write_json(corpus.segmenter, {"experiment": experiment_id, "classes": classes})
     logger.info("experiment %s: %d masks written, %d failed; stitching peaked at %.1f MB", experiment_id,
                 len(shares), len(failed), peak / 2**20)
     return {"plates": len(shares), "failed": failed, "peak_bytes": peak, "columns": columns}

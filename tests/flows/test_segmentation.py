@@ -124,3 +124,37 @@ def test_patches_masks_from_a_few_labelled_plates_and_stitched_predictions(tmp_p
     assert "Segmentation" in text and f"Experiment {experiment}" in text and "picture" in text
     assert overlay[0] and overlay[1] > 0 and mask_link.endswith(f"/segmentation/{experiment}.png")
     assert errors == []
+
+    # The smart crop follows the mask: a refresh asked to crop to the picture crops every plate
+    # to its picture; a plate without a mask keeps the similarity crop.
+    import json
+
+    from plateflow.config import CropParams
+
+    state = refresh_corpus(str(root), RefreshConfig(models=[MODEL], gpu_class="CPU",
+                                                    crop=CropParams(mask_class="picture")), return_state=True)
+    assert state.is_completed(), state.message
+    overlaps = []
+    for folder, mask in truth.items():
+        rows, cols = np.nonzero(mask == 1)
+        truth_box = [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]
+        table = {r["plate_dir"]: r for r in pq.read_table(corpus.table).to_pylist()}
+        run = corpus.plate(folder).run(table[folder]["run_id"])
+        chosen = json.loads((run / "smart_crop.json").read_text())
+        assert chosen["chosen_by"] == "picture region of the plate's mask" and chosen["best_crop_idx"] is None
+        assert table[folder]["crop_box"] == chosen["crop_box"]
+        x0, y0, x1, y1 = chosen["crop_box"]
+        with Image.open(run / "best_crop.jpg") as im:
+            assert im.size == (x1 - x0, y1 - y0)
+        inter = max(0, min(x1, truth_box[2]) - max(x0, truth_box[0])) * max(0, min(y1, truth_box[3]) - max(y0, truth_box[1]))
+        overlaps.append(inter / ((x1 - x0) * (y1 - y0) + np.prod(np.subtract(truth_box[2:], truth_box[:2])) - inter))
+    assert np.median(overlaps) >= 0.85 and min(overlaps) >= 0.75, sorted(np.round(overlaps, 3))
+    corpus.plate("plate-001").segmentation(experiment).unlink()
+    state = refresh_corpus(str(root), RefreshConfig(models=[MODEL], gpu_class="CPU",
+                                                    crop=CropParams(mask_class="picture")), return_state=True)
+    assert state.is_completed(), state.message
+    table = {r["plate_dir"]: r for r in pq.read_table(corpus.table).to_pylist()}
+    chosen = json.loads((corpus.plate("plate-001").run(table["plate-001"]["run_id"]) / "smart_crop.json").read_text())
+    assert chosen["chosen_by"] == "similarity" and chosen["best_crop_idx"] is not None
+    chosen = json.loads((corpus.plate("plate-003").run(table["plate-003"]["run_id"]) / "smart_crop.json").read_text())
+    assert chosen["chosen_by"] == "picture region of the plate's mask"
