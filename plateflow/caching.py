@@ -26,7 +26,8 @@ from plateflow.errors import is_transient
 # only needs keys skips their imports). tests/unit/plateflow/test_caching.py checks that every
 # module a step's work imports is here.
 STEP_CODE: dict[str, tuple[str, ...]] = {
-    "characterize": ("plateflow.image", "plateflow.imagefile", "plateflow.characterize.histograms", "plateflow.characterize.metadata",
+    "characterize": ("plateflow.image", "plateflow.imagefile", "plateflow.characterize.params",
+                     "plateflow.characterize.histograms", "plateflow.characterize.metadata",
                      "plateflow.characterize.viz", "plateflow.characterize.working_copy",
                      "plateflow.characterize.quality", "plateflow.characterize.step", "plateflow.characterize.save"),
     "embed": ("plateflow.embed.models", "plateflow.embed.surgery", "plateflow.embed.reader",

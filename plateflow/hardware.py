@@ -17,13 +17,23 @@ class Device:
     cuda: bool
 
 
-def detect_device() -> Device:
+def detect_devices() -> list[Device]:
+    """Every CUDA device this process sees (CUDA_VISIBLE_DEVICES applies), in index order; the
+    CPU alone when there is none."""
     import torch
 
     if not torch.cuda.is_available():
-        return Device("cpu", 0.0, 0.0, False)
-    props = torch.cuda.get_device_properties(0)
-    return Device(props.name, props.total_memory / 2**30, float(f"{props.major}.{props.minor}"), True)
+        return [Device("cpu", 0.0, 0.0, False)]
+    out = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        out.append(Device(props.name, props.total_memory / 2**30, float(f"{props.major}.{props.minor}"), True))
+    return out
+
+
+def detect_device() -> Device:
+    """The first device: the one a process pinned to a GPU (``plateflow worker``) uses."""
+    return detect_devices()[0]
 
 
 def classify(device: Device, profiles: Profiles) -> str:
@@ -47,7 +57,8 @@ def gpu_class(profiles: Profiles, device: Device | None = None) -> str:
 
 
 def hardware_report(profiles: Profiles) -> dict:
-    device = detect_device()
+    devices = detect_devices()
+    device = devices[0]
     cls = gpu_class(profiles, device)
     plans = {}
     for name in profiles.models:
@@ -57,4 +68,5 @@ def hardware_report(profiles: Profiles) -> dict:
         except ValueError as exc:
             plans[name] = {"refused": str(exc)}
     return {"device": asdict(device), "gpu_class": cls,
+            "devices": [{"index": i, **asdict(d), "gpu_class": classify(d, profiles)} for i, d in enumerate(devices)],
             "overridden": bool(os.environ.get("PLATEFLOW_GPU_CLASS")), "models": plans}

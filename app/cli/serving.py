@@ -54,23 +54,74 @@ def deploy(
 
 @app.command()
 def worker(
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the worker command, do not start it.")] = False,
+    gpus: Annotated[Optional[str], typer.Option(metavar="IDS", help="Devices to start a worker on, one each, "
+                                                "pinned with CUDA_VISIBLE_DEVICES (e.g. 0,1); default: every visible "
+                                                "GPU, or one worker on a machine without one.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the worker commands, do not start them.")] = False,
 ) -> None:
-    """Start a Prefect worker on the work queue of this machine's GPU class (PLATEFLOW_GPU_CLASS
-    overrides detection), running at most the queue's worker_limit flow runs at once."""
-    from plateflow.hardware import gpu_class
+    """Start Prefect workers on the work queue of this machine's GPU class (PLATEFLOW_GPU_CLASS
+    overrides detection): one per GPU, each pinned to its device and running at most the
+    queue's worker_limit flow runs at once, so the GPU step's runs spread over every GPU.
+    Ctrl-C (or SIGTERM) stops them all."""
+    from plateflow.hardware import detect_devices, gpu_class
     from plateflow.pools import work_pool, worker_name
     from plateflow.profiles import load_profiles
 
-    cls = gpu_class(load_profiles())
+    devices = detect_devices()
+    cls = gpu_class(load_profiles(), devices[0])
+    if gpus is None:
+        ids = [str(i) for i, d in enumerate(devices) if d.cuda] or [None]
+    else:
+        ids = [g.strip() for g in gpus.split(",") if g.strip()]
+        if not ids or not all(g.isdigit() for g in ids) or len(set(ids)) != len(ids):
+            raise typer.BadParameter(f"{gpus!r}: device indices, comma-separated (e.g. 0,1)", param_hint="--gpus")
+        known = sum(d.cuda for d in devices)
+        if known and any(int(g) >= known for g in ids):
+            raise typer.BadParameter(f"{gpus!r}: this machine has {known} GPUs (0 to {known - 1})", param_hint="--gpus")
     pool = work_pool()
     queue = pool.queue(cls)
     prefect_cli = Path(sys.executable).with_name("prefect")
-    cmd = [str(prefect_cli), "worker", "start", "--pool", pool.name, "--work-queue", queue.name, "--type", pool.type,
-           "--limit", str(queue.worker_limit), "--name", worker_name(queue, os.getpid())]
-    console.print(f"GPU class {cls}: {' '.join(cmd)}")
-    if not dry_run:
-        os.execv(cmd[0], cmd)
+    commands = []
+    for k, device in enumerate(ids):
+        name = worker_name(queue, os.getpid()) + (f"-gpu{device}" if device is not None else "")
+        commands.append((device, [str(prefect_cli), "worker", "start", "--pool", pool.name, "--work-queue", queue.name,
+                                  "--type", pool.type, "--limit", str(queue.worker_limit), "--name", name]))
+    for device, cmd in commands:
+        pin = f"CUDA_VISIBLE_DEVICES={device} " if device is not None else ""
+        console.print(f"GPU class {cls}: {pin}{' '.join(cmd)}")
+    if dry_run:
+        return
+    if len(commands) == 1 and commands[0][0] is None:
+        os.execv(commands[0][1][0], commands[0][1])
+    _supervise(commands)
+
+
+def _supervise(commands: list[tuple[str | None, list[str]]]) -> None:
+    """Run one worker per device until one exits or this process is told to stop; then stop them all."""
+    import signal as _signal
+    import subprocess
+
+    from app.processes import terminate
+
+    def on_term(*_):
+        raise KeyboardInterrupt
+
+    _signal.signal(_signal.SIGTERM, on_term)
+    procs = []
+    try:
+        for device, cmd in commands:
+            env = {**os.environ} | ({"CUDA_VISIBLE_DEVICES": device} if device is not None else {})
+            procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+        failed = next(p for p in procs if p.poll() is not None)
+        console.print(f"[red]the worker {failed.args[-1]} exited with code {failed.returncode}; stopping the others[/]")
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        console.print("stopping the workers")
+    finally:
+        terminate(procs)
+
 
 @app.command()
 def server(

@@ -23,7 +23,7 @@ from plateflow.segment.stitch import COLOURS
 DATA_COLUMNS = ("plate_dir", "plate_id", "status", "failed_step", "error", "original_path", "source_image",
                 "image_format", "mode", "file_size_bytes", "width", "height", "megapixels", "luminance_mean",
                 "paper_share", "run_id", "crop_box", "best_crop_idx", "similarity", "quality_flags",
-                "duplicate_of", "segmentation") + tuple(f"q_{s}" for s in SCORES)
+                "duplicate_of", "seg") + tuple(f"q_{s}" for s in SCORES)
 
 
 def _candidates(root: Path, models: list[str], p: Plates) -> list[list[int] | None]:
@@ -220,7 +220,7 @@ function render(c, i, k) {
       const v = value(r.score); const hit = r.flag && v !== null && compare(v, r.op, r.threshold);
       return "<tr><td>" + esc(r.label) + "</td><td>" + esc(fmt(v)) + "</td><td" + (hit ? " class='flags'" : "") + ">" + esc(r.flag || "") + "</td><td>" + (r.flag ? esc(r.op + " " + r.threshold) : "") + "</td></tr>";
     }).join("") + "</table>";
-  const seg = g("segmentation");
+  const seg = g("seg");
   if (seg) {
     const mask = dir + "/" + CTX.segmentation_dir + "/" + encodeURIComponent(seg[0]) + ".png";
     html += "<h2>Segmentation</h2><p>Experiment " + esc(seg[0]) + " (<a href='" + esc(mask) + "'>full-resolution mask</a>): " +

@@ -69,7 +69,7 @@ def read_plates(root: Path, table: pa.Table) -> Plates:
                             if os.path.isfile(f"{plates}/{folder}/{name}")), None))
         links.append(f"plate.html#{i // CHUNK}/{url}")
     index_of = {pid: i for i, pid in reversed(list(enumerate(cols["plate_id"])))}
-    cols["segmentation"] = _segmentation(table)
+    cols["seg"] = _segmentation(table)
     return Plates(cols, thumbs, links, index_of)
 
 

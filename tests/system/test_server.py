@@ -16,7 +16,7 @@ import pytest
 
 from fixtures import REPO
 from fixtures.plates import make_plate, paper_plate
-from fixtures.processes import assert_none_left, free_port, wait_until
+from fixtures.processes import assert_none_left, free_port, processes_with, wait_until
 from app.server import server_env, start
 
 pytestmark = pytest.mark.server
@@ -438,3 +438,39 @@ def test_server_stop_ends_the_workers_before_the_server(tmp_path):
     Stack(procs).stop()
     assert all(p.poll() is not None for p in procs)
     assert log.read_text().split() == ["worker-b", "worker-a", "server"]
+
+
+def test_plateflow_worker_starts_one_worker_per_gpu_each_pinned_to_its_device(live, tmp_path):
+    """Two simulated devices on this CPU machine: `plateflow worker --gpus 0,1` puts two workers
+    on the class's queue, each with its own CUDA_VISIBLE_DEVICES, and SIGTERM stops both. (Last
+    in this module: its H100 workers stay listed as online for a while after they stop.)"""
+    import signal
+
+    import httpx
+
+    mark = str(tmp_path)  # in every process it starts: what it leaves behind can be found
+    proc = subprocess.Popen([str(BIN / "plateflow"), "worker", "--gpus", "0,1"], cwd=REPO, start_new_session=True,
+                            env={**live.env, "PLATEFLOW_GPU_CLASS": "H100_80GB", "PLATEFLOW_TEST_MARK": mark},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def online():
+            workers = httpx.post(f"{live.url}/work_pools/plates/workers/filter", json={}, timeout=10).json()
+            names = sorted(w["name"] for w in workers if w["status"] == "ONLINE" and "h100-80gb" in w["name"])
+            return names if len(names) == 2 else None
+
+        names = wait_until(online, 120, "two workers on the h100-80gb queue")
+        assert [n.rsplit("-", 1)[1] for n in names] == ["gpu0", "gpu1"]
+        pinned = {}
+        for pid in wait_until(lambda: [p for p in processes_with(mark)
+                                       if b"worker\x00start" in Path(f"/proc/{p}/cmdline").read_bytes()] or None,
+                              30, "the worker processes"):
+            env = dict(v.split(b"=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in v)
+            name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-2].decode()
+            pinned[name.rsplit("-", 1)[1]] = env[b"CUDA_VISIBLE_DEVICES"].decode()
+        assert pinned == {"gpu0": "0", "gpu1": "1"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, out[-2000:]
+    assert "stopping the workers" in out and "Traceback" not in out
+    assert_none_left(mark)
