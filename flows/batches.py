@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from prefect.exceptions import MissingResult
 from prefect.futures import as_completed
+from prefect.states import Completed, Failed, State
 from prefect.task_runners import TaskRunner
 
 from plateflow.artifacts import plural
@@ -92,3 +93,12 @@ def _outcomes(stage: BatchStage, future, group: list, logger) -> list[PlateOutco
     reason = f"{type(outcomes).__name__}: {outcomes}" if isinstance(outcomes, BaseException) else future.state.message
     return [PlateOutcome(r.plate.folder, Status.FAILED, failed_step=stage.failed_step,
                          error=f"its {stage.name} batch was lost: {reason}") for r in group]
+
+
+def plates_state(message: str, failed: dict[str, str], logger) -> State:
+    """A per-plate flow's end: its message logged; Failed naming each failed plate and why, or Completed."""
+    logger.info(message)
+    if failed:
+        return Failed(message=message + ": " + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())))
+    return Completed(message=message)
+

@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.batches import Batching, BatchStage, run_batches
+from flows.batches import Batching, BatchStage, plates_state, run_batches
 from flows.tiles import hash_plates
 from plateflow.artifacts import plural
 from plateflow.atomic import write_bytes_if_changed
@@ -91,10 +91,7 @@ def patch_features(root: str, model: str, params: PatchParams = PatchParams(),  
                                          parquet_bytes(pa.Table.from_pylist(rows, schema=PATCHES_SCHEMA)))
     message = (f"{len(rows)} {'patch' if len(rows) == 1 else 'patches'} of {plural(len(plates) - len(failed), 'plate')} in "
                f"{corpus.patch_index(model)}{'' if written else ' (unchanged)'}; {len(failed)} failed")
-    logger.info(message)
-    if failed:
-        return Failed(message=message + ": " + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())))
-    return Completed(message=message)
+    return plates_state(message, failed, logger)
 
 
 @flow(name="train-segmentation", validate_parameters=True)
@@ -170,9 +167,7 @@ def predict_segmentation(root: str, experiment: str):
         return Failed(message=str(exc), data=exc)
     message = (f"{plural(result['plates'], 'mask')} of experiment {experiment}; {len(result['failed'])} failed; "
                f"stitching peaked at {result['peak_bytes'] / 2**20:.1f} MB" + (f"; report: {report}" if report else ""))
-    if result["failed"]:
-        return Failed(message=message + ": " + "; ".join(f"{k}: {v}" for k, v in sorted(result["failed"].items())))
-    return Completed(message=message)
+    return plates_state(message, result["failed"], logger)
 
 
 def _patch_index(root: Path, model: str) -> pa.Table:

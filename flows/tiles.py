@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pyarrow as pa
 from prefect import flow, get_run_logger
-from prefect.states import Completed, Failed
+from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.batches import Batching, BatchStage, run_batches
+from flows.batches import Batching, BatchStage, plates_state, run_batches
 from plateflow.artifacts import plural
 from plateflow.atomic import remove_stale_temps
 from plateflow.buckets import Location, is_url
@@ -91,10 +91,7 @@ def make_tiles(root: str, params: TileParams, out: str, credentials_block: str |
     tiles = sum(len(r["rows"]) for _, _, r in records.values() if r)
     message = (f"{plural(tiles, 'tile')} of {plural(len(records), 'plate')} in {plural(len(shards), 'shard')} at "
                f"{dest.url}; {len(failed)} failed")
-    logger.info(message)
-    if failed:
-        return Failed(message=message + ": " + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())))
-    return Completed(message=message)
+    return plates_state(message, failed, logger)
 
 
 OWNER = ".plateflow-tiles.json"  # in DEST: the corpus whose tiles it holds

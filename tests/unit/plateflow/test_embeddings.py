@@ -271,6 +271,7 @@ def test_model_too_big_for_the_class_is_refused_naming_a_smaller_one():
 def test_every_model_and_class_in_the_table_is_complete():
     profiles = load_profiles()
     assert set(profiles.models) == {"dinov2_small", "dinov2_base", "dinov2_large", "dinov2_giant",
+                                    "dinov3_small", "dinov3_base", "dinov3_large", "siglip_base", "siglip_so400m",
                                     "clip_vit_b32", "clip_vit_l14", "clip_vit_h14"}
     assert {"CPU", "LOW_VRAM", "T4_16GB", "L4_24GB", "A100_40GB", "A100_80GB", "H100_80GB",
             "H200_141GB"} <= set(profiles.classes)
