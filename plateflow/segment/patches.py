@@ -28,6 +28,7 @@ from plateflow.image import decode_image
 from plateflow.layout import CorpusLayout
 from plateflow.outcomes import PlateOutcome, isolated
 from plateflow.profiles import ModelSpec
+from plateflow.status import Status
 
 
 class PatchParams(BaseModel):
@@ -188,7 +189,8 @@ def load_tokens(tokens_file: Path, record: dict) -> np.ndarray:
 
 def patches_of_plates(jobs: list[PatchJob], spec: ModelSpec, params: PatchParams, device: str | None = None,
                       weights_root: str | None = None, logger=None) -> list[PlateOutcome]:
-    """Each plate's patch tokens, the model loaded once for the batch; a plate fails alone."""
+    """Each plate's patch tokens (stored ones are kept), the model loaded once for the batch; a
+    plate fails alone."""
     import logging
 
     import torch
@@ -196,11 +198,15 @@ def patches_of_plates(jobs: list[PatchJob], spec: ModelSpec, params: PatchParams
     from plateflow.embed.models import load_model
 
     logger = logger or logging.getLogger(__name__)
-    if not jobs:
-        return []
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = PatchEncoder(load_model(spec, Path(weights_root) if weights_root else None), device)
-    return [isolated(j.plate.folder, "patches", lambda j=j: plate_patches(j, encoder, params), logger) for j in jobs]
+    stored = {j.plate.folder: stored_record(Path(j.tokens_file)) for j in jobs}
+    todo = [j for j in jobs if stored[j.plate.folder] is None]
+    encoder = None
+    if todo:  # the model is loaded only when a plate needs it (a batch run again after it was lost: none)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        encoder = PatchEncoder(load_model(spec, Path(weights_root) if weights_root else None), device)
+    return [isolated(j.plate.folder, "patches", lambda j=j: stored[j.plate.folder], logger, status=Status.CACHED)
+            if stored[j.plate.folder] is not None else
+            isolated(j.plate.folder, "patches", lambda j=j: plate_patches(j, encoder, params), logger) for j in jobs]
 
 
 def index_rows(root: Path, plate: PlateRef, sha256: str, tokens_file: Path, record: dict, version: str) -> list[dict]:

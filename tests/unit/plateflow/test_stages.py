@@ -122,6 +122,51 @@ def _candidates_key(params, digest):
     return embedding_key(load_profiles().model("dinov2_small"), params)  # the boxes are in every vector's key
 
 
+TINY = {"depth": 2, "embed_dim": 32, "num_heads": 2, "init_values": 1.0}
+
+
+def _tiny_encoder(root):
+    """A tiny random-weight ViT, saved where the patches stage loads weights from."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    weights = root.parent / f"{root.name}-weights"
+    if not (weights / "tiny" / "model.safetensors").is_file():
+        torch.manual_seed(0)
+        net = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=28, **TINY)
+        (weights / "tiny").mkdir(parents=True)
+        save_file(net.state_dict(), weights / "tiny" / "model.safetensors")
+    return _tiny_encoder_spec(), weights
+
+
+def _patches(root, plates, params):
+    from plateflow.segment.patches import PatchJob, patches_of_plates, tokens_path
+
+    spec, weights = _tiny_encoder(root)
+    jobs = [PatchJob(p, sha(p), str(tokens_path(root, spec, params, sha(p)))) for p in plates]
+    return patches_of_plates(jobs, spec, params, weights_root=str(weights))
+
+
+def _patch_params(**kw):
+    from plateflow.segment.patches import PatchParams
+
+    return PatchParams(patch_size=128, overlap=32, **kw)
+
+
+def _patches_key(params, digest):
+    from plateflow.segment.patches import step_key
+
+    return step_key(_tiny_encoder_spec(), params)(digest)
+
+
+def _tiny_encoder_spec():
+    from plateflow.profiles import ModelSpec
+
+    return ModelSpec(name="tiny", backend="timm", hub_id="-", architecture="vit_small_patch14_dinov2", family="dinov2",
+                     input_size=28, embed_dim=32, min_vram_gb=0, batch={"CPU": 16}, model_kwargs=TINY)
+
+
 STAGES = {
     "characterize": Stage(_characterize, CharacterizeParams(), CharacterizeParams(preview_size=256),
                           _characterize_key, "characterize", "characterize"),
@@ -130,6 +175,7 @@ STAGES = {
     "smart crop": Stage(_smart_crop, CropParams(), CropParams(crop_format="png"), _crop_key, "crop",
                         "smart_crop"),
     "tiles": Stage(_tiles, _tile_params(), _tile_params(grayscale=True), _tile_key, "tiles", "tiles"),
+    "patches": Stage(_patches, _patch_params(), _patch_params(max_pixels=10**8), _patches_key, "patches", "patches"),
 }
 
 
