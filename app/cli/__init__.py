@@ -1,5 +1,5 @@
 """The plateflow command line: a thin layer over the functions the flows call. The commands
-live in corpus.py, serving.py, training.py and segment.py; this module holds what they share."""
+live in corpus.py, serving.py, training.py, segment.py and finetuning.py; this module holds what they share."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ CredentialsOpt = Annotated[Optional[str], typer.Option(
 
 
 # The commands register themselves on ``app`` (imported last: they import the names above).
-from app.cli import corpus, segment, serving, training  # noqa: E402,F401  (registers the commands)
+from app.cli import corpus, finetuning, segment, serving, training  # noqa: E402,F401  (registers the commands)
 
 
 def main() -> None:  # pragma: no cover - console entry point

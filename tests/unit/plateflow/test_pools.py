@@ -95,7 +95,7 @@ def test_deploy_creates_one_embed_deployment_on_the_cpu_queue():
                                   "flows.embed:embed_plates", "flows.tiles:make_tiles", "flows.heads:train_head",
                                   "flows.heads:predict_head", "flows.features:tile_features",
                                   "flows.segment:patch_features", "flows.segment:train_segmentation",
-                                  "flows.segment:predict_segmentation"])
+                                  "flows.segment:predict_segmentation", "flows.finetune:finetune"])
 def test_every_parameter_of_a_deployment_form_has_a_description(flow):
     """The UI's run form shows these: the flow docstring's Args, and each config field's description."""
     import importlib

@@ -1,0 +1,87 @@
+"""Fine-tuning an encoder's last blocks in resumable micro-jobs (plateflow/finetune.py,
+flows/finetune.py): on a task the frozen tiny random encoder cannot solve (are the stripes
+horizontal or vertical?), the fine-tuned one does, and a run killed with SIGKILL continues."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flows.finetune import finetune
+from flows.refresh import refresh_corpus
+from plateflow.config import RefreshConfig
+from plateflow.experiments import experiments
+from plateflow.finetune import FinetuneConfig, FinetuneRun, labelled_items
+
+from fixtures import REPO
+from fixtures.plates import make_plate
+from fixtures.processes import wait_until
+
+MODEL = "tiny_seg"  # 112 px, 8 x 8 patches (tests/fixtures/tiny_models.py)
+
+
+def stripes(seed: int, horizontal: bool, size: int = 112) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    period = int(rng.integers(4, 9))
+    band = ((np.arange(size) + int(rng.integers(0, period))) // (period // 2)) % 2
+    pattern = np.broadcast_to(band[:, None] if horizontal else band[None, :], (size, size))
+    a, b = rng.integers(0, 100, 3), rng.integers(156, 256, 3)  # dark and light stripes of any hue
+    return Image.fromarray(np.where(pattern[..., None] == 1, a, b).astype(np.uint8))
+
+
+def striped_corpus(root, n: int = 160) -> dict[str, str]:
+    labels = {}
+    for i in range(n):
+        folder, kind = f"plate-{i + 1:03d}", "horizontal" if i % 2 else "vertical"
+        make_plate(root, folder, stripes(i, i % 2 == 1), filename="scan.png",
+                   manifest={"plate_id": folder, "source_image": "source/scan.png", "stripes": kind})
+        labels[folder] = kind
+    return labels
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_fine_tuning_the_last_blocks_learns_what_the_frozen_encoder_cannot_and_survives_a_kill(tmp_path, tiny_env):
+    root = tmp_path / "corpus"
+    labels = striped_corpus(root)
+    state = refresh_corpus(str(root), RefreshConfig(), return_state=True)  # the previews
+    assert state.is_completed(), state.message
+
+    frozen = FinetuneConfig(blocks=0, epochs=50, batch_size=24, head_lr=3e-3, steps_per_job=100)
+    state = finetune(str(root), MODEL, "stripes", config=frozen, return_state=True)
+    assert state.is_completed(), state.message
+    frozen_row = experiments(root, state.result())[0]
+
+    # Fine-tuned: the first jobs in a process killed with SIGKILL once one job is done, the
+    # rest by the flow, which continues where the killed process stopped.
+    tuned = FinetuneConfig(blocks=2, epochs=50, batch_size=24, lr=1e-3, head_lr=1e-3, steps_per_job=25)
+    items, classes = labelled_items(root, labels, tuned)
+    run = FinetuneRun(root, MODEL, "stripes", items, classes, tuned)
+    script = (f"from pathlib import Path; from plateflow.finetune import *; from plateflow.profiles import load_profiles; "
+              f"import json; labels = json.loads(Path({str(tmp_path / 'labels.json')!r}).read_text()); "
+              f"train_all(Path({str(root)!r}), {MODEL!r}, 'stripes', labels, FinetuneConfig(**{tuned.model_dump()!r}), "
+              f"load_profiles().model({MODEL!r}))")
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**os.environ}, start_new_session=True)
+    try:
+        wait_until(lambda: run.done() >= 1, 120, "the first fine-tuning job")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = run.done()
+    assert 1 <= killed_at < run.jobs
+    state = finetune(str(root), MODEL, "stripes", config=tuned, return_state=True)
+    assert state.is_completed(), state.message
+    assert run.done() == run.jobs
+    jobs = [r["job"] for r in run.records()]
+    assert sorted(jobs) == list(range(run.jobs)) or len(set(range(run.jobs)) - set(jobs)) <= 1  # at most one lost
+    assert all(r["peak"] == "process peak RSS" and r["peak_bytes"] > 0 for r in run.records())
+    row = experiments(root, state.result())[0]
+    assert row["feature_kind"] == "finetune" and row["test_size"] == frozen_row["test_size"] > 10
+    assert frozen_row["accuracy"] <= 0.7 and row["accuracy"] >= 0.9, (frozen_row["accuracy"], row["accuracy"])
+    assert (root / row["checkpoint"]).is_file()
+    assert (root / row["checkpoint"]).parent.parent.joinpath("encoder", "model.safetensors").is_file()
