@@ -1,5 +1,6 @@
 """embed_plates: the GPU flow. One model over a list of plates, chunk by chunk, one chunk at a
-time (one GPU never runs two batches of ours at once). Deployed once per GPU-class work pool
+time on each device (one GPU never runs two batches of ours at once); on a host with several
+GPUs, a process per GPU (plateflow/devices.py). Deployed once per GPU-class work pool
 (prefect.yaml); refresh sends it runs there (flows/routing.py), or calls it in-process."""
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ import socket
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from plateflow.atomic import write_json
+from plateflow.devices import DeviceProcesses, device_count
 from plateflow.layout import chunk_ledger
 from plateflow.errors import ConfigError
 from plateflow.profiles import dispatch_policy, load_profiles
@@ -63,6 +66,7 @@ def embed_plates(model: str, gpu_class: str, jobs: list[PlateJob] | None = None,
     chunks = [jobs[i:i + chunk_size] for i in range(0, len(jobs), chunk_size)]  # over all jobs: stable on a re-run
     outcome: dict[str, str | None] = {}
     finished = 0
+    pending = []  # (index, chunk, its ledger key, the plates to embed)
     for n, chunk in enumerate(chunks):
         key = ledger.key(model, chunk)
         if ledger.finished(key, chunk):  # recorded complete, and its files are there: nothing to do
@@ -71,12 +75,31 @@ def embed_plates(model: str, gpu_class: str, jobs: list[PlateJob] | None = None,
             continue
         done = {j.name for j in chunk if vectors_problem(j.cache_file, len(j.boxes), spec.embed_dim) is None}
         outcome.update({p: None for p in done})
-        todo = [j for j in chunk if j.name not in done]
-        if todo:
-            outcome.update(embed_chunk(todo, spec, batch_size, dtype, chunk_name=str(n), weights_root=weights_root,
-                                       readers=readers))
+        pending.append((n, chunk, key, [j for j in chunk if j.name not in done]))
+    devices = device_count() if sum(bool(todo) for *_, todo in pending) > 1 else 1
+
+    def finish(n, chunk, key, result) -> None:
+        outcome.update(result)
         ledger.record(key, chunk, {j.name: outcome[j.name] for j in chunk})
         logger.info("%s: chunk %d/%d done, %d/%d plates", model, n + 1, len(chunks), len(outcome), len(jobs))
+
+    if devices == 1:
+        for n, chunk, key, todo in pending:
+            finish(n, chunk, key, embed_chunk(todo, spec, batch_size, dtype, chunk_name=str(n),
+                                              weights_root=weights_root, readers=readers) if todo else {})
+    else:  # every device of the host: a process each, the chunks dealt out in turn
+        import torch
+
+        with DeviceProcesses(devices, torch.cuda.is_available()) as pool, \
+                ThreadPoolTaskRunner(max_workers=devices) as runner:
+            futures = [(n, chunk, key, runner.submit(embed_chunk, {
+                "jobs": todo, "spec": spec, "batch_size": batch_size, "dtype": dtype, "chunk_name": str(n),
+                "weights_root": weights_root, "readers": readers, "device_slot": k % devices}) if todo else None)
+                for k, (n, chunk, key, todo) in enumerate(pending)]
+            for n, chunk, key, future in futures:
+                finish(n, chunk, key, future.result() if future is not None else {})
+        logger.info("%s: %d chunks on %d devices (%s)", model, sum(pool.chunks.values()), devices,
+                    ", ".join(f"device {d}: {c}" for d, c in sorted(pool.chunks.items())))
     logger.info("%s on %s: %d plates in %d chunks (%d recorded finished before), batch %d images, %s, reader %s",
                 model, gpu_class, len(jobs), len(chunks), finished, batch_size, dtype, readers)
     if report:
