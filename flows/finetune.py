@@ -11,7 +11,7 @@ from prefect.states import Completed, Failed
 from plateflow.config import corpus_root
 from plateflow.errors import ConfigError
 from plateflow.experiments import check as ledger_check
-from plateflow.finetune import FinetuneConfig, FinetuneRun, finish, labelled_items
+from plateflow.finetune import FinetuneConfig, FinetuneRun, check_model, finish, labelled_items
 from plateflow.labels import read_labels
 from plateflow.profiles import load_profiles
 from plateflow.runlog import quiet_returned_failures
@@ -41,8 +41,9 @@ def finetune(root: str, model: str, label: str, labels_file: str | None = None,
         root_path = corpus_root(root)
         spec = load_profiles().model(model)
         ledger_check(root_path)
+        check_model(spec)
         labels = read_labels(root_path, label, labels_file)
-        items, classes = labelled_items(root_path, labels, config)
+        items, classes = labelled_items(root_path, labels, config, labels_file or f"the manifests' {label!r}")
     except ConfigError as exc:
         logger.error("configuration error: %s", exc)
         return Failed(message=str(exc), data=exc)

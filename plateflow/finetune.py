@@ -77,9 +77,18 @@ class Item:
     split: str
 
 
-def labelled_items(root: Path, labels: dict[str, str], config: FinetuneConfig) -> tuple[list[Item], list[str]]:
+def check_model(spec: ModelSpec) -> None:
+    if spec.backend != "timm":
+        raise ConfigError(f"model {spec.name}: fine-tuning takes a timm ViT (dinov2_*, dinov3_*, siglip_*), not a "
+                          f"{spec.backend} model")
+
+
+def labelled_items(root: Path, labels: dict[str, str], config: FinetuneConfig,
+                   where: str = "the labels") -> tuple[list[Item], list[str]]:
     """Each labelled plate that is ok in plates.parquet and has a preview, with its split;
-    ``ConfigError`` when the labels give nothing to train or to score."""
+    ``ConfigError`` when the labels (from ``where``) give nothing to train or to score."""
+    if not labels:
+        raise ConfigError(f"no plate has a label in {where}")
     table = read_corpus_table(root)
     if table is None:
         raise ConfigError(f"{CorpusLayout(root).table} does not exist: run `plateflow refresh --root {root}` first")
@@ -121,8 +130,7 @@ class Tuner:
 
         from plateflow.embed.models import load_model
 
-        if spec.backend != "timm":
-            raise ConfigError(f"model {spec.name}: fine-tuning takes a timm ViT, not a {spec.backend} model")
+        check_model(spec)
         self.torch, self.device = torch, torch.device(device)
         loaded = load_model(spec, weights_root)
         self.spec, self.mean, self.std = spec, loaded.mean, loaded.std

@@ -36,10 +36,17 @@ def finetune(
     from plateflow.errors import ConfigError
     from plateflow.experiments import experiments
 
-    try:
+    from plateflow.finetune import check_model, labelled_items
+    from plateflow.labels import read_labels
+    from plateflow.profiles import load_profiles
+
+    try:  # the model, the labels and the plates are checked before any run, in one line
         config = FinetuneConfig(blocks=blocks, vram_gb=vram_gb, epochs=epochs, batch_size=batch_size, lr=lr,
                                 steps_per_job=steps_per_job)
         root = corpus_root(root)
+        check_model(load_profiles().model(model))
+        labelled_items(root, read_labels(root, label, labels), config, str(labels) if labels else
+                       f"the manifests' {label!r}")
     except (ValueError, ConfigError) as exc:
         raise typer.BadParameter(str(exc).splitlines()[-1].strip()) from None
     with local_api():
