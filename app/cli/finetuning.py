@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from app.cli import MODEL_NAMES, RootOpt, app, console, described
+from app.cli import MODEL_NAMES, RootOpt, app, console, described, problem
 from plateflow.finetune import FinetuneConfig
 
 FT = FinetuneConfig().model_dump()
@@ -48,7 +48,7 @@ def finetune(
         labelled_items(root, read_labels(root, label, labels), config, str(labels) if labels else
                        f"the manifests' {label!r}")
     except (ValueError, ConfigError) as exc:
-        raise typer.BadParameter(str(exc).splitlines()[-1].strip()) from None
+        raise typer.BadParameter(problem(exc)) from None
     with local_api():
         state = finetune_flow(str(root), model, label, str(labels) if labels else None, config, return_state=True)
     if not state.is_completed():

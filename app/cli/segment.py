@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from app.cli import MODEL_NAMES, RootOpt, app, console, described
+from app.cli import MODEL_NAMES, RootOpt, app, console, described, problem
 from plateflow.segment.patches import PatchParams
 from plateflow.segment.train import SegConfig
 
@@ -22,7 +22,7 @@ def _patch_params(patch_size: int, overlap: int) -> PatchParams:
     try:
         return PatchParams(patch_size=patch_size, overlap=overlap)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc).splitlines()[-1].strip(), param_hint="--overlap") from None
+        raise typer.BadParameter(problem(exc), param_hint="--overlap") from None
 
 
 def _run(flow, *args) -> object:
@@ -89,7 +89,7 @@ def train_seg(
         config = SegConfig(head=head, epochs=epochs, lr=lr, test_fraction=test_fraction, seed=seed)
         root = corpus_root(root)
     except (ValueError, ConfigError) as exc:
-        raise typer.BadParameter(str(exc).splitlines()[-1].strip()) from None
+        raise typer.BadParameter(problem(exc)) from None
     if not masks.is_dir():
         raise typer.BadParameter(f"{masks} is not a folder of mask PNGs", param_hint="--masks")
     state = _run(train_segmentation, str(root), model, str(masks.resolve()), params, config)

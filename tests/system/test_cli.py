@@ -184,7 +184,17 @@ def test_cli_mistakes_are_one_line_with_the_fix_and_no_traceback(tmp_path, monke
     fails(["refresh", "--root", str(corpus), "--models", "dinov2_smal"], 2,
           "configuration error: unknown model 'dinov2_smal'; known models: dinov2_small")
     fails(["report", "--root", str(corpus), "--serve", "--port", "99999"], 2, "65535")
-    assert not (corpus / "plates.parquet").exists()
+    fails(["patches", "--root", str(corpus), "--model", "dinov2_small", "--overlap", "128"], 2,
+          "overlap 128 must be under half the patch size 256")
+    fails(["train-seg", "--root", str(corpus), "--model", "dinov2_small", "--masks", str(tmp_path / "masks")], 2,
+          "is not a folder of mask PNGs")
+    fails(["predict-seg", "--root", str(corpus), "--experiment", "nope"], 2, "no experiment 'nope'",
+          "`plateflow experiments --root")
+    fails(["finetune", "--root", str(corpus), "--model", "clip_vit_b32", "--label", "kind"], 2,
+          "fine-tuning takes a timm ViT")
+    fails(["finetune", "--root", str(corpus), "--model", "dinov2_small", "--label", "kind"], 2,
+          "no plate has a label in the manifests' 'kind'")
+    assert not (corpus / "plates.parquet").exists() and not (corpus / "experiments").exists()
 
 
 def test_missing_weights_online_without_a_network_are_said_once_within_seconds_and_nothing_is_written(
