@@ -1,11 +1,13 @@
 """One runner for every per-plate batch stage (refresh's characterization, candidates and smart
-crop; make-tiles' cutting): a stage is described once (``BatchStage``) and ``run_batches``
+crop; make-tiles' cutting; patch-features): a stage is described once (``BatchStage``) and ``run_batches``
 sends its plates to a task runner in batches, applies each plate's outcome, and handles a
-batch whose outcome was lost or whose worker died, for every stage alike."""
+batch whose outcome was lost or whose worker died, for every stage alike. ``hash_plates`` and
+``plates_state`` are how the per-plate flows outside the refresh begin and end."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from prefect.exceptions import MissingResult
@@ -14,6 +16,9 @@ from prefect.states import Completed, Failed, State
 from prefect.task_runners import TaskRunner
 
 from plateflow.artifacts import plural
+from plateflow.config import default_workers
+from plateflow.corpus import PlateRef, discover_plates
+from plateflow.hashindex import SourceIndex
 from plateflow.status import Status
 from plateflow.outcomes import PlateOutcome, batches
 
@@ -102,3 +107,22 @@ def plates_state(message: str, failed: dict[str, str], logger) -> State:
         return Failed(message=message + ": " + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())))
     return Completed(message=message)
 
+
+def hash_plates(root: Path, logger) -> tuple[list[tuple[PlateRef, str]], dict[str, str]]:
+    """Valid plates with their source's sha256, and the plates that failed (folder -> why)."""
+    index = SourceIndex(root)
+    found = discover_plates(root)
+    failed = {p.folder: f"{type(p.error).__name__}: {p.error}" for p in found if not isinstance(p, PlateRef)}
+    plates = [p for p in found if isinstance(p, PlateRef)]
+
+    hashed = []
+    for plate, value in zip(plates, index.hash_all([p.source_path for p in plates], default_workers())):
+        if isinstance(value, OSError):
+            failed[plate.folder] = f"{type(value).__name__}: {value}"
+        else:
+            hashed.append((plate, value))
+    try:
+        index.save()
+    except OSError as exc:
+        logger.warning("could not write the source index: %s", exc)
+    return hashed, failed

@@ -14,8 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.batches import Batching, BatchStage, plates_state, run_batches
-from flows.tiles import hash_plates
+from flows.batches import Batching, BatchStage, hash_plates, plates_state, run_batches
 from plateflow.artifacts import plural
 from plateflow.atomic import write_bytes_if_changed
 from plateflow.config import corpus_root

@@ -24,14 +24,13 @@ from prefect import flow, get_run_logger
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.batches import Batching, BatchStage, plates_state, run_batches
+from flows.batches import Batching, BatchStage, hash_plates, plates_state, run_batches
 from plateflow.artifacts import plural
 from plateflow.atomic import remove_stale_temps
 from plateflow.buckets import Location, is_url
 from plateflow.config import corpus_root, default_workers
-from plateflow.corpus import PlateRef, corpus_lock, discover_plates
+from plateflow.corpus import corpus_lock
 from plateflow.errors import ConfigError
-from plateflow.hashindex import SourceIndex
 from plateflow.layout import PLATES, SHARD_NAME, SHARD_STATE, STATE, CorpusLayout, shard_name
 from plateflow.outcomes import file_size
 from plateflow.profiles import dispatch_policy
@@ -132,26 +131,6 @@ def claim_destination(dest: Location, root: Path) -> None:
         dest.local.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(dest.local)
     dest.put_bytes_if_changed(OWNER, json.dumps({"corpus": str(root)}).encode())
-
-
-def hash_plates(root: Path, logger) -> tuple[list[tuple[PlateRef, str]], dict[str, str]]:
-    """Valid plates with their source's sha256, and the plates that failed (folder -> why)."""
-    index = SourceIndex(root)
-    found = discover_plates(root)
-    failed = {p.folder: f"{type(p.error).__name__}: {p.error}" for p in found if not isinstance(p, PlateRef)}
-    plates = [p for p in found if isinstance(p, PlateRef)]
-
-    hashed = []
-    for plate, value in zip(plates, index.hash_all([p.source_path for p in plates], default_workers())):
-        if isinstance(value, OSError):
-            failed[plate.folder] = f"{type(value).__name__}: {value}"
-        else:
-            hashed.append((plate, value))
-    try:
-        index.save()
-    except OSError as exc:
-        logger.warning("could not write the source index: %s", exc)
-    return hashed, failed
 
 
 def _cut(todo: list[TileJob], params: TileParams, store: Path, logger) -> dict[str, str]:

@@ -17,6 +17,7 @@ labelled plates (``masks``), scored on held-out plates by the IoU of their stitc
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -70,7 +71,9 @@ class LabelledPlate:
     mask: np.ndarray  # (h, w) class indices, IGNORE where unlabelled
     split: str  # train, validation or test
 
+    @functools.cached_property
     def targets(self) -> np.ndarray:
+        """The class under each token of each window, (windows, grid, grid): computed once."""
         size = (self.record["width"], self.record["height"])
         return np.stack([token_targets(self.mask, w, size, self.record["grid"]) for w in self.record["windows"]])
 
@@ -166,9 +169,8 @@ def fit(plates: list[LabelledPlate], classes: int, config: SegConfig, device: st
     torch.manual_seed(config.seed)
     train = [p for p in plates if p.split == "train"]
     val = [p for p in plates if p.split == "validation"]
-    targets = {p.folder: p.targets() for p in train + val}
     order = [(i, w) for i, p in enumerate(train) for w in range(len(p.tokens))]
-    counts = np.bincount(np.concatenate([targets[p.folder].ravel() for p in train]), minlength=256)[:classes]
+    counts = np.bincount(np.concatenate([p.targets.ravel() for p in train]), minlength=256)[:classes]
     weights = torch.tensor(np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / classes, 0.0), dtype=torch.float32)
     mean, std = _token_stats(train)
     dim = train[0].tokens.shape[-1]
@@ -184,7 +186,7 @@ def fit(plates: list[LabelledPlate], classes: int, config: SegConfig, device: st
         for b in range(0, len(order), config.batch_size):
             chunk = [order[k] for k in perm[b:b + config.batch_size]]
             x = torch.from_numpy(np.stack([np.asarray(train[i].tokens[w]) for i, w in chunk])).to(device)
-            y = torch.from_numpy(np.stack([targets[train[i].folder][w] for i, w in chunk]).astype(np.int64)).to(device)
+            y = torch.from_numpy(np.stack([train[i].targets[w] for i, w in chunk]).astype(np.int64)).to(device)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(head(x), y)
             loss.backward()
@@ -196,7 +198,7 @@ def fit(plates: list[LabelledPlate], classes: int, config: SegConfig, device: st
             matrix = np.zeros((classes, classes), np.int64)
             for p in val:
                 pred = window_probabilities(head, p.tokens, list(range(len(p.tokens))), device).argmax(1)
-                matrix += confusion(targets[p.folder].ravel(), pred.astype(np.int64).ravel(), classes)
+                matrix += confusion(p.targets.ravel(), pred.astype(np.int64).ravel(), classes)
             score = (iou_scores(matrix)["miou"], -train_loss)
         else:
             score = (-train_loss,)
@@ -252,7 +254,7 @@ def train_segmentation(root: Path, model: str, patches_version: str, plates: lis
                                                     f"({len(test)}), pixels"))
     write_json(folder / "history.json", history)
     balance = {s: {c: int(n) for c, n in zip(classes, np.bincount(
-        np.concatenate([p.targets().ravel() for p in plates if p.split == s] or [np.zeros(0, np.uint8)]),
+        np.concatenate([p.targets.ravel() for p in plates if p.split == s] or [np.zeros(0, np.uint8)]),
         minlength=256)[:len(classes)])} for s in ("train", "validation", "test")}
     row = {"id": experiment_id, "created": created.isoformat(timespec="seconds"), "model": model,
            "feature_kind": "patches", "label": masks_name, "head": f"seg-{config.head}",
