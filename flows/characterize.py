@@ -53,7 +53,9 @@ def hash_sources(run: Refresh, records: list[PlateRecord]) -> None:
         else:
             rec.sha256 = value
     if not run.partial:
-        index.forget_missing({index.key(r.plate.source_path) for r in records})
+        settled = run.snapshot.entries if run.snapshot is not None else {}
+        index.forget_missing({index.key(r.plate.source_path) for r in records}
+                             | {settled[f].source for f in run.settled})
     try:
         index.save()
     except OSError as exc:  # a full disk: the next refresh hashes these sources again, nothing is lost

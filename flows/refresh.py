@@ -31,21 +31,24 @@ from plateflow.artifacts import Progress, RunCounts, plural, publish
 from plateflow.atomic import dumps_json, remove_stale_temps, write_bytes_if_changed
 from plateflow.config import RefreshConfig, corpus_root
 from plateflow.errors import ConfigError
-from plateflow.corpus import PlateProblem, PlateRef, corpus_lock, discover_plates
+from plateflow.corpus import PlateProblem, PlateRef, corpus_lock, discover_plates, plate_folder_names
 from plateflow.hardware import gpu_class as detect_gpu_class
 from plateflow.layout import SOURCE, CorpusLayout, natural_key
 from plateflow.profiles import load_profiles, quality_profile
 from plateflow.runlog import quiet_returned_failures
-from plateflow.tables import (failure_signature, failure_signatures, read_corpus_table, read_parquet,
-                              write_corpus_table)
-from plateflow.status import Status
+from plateflow.tables import (corpus_flags_table, failure_signature, failure_signatures, read_corpus_table,
+                              read_parquet, write_corpus_table)
+from plateflow.flags import PLATE_FLAGS
+from plateflow.hashindex import SourceIndex
+from plateflow.snapshot import Snapshot, outputs, snapshot_key
+from plateflow.characterize.step import step_key
+from plateflow.status import Status, Step
 from flows.characterize import characterize_stage
 from flows.gpu import gpu_stage
 from flows.run import CANDIDATES, CHARACTERISE, HASH, SMART_CROP, PlateRecord, PlateRunner, Refresh, embed_stage
 from flows.routing import GpuRoute, choose_route
 from plateflow.predictions import apply_predictors
 from plateflow.embed.models import require_weights
-from plateflow.characterize.quality import corpus_flags
 from plateflow.report import build_report
 
 
@@ -144,6 +147,10 @@ def start(root: Path, config: RefreshConfig, partial: bool, logger, waited: floa
         logger.warning("could not write the effective configuration: %s", exc)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     run = Refresh(root, corpus, config, partial, logger, Progress(root), run_id)
+    if not (config.models or config.verify):  # a refresh with models reads every plate's vectors (the tables)
+        params = run.params
+        run.snapshot = Snapshot(root, snapshot_key(step_key(params).version, params.viz, params.working_copy),
+                                outputs(params.viz, params.working_copy))
     if waited >= 1:
         run.timings["waiting for the corpus"] = waited
     return run
@@ -157,16 +164,28 @@ def _touch(marker: Path, logger) -> None:
 
 
 def find_plates(run: Refresh, wanted: list[str] | None) -> tuple[list[PlateRecord], list[PlateProblem]]:
-    """The corpus's plate folders (those named in ``wanted`` only, when given): the valid plates
-    as records, in folder order, and those whose manifest has a problem."""
-    found = discover_plates(run.root)
-    if wanted is not None:
-        names = set(wanted)
-        found = [p for p in found if p.folder in names]
+    """The corpus's plate folders (those named in ``wanted`` only, when given): those the
+    snapshot finds unchanged are settled (``run.settled``, no file read); of the others, the
+    valid plates as records, in folder order, and those whose manifest has a problem."""
+    with run.timed("finding plates"):
+        folders = plate_folder_names(run.root)
+        if wanted is not None:
+            names = set(wanted)
+            folders = [f for f in folders if f in names]
+        snapshot = run.snapshot
+        run.settled = snapshot.settle(folders) if snapshot is not None else set()
+        found = discover_plates(run.root, [f for f in folders if f not in run.settled])
+        if run.settled:  # a new folder with a settled plate's id: both are duplicates, read again
+            ids = {snapshot.entries[f].plate_id: f for f in run.settled}
+            clash = {ids[p.plate_id] for p in found if p.plate_id in ids}
+            if clash:
+                run.settled -= clash
+                found = discover_plates(run.root, [f for f in folders if f not in run.settled])
     records = [PlateRecord(p) for p in found if isinstance(p, PlateRef)]
     problems = [p for p in found if isinstance(p, PlateProblem)]
-    run.logger.info("%s: %d to process, %d with manifest problems",
-                    plural(len(found), "plate folder"), len(records), len(problems))
+    run.logger.info("%s: %s, %d to process, %d with manifest problems", plural(len(folders), "plate folder"),
+                    f"{len(run.settled)} unchanged since the last refresh (by their files' stat)" if snapshot else
+                    "every plate read", len(records), len(problems))
     stages = [HASH, CHARACTERISE] + ([CANDIDATES, *map(embed_stage, run.config.models), SMART_CROP]
                                      if run.config.models else [])
     for stage in stages:  # all known from the start, so the overall progress never goes back
@@ -175,29 +194,40 @@ def find_plates(run: Refresh, wanted: list[str] | None) -> tuple[list[PlateRecor
 
 
 def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem]) -> State:
-    """Write plates.parquet and the report, publish the artifacts; the run's final state:
-    Completed unless a plate newly failed. A plate that failed the same way with the same inputs
-    before this run is a known failure, named in the message; it does not fail the run, so a
-    scan a curator already knows is bad does not turn every nightly run red."""
+    """Merge this run's rows into plates.parquet (written only if a row changed), update the
+    report and the snapshot, publish the artifacts; the run's final state: Completed unless a
+    plate newly failed. A plate that failed the same way with the same inputs before this run
+    is a known failure, named in the message; it does not fail the run, so a scan a curator
+    already knows is bad does not turn every nightly run red. A settled plate's failure is
+    known by definition (nothing of it changed)."""
     rows = sorted([rec.row for rec in records] + [_problem_row(p) for p in problems],
                   key=lambda r: natural_key(r["plate_dir"]))
+    before = failure_signatures(run.root) if run.settled or any(r["status"] == Status.FAILED for r in rows) else {}
+    settled_failed = [{"plate_dir": f, "status": Status.FAILED, "failed_step": step, "error": error, "sha256": sha,
+                       "characterize_status": Status.FAILED}
+                      for f, (step, error, sha) in before.items() if f in run.settled]
     failed = [r for r in rows if r["status"] == Status.FAILED]
-    before = failure_signatures(run.root) if failed else {}
     known = {r["plate_dir"] for r in failed if before.get(r["plate_dir"]) == failure_signature(r)}
-    counts = RunCounts.of(rows, known, run.config.models)
+    known |= {r["plate_dir"] for r in settled_failed}
+    settled_ok = [{"plate_dir": f, "status": Status.OK, "characterize_status": Status.CACHED}
+                  for f in run.settled.difference(before)]
+    counts = RunCounts.of(rows + settled_failed + settled_ok, known, run.config.models)
+    failed += settled_failed
     t = time.perf_counter()
     profile = quality_profile()
-    if not run.partial:  # the whole corpus: its flags here (the summary shows them); else on the merged table
-        corpus_flags(rows, profile)
     try:
-        table_path = write_corpus_table(run.root, rows, partial=run.partial,
-                                        flow_runs=(str(flow_run.id), str(flow_run.root_flow_run_id)),
-                                        finalize=(lambda every: corpus_flags(every, profile)) if run.partial else None)
+        written = write_corpus_table(run.root, rows, partial=run.partial, keep=run.settled,
+                                     flow_runs=(str(flow_run.id), str(flow_run.root_flow_run_id)),
+                                     finalize=lambda table: corpus_flags_table(table, profile),
+                                     plate_flags=frozenset(PLATE_FLAGS))
     except OSError as exc:  # a full disk: say so, and what this run found, never the old table's counts
         message = (f"could not write the corpus table: {exc}; it still holds an earlier run's rows. "
                    f"This run: {counts.headline()}" + (f": {_failures(failed)}" if failed else ""))
         run.logger.error(message)
         return Failed(message=message)
+    table_path = run.corpus.table
+    if run.snapshot is not None:
+        _record_snapshot(run, records, problems)
     if run.config.models and run.corpus.predictors.is_file():
         try:  # new and changed plates predicted by the registered heads, from their cached features
             apply_predictors(run.root, run.logger)
@@ -206,26 +236,43 @@ def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem
         except Exception:  # noqa: BLE001 - the plates' outputs stand; a bug there must not fail the refresh
             run.logger.exception("could not predict with the registered heads")
     try:
-        report = build_report(run.root)
+        report = build_report(run.root)  # rebuilt only if what it shows changed
     except Exception:  # noqa: BLE001 - the plates' outputs stand; a report bug must not fail the refresh
         run.logger.exception("could not write the corpus report")
         report = None
     run.timings["tables and report"] = time.perf_counter() - t
     run.progress.publish()
-    publish(run.root, rows, counts, known, run.timings, report, run.config.models,
-            corpus=read_corpus_table(run.root).to_pylist() if run.partial else None)
+    whole = len(rows) != counts.plates or run.partial
+    publish(run.root, rows + settled_failed, counts, known, run.timings, report, run.config.models,
+            corpus=read_corpus_table(run.root) if whole else None)
     for r in failed:  # one line per failed plate, and no more
         is_known = r["plate_dir"] in known
         (run.logger.info if is_known else run.logger.warning)(
             "%s failed at %s (%s): %s", r["plate_dir"], r.get("failed_step"), "known" if is_known else "new", r["error"])
     summary = (f"{counts.headline()}; {'; '.join(counts.steps())}; in {time.perf_counter() - run.started:.1f} s; "
-               f"table: {table_path}; report: {report}")
+               f"table: {table_path}{'' if written else ' (unchanged)'}; report: {report}")
     run.logger.info(summary)
     new = [r for r in failed if r["plate_dir"] not in known]
     old = [r for r in failed if r["plate_dir"] in known]
     message = summary + (f". New failures: {_failures(new)}" if new else "") + (
         f". Known failures (failed the same way before): {_failures(old)}" if old else "")
     return Failed(message=message) if new else Completed(message=message)
+
+
+def _record_snapshot(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem]) -> None:
+    """The snapshot after the table: each read plate as it is now (a plate whose outcome may
+    change by itself, a source that could not be read, is recorded to be read again)."""
+    snapshot, index = run.snapshot, SourceIndex(run.root)
+    for rec in records:
+        settleable = rec.ok or rec.row.get("failed_step") == Step.CHARACTERIZE
+        snapshot.record(rec.plate.folder, rec.plate.plate_id, index.key(rec.plate.source_path), settleable)
+    if not run.partial:
+        snapshot.forget(set(snapshot.entries) - run.settled - {r.plate.folder for r in records})
+    snapshot.forget({p.folder for p in problems})
+    try:
+        snapshot.save()
+    except OSError as exc:  # a full disk: the next refresh reads every plate, nothing is lost
+        run.logger.warning("could not write the corpus snapshot: %s", exc)
 
 
 def _problem_row(problem: PlateProblem) -> dict:

@@ -15,6 +15,7 @@ from plateflow.artifacts import Progress
 from plateflow.config import CharacterizeParams, RefreshConfig
 from plateflow.corpus import PlateRef, original_path
 from plateflow.layout import CorpusLayout
+from plateflow.snapshot import Snapshot
 from plateflow.tables import CHARACTERIZATION_COLUMNS
 from plateflow.status import Status
 from flows.batches import Batching
@@ -88,6 +89,8 @@ class Refresh:
     run_id: str
     started: float = field(default_factory=time.perf_counter)
     timings: dict[str, float] = field(default_factory=dict)
+    snapshot: Snapshot | None = None  # None: every plate is read (--verify, models)
+    settled: set[str] = field(default_factory=set)  # folders the snapshot found unchanged
 
     @property
     def params(self) -> CharacterizeParams:

@@ -9,10 +9,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from plateflow.layout import PLATES, PREVIEW, REPORTS, VIZ, CorpusLayout
 from plateflow.status import Status
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 
@@ -221,19 +224,39 @@ def table_rows(rows: list[dict], failed_max: int = TABLE_FAILED, sample: int = T
 
 
 def publish(root: Path, rows: list[dict], counts: RunCounts, known: set[str], timings: dict[str, float],
-            report: Path | None, models: list[str], corpus: list[dict] | None = None) -> None:
-    """The table (of the whole corpus: ``corpus``, when the run covered only ``rows``) and the
-    run's summary."""
+            report: Path | None, models: list[str], corpus: pa.Table | None = None) -> None:
+    """The table artifact (of the whole corpus: the ``corpus`` table, when the run did not make
+    every row: a retry, or a refresh that found plates unchanged) and the run's summary."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    every = rows if corpus is None else corpus
-    shown = table_rows(every)
-    failed = sum(r["status"] == Status.FAILED for r in every)
+    if corpus is None:
+        shown, total = table_rows(rows), len(rows)
+        failed = sum(r["status"] == Status.FAILED for r in rows)
+    else:
+        shown, total, failed = sampled_rows(corpus), corpus.num_rows, _failed_count(corpus)
     create_table_artifact(plate_table(shown), key=artifact_key(root, "plates"),
-                          description=(f"Plates of {root}: {len(every)} in all, {failed} failed; shown: "
+                          description=(f"Plates of {root}: {total} in all, {failed} failed; shown: "
                                        f"{sum(r['status'] == 'failed' for r in shown)} failed and a sample of "
                                        f"{sum(r['status'] != 'failed' for r in shown)} others. Every plate: "
                                        f"{CorpusLayout(Path(root)).table}"))
     create_markdown_artifact(summary_markdown(root, rows, counts, known, timings, report, models,
-                                              None if corpus is None else len(corpus)),
+                                              None if corpus is None else total),
                              key=artifact_key(root, "summary"), description=f"Refresh of {root}")
+
+
+def _failed_count(table: pa.Table) -> int:
+    import pyarrow.compute as pc
+
+    return int(pc.sum(pc.equal(table.column("status"), Status.FAILED.value)).as_py() or 0)
+
+
+def sampled_rows(table: pa.Table, failed_max: int = TABLE_FAILED, sample: int = TABLE_SAMPLE) -> list[dict]:
+    """``table_rows`` of a corpus table, taken in Arrow: only the rows shown become Python values."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    failed = pc.fill_null(pc.equal(table.column("status"), Status.FAILED.value), False)
+    failed_idx = pc.indices_nonzero(failed).to_pylist()
+    other_idx = pc.indices_nonzero(pc.invert(failed)).to_pylist()
+    step = max(1, -(-len(other_idx) // sample)) if sample else len(other_idx) + 1
+    return table.take(pa.array(failed_idx[:failed_max] + other_idx[::step][:sample], pa.int64())).to_pylist()

@@ -210,18 +210,28 @@ def resolve_inside(plate_dir: Path, relative: str, base: Path | None = None) -> 
     return candidate
 
 
+def plate_folder_names(root: Path) -> list[str]:
+    """The names of the plate folders under ROOT/plates_structured, in natural order (plate-101
+    before plate-1000): one listing, no stat per folder."""
+    with os.scandir(CorpusLayout(Path(root)).plates) as it:
+        names = [e.name for e in it if not e.name.startswith(".") and e.is_dir()]
+    return sorted(names, key=natural_key)
+
+
 def plate_folders(root: Path) -> list[Path]:
-    """The plate folders under ROOT/plates_structured, in natural order (plate-101 before plate-1000)."""
+    """The plate folders under ROOT/plates_structured, in natural order."""
     top = CorpusLayout(Path(root)).plates
-    return sorted((p for p in top.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                  key=lambda p: natural_key(p.name))
+    return [top / name for name in plate_folder_names(root)]
 
 
-def discover_plates(root: Path) -> list[PlateRef | PlateProblem]:
-    """Every plate folder under ROOT, in folder order, each either valid or with its problem."""
+def discover_plates(root: Path, folders: list[str] | None = None) -> list[PlateRef | PlateProblem]:
+    """Every plate folder under ROOT (those named in ``folders``, when given), in folder order,
+    each either valid or with its problem."""
     found: list[PlateRef | PlateProblem] = []
     top = CorpusLayout(Path(root)).plates.resolve()
-    for plate_dir in plate_folders(root):
+    names = plate_folder_names(root) if folders is None else folders
+    plates = CorpusLayout(Path(root)).plates
+    for plate_dir in (plates / name for name in names):
         try:
             found.append(read_manifest(plate_dir, top))
         except PlateError as exc:

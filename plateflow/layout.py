@@ -186,6 +186,10 @@ class CorpusLayout:
         return self.state / "source-index.parquet"
 
     @property
+    def snapshot(self) -> Path:
+        return self.state / "snapshot.parquet"
+
+    @property
     def tile_store(self) -> Path:
         """Each plate's stored tile archive (the tar members of its shard), by tile key."""
         return self.state / "tiles"

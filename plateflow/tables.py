@@ -83,19 +83,39 @@ CHARACTERIZATION_COLUMNS = (
 RUN_KEYS = (b"plateflow.flow_run_id", b"plateflow.root_flow_run_id")  # schema metadata: who wrote it
 
 
-def write_corpus_table(root: Path, rows: list[dict[str, Any]], partial: bool = False,
-                       flow_runs: tuple[str, ...] = (), finalize: Callable[[list[dict]], None] | None = None) -> Path:
-    """Write ROOT/plates.parquet atomically with the typed schema, rows in natural folder order.
+# Columns that say how a row was made, not what it holds: a refreshed plate whose other columns
+# come out as they were keeps its row (and its updated_at), so an unchanged corpus writes nothing.
+_HOW_MADE = ("characterize_status", "embed_status", "crop_status", "updated_at")
+# Columns decided over the whole corpus (corpus_flags): compared after it has run.
+_CORPUS_WIDE = ("quality_flags", "duplicate_of")
 
-    ``partial``: ``rows`` cover only some plates (a retry); the others keep their rows as they
-    are. Columns plateflow does not know (added by a notebook, say) are kept, each value with
-    its plate folder. ``flow_runs`` (the writing flow run's id and its root run's) are recorded
-    in the table's metadata, so a reader can tell whether a run wrote it. ``finalize(rows)``
-    sees every row of the new table, in order, before it is written (corpus-wide columns). An old table that cannot be read is kept beside it as
-    ``plates.parquet.unreadable`` (a full refresh replaces it; a partial one refuses).
+
+def write_corpus_table(root: Path, rows: list[dict[str, Any]], partial: bool = False,
+                       flow_runs: tuple[str, ...] = (), finalize: Callable[[pa.Table], pa.Table] | None = None,
+                       keep: set[str] | frozenset[str] = frozenset(), plate_flags: frozenset[str] = frozenset()) -> bool:
+    """Merge ``rows`` into ROOT/plates.parquet and write it atomically if anything changed
+    (True then), with the typed schema, rows in natural folder order.
+
+    A row replaces its plate's old row only where it holds something new: a row whose columns,
+    other than how it was made (the stage statuses) and when, are those of the old row leaves
+    the old row in place, so ``updated_at`` is when the plate's row last changed. ``keep``: the
+    folders whose old rows stand without a new row (plates a refresh found unchanged);
+    ``partial``: every folder without a new row keeps its old row (a retry). Any other old row
+    is dropped (its folder is gone). Columns plateflow does not know (added by a notebook,
+    say) are kept, each value with its plate folder. ``finalize(table)`` returns the merged
+    table with its corpus-wide columns (``quality_flags`` of which only ``plate_flags``
+    compare between rows, and ``duplicate_of``) set. ``flow_runs`` (the writing flow run's id
+    and its root run's) are recorded in the table's metadata. An old table that cannot be read
+    is kept beside it as ``plates.parquet.unreadable`` (a full refresh replaces it; a partial
+    one refuses).
+
+    The work is columnar: the unchanged plates' rows are never Python objects, so the cost of a
+    refresh that changed k plates is k rows, one merge and one write of the file.
     """
     now = datetime.now(timezone.utc).replace(microsecond=0)
-    full = [{**{f.name: None for f in PLATES_SCHEMA}, "updated_at": now, **row} for row in rows]
+    fresh = pa.Table.from_pylist([{**{f.name: None for f in PLATES_SCHEMA}, "updated_at": now,
+                                   **{k: v for k, v in row.items() if k in PLATES_SCHEMA.names}} for row in rows],
+                                 schema=PLATES_SCHEMA)
     path = CorpusLayout(Path(root)).table
     try:
         old = read_corpus_table(root)
@@ -104,21 +124,95 @@ def write_corpus_table(root: Path, rows: list[dict[str, Any]], partial: bool = F
             raise
         path.rename(path.with_name(path.name + ".unreadable"))
         old = None
-    if partial and old is not None:
-        mine = {r["plate_dir"] for r in full}
-        kept = [{**{f.name: None for f in PLATES_SCHEMA}, **{k: v for k, v in r.items() if k in PLATES_SCHEMA.names}}
-                for r in old.to_pylist() if r.get("plate_dir") not in mine]
-        full = full + kept
-    full.sort(key=lambda r: natural_key(r["plate_dir"]))
+    old_folders = old.column("plate_dir").to_pylist() if old is not None and "plate_dir" in old.column_names else []
+    at = {f: i for i, f in enumerate(old_folders)}
+    base = _conform(old) if old_folders else None
+    new = fresh.column("plate_dir").to_pylist()
+    if base is not None and new:  # a row that holds nothing new (as stored: float32s are float32s) keeps the old one
+        mine = [i for i, f in enumerate(new) if f in at]
+        same = set()
+        for i, row, before in zip(mine, fresh.take(_ix(mine)).to_pylist(), base.take(_ix([at[new[i]] for i in mine])).to_pylist()):
+            if _same(row, before, plate_flags):
+                same.add(i)
+        if same:
+            fresh = fresh.filter(pa.array([i not in same for i in range(len(new))]))
+            new = fresh.column("plate_dir").to_pylist()
+    refreshed, replaced = {r["plate_dir"] for r in rows}, set(new)
+    kept = [i for i, f in enumerate(old_folders) if f not in replaced and (partial or f in keep or f in refreshed)]
+    removed = len(old_folders) - len(kept) - len(replaced & at.keys())
+    table = pa.concat_tables(([base.take(_ix(kept))] if base is not None else []) + [fresh])
+    folders = table.column("plate_dir").to_pylist()
+    if all(f in at for f in new):  # the old order holds every plate: no sort
+        where = {f: i for i, f in enumerate(folders)}
+        table = table.take(_ix([where[f] for f in old_folders if f in where]))
+    else:
+        table = table.take(_ix(sorted(range(len(folders)), key=lambda i: natural_key(folders[i]))))
     if finalize is not None:
-        finalize(full)
-    table = pa.Table.from_pylist([{k: r[k] for k in PLATES_SCHEMA.names} for r in full], schema=PLATES_SCHEMA)
+        table = finalize(table)
+    if old is not None and not new and not removed and base is not None and _typed(old) and all(
+            table.column(c).equals(base.column(c)) for c in _CORPUS_WIDE):
+        return False  # nothing changed: the file stays as it is, byte for byte
     table = _carry_foreign_columns(old, table)
     if flow_runs:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                                **{k: v.encode() for k, v in zip(RUN_KEYS, flow_runs) if v}})
     write_parquet(path, table)
-    return path
+    return True
+
+
+_FLAG_INPUTS = ("plate_id", "status", "width", "height", "quality_flags", "pixel_hash", "phash")
+
+
+def corpus_flags_table(table: pa.Table, profile) -> pa.Table:
+    """``corpus_flags`` (plateflow/characterize/quality.py) over a corpus table: its
+    ``quality_flags`` and ``duplicate_of`` columns set from the columns they depend on (only
+    those become Python values). ``profile``: the quality profile."""
+    from plateflow.characterize.quality import corpus_flags
+
+    cols = [table.column(c).to_pylist() for c in _FLAG_INPUTS]
+    rows = [dict(zip(_FLAG_INPUTS, values)) for values in zip(*cols)]
+    corpus_flags(rows, profile)
+    for name in _CORPUS_WIDE:
+        i = table.schema.get_field_index(name)
+        field = table.schema.field(i)
+        table = table.set_column(i, field, pa.array([r[name] for r in rows], field.type))
+    return table
+
+
+def _ix(indices: list[int]) -> pa.Array:
+    return pa.array(indices, pa.int64())
+
+
+def _typed(old: pa.Table) -> bool:
+    """The table has plateflow's columns with their types (else it is written again, upgraded)."""
+    def same(a: pa.DataType, b: pa.DataType) -> bool:  # Parquet keeps seconds as milliseconds
+        return a == b or (pa.types.is_timestamp(a) and pa.types.is_timestamp(b) and a.tz == b.tz)
+
+    return all(f.name in old.column_names and same(old.schema.field(f.name).type, f.type) for f in PLATES_SCHEMA)
+
+
+def _conform(old: pa.Table) -> pa.Table:
+    """The old table with exactly plateflow's columns and types (a table an earlier version or
+    a notebook wrote may lack some: they are null)."""
+    columns = []
+    for f in PLATES_SCHEMA:
+        if f.name in old.column_names:
+            columns.append(old.column(f.name).cast(f.type))
+        else:
+            columns.append(pa.nulls(old.num_rows, f.type))
+    return pa.Table.from_arrays(columns, schema=PLATES_SCHEMA)
+
+
+def _same(row: dict, before: dict, plate_flags: frozenset[str]) -> bool:
+    for k in PLATES_SCHEMA.names:
+        if k in _HOW_MADE or k == "duplicate_of":
+            continue
+        a, b = row[k], before[k]
+        if k == "quality_flags":
+            a, b = [f for f in a or () if f in plate_flags], [f for f in b or () if f in plate_flags]
+        if a != b:
+            return False
+    return True
 
 
 def _carry_foreign_columns(old: pa.Table | None, table: pa.Table) -> pa.Table:

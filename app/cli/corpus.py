@@ -189,9 +189,11 @@ def _read_tables(root: Path, models: list[str]) -> None:
         read_parquet(CorpusLayout(root).embeddings_table(m), f"embeddings table of {m}")
 
 def _table_of_run(root: Path, state) -> bool:
-    """True if plates.parquet was written by the flow run of ``state``, or by a subflow of it
-    (retry-failed-plates runs a refresh)."""
+    """True if plates.parquet is this run's: written by the flow run of ``state``, or by a
+    subflow of it (retry-failed-plates runs a refresh), or found current by it (its summary
+    names the table: a refresh that changed nothing leaves the file as it was)."""
     from plateflow.errors import CorpusTableError
+    from plateflow.layout import CorpusLayout
     from plateflow.tables import read_corpus_table, table_flow_runs
 
     try:
@@ -199,7 +201,8 @@ def _table_of_run(root: Path, state) -> bool:
     except CorpusTableError:
         return False
     run_id = state.state_details.flow_run_id
-    return table is not None and run_id is not None and str(run_id) in table_flow_runs(table)
+    current = f"table: {CorpusLayout(root).table} (unchanged)" in (state.message or "")
+    return table is not None and (current or (run_id is not None and str(run_id) in table_flow_runs(table)))
 
 @app.command()
 def status(root: RootOpt) -> None:

@@ -79,16 +79,16 @@ def test_a_gpu_class_decodes_on_the_device_in_the_flow_and_gets_the_thread_reade
 def test_rerun_skips_done_plates_and_a_changed_plate_is_redone(corpus, tiny_env):
     run(corpus)
     runs_before = sorted(p.name for p in (corpus / "plates_structured" / "plate-001" / "runs").iterdir())
+    _, first = run(corpus)
     state, table = run(corpus)
-    assert state.is_completed()
-    assert {r["embed_status"] for r in table.values()} == {"cached"}
-    assert {r["crop_status"] for r in table.values()} == {"cached"}
+    assert state.is_completed() and "embeddings: 0 computed, 3 cached" in state.message
+    assert table == first  # every row as it was: crops and vectors too
     assert sorted(p.name for p in (corpus / "plates_structured" / "plate-001" / "runs").iterdir()) == runs_before
 
     paper_plate(seed=42, photo_colour=(250, 0, 0)).save(corpus / "plates_structured" / "plate-003" / "source" / "scan.jpg")
-    _, table = run(corpus)
-    assert {k: r["embed_status"] for k, r in table.items()} == {
-        "plate-001": "cached", "plate-002": "cached", "plate-003": "computed"}
+    state, table = run(corpus)
+    assert "embeddings: 1 computed, 2 cached" in state.message
+    assert {k for k in table if table[k] != first[k]} == {"plate-003"}
 
 
 def test_a_plate_that_fails_to_decode_fails_alone_in_the_full_pipeline(corpus, tiny_env):

@@ -88,8 +88,8 @@ def test_current_plates_create_no_task_run_and_changed_ones_go_in_batches(tmp_pa
 
     unchanged = refresh_corpus(str(tmp_path), RefreshConfig(batch_plates=3, workers=1), return_state=True)
     assert task_runs(unchanged.state_details.flow_run_id) == []  # the bad plate too: its failure is its result
+    assert "characterization: 0 computed, 7 cached, 1 failed" in unchanged.message
     table = {r["plate_dir"]: r for r in pq.read_table(tmp_path / "plates.parquet").to_pylist()}
-    assert {table[f"plate-00{i}"]["characterize_status"] for i in range(1, 8)} == {"cached"}
     assert table["plate-008"]["status"] == "failed" and "empty file" in table["plate-008"]["error"]
     assert table["plate-003"]["width"] == 320  # its row from its input_image.json
 
@@ -98,10 +98,11 @@ def test_current_plates_create_no_task_run_and_changed_ones_go_in_batches(tmp_pa
     changed = refresh_corpus(str(tmp_path), RefreshConfig(batch_plates=3, workers=1), return_state=True)
     [batch] = task_runs(changed.state_details.flow_run_id)
     assert batch.name.startswith("characterize-")
-    table = {r["plate_dir"]: r["characterize_status"] for r in pq.read_table(tmp_path / "plates.parquet").to_pylist()}
-    assert table["plate-005"] == "computed" and table["plate-002"] == "cached"  # from the stored result
+    # plate-005 decoded again; plate-002's histograms from its stored result; the others unread
+    assert "characterization: 1 computed, 6 cached, 1 failed" in changed.message
     assert (tmp_path / "plates_structured" / "plate-002" / "input_color_histograms.json").is_file()
-    assert {table[f"plate-00{i}"] for i in (1, 3, 4, 6, 7)} == {"cached"}
+    after = {r["plate_dir"]: r for r in pq.read_table(tmp_path / "plates.parquet").to_pylist()}
+    assert {d for d in after if after[d] != table[d]} == {"plate-005"}  # only its row changed
 
 
 def test_the_table_artifact_holds_the_failures_and_a_bounded_sample():

@@ -1,0 +1,157 @@
+"""The corpus snapshot (ROOT/.plateflow/snapshot.parquet): plateflow's index of its corpus, as
+git's index is of a work tree.
+
+For each plate folder it holds the stat signatures (size, mtime, inode, ctime) of the folder, its
+manifest, its source and its outputs as they were when the plate's row in plates.parquet was
+last made, with the plate's id and source. A refresh whose settings match the snapshot's
+(``snapshot_key``) settles a plate whose signatures are unchanged with a stat per file and no
+read: its row in plates.parquet stands as it is. Anything else (a new or changed file, a removed
+output, other settings, a plates.parquet the snapshot did not see written) sends the plate, or
+every plate, through the refresh's reading path, which writes the snapshot again.
+
+As in git, an entry taken within ``RACY_NS`` of a file's last change is not trusted: a write in
+the same clock tick would leave the stat unchanged. Only plates whose outcome does not depend on
+chance are settled: ok plates and plates whose manifest or image is bad; a source that could not
+be read is tried again by every refresh.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from plateflow.atomic import write_parquet
+from plateflow.caching import code_version, fingerprint
+from plateflow.layout import HISTOGRAMS, INPUT_IMAGE, MANIFEST, PLATES, VIZ, WORKING_COPY, CorpusLayout
+
+RACY_NS = 2_000_000_000
+_MISSING = (-1, -1, -1, -1)
+_INO = (1 << 63) - 1
+SCHEMA = pa.schema([
+    ("folder", pa.string()),
+    ("plate_id", pa.string()),
+    ("source", pa.string()),  # relative to ROOT; null for a plate whose manifest is bad
+    ("signature", pa.binary()),
+    ("trusted", pa.bool_()),
+])
+CODE = code_version("plateflow.snapshot")
+
+
+def snapshot_key(characterize_version: str, viz: bool, working_copy: bool) -> str:
+    """What a snapshot's rows were made with: the characterization's key version (parameters,
+    profile, code) and which outputs a plate has. A snapshot made with another key is ignored."""
+    return fingerprint(characterize_version, str(viz), str(working_copy), CODE)
+
+
+def outputs(viz: bool, working_copy: bool) -> tuple[str, ...]:
+    """The plate folder's entries whose stat is in its signature besides manifest and source."""
+    return (INPUT_IMAGE, HISTOGRAMS) + ((VIZ,) if viz else ()) + ((WORKING_COPY,) if working_copy else ())
+
+
+def signature(folder: str, source: str | None, root: str, names: tuple[str, ...]) -> tuple[bytes, int]:
+    """The packed stat signatures of ``folder`` (a path), its manifest, its ``source`` (relative
+    to ``root``) and ``names`` in it, and the latest ctime among them (a missing file has
+    signature -1s)."""
+    sig = array("q")
+    latest = 0
+    paths = [folder, f"{folder}/{MANIFEST}"] + ([f"{root}/{source}"] if source else []) + [f"{folder}/{n}" for n in names]
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):
+            sig.extend(_MISSING)
+            continue
+        sig.extend((st.st_size, st.st_mtime_ns, st.st_ino & _INO, st.st_ctime_ns))
+        latest = max(latest, st.st_ctime_ns, st.st_mtime_ns)
+    return sig.tobytes(), latest
+
+
+@dataclass(frozen=True)
+class Entry:
+    plate_id: str
+    source: str | None
+    signature: bytes
+    trusted: bool
+
+
+class Snapshot:
+    """The snapshot of one corpus for one refresh's settings (``key``). ``settle`` says which
+    folders are unchanged; ``record`` and ``forget`` update it; ``save`` writes it when changed,
+    naming the plates.parquet it goes with."""
+
+    def __init__(self, root: Path, key: str, names: tuple[str, ...]):
+        self.root = os.fspath(root)
+        self.corpus = CorpusLayout(Path(root))
+        self.key, self.names = key, names
+        self.entries: dict[str, Entry] = {}
+        self.changed = False
+        self._token = self._table_token()  # the plates.parquet the loaded entries go with
+        self._load()
+
+    def _table_token(self) -> str | None:
+        try:
+            st = os.stat(self.corpus.table)
+        except OSError:
+            return None
+        return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+    def _load(self) -> None:
+        try:
+            table = pq.read_table(self.corpus.snapshot)
+        except FileNotFoundError:
+            return
+        except (OSError, pa.ArrowException):
+            self.changed = True  # a damaged snapshot is no snapshot: every plate is read, and it is rewritten
+            return
+        meta = table.schema.metadata or {}
+        if (meta.get(b"key", b"").decode() != self.key or self._token is None
+                or meta.get(b"table", b"").decode() != self._token or not table.schema.equals(SCHEMA, check_metadata=False)):
+            self.changed = True
+            return
+        cols = [table.column(c).to_pylist() for c in SCHEMA.names]
+        self.entries = {f: Entry(p, s, sig, t) for f, p, s, sig, t in zip(*cols)}
+
+    def settle(self, folders: list[str]) -> set[str]:
+        """The folders whose entry is trusted and whose signature is what it was."""
+        top = f"{self.root}/{PLATES}"
+        settled = set()
+        for folder in folders:
+            entry = self.entries.get(folder)
+            if entry is not None and entry.trusted and signature(
+                    f"{top}/{folder}", entry.source, self.root, self.names)[0] == entry.signature:
+                settled.add(folder)
+        return settled
+
+    def record(self, folder: str, plate_id: str, source: str | None, settleable: bool) -> None:
+        """The folder as it is now, after its row was made; ``settleable``: its outcome may be
+        kept while nothing changes (otherwise the next refresh does the plate again)."""
+        sig, latest = signature(f"{self.root}/{PLATES}/{folder}", source, self.root, self.names)
+        trusted = settleable and time.time_ns() - latest > RACY_NS
+        entry = Entry(plate_id, source, sig, trusted)
+        if self.entries.get(folder) != entry:
+            self.entries[folder] = entry
+            self.changed = True
+
+    def forget(self, folders: set[str]) -> None:
+        for folder in folders:
+            if self.entries.pop(folder, None) is not None:
+                self.changed = True
+
+    def save(self) -> None:
+        """Write the snapshot if it changed or plates.parquet did (after plates.parquet)."""
+        token = self._table_token()
+        if token is None or (not self.changed and token == self._token):
+            return
+        items = sorted(self.entries.items())
+        table = pa.Table.from_arrays(
+            [[f for f, _ in items], [e.plate_id for _, e in items], [e.source for _, e in items],
+             [e.signature for _, e in items], [e.trusted for _, e in items]],
+            schema=SCHEMA.with_metadata({b"key": self.key.encode(), b"table": token.encode()}))
+        write_parquet(self.corpus.snapshot, table)
+        self.changed, self._token = False, token

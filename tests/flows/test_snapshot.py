@@ -1,0 +1,108 @@
+"""The corpus snapshot through the refresh flow: an unchanged plate is settled by the stat of its
+folder, manifest, source and outputs, with no file read and nothing written; every kind of change
+sends its plate, and only it, through the reading path."""
+
+import json
+import logging
+import shutil
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from flows.refresh import refresh_corpus
+from plateflow.config import CharacterizeParams, RefreshConfig
+from plateflow.snapshot import RACY_NS
+
+from fixtures.plates import make_plate, paper_plate
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def run(root, caplog, **kw):
+    caplog.clear()
+    state = refresh_corpus(str(root), RefreshConfig(**kw), return_state=True)
+    table = {r["plate_dir"]: r for r in pq.read_table(root / "plates.parquet").to_pylist()}
+    return state, table
+
+
+def files(root):
+    """(inode, mtime_ns) of every file under ROOT but the lock (it names the run holding it)."""
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in root.rglob("*")
+            if p.is_file() and p.name != "refresh.lock"}
+
+
+def settled(caplog) -> int:
+    [line] = [r.getMessage() for r in caplog.records if "unchanged since the last refresh" in r.getMessage()]
+    return int(line.split(": ")[1].split(" unchanged")[0])
+
+
+def trusted_corpus(root, caplog):
+    """A corpus refreshed, then refreshed again once its files are older than the racy window,
+    so that every entry of its snapshot is trusted."""
+    for i in range(1, 5):
+        make_plate(root, f"plate-{i:03d}", paper_plate(seed=i))
+    make_plate(root, "plate-005", b"\xff\xd8\xff\xe0garbage", filename="bad.jpg")
+    run(root, caplog)
+    time.sleep(RACY_NS / 1e9 + 0.2)
+    run(root, caplog)  # reads every plate (its entries were racy) and trusts them now
+    return run(root, caplog)
+
+
+def test_an_unchanged_corpus_is_settled_by_stat_and_nothing_is_written(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    root = tmp_path / "corpus"
+    trusted_corpus(root, caplog)
+    before = files(root)
+    state, table = run(root, caplog)
+    assert settled(caplog) == 5 and "0 to process" in caplog.text
+    assert state.is_completed(), state.message  # plate-005's failure is known: its bytes did not change
+    assert "4 of 5 plates ok, 1 failed (0 new, 1 known)" in state.message
+    assert "characterization: 0 computed, 4 cached, 1 failed" in state.message
+    assert "plates.parquet (unchanged)" in state.message and "plate-005: " in state.message
+    assert files(root) == before  # the table, the report, the snapshot, every plate's files
+    assert table["plate-005"]["status"] == "failed" and table["plate-002"]["width"] == 320
+
+
+def test_each_change_is_seen_and_only_its_plate_is_read(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    root = tmp_path / "corpus"
+    _, first = trusted_corpus(root, caplog)
+    plates = root / "plates_structured"
+    paper_plate(seed=99, photo_colour=(200, 10, 10)).save(plates / "plate-001" / "source" / "scan.jpg")  # new bytes
+    manifest = json.loads((plates / "plate-002" / "manifest.json").read_text())
+    (plates / "plate-002" / "manifest.json").write_text(json.dumps({**manifest, "original_path": "box 7/scan.jpg"}))
+    (plates / "plate-003" / "viz" / "histogram_rgb.png").unlink()  # an output removed
+    make_plate(root, "plate-006", paper_plate(seed=6))  # a new plate
+    shutil.rmtree(plates / "plate-004")  # a plate gone
+    state, table = run(root, caplog)
+    assert settled(caplog) == 1  # plate-005 alone is unchanged
+    assert "characterization: 2 computed, 2 cached, 1 failed" in state.message  # plate-001 and the new plate
+    assert set(table) == {"plate-001", "plate-002", "plate-003", "plate-005", "plate-006"}
+    assert table["plate-001"]["sha256"] != first["plate-001"]["sha256"]
+    assert table["plate-002"]["original_path"] == "box 7/scan.jpg"
+    assert (plates / "plate-003" / "viz" / "histogram_rgb.png").is_file()
+    assert table["plate-003"] == first["plate-003"] and table["plate-005"] == first["plate-005"]
+
+
+def test_a_new_plate_with_a_settled_plates_id_makes_both_duplicates(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    root = tmp_path / "corpus"
+    trusted_corpus(root, caplog)
+    make_plate(root, "plate-009", paper_plate(seed=9), manifest={"plate_id": "plate-002", "source_image": "source/scan.jpg"})
+    state, table = run(root, caplog)
+    assert table["plate-002"]["status"] == table["plate-009"]["status"] == "failed"
+    assert "plate_id 'plate-002' is also used by plate-009" in table["plate-002"]["error"]
+
+
+def test_verify_settings_and_a_replaced_table_read_every_plate(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    root = tmp_path / "corpus"
+    _, first = trusted_corpus(root, caplog)
+    run(root, caplog, verify=True)
+    assert "every plate read" in caplog.text
+    state, _ = run(root, caplog, characterize=CharacterizeParams(bins=64))  # other settings: another key
+    assert settled(caplog) == 0 and "4 computed" in state.message
+    (root / "plates.parquet").unlink()  # the snapshot goes with the table it was written with
+    state, table = run(root, caplog, characterize=CharacterizeParams(bins=64))
+    assert settled(caplog) == 0 and set(table) == set(first)
