@@ -152,7 +152,7 @@ def measure(pairs: int, unrelated: int, blank: int) -> dict:
     from plateflow.config import CharacterizeParams
     from plateflow.profiles import quality_profile
     from plateflow.characterize.step import characterize_image
-    from plateflow.characterize.quality import corpus_flags
+    from plateflow.corpus_flags import corpus_flags
 
     items, truth = designed_set(pairs, unrelated, blank)
     rows = []

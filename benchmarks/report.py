@@ -87,7 +87,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from plateflow.profiles import quality_profile
-    from plateflow.characterize.quality import corpus_flags
+    from plateflow.corpus_flags import corpus_flags
     from plateflow.report import CHUNK, build_report
 
     base = Path(tempfile.mkdtemp(prefix="plateflow-report-"))

@@ -36,7 +36,8 @@ from plateflow.hardware import gpu_class as detect_gpu_class
 from plateflow.layout import SOURCE, CorpusLayout, natural_key
 from plateflow.profiles import load_profiles, quality_profile
 from plateflow.runlog import quiet_returned_failures
-from plateflow.tables import (corpus_flags_table, failure_signature, failure_signatures, read_corpus_table,
+from plateflow.corpus_flags import corpus_flags_table
+from plateflow.tables import (failure_signature, failure_signatures, read_corpus_table,
                               read_parquet, write_corpus_table)
 from plateflow.flags import PLATE_FLAGS
 from plateflow.hashindex import SourceIndex

@@ -36,7 +36,7 @@ _INO = (1 << 63) - 1
 SCHEMA = pa.schema([
     ("folder", pa.string()),
     ("plate_id", pa.string()),
-    ("source", pa.string()),  # relative to ROOT; null for a plate whose manifest is bad
+    ("source_path", pa.string()),  # relative to ROOT
     ("signature", pa.binary()),
     ("trusted", pa.bool_()),
 ])

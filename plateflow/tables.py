@@ -160,25 +160,6 @@ def write_corpus_table(root: Path, rows: list[dict[str, Any]], partial: bool = F
     return True
 
 
-_FLAG_INPUTS = ("plate_id", "status", "width", "height", "quality_flags", "pixel_hash", "phash")
-
-
-def corpus_flags_table(table: pa.Table, profile) -> pa.Table:
-    """``corpus_flags`` (plateflow/characterize/quality.py) over a corpus table: its
-    ``quality_flags`` and ``duplicate_of`` columns set from the columns they depend on (only
-    those become Python values). ``profile``: the quality profile."""
-    from plateflow.characterize.quality import corpus_flags
-
-    cols = [table.column(c).to_pylist() for c in _FLAG_INPUTS]
-    rows = [dict(zip(_FLAG_INPUTS, values)) for values in zip(*cols)]
-    corpus_flags(rows, profile)
-    for name in _CORPUS_WIDE:
-        i = table.schema.get_field_index(name)
-        field = table.schema.field(i)
-        table = table.set_column(i, field, pa.array([r[name] for r in rows], field.type))
-    return table
-
-
 def _ix(indices: list[int]) -> pa.Array:
     return pa.array(indices, pa.int64())
 

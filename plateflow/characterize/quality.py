@@ -15,13 +15,12 @@ characterization's cache key through the profile's fingerprint):
 - ``odd_aspect_ratio``: the long side over the short side;
 - ``grayscale``: an RGB scan whose channels keep one ratio (a scanner's tint), judged relative to
   brightness, so a dark colour photograph is colour;
-- the hashes ``corpus_flags`` needs: of the decoded pixels (exact duplicates: a PNG and a TIFF of
+- the hashes the corpus flags need: of the decoded pixels (exact duplicates: a PNG and a TIFF of
   the same image are duplicates) and perceptual (``imagehash.phash`` of the content without its
   paper margins, and of it cut by a few percent: near duplicates survive small crops).
 
-Per corpus (``corpus_flags``, when the corpus table is written): ``odd_size`` (tiny, or far
-smaller than the corpus's median plate), ``exact_duplicates`` and ``near_duplicates``, each
-naming the plate it duplicates.
+Per corpus (plateflow/corpus_flags.py, when the corpus table is written): ``odd_size``,
+``exact_duplicates`` and ``near_duplicates``.
 Thresholds: profiles/quality.toml.
 """
 
@@ -202,113 +201,3 @@ def paper_share(scores: dict) -> float | None:
 def quality_scores(quality: dict) -> dict | None:
     """The scores behind a plate's own flags (plates.parquet's quality_scores); None without any."""
     return {k: quality.get(k) for k in SCORES} if quality else None
-
-
-def corpus_flags(rows: list[dict], profile: QualityProfile) -> None:
-    """Set each row's ``quality_flags`` (its plate flags, then odd_size, exact_duplicates and
-    near_duplicates) and ``duplicate_of`` (the first plate, in row order, that it duplicates),
-    in place. Rows of failed plates get no flags."""
-    ok = [r for r in rows if r.get("status") == "ok" and r.get("width")]
-    ok_ids = {id(r) for r in ok}
-    for r in rows:
-        r["quality_flags"] = ([f for f in (r.get("quality_flags") or []) if f in PLATE_FLAGS]
-                              if id(r) in ok_ids else None)
-        r["duplicate_of"] = None
-    _odd_size(ok, profile)
-    exact = _exact_duplicates(ok)
-    _near_duplicates([r for r in ok if id(r) not in exact], profile.near_duplicates.max_distance)
-
-
-def _odd_size(rows: list[dict], profile: QualityProfile) -> None:
-    """Tiny (√area under ``min_side``), or a side ``max_factor`` times smaller than the corpus
-    median: sizes differ by factors, not by pixels, and a wide fixed factor keeps the flag
-    stable. A large plate is what a scanner makes, not a curator's worry."""
-    p = profile.odd_size
-    side = np.sqrt(np.array([r["width"] * r["height"] for r in rows], np.float64))
-    median = np.median(side) if len(rows) >= p.min_plates else None
-    for r, s in zip(rows, side):
-        if s < p.min_side or (median is not None and median / s > p.max_factor):
-            r["quality_flags"].append("odd_size")
-
-
-def _exact_duplicates(rows: list[dict]) -> set[int]:
-    """Plates with the decoded pixels of an earlier plate: flagged, naming it; returns their ids."""
-    first: dict[str, dict] = {}
-    dups = set()
-    for r in rows:
-        h = r.get("pixel_hash")
-        if not h:
-            continue
-        if h in first:
-            r["quality_flags"].append("exact_duplicates")
-            r["duplicate_of"] = first[h]["plate_id"]
-            dups.add(id(r))
-        else:
-            first[h] = r
-    return dups
-
-
-def _near_duplicates(rows: list[dict], max_distance: int, big_bucket: int = 256) -> None:
-    """Plates one of whose perceptual hashes lies within ``max_distance`` bits of one of an
-    earlier plate's, flagged and naming the closest one.
-
-    Pigeonhole: two 64-bit hashes within d bits agree exactly on at least one of d + 1 disjoint
-    bit ranges, so only hashes sharing a range's value are compared (multi-index hashing): for
-    10^5 plates a few million pairs, in NumPy, instead of 5 * 10^9."""
-    owners, hashes = [], []
-    for i, r in enumerate(rows):
-        if r.get("phash"):
-            for h in r["phash"].split():
-                owners.append(i)
-                hashes.append(int(h, 16))
-    if len(set(owners)) < 2:
-        return
-    owner = np.array(owners)
-    values = np.array(hashes, np.uint64)
-    bounds = np.linspace(0, 64, max_distance + 2).astype(int)
-    pairs = [_bucket_pairs((values >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1), values, big_bucket)
-             for lo, hi in zip(bounds, bounds[1:])]
-    a, b = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
-    distance = np.bitwise_count(values[a] ^ values[b])
-    a, b = owner[a], owner[b]  # positions are in row order, so a <= b
-    keep = (distance <= max_distance) & (a != b)
-    a, b, distance = a[keep], b[keep], distance[keep]
-    first = np.lexsort((a, distance, b))  # per later plate b: the closest, then the earliest, a
-    b_sorted = b[first]
-    starts = first[np.r_[True, b_sorted[1:] != b_sorted[:-1]]] if len(first) else first
-    for k in starts:
-        later, earlier = rows[b[k]], rows[a[k]]
-        later["quality_flags"].append("near_duplicates")
-        later["duplicate_of"] = earlier["plate_id"]
-
-
-def _bucket_pairs(keys: np.ndarray, values: np.ndarray, big_bucket: int) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate pairs (a, b), a < b, of positions whose keys are equal: every such pair, but in
-    a run of more than ``big_bucket`` equal keys only each position's closest earlier one."""
-    order = np.argsort(keys, kind="stable")  # equal keys stay in position order
-    k = keys[order]
-    run_start = np.r_[0, np.flatnonzero(k[1:] != k[:-1]) + 1]
-    run_len = np.diff(np.r_[run_start, len(k)])
-    run_of = np.repeat(np.arange(len(run_start)), run_len)
-    a_parts, b_parts = [], []
-    longest = int(run_len.max(initial=1))
-    for d in range(1, min(longest, big_bucket)):  # each offset within a run: O(n) a step
-        same = run_of[:-d] == run_of[d:]
-        if not same.any():
-            break
-        a_parts.append(order[:-d][same])
-        b_parts.append(order[d:][same])
-    for start, length in zip(run_start[run_len > big_bucket], run_len[run_len > big_bucket]):
-        # A crowded value (blank pages share one hash): past the offsets above, only each
-        # member's closest earlier member, in blocks, never all length^2 / 2 pairs.
-        members = order[start:start + length]  # ascending: a stable sort of one key
-        for lo in range(big_bucket, length, 1024):
-            rows = np.arange(lo, min(lo + 1024, length))
-            d = np.bitwise_count(values[members[rows]][:, None] ^ values[members][None, :]).astype(np.int64)
-            d[np.arange(length)[None, :] > rows[:, None] - big_bucket] = 1 << 20  # only the earlier, farther ones
-            best = np.argmin(d * length + np.arange(length)[None, :], axis=1)
-            a_parts.append(members[best])
-            b_parts.append(members[rows])
-    if not a_parts:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(a_parts), np.concatenate(b_parts)

@@ -14,7 +14,7 @@ from skimage import data
 from plateflow.config import CharacterizeParams
 from plateflow.profiles import quality_profile
 from plateflow.characterize.step import characterize_image
-from plateflow.characterize.quality import corpus_flags
+from plateflow.corpus_flags import corpus_flags
 
 from fixtures import REPO
 
@@ -258,3 +258,33 @@ def test_a_crowd_of_identical_hashes_names_the_first_plate_without_comparing_eve
     corpus_flags(rows, quality_profile())
     assert rows[0]["quality_flags"] == [] and rows[-1]["quality_flags"] == []
     assert all(r["quality_flags"] == ["near_duplicates"] and r["duplicate_of"] == "p0" for r in rows[1:-1])
+
+
+def test_the_corpus_tables_flags_are_the_rows_flags_decided_on_columns():
+    """plates.parquet is flagged in Arrow (corpus_flags_table); the result is corpus_flags' on
+    the same rows as dicts: stale corpus flags dropped, plate flags kept in order, failed rows none."""
+    import random
+
+    import pyarrow as pa
+
+    from plateflow.corpus_flags import corpus_flags_table
+    from plateflow.tables import PLATES_SCHEMA
+
+    rng = random.Random(7)
+    base = [rng.getrandbits(64) for _ in range(40)]
+    rows = []
+    for i in range(600):
+        ok = rng.random() > 0.1
+        near = base[i % 40] ^ (1 << rng.randrange(64)) if rng.random() < 0.5 else rng.getrandbits(64)
+        rows.append({"plate_dir": f"plate-{i}", "plate_id": f"p{i}", "status": "ok" if ok else "failed",
+                     "width": rng.choice([8, 2000, 3000]) if ok else None, "height": 2500 if ok else None,
+                     "pixel_hash": rng.choice(["a", "b", None] + [f"u{i}"] * 20) if ok else None,
+                     "phash": f"{near:016x} {rng.getrandbits(64):016x}" if ok else None,
+                     "quality_flags": rng.sample(["dark", "blurry", "odd_size", "near_duplicates", "grayscale"],
+                                                 rng.randrange(4)) if ok else None})
+    table = pa.Table.from_pylist([{k: r.get(k) for k in PLATES_SCHEMA.names} for r in rows], schema=PLATES_SCHEMA)
+    corpus_flags(rows, quality_profile())
+    flagged = corpus_flags_table(table, quality_profile())
+    assert flagged.column("quality_flags").to_pylist() == [r["quality_flags"] for r in rows]
+    assert flagged.column("duplicate_of").to_pylist() == [r["duplicate_of"] for r in rows]
+    assert {f for r in rows for f in r["quality_flags"] or ()} >= {"odd_size", "exact_duplicates", "near_duplicates"}

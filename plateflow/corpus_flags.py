@@ -1,0 +1,179 @@
+"""The corpus's own quality flags, decided over every plate when plates.parquet is written (a
+plate's own flags: plateflow/characterize/quality.py):
+
+- ``odd_size``: tiny (√area under ``min_side``), or a side ``max_factor`` times smaller than the
+  corpus median: sizes differ by factors, not by pixels, and a wide fixed factor keeps the flag
+  stable. A large plate is what a scanner makes, not a curator's worry;
+- ``exact_duplicates``: the decoded pixels of an earlier plate (a PNG and a TIFF of one image);
+- ``near_duplicates``: a perceptual hash within ``max_distance`` bits of an earlier plate's.
+
+Each duplicate names the plate it duplicates (``duplicate_of``). Thresholds:
+profiles/quality.toml. The decisions are made on columns (``decide``), so a corpus table of 10^5
+plates is flagged without a Python object per plate (``corpus_flags_table``); ``corpus_flags``
+applies them to rows as dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from plateflow.flags import PLATE_FLAGS
+from plateflow.profiles import QualityProfile
+
+CORPUS_FLAGS = ("odd_size", "exact_duplicates", "near_duplicates")  # in this order after the plate's own
+
+
+@dataclass
+class Decision:
+    """Per plate: whether each corpus flag holds, and the plate id it duplicates."""
+
+    odd_size: np.ndarray
+    exact_duplicates: np.ndarray
+    near_duplicates: np.ndarray
+    duplicate_of: list[str | None]
+
+
+def decide(ok: np.ndarray, width: np.ndarray, height: np.ndarray, pixel_hash: list, phash: list,
+           plate_id: list, profile: QualityProfile) -> Decision:
+    """The corpus flags of every plate (``ok``: the plates that get flags), in row order: the
+    first plate of a group is the original, the later ones duplicate it."""
+    n = len(ok)
+    odd = np.zeros(n, bool)
+    p = profile.odd_size
+    idx = np.flatnonzero(ok)
+    if len(idx):
+        side = np.sqrt(width[idx].astype(np.float64) * height[idx].astype(np.float64))
+        median = np.median(side) if len(idx) >= p.min_plates else None
+        odd[idx] = (side < p.min_side) | ((median / side > p.max_factor) if median is not None else False)
+    exact = np.zeros(n, bool)
+    dup_of: list[str | None] = [None] * n
+    first: dict[str, int] = {}
+    for i in idx.tolist():
+        h = pixel_hash[i]
+        if not h:
+            continue
+        if h in first:
+            exact[i], dup_of[i] = True, plate_id[first[h]]
+        else:
+            first[h] = i
+    near = np.zeros(n, bool)
+    for later, earlier in _near_pairs([i for i in idx.tolist() if not exact[i]], phash,
+                                      profile.near_duplicates.max_distance):
+        near[later], dup_of[later] = True, plate_id[earlier]
+    return Decision(odd, exact, near, dup_of)
+
+
+def corpus_flags(rows: list[dict], profile: QualityProfile) -> None:
+    """Set each row's ``quality_flags`` (its plate flags, then the corpus flags) and
+    ``duplicate_of``, in place. Rows of failed plates get no flags."""
+    ok = np.array([r.get("status") == "ok" and bool(r.get("width")) for r in rows], bool)
+    width = np.array([r.get("width") or 0 for r in rows], np.int64)
+    height = np.array([r.get("height") or 0 for r in rows], np.int64)
+    d = decide(ok, width, height, [r.get("pixel_hash") for r in rows], [r.get("phash") for r in rows],
+               [r.get("plate_id") for r in rows], profile)
+    for i, r in enumerate(rows):
+        r["duplicate_of"] = d.duplicate_of[i]
+        if not ok[i]:
+            r["quality_flags"] = None
+            continue
+        r["quality_flags"] = [f for f in (r.get("quality_flags") or []) if f in PLATE_FLAGS] + [
+            f for f in CORPUS_FLAGS if getattr(d, f)[i]]
+
+
+def corpus_flags_table(table: pa.Table, profile: QualityProfile) -> pa.Table:
+    """``corpus_flags`` over a corpus table, in Arrow and NumPy: its ``quality_flags`` and
+    ``duplicate_of`` columns set from the columns they depend on."""
+    n = table.num_rows
+    width = pc.fill_null(table.column("width"), 0).to_numpy().astype(np.int64)
+    ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_numpy() & (width != 0)
+    height = pc.fill_null(table.column("height"), 0).to_numpy().astype(np.int64)
+    d = decide(ok, width, height, table.column("pixel_hash").to_pylist(), table.column("phash").to_pylist(),
+               table.column("plate_id").to_pylist(), profile)
+    flags = table.column("quality_flags").combine_chunks()
+    values = pc.list_flatten(flags)
+    parents = pc.list_parent_indices(flags).to_numpy()
+    keep = pc.is_in(values, value_set=pa.array(sorted(PLATE_FLAGS), pa.string())).to_numpy(zero_copy_only=False)
+    keep &= ok[parents] if len(parents) else keep
+    row_parts, order_parts, value_parts = [parents[keep]], [np.flatnonzero(keep)], [values.filter(pa.array(keep))]
+    for j, name in enumerate(CORPUS_FLAGS):
+        rows = np.flatnonzero(getattr(d, name))
+        row_parts.append(rows)
+        order_parts.append(np.full(len(rows), len(parents) + j))
+        value_parts.append(pa.array([name] * len(rows), pa.string()))
+    rows, order = np.concatenate(row_parts), np.concatenate(order_parts)
+    sort = np.lexsort((order, rows))
+    flat = pa.concat_arrays([v.cast(pa.string()) for v in value_parts]).take(pa.array(sort, pa.int64()))
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))]).astype(np.int32)
+    column = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), flat, mask=pa.array(~ok))
+    i = table.schema.get_field_index("quality_flags")
+    table = table.set_column(i, table.schema.field(i), column.cast(table.schema.field(i).type))
+    i = table.schema.get_field_index("duplicate_of")
+    return table.set_column(i, table.schema.field(i), pa.array(d.duplicate_of, pa.string()))
+
+
+def _near_pairs(candidates: list[int], phash: list, max_distance: int, big_bucket: int = 256) -> list[tuple[int, int]]:
+    """(later, earlier) for each of ``candidates`` (row indices, in order) one of whose
+    perceptual hashes lies within ``max_distance`` bits of one of an earlier candidate's: the
+    closest, then the earliest, such plate.
+
+    Pigeonhole: two 64-bit hashes within d bits agree exactly on at least one of d + 1 disjoint
+    bit ranges, so only hashes sharing a range's value are compared (multi-index hashing): for
+    10^5 plates a few million pairs, in NumPy, instead of 5 * 10^9."""
+    owners, hashes = [], []
+    for i in candidates:
+        if phash[i]:
+            for h in phash[i].split():
+                owners.append(i)
+                hashes.append(int(h, 16))
+    if len(set(owners)) < 2:
+        return []
+    owner = np.array(owners)
+    values = np.array(hashes, np.uint64)
+    bounds = np.linspace(0, 64, max_distance + 2).astype(int)
+    pairs = [_bucket_pairs((values >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1), values, big_bucket)
+             for lo, hi in zip(bounds, bounds[1:])]
+    a, b = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+    distance = np.bitwise_count(values[a] ^ values[b])
+    a, b = owner[a], owner[b]  # positions are in row order, so a <= b
+    keep = (distance <= max_distance) & (a != b)
+    a, b, distance = a[keep], b[keep], distance[keep]
+    first = np.lexsort((a, distance, b))  # per later plate b: the closest, then the earliest, a
+    b_sorted = b[first]
+    starts = first[np.r_[True, b_sorted[1:] != b_sorted[:-1]]] if len(first) else first
+    return [(int(b[k]), int(a[k])) for k in starts]
+
+
+def _bucket_pairs(keys: np.ndarray, values: np.ndarray, big_bucket: int) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate pairs (a, b), a < b, of positions whose keys are equal: every such pair, but in
+    a run of more than ``big_bucket`` equal keys only each position's closest earlier one."""
+    order = np.argsort(keys, kind="stable")  # equal keys stay in position order
+    k = keys[order]
+    run_start = np.r_[0, np.flatnonzero(k[1:] != k[:-1]) + 1]
+    run_len = np.diff(np.r_[run_start, len(k)])
+    run_of = np.repeat(np.arange(len(run_start)), run_len)
+    a_parts, b_parts = [], []
+    longest = int(run_len.max(initial=1))
+    for d in range(1, min(longest, big_bucket)):  # each offset within a run: O(n) a step
+        same = run_of[:-d] == run_of[d:]
+        if not same.any():
+            break
+        a_parts.append(order[:-d][same])
+        b_parts.append(order[d:][same])
+    for start, length in zip(run_start[run_len > big_bucket], run_len[run_len > big_bucket]):
+        # A crowded value (blank pages share one hash): past the offsets above, only each
+        # member's closest earlier member, in blocks, never all length^2 / 2 pairs.
+        members = order[start:start + length]  # ascending: a stable sort of one key
+        for lo in range(big_bucket, length, 1024):
+            rows = np.arange(lo, min(lo + 1024, length))
+            d = np.bitwise_count(values[members[rows]][:, None] ^ values[members][None, :]).astype(np.int64)
+            d[np.arange(length)[None, :] > rows[:, None] - big_bucket] = 1 << 20  # only the earlier, farther ones
+            best = np.argmin(d * length + np.arange(length)[None, :], axis=1)
+            a_parts.append(members[best])
+            b_parts.append(members[rows])
+    if not a_parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(a_parts), np.concatenate(b_parts)
