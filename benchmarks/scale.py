@@ -92,7 +92,7 @@ def variants(root: Path, empty: Path, home: Path, options: tuple[str, ...]) -> l
     return rows
 
 
-def work_alone(base: Path, n: int, workers: int) -> float:
+def work_alone(base: Path, n: int, workers: int, viz: bool) -> float:
     """Seconds per plate of the per-plate functions alone (``characterize_plates``: decode,
     statistics, files) on ``n`` fresh tiny plates with ``workers`` threads: what a computed plate
     costs without any orchestration. The first refresh's cost above it is orchestration."""
@@ -109,7 +109,7 @@ def work_alone(base: Path, n: int, workers: int) -> float:
     chunks = [items[i:i + 64] for i in range(0, len(items), 64)]
     t = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(lambda c: characterize_plates(c, CharacterizeParams(), root), chunks))
+        list(pool.map(lambda c: characterize_plates(c, CharacterizeParams(viz=viz), root), chunks))
     return (time.perf_counter() - t) / n
 
 
@@ -139,6 +139,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plates", type=int, default=20_000)
     ap.add_argument("--no-dask", action="store_true", help="Skip the --dask local:2 variants.")
+    ap.add_argument("--viz", action="store_true", help="Write the viz/ PNGs too (the targets are without them).")
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="plateflow-scale-"))
     home = base / "prefect-home"
@@ -152,13 +153,14 @@ def main() -> None:
         shutil.copytree(root, base / "corpus-dask", copy_function=shutil.copy2)
     try:
         refresh(empty, home)  # the local server's start and the database's creation are no variant's cost
-        in_process = variants(root, empty, home, ())
+        viz = () if args.viz else ("--no-viz",)
+        in_process = variants(root, empty, home, viz)
         from plateflow.config import default_workers
 
         figures = {"plates": args.plates, "refresh": table(in_process, args.plates, "refresh",
-                                                           work_alone(base, min(args.plates, 2000), default_workers()))}
+                                                           work_alone(base, min(args.plates, 2000), default_workers(), args.viz))}
         if not args.no_dask:
-            figures["refresh --dask local:2"] = table(variants(base / "corpus-dask", empty, home, ("--dask", "local:2")),
+            figures["refresh --dask local:2"] = table(variants(base / "corpus-dask", empty, home, ("--dask", "local:2", *viz)),
                                                       args.plates, "refresh --dask local:2")
         write_result("scale", figures, sys.argv[1:])
     finally:
