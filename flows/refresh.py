@@ -227,6 +227,7 @@ def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem
         run.logger.error(message)
         return Failed(message=message)
     table_path = run.corpus.table
+    _corpus_wide(run.root, rows)
     if run.snapshot is not None:
         _record_snapshot(run, records, problems)
     if run.config.models and run.corpus.predictors.is_file():
@@ -237,7 +238,9 @@ def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem
         except Exception:  # noqa: BLE001 - the plates' outputs stand; a bug there must not fail the refresh
             run.logger.exception("could not predict with the registered heads")
     try:
-        report = build_report(run.root)  # rebuilt only if what it shows changed
+        # only the pages of changed plates (or plates whose files were written again: a preview)
+        computed = {r.plate.folder for r in records if r.row.get("characterize_status") == Status.COMPUTED}
+        report = build_report(run.root, touched=computed)
     except Exception:  # noqa: BLE001 - the plates' outputs stand; a report bug must not fail the refresh
         run.logger.exception("could not write the corpus report")
         report = None
@@ -258,6 +261,24 @@ def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem
     message = summary + (f". New failures: {_failures(new)}" if new else "") + (
         f". Known failures (failed the same way before): {_failures(old)}" if old else "")
     return Failed(message=message) if new else Completed(message=message)
+
+
+def _corpus_wide(root: Path, rows: list[dict]) -> None:
+    """This run's rows get their corpus-wide columns (flags, duplicate_of) as written, for the
+    summary: they are decided over the whole table."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if not rows:
+        return
+    folders = pa.array([r["plate_dir"] for r in rows], pa.string())
+    table = pq.read_table(CorpusLayout(root).table, columns=["plate_dir", "quality_flags", "duplicate_of"])
+    table = table.filter(pc.is_in(table.column("plate_dir"), value_set=folders))
+    written = {r["plate_dir"]: r for r in table.to_pylist()}
+    for row in rows:
+        if row["plate_dir"] in written:
+            row.update(written[row["plate_dir"]])
 
 
 def _record_snapshot(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem]) -> None:

@@ -102,13 +102,16 @@ def _filters(p: Plates, members: dict[str, list[int]], failed: list[int], here: 
 
 
 def _paged(reports: Path, prefix: str, title: str, p: Plates, order: list[int], intro: str = "",
-           filters: str = "", cell=_cell, grid: str = "sheet") -> list[str]:
-    """``order``'s plates on pages of ``SHEET_SIZE``: ``<prefix>-0001.html``…; their names."""
+           filters: str = "", cell=_cell, grid: str = "sheet", dirty: set[int] | None = None) -> list[str]:
+    """``order``'s plates on pages of ``SHEET_SIZE``: ``<prefix>-0001.html``…; their names.
+    With ``dirty`` (rows), only the pages showing one of them are rendered (a pair shows two)."""
     pages = max(1, -(-len(order) // SHEET_SIZE))
     names = [f"{prefix}-{k + 1:04d}.html" for k in range(pages)]
     for k, name in enumerate(names):
-        nav = " ".join(f'<a href="{n}">{j + 1}</a>' if j != k else f"<b>{j + 1}</b>" for j, n in enumerate(names))
         part = order[k * SHEET_SIZE:(k + 1) * SHEET_SIZE]
+        if dirty is not None and (reports / name).is_file() and not _shows(p, part, dirty, cell is _pair):
+            continue
+        nav = " ".join(f'<a href="{n}">{j + 1}</a>' if j != k else f"<b>{j + 1}</b>" for j, n in enumerate(names))
         body = (f'<p><a href="index.html">report</a> · page {k + 1} of {pages} · {_plates(len(order))}. '
                 f'{intro}</p>{filters}<nav>{nav}</nav><div class="{grid}">{"".join(cell(p, i) for i in part)}</div>')
         write_bytes_if_changed(reports / name, _page(f"{title}, page {k + 1}", body))
@@ -118,6 +121,12 @@ def _paged(reports: Path, prefix: str, title: str, p: Plates, order: list[int], 
     return names
 
 
+def _shows(p: Plates, part: list[int], dirty: set[int], pairs: bool) -> bool:
+    if not dirty.isdisjoint(part):
+        return True
+    return pairs and any(p.index_of.get(p["duplicate_of"][i]) in dirty for i in part)
+
+
 def _plates(n: int) -> str:
     return f"{n} plate{'' if n == 1 else 's'}"
 
@@ -125,7 +134,8 @@ def _plates(n: int) -> str:
 DUPLICATES = ("exact_duplicates", "near_duplicates")
 
 
-def _flag_section(reports: Path, p: Plates, flag: str, members: list[int], filters) -> str:
+def _flag_section(reports: Path, p: Plates, flag: str, members: list[int], filters,
+                  dirty: set[int] | None = None) -> str:
     if not members:
         for stale in reports.glob(f"flag-{flag}-*.html"):
             stale.unlink(missing_ok=True)
@@ -133,7 +143,7 @@ def _flag_section(reports: Path, p: Plates, flag: str, members: list[int], filte
     pair = flag in DUPLICATES
     intro = "Each plate beside the one it duplicates." if pair else ""
     pages = _paged(reports, f"flag-{flag}", f"Plates flagged {flag}", p, members, intro,
-                   filters(f"flag-{flag}"), *((_pair, "pairs") if pair else ()))
+                   filters(f"flag-{flag}"), *((_pair, "pairs") if pair else ()), dirty=dirty)
     shown = members[:FLAG_THUMBS]
     more = (f" Showing {len(shown)}; <a href='{pages[0]}'>all {len(members)}</a>." if len(members) > len(shown)
             else f" <a href='{pages[0]}'>On their own page</a>.")

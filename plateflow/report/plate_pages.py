@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from plateflow.atomic import write_bytes_if_changed
@@ -57,9 +57,10 @@ def _candidates(root: Path, models: list[str], p: Plates) -> list[list[int] | No
     return out
 
 
-def _plate_pages(reports: Path, p: Plates, candidates: list[list[int] | None]) -> None:
+def _plate_pages(reports: Path, p: Plates, candidates: list[list[int] | None], dirty: set[int] | None = None) -> None:
     """plate.html and one data file per ``CHUNK`` plates (JSONP: a page opened from disk may
-    load a script beside it, not fetch a JSON file)."""
+    load a script beside it, not fetch a JSON file); with ``dirty`` (rows), only the data files
+    that hold one of them."""
     data = reports / "data"
     n = len(p)
     dup_link, dup_thumb, dup_by, dup_by_more = [None] * n, [None] * n, [None] * n, [0] * n
@@ -77,17 +78,23 @@ def _plate_pages(reports: Path, p: Plates, candidates: list[list[int] | None]) -
     names = set()
     for k in range(chunks):
         part = slice(k * CHUNK, (k + 1) * CHUNK)
+        name = f"plates-{k:04d}.js"
+        names.add(name)
+        if dirty is not None and (data / name).is_file() and dirty.isdisjoint(range(*part.indices(n))):
+            continue
         cols = {c: p[c][part] for c in DATA_COLUMNS} | {
             "thumb": p.thumbs[part], "dup_link": dup_link[part], "dup_thumb": dup_thumb[part],
             "dup_by": dup_by[part], "dup_by_more": dup_by_more[part], "candidates": candidates[part]}
-        name = f"plates-{k:04d}.js"
-        names.add(name)
         write_bytes_if_changed(data / name, f"plateflowChunk({k},{json.dumps(cols, separators=(',', ':'))});\n".encode())
     for stale in data.glob("plates-*.js"):
         if stale.name not in names:
             stale.unlink(missing_ok=True)
-    ok_sides = [math.sqrt(w * h) for w, h, st in zip(p["width"], p["height"], p["status"]) if st == "ok" and w and h]
-    context = {"rules": _rules(), "chunks": chunks, "median_side": float(np.median(ok_sides)) if ok_sides else None,
+    table = p.table
+    ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_numpy(zero_copy_only=False)
+    sides = np.sqrt(pc.fill_null(table.column("width"), 0).to_numpy().astype(np.float64)
+                    * pc.fill_null(table.column("height"), 0).to_numpy().astype(np.float64))[ok]
+    sides = sides[sides > 0]
+    context = {"rules": _rules(), "chunks": chunks, "median_side": float(np.median(sides)) if len(sides) else None,
                "plates_dir": f"../{PLATES}", "viz": VIZ, "preview": PREVIEW, "histograms": list(HISTOGRAM_PLOTS),
                "runs": RUNS, "segmentation_dir": SEGMENTATION, "segmentation_overlay": SEGMENTATION_OVERLAY,
                "segmentation_colours": [f"rgb{c}" for c in COLOURS]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import os
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 from urllib.parse import quote
 
@@ -31,20 +32,70 @@ def _esc(value) -> str:
     return html.escape(str(value))
 
 
+class Column:
+    """A column of the corpus table as Python values on demand: single values while few are
+    asked (a report that renders a few changed plates of 10^5 converts only those), the whole
+    column at once when many are."""
+
+    def __init__(self, values: pa.ChunkedArray | pa.Array):
+        self._values, self._list, self._asked = values, None, 0
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def _all(self) -> list:
+        if self._list is None:
+            self._list = self._values.to_pylist()
+        return self._list
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __getitem__(self, key):
+        if self._list is not None:
+            return self._list[key]
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self._values))
+            return self._values.slice(start, max(0, stop - start)).to_pylist()[::step]
+        self._asked += 1
+        if self._asked > 64 + len(self._values) // 64:
+            return self._all()[key]
+        return self._values[key].as_py()
+
+
+class _PerPlate:
+    """A value per plate computed on demand from its row index (and kept)."""
+
+    def __init__(self, n: int, make):
+        self._n, self._make, self._done = n, make, {}
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return [self[i] for i in range(*key.indices(self._n))]
+        if key not in self._done:
+            self._done[key] = self._make(key)
+        return self._done[key]
+
+
 @dataclass
 class Plates:
-    """The corpus table's columns the report shows, as lists, in table order; each plate's
-    thumbnail (a URL relative to reports/) and its page's URL."""
+    """The corpus table's columns the report shows, in table order (``Column``: Python values
+    on demand); each plate's thumbnail (a URL relative to reports/, looked up when asked) and
+    its page's URL."""
 
-    cols: dict[str, list]
-    thumbs: list[str | None]
-    links: list[str]
+    cols: dict[str, Any]
+    thumbs: _PerPlate
+    links: _PerPlate
     index_of: dict[str, int]  # plate_id -> its first row
+    table: pa.Table
 
     def __len__(self) -> int:
         return len(self.cols["plate_dir"])
 
-    def __getitem__(self, name: str) -> list:
+    def __getitem__(self, name: str):
         return self.cols[name]
 
     def name(self, i: int) -> str:
@@ -54,23 +105,27 @@ class Plates:
 
 
 def read_plates(root: Path, table: pa.Table) -> Plates:
-    cols = {c: (table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows)
-            for c in COLUMNS if c != "quality_scores"}
+    n = table.num_rows
+    cols: dict[str, Any] = {c: Column(table.column(c) if c in table.column_names else pa.nulls(n))
+                            for c in COLUMNS if c != "quality_scores"}
     scores = table.column("quality_scores").combine_chunks() if "quality_scores" in table.column_names else None
-    for name in SCORES:  # flattened: a list per score, not a dict per plate
+    for name in SCORES:  # flattened: a column per score, not a dict per plate
         child = scores.field(name) if scores is not None and name in {f.name for f in scores.type} else None
-        cols[f"q_{name}"] = child.to_pylist() if child is not None else [None] * table.num_rows
+        cols[f"q_{name}"] = Column(child if child is not None else pa.nulls(n))
     plates = os.fspath(CorpusLayout(Path(root)).plates)
     names = (f"{VIZ}/{PREVIEW}", WORKING_COPY)
-    thumbs, links = [], []
-    for i, folder in enumerate(cols["plate_dir"]):  # a stat or two per plate: strings, not Paths (10^5)
-        url = quote(folder)  # a URL: the folder escaped
-        thumbs.append(next((f"../{PLATES}/{url}/{name}" for name in names
-                            if os.path.isfile(f"{plates}/{folder}/{name}")), None))
-        links.append(f"plate.html#{i // CHUNK}/{url}")
-    index_of = {pid: i for i, pid in reversed(list(enumerate(cols["plate_id"])))}
+    folders = cols["plate_dir"]
+
+    def thumb(i: int) -> str | None:  # a stat or two per plate shown: strings, not Paths
+        folder = folders[i]
+        return next((f"../{PLATES}/{quote(folder)}/{name}" for name in names
+                     if os.path.isfile(f"{plates}/{folder}/{name}")), None)
+
+    ids = table.column("plate_id").to_pylist()
+    index_of = {pid: i for i, pid in reversed(list(enumerate(ids)))}
     cols["seg"] = _segmentation(table)
-    return Plates(cols, thumbs, links, index_of)
+    return Plates(cols, _PerPlate(n, thumb), _PerPlate(n, lambda i: f"plate.html#{i // CHUNK}/{quote(folders[i])}"),
+                  index_of, table)
 
 
 def _segmentation(table: pa.Table) -> list:

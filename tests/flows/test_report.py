@@ -283,3 +283,46 @@ def test_the_report_is_a_worklist_in_chromium(tmp_path):
         assert pano > 1.8 * cell  # a panorama takes two cells: readable, not a strip
         browser.close()
     assert errors == []
+
+
+def test_the_report_renders_again_only_what_shows_a_changed_plate_and_equals_a_fresh_build(tmp_path):
+    """A corpus of 1,200 plates (3 sheet pages, 3 data files): one plate's luminance changes, and
+    only the index, its data file and the scatter are written again (its sheet page is rendered but
+    shows no luminance: the same bytes are not written); a flag changes, and every page is. Either way the folder is byte for byte what a build from scratch writes."""
+    import shutil
+
+    from plateflow.report import build_report
+    from plateflow.tables import write_corpus_table
+
+    def rows(lum: dict[int, float], flags: dict[int, list[str]]):
+        return [{"plate_dir": f"plate-{i:04d}", "plate_id": f"p{i}", "status": "ok", "width": 640, "height": 480,
+                 "megapixels": 0.3, "luminance_mean": lum.get(i, 100.0 + i % 50), "entropy": 5.0 + i % 7 / 10,
+                 "quality_flags": flags.get(i, ["dark"] if i % 100 == 3 else [])} for i in range(1200)]
+
+    def files(root):
+        return {p.relative_to(root): (p.stat().st_mtime_ns, p.read_bytes()) for p in (root / "reports").rglob("*")
+                if p.is_file()}
+
+    def fresh(root):
+        other = tmp_path / "fresh" / root.name  # the index's title names the folder
+        shutil.rmtree(other, ignore_errors=True)
+        (other / "plates_structured").mkdir(parents=True)
+        shutil.copy(root / "plates.parquet", other / "plates.parquet")
+        build_report(other)
+        return {k: v[1] for k, v in files(other).items()}
+
+    root = tmp_path / "corpus"
+    (root / "plates_structured").mkdir(parents=True)
+    write_corpus_table(root, rows({}, {}))
+    build_report(root)
+    before = files(root)
+    write_corpus_table(root, rows({700: 240.0}, {}))
+    build_report(root)
+    after = files(root)
+    rewritten = {str(k) for k in after if after[k][0] != before.get(k, (None,))[0]}
+    assert rewritten == {"reports/index.html", "reports/data/plates-0001.js",
+                         "reports/plots/luminance-entropy.png", "reports/.rows.npy"}
+    assert {k: v[1] for k, v in after.items()} == fresh(root)
+    write_corpus_table(root, rows({700: 240.0}, {5: ["dark"]}))  # a flag: the sheets' order, the counts
+    build_report(root)
+    assert {k: v[1] for k, v in files(root).items()} == fresh(root)
