@@ -29,25 +29,9 @@ CODE_VERSION = code_version("plateflow.report.plates", "plateflow.report.plots",
 
 
 def _hash_strings(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A 64-bit hash of each string (a polynomial over its bytes, in NumPy: 10^5 rows in
-    milliseconds). Nulls must have been filled."""
-    arr = pa.chunked_array(values).combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-    arr = arr.cast(pa.large_string())
-    n = len(arr)
-    if n == 0:
-        return np.zeros(0, np.uint64)
-    offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset:arr.offset + n + 1]
-    data = np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0]:offsets[-1]].astype(np.uint64) + np.uint64(1)
-    starts = offsets[:-1] - offsets[0]
-    lengths = np.diff(offsets)
-    position = np.arange(len(data), dtype=np.int64) - np.repeat(starts, lengths)
-    powers = np.cumprod(np.full(int(lengths.max(initial=0)) + 1, 0x100000001B3, np.uint64))
-    with np.errstate(over="ignore"):
-        terms = data * powers[position]
-        sums = np.add.reduceat(terms, starts[lengths > 0]) if len(data) else np.zeros(0, np.uint64)
-    out = np.zeros(n, np.uint64)
-    out[lengths > 0] = sums
-    return out ^ (lengths.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    """A 64-bit hash (BLAKE2b) of each string; nulls must have been filled."""
+    digests = b"".join(hashlib.blake2b(v, digest_size=8).digest() for v in values.cast(pa.binary()).to_pylist())
+    return np.frombuffer(digests, np.uint64).copy() if digests else np.zeros(0, np.uint64)
 
 
 def _as_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -78,10 +62,10 @@ def _frame_fingerprint(root: Path, table: pa.Table, models: list[str]) -> str:
     sheets' order, the pairs), the embeddings tables. A change here rebuilds every page."""
     digest = hashlib.sha256(CODE_VERSION.encode())
     digest.update(quality_profile().model_dump_json().encode())
-    digest.update(_hash_strings(_as_text(table.column("plate_dir"))).tobytes() if table.num_rows else b"")
-    for c in ("status", "quality_flags", "duplicate_of"):
-        if c in table.column_names and table.num_rows:
-            digest.update(_hash_strings(_as_text(table.column(c))).tobytes())
+    if table.num_rows:
+        frame = [_as_text(table.column(c)) for c in ("plate_dir", "status", "quality_flags", "duplicate_of")
+                 if c in table.column_names]
+        digest.update(_hash_strings(pc.binary_join_element_wise(*frame, "\x1f")).tobytes())
     digest.update(",".join(c for c in table.column_names if c.startswith("seg_")).encode())
     corpus = CorpusLayout(Path(root))
     for model in models:
@@ -216,24 +200,67 @@ def _failed_section(p: Plates, failed: list[int]) -> str:
 
 
 def _plots(reports: Path, p: Plates, ok: list[int], failed: list[int], members: dict[str, list[int]]) -> str:
+    """The four plots, each drawn again only when what it plots changed (``plots/.<name>.key``)."""
     counts = {f: len(members[f]) for f in FLAGS} | {"failed": len(failed)}
-    scatter, areas = scatter_png([p["luminance_mean"][i] for i in ok], [p["entropy"][i] for i in ok],
-                                 [bool(p["quality_flags"][i]) for i in ok], [p["plate_id"][i] for i in ok],
-                                 [p.links[i] for i in ok], "Luminance against entropy",
-                                 "mean luminance (0-255)", "entropy (bits)")
-    images = {
-        "megapixels.png": histogram_png([p["megapixels"][i] for i in ok], "Plate size", "megapixels"),
-        "luminance-entropy.png": scatter,
-        "background.png": histogram_png([p["paper_share"][i] for i in ok if p["paper_share"][i] is not None],
-                                        "Paper share", "share at the detected paper level (0: no paper)",
-                                        value_range=(0.0, 1.0)),
-        "flags.png": bars_png(counts, "Quality flags"),
+    table, okx = p.table, pa.array(ok, pa.int64())
+
+    def floats(column: str) -> np.ndarray:
+        values = pc.take(table.column(column), okx) if column in table.column_names else pa.nulls(len(ok), pa.float64())
+        return pc.fill_null(values.cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)
+
+    lum, ent, mp, paper = floats("luminance_mean"), floats("entropy"), floats("megapixels"), floats("paper_share")
+    flagged = (pc.fill_null(pc.list_value_length(pc.take(table.column("quality_flags"), okx)), 0).to_numpy(
+        zero_copy_only=False) > 0) if ok else np.zeros(0, bool)
+    ids = hashlib.sha256("\x1f".join(map(str, p["plate_id"])).encode()).hexdigest()
+    ok_ids = hashlib.sha256(np.asarray(ok, np.int64).tobytes()).hexdigest()
+
+    class _Of:  # the scatter's labels and links, looked up for the points it names
+        def __init__(self, values):
+            self.values = values
+
+        def __getitem__(self, k):
+            return self.values[ok[k]]
+
+    def scatter():
+        return scatter_png(lum, ent, flagged, _Of(p["plate_id"]), _Of(p.links), "Luminance against entropy",
+                           "mean luminance (0-255)", "entropy (bits)")
+
+    plots = {
+        "megapixels.png": (lambda: (histogram_png(mp, "Plate size", "megapixels"), ""), [mp]),
+        "luminance-entropy.png": (scatter, [lum, ent, flagged, ids, ok_ids]),
+        "background.png": (lambda: (histogram_png(paper[~np.isnan(paper)], "Paper share",
+                                                  "share at the detected paper level (0: no paper)",
+                                                  value_range=(0.0, 1.0)), ""), [paper]),
+        "flags.png": (lambda: (bars_png(counts, "Quality flags"), ""), [repr(counts)]),
     }
-    for name, data in images.items():
-        write_bytes_if_changed(reports / "plots" / name, data)
+    areas = ""
+    for name, (render, inputs) in plots.items():
+        extra = _cached_plot(reports / "plots", name, inputs, render)
+        areas = areas or extra
     alt = {"megapixels.png": "plate size histogram", "luminance-entropy.png": "luminance against entropy",
            "background.png": "paper share histogram", "flags.png": "flag counts"}
     return "".join(
         f'<figure><img src="plots/{name}" alt="{alt[name]}" width="480" height="340"'
         + (' usemap="#points"' if name == "luminance-entropy.png" else "") + "></figure>"
-        for name in images) + f'<map name="points">{areas}</map>'
+        for name in plots) + f'<map name="points">{areas}</map>'
+
+
+def _cached_plot(folder: Path, name: str, inputs: list, render) -> str:
+    """Draw ``name`` with ``render()`` -> (PNG, image map) unless ``plots/.<name>.key`` says it
+    was drawn from the same inputs (arrays, strings) by this code; returns the image map."""
+    digest = hashlib.sha256(CODE_VERSION.encode())
+    for value in inputs:
+        digest.update(value.tobytes() if isinstance(value, np.ndarray) else str(value).encode())
+        digest.update(b"\x1f")
+    key, key_file, areas_file = digest.hexdigest(), folder / f".{name}.key", folder / f".{name}.map"
+    try:
+        if key_file.read_text() == key and (folder / name).is_file():
+            return areas_file.read_text() if areas_file.is_file() else ""
+    except OSError:
+        pass
+    png, areas = render()
+    write_bytes_if_changed(folder / name, png)
+    if areas:
+        write_bytes_if_changed(areas_file, areas.encode())
+    write_bytes_if_changed(key_file, key.encode())
+    return areas

@@ -33,7 +33,7 @@ def _png(fig) -> bytes:
 def histogram_png(values: list[float], title: str, xlabel: str, bins: int = 30,
                   value_range: tuple[float, float] | None = None) -> bytes:
     fig, ax = _figure(title, xlabel, "plates")
-    if values:
+    if len(values):
         counts, edges = np.histogram(np.asarray(values, np.float64), bins=bins, range=value_range)
         ax.stairs(counts, edges, fill=True, color="#3b6ea5")
     else:

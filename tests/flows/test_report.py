@@ -321,7 +321,8 @@ def test_the_report_renders_again_only_what_shows_a_changed_plate_and_equals_a_f
     after = files(root)
     rewritten = {str(k) for k in after if after[k][0] != before.get(k, (None,))[0]}
     assert rewritten == {"reports/index.html", "reports/data/plates-0001.js",
-                         "reports/plots/luminance-entropy.png", "reports/.rows.npy"}
+                         "reports/plots/luminance-entropy.png", "reports/plots/.luminance-entropy.png.key",
+                         "reports/plots/.luminance-entropy.png.map", "reports/.rows.npy"}
     assert {k: v[1] for k, v in after.items()} == fresh(root)
     write_corpus_table(root, rows({700: 240.0}, {5: ["dark"]}))  # a flag: the sheets' order, the counts
     build_report(root)
