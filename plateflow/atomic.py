@@ -96,6 +96,12 @@ def dumps_json(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
 
 
+def dumps_compact_json(obj: Any) -> bytes:
+    """JSON bytes on one line, for files of numbers no one reads by eye (Python's C encoder:
+    several times faster than the indented form)."""
+    return (json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")) + "\n").encode()
+
+
 def write_json(path: Path, obj: Any) -> None:
     write_bytes(path, dumps_json(obj))
 

@@ -43,9 +43,10 @@ STEP_CODE: dict[str, tuple[str, ...]] = {
 KEPT_VERSIONS: dict[str, dict[str, str]] = {
     "embed": {"573c6cb26cde": "a96d9e0ddc82"},  # moved to plateflow/embed; PlateJob.plate_id -> name
     "tiles": {"9a633ec33c3d": "9ae7a008ef61"},  # moved to plateflow/tiles.py; keys made by cache_key
-    # The corpus-wide flags left plateflow/characterize/quality.py for plateflow/corpus_flags.py:
-    # they are decided when the table is written, not part of a plate's characterization.
-    "characterize": {"be62933c8877": "1cb5b3541b5a"},
+    # The corpus-wide flags left plateflow/characterize/quality.py for plateflow/corpus_flags.py
+    # (decided when the table is written, not part of a plate's characterization); the step's
+    # key made once per batch; input_color_histograms.json on one line (the same numbers).
+    "characterize": {"cb27a89d2a09": "1cb5b3541b5a"},
 }
 
 

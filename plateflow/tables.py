@@ -113,8 +113,8 @@ def write_corpus_table(root: Path, rows: list[dict[str, Any]], partial: bool = F
     refresh that changed k plates is k rows, one merge and one write of the file.
     """
     now = datetime.now(timezone.utc).replace(microsecond=0)
-    fresh = pa.Table.from_pylist([{**{f.name: None for f in PLATES_SCHEMA}, "updated_at": now,
-                                   **{k: v for k, v in row.items() if k in PLATES_SCHEMA.names}} for row in rows],
+    names = PLATES_SCHEMA.names
+    fresh = pa.Table.from_pydict({k: [row.get(k) for row in rows] for k in names} | {"updated_at": [now] * len(rows)},
                                  schema=PLATES_SCHEMA)
     path = CorpusLayout(Path(root)).table
     try:

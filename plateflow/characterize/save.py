@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from plateflow.atomic import dumps_json, write_bytes, write_bytes_if_changed
+from plateflow.atomic import dumps_compact_json, dumps_json, write_bytes, write_bytes_if_changed
 from plateflow.corpus import PlateRef
 from plateflow.layout import HISTOGRAMS, INPUT_IMAGE, PREVIEW, VIZ, VIZ_FILES, WORKING_COPY, PlateLayout
 
@@ -91,7 +91,7 @@ def save_characterization(plate: PlateRef, root: Path, result: "Characterization
     current = files.input_image
     if current.is_file() and current.read_bytes() == record and all(p.is_file() for p in expected):
         return False
-    write_bytes(files.histograms, dumps_json(result.histograms))
+    write_bytes(files.histograms, dumps_compact_json(result.histograms))  # thousands of numbers: one line
     if result.working_jpeg is not None:
         write_bytes(files.working_copy, result.working_jpeg)
     if viz_wanted:

@@ -48,7 +48,7 @@ def plate_key(sha256: str, params: CharacterizeParams) -> str:
 
 
 def characterize_image(
-    source: Path, params: CharacterizeParams, expected_sha256: str | None = None
+    source: Path, params: CharacterizeParams, expected_sha256: str | None = None, key: StepKey | None = None
 ) -> Characterization:
     # Imported here: the flow process needs only cache keys, and numba alone costs a second to import.
     from plateflow.characterize.working_copy import jpeg_bytes, make_working_copy
@@ -71,7 +71,7 @@ def characterize_image(
         preview = png_bytes(small if same else make_preview(working or decoded.image, params.preview_size))
     return Characterization(
         sha256=decoded.sha256,
-        cache_key=plate_key(decoded.sha256, params),
+        cache_key=(key or step_key(params))(decoded.sha256),
         metadata=metadata,
         histograms=histogram_record(hist, params.bins),
         preview_png=preview,
@@ -118,15 +118,17 @@ def load_result(results_dir: Path, key: str, logger=None) -> Characterization | 
 
 
 def characterize_plate(plate: PlateRef, sha256: str, params: CharacterizeParams, root: Path,
-                       logger=None) -> PlateOutcome:
-    """One plate: its stored result (or a characterization of its source), then its files."""
+                       logger=None, step: StepKey | None = None) -> PlateOutcome:
+    """One plate: its stored result (or a characterization of its source), then its files.
+    ``step``: the step's key, when the caller made it once for a batch."""
     logger = logger or logging.getLogger(__name__)
-    key = plate_key(sha256, params)
+    step = step or step_key(params)
+    key = step(sha256)
     results = CorpusLayout(Path(root)).results
     result = load_result(results, key, logger)
     status = "cached"
     if result is None:
-        outcome = isolated(plate.folder, "characterize", lambda: characterize_image(plate.source_path, params),
+        outcome = isolated(plate.folder, "characterize", lambda: characterize_image(plate.source_path, params, key=step),
                            logger, on_error=lambda exc: _record_bad_input(plate, root, key, exc, logger))
         if outcome.failed:
             return outcome
@@ -153,4 +155,5 @@ def _record_bad_input(plate: PlateRef, root: Path, key: str, exc: Exception, log
 def characterize_plates(items: list[tuple[PlateRef, str]], params: CharacterizeParams, root: Path,
                      logger=None) -> list[PlateOutcome]:
     """``characterize_plate`` for each (plate, sha256) of a batch, one outcome per plate."""
-    return [characterize_plate(plate, sha, params, Path(root), logger) for plate, sha in items]
+    step = step_key(params)
+    return [characterize_plate(plate, sha, params, Path(root), logger, step) for plate, sha in items]
