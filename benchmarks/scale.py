@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
 sys.path.insert(0, str(HERE))
 
-from results import write_result  # noqa: E402 - benchmarks/results.py
+from results import RESULTS, write_result  # noqa: E402 - benchmarks/results.py
 
 
 def build(root: Path, n: int) -> None:
@@ -162,7 +162,7 @@ def main() -> None:
         if not args.no_dask:
             figures["refresh --dask local:2"] = table(variants(base / "corpus-dask", empty, home, ("--dask", "local:2", *viz)),
                                                       args.plates, "refresh --dask local:2")
-        write_result("scale", figures, sys.argv[1:])
+        write_result("scale", figures, sys.argv[1:], out=RESULTS / f"scale-{args.plates}.json")
     finally:
         subprocess.run([PLATEFLOW, "local-server", "--stop"], env=_env(home), capture_output=True)
 

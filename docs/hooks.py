@@ -107,7 +107,8 @@ def performance() -> str:
     for path in results:
         data = json.loads(path.read_text())
         figures = data.get("figures", {})
-        out += [f"## {data.get('benchmark', path.stem)}", "",
+        name = data.get("benchmark", path.stem)
+        out += [f"## {name}" + (f" ({figures['plates']:,} plates)" if path.stem != name and "plates" in figures else ""), "",
                 f"`{data.get('command', '')}`, {data.get('date', '')}, on {data.get('machine', {}).get('platform', '?')} "
                 f"({data.get('machine', {}).get('cpus', '?')} CPUs).", "",
                 "| figure | value |", "|---|---|"]
@@ -118,7 +119,7 @@ def performance() -> str:
             PLOTS[f"assets/performance/{path.stem}.png"] = png
             out += [f"![{path.stem}: its timings](assets/performance/{path.stem}.png)", ""]
     benchmarks = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py") if p.stem not in ("results",))
-    missing = [b for b in benchmarks if not (REPO / "benchmarks" / "results" / f"{b}.json").is_file()]
+    missing = [b for b in benchmarks if not any((REPO / "benchmarks" / "results").glob(f"{b}*.json"))]
     if missing:
         out += ["## Not yet published as data", "",
                 "These benchmarks print their tables but do not yet write a results file: "

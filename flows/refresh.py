@@ -36,7 +36,7 @@ from plateflow.hardware import gpu_class as detect_gpu_class
 from plateflow.layout import SOURCE, CorpusLayout, natural_key
 from plateflow.profiles import load_profiles, quality_profile
 from plateflow.runlog import quiet_returned_failures
-from plateflow.corpus_flags import corpus_flags_table
+from plateflow.corpus_flags import corpus_flags_table, flags_version
 from plateflow.tables import (failure_signature, failure_signatures, read_corpus_table,
                               read_parquet, write_corpus_table)
 from plateflow.flags import PLATE_FLAGS
@@ -220,7 +220,7 @@ def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem
         written = write_corpus_table(run.root, rows, partial=run.partial, keep=run.settled,
                                      flow_runs=(str(flow_run.id), str(flow_run.root_flow_run_id)),
                                      finalize=lambda table: corpus_flags_table(table, profile),
-                                     plate_flags=frozenset(PLATE_FLAGS))
+                                     plate_flags=frozenset(PLATE_FLAGS), finalize_version=flags_version(profile))
     except OSError as exc:  # a full disk: say so, and what this run found, never the old table's counts
         message = (f"could not write the corpus table: {exc}; it still holds an earlier run's rows. "
                    f"This run: {counts.headline()}" + (f": {_failures(failed)}" if failed else ""))

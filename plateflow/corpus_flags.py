@@ -25,6 +25,7 @@ from plateflow.flags import PLATE_FLAGS
 from plateflow.profiles import QualityProfile
 
 CORPUS_FLAGS = ("odd_size", "exact_duplicates", "near_duplicates")  # in this order after the plate's own
+_BLOCK_ELEMENTS = 2_000_000  # distances computed at once in a crowded bucket
 
 
 @dataclass
@@ -65,6 +66,16 @@ def decide(ok: np.ndarray, width: np.ndarray, height: np.ndarray, pixel_hash: li
                                       profile.near_duplicates.max_distance):
         near[later], dup_of[later] = True, plate_id[earlier]
     return Decision(odd, exact, near, dup_of)
+
+
+def flags_version(profile: QualityProfile) -> str:
+    """What the corpus flags of a table were decided with: the profile's corpus sections and this
+    module's code (recorded in plates.parquet's metadata; a table whose rows did not change and
+    whose flags were decided with the same version keeps them without deciding again)."""
+    from plateflow.caching import code_version, fingerprint
+
+    return fingerprint(profile.odd_size.model_dump_json(), str(profile.near_duplicates.max_distance),
+                       code_version("plateflow.corpus_flags"))
 
 
 def corpus_flags(rows: list[dict], profile: QualityProfile) -> None:
@@ -167,8 +178,9 @@ def _bucket_pairs(keys: np.ndarray, values: np.ndarray, big_bucket: int) -> tupl
         # A crowded value (blank pages share one hash): past the offsets above, only each
         # member's closest earlier member, in blocks, never all length^2 / 2 pairs.
         members = order[start:start + length]  # ascending: a stable sort of one key
-        for lo in range(big_bucket, length, 1024):
-            rows = np.arange(lo, min(lo + 1024, length))
+        block = max(1, min(1024, _BLOCK_ELEMENTS // length))  # a few tens of MB per block, whatever the crowd
+        for lo in range(big_bucket, length, block):
+            rows = np.arange(lo, min(lo + block, length))
             d = np.bitwise_count(values[members[rows]][:, None] ^ values[members][None, :]).astype(np.int64)
             d[np.arange(length)[None, :] > rows[:, None] - big_bucket] = 1 << 20  # only the earlier, farther ones
             best = np.argmin(d * length + np.arange(length)[None, :], axis=1)

@@ -81,6 +81,7 @@ CHARACTERIZATION_COLUMNS = (
 )
 
 RUN_KEYS = (b"plateflow.flow_run_id", b"plateflow.root_flow_run_id")  # schema metadata: who wrote it
+FINALIZE_KEY = b"plateflow.corpus_flags"  # schema metadata: what decided the corpus-wide columns
 
 
 # Columns that say how a row was made, not what it holds: a refreshed plate whose other columns
@@ -92,7 +93,8 @@ _CORPUS_WIDE = ("quality_flags", "duplicate_of")
 
 def write_corpus_table(root: Path, rows: list[dict[str, Any]], partial: bool = False,
                        flow_runs: tuple[str, ...] = (), finalize: Callable[[pa.Table], pa.Table] | None = None,
-                       keep: set[str] | frozenset[str] = frozenset(), plate_flags: frozenset[str] = frozenset()) -> bool:
+                       keep: set[str] | frozenset[str] = frozenset(), plate_flags: frozenset[str] = frozenset(),
+                       finalize_version: str = "") -> bool:
     """Merge ``rows`` into ROOT/plates.parquet and write it atomically if anything changed
     (True then), with the typed schema, rows in natural folder order.
 
@@ -104,7 +106,8 @@ def write_corpus_table(root: Path, rows: list[dict[str, Any]], partial: bool = F
     is dropped (its folder is gone). Columns plateflow does not know (added by a notebook,
     say) are kept, each value with its plate folder. ``finalize(table)`` returns the merged
     table with its corpus-wide columns (``quality_flags`` of which only ``plate_flags``
-    compare between rows, and ``duplicate_of``) set. ``flow_runs`` (the writing flow run's id
+    compare between rows, and ``duplicate_of``) set; it is not called when no row changed and
+    the table records the same ``finalize_version`` (what decided them). ``flow_runs`` (the writing flow run's id
     and its root run's) are recorded in the table's metadata. An old table that cannot be read
     is kept beside it as ``plates.parquet.unreadable`` (a full refresh replaces it; a partial
     one refuses).
@@ -147,16 +150,19 @@ def write_corpus_table(root: Path, rows: list[dict[str, Any]], partial: bool = F
         table = table.take(_ix([where[f] for f in old_folders if f in where]))
     else:
         table = table.take(_ix(sorted(range(len(folders)), key=lambda i: natural_key(folders[i]))))
+    unchanged = old is not None and not new and not removed and base is not None and _typed(old)
+    decided = (old.schema.metadata or {}).get(FINALIZE_KEY, b"").decode() if old is not None else ""
+    if unchanged and decided == finalize_version:
+        return False  # nothing changed: the file stays as it is, byte for byte
     if finalize is not None:
         table = finalize(table)
-    if old is not None and not new and not removed and base is not None and _typed(old) and all(
-            table.column(c).equals(base.column(c)) for c in _CORPUS_WIDE):
-        return False  # nothing changed: the file stays as it is, byte for byte
+    if unchanged and all(table.column(c).equals(base.column(c)) for c in _CORPUS_WIDE):
+        return False
     table = _carry_foreign_columns(old, table)
-    if flow_runs:
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                               **{k: v.encode() for k, v in zip(RUN_KEYS, flow_runs) if v}})
-    write_parquet(path, table)
+    meta = {**(table.schema.metadata or {}), **{k: v.encode() for k, v in zip(RUN_KEYS, flow_runs) if v}}
+    if finalize_version:
+        meta[FINALIZE_KEY] = finalize_version.encode()
+    write_parquet(path, table.replace_schema_metadata(meta))
     return True
 
 
