@@ -145,12 +145,12 @@ def _near_pairs(candidates: list[int], phash: list, max_distance: int, big_bucke
     owner = np.array(owners)
     values = np.array(hashes, np.uint64)
     bounds = np.linspace(0, 64, max_distance + 2).astype(int)
-    pairs = [_bucket_pairs((values >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1), values, big_bucket)
-             for lo, hi in zip(bounds, bounds[1:])]
+    pairs = [_bucket_pairs((values >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1), values, big_bucket,
+                           max_distance) for lo, hi in zip(bounds, bounds[1:])]
     a, b = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
     distance = np.bitwise_count(values[a] ^ values[b])
     a, b = owner[a], owner[b]  # positions are in row order, so a <= b
-    keep = (distance <= max_distance) & (a != b)
+    keep = a != b
     a, b, distance = a[keep], b[keep], distance[keep]
     first = np.lexsort((a, distance, b))  # per later plate b: the closest, then the earliest, a
     b_sorted = b[first]
@@ -158,9 +158,17 @@ def _near_pairs(candidates: list[int], phash: list, max_distance: int, big_bucke
     return [(int(b[k]), int(a[k])) for k in starts]
 
 
-def _bucket_pairs(keys: np.ndarray, values: np.ndarray, big_bucket: int) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate pairs (a, b), a < b, of positions whose keys are equal: every such pair, but in
-    a run of more than ``big_bucket`` equal keys only each position's closest earlier one."""
+def _bucket_pairs(keys: np.ndarray, values: np.ndarray, big_bucket: int,
+                  max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (a, b), a < b, of positions whose keys are equal and whose values lie within
+    ``max_distance`` bits: every such pair, but in a run of more than ``big_bucket`` equal keys
+    only each position's closest earlier one. Candidates are filtered as they are made, so
+    memory follows the pairs found, not the pairs compared."""
+
+    def near(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        keep = np.bitwise_count(values[a] ^ values[b]) <= max_distance
+        return a[keep], b[keep]
+
     order = np.argsort(keys, kind="stable")  # equal keys stay in position order
     k = keys[order]
     run_start = np.r_[0, np.flatnonzero(k[1:] != k[:-1]) + 1]
@@ -172,8 +180,9 @@ def _bucket_pairs(keys: np.ndarray, values: np.ndarray, big_bucket: int) -> tupl
         same = run_of[:-d] == run_of[d:]
         if not same.any():
             break
-        a_parts.append(order[:-d][same])
-        b_parts.append(order[d:][same])
+        a, b = near(order[:-d][same], order[d:][same])
+        a_parts.append(a)
+        b_parts.append(b)
     for start, length in zip(run_start[run_len > big_bucket], run_len[run_len > big_bucket]):
         # A crowded value (blank pages share one hash): past the offsets above, only each
         # member's closest earlier member, in blocks, never all length^2 / 2 pairs.
@@ -184,8 +193,9 @@ def _bucket_pairs(keys: np.ndarray, values: np.ndarray, big_bucket: int) -> tupl
             d = np.bitwise_count(values[members[rows]][:, None] ^ values[members][None, :]).astype(np.int64)
             d[np.arange(length)[None, :] > rows[:, None] - big_bucket] = 1 << 20  # only the earlier, farther ones
             best = np.argmin(d * length + np.arange(length)[None, :], axis=1)
-            a_parts.append(members[best])
-            b_parts.append(members[rows])
+            a, b = near(members[best], members[rows])
+            a_parts.append(a)
+            b_parts.append(b)
     if not a_parts:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.concatenate(a_parts), np.concatenate(b_parts)

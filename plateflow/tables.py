@@ -156,8 +156,8 @@ def write_corpus_table(root: Path, rows: list[dict[str, Any]], partial: bool = F
         return False  # nothing changed: the file stays as it is, byte for byte
     if finalize is not None:
         table = finalize(table)
-    if unchanged and all(table.column(c).equals(base.column(c)) for c in _CORPUS_WIDE):
-        return False
+    if unchanged and not finalize_version and all(table.column(c).equals(base.column(c)) for c in _CORPUS_WIDE):
+        return False  # (with a version, a table decided otherwise is written once, to record it)
     table = _carry_foreign_columns(old, table)
     meta = {**(table.schema.metadata or {}), **{k: v.encode() for k, v in zip(RUN_KEYS, flow_runs) if v}}
     if finalize_version:
