@@ -174,6 +174,8 @@ def find_plates(run: Refresh, wanted: list[str] | None) -> tuple[list[PlateRecor
             names = set(wanted)
             folders = [f for f in folders if f in names]
         snapshot = run.snapshot
+        if snapshot is not None and snapshot.problem:
+            run.logger.warning(snapshot.problem)
         run.settled = snapshot.settle(folders) if snapshot is not None else set()
         found = discover_plates(run.root, [f for f in folders if f not in run.settled])
         if run.settled:  # a new folder with a settled plate's id: both are duplicates, read again

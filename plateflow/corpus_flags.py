@@ -26,6 +26,9 @@ from plateflow.profiles import QualityProfile
 
 CORPUS_FLAGS = ("odd_size", "exact_duplicates", "near_duplicates")  # in this order after the plate's own
 _BLOCK_ELEMENTS = 2_000_000  # distances computed at once in a crowded bucket
+_HEX = np.zeros(256, np.uint64)  # a hex digit's value by its byte
+_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10, dtype=np.uint64)
+_HEX[np.frombuffer(b"abcdef", np.uint8)] = _HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint64)
 
 
 @dataclass
@@ -102,7 +105,7 @@ def corpus_flags_table(table: pa.Table, profile: QualityProfile) -> pa.Table:
     width = pc.fill_null(table.column("width"), 0).to_numpy().astype(np.int64)
     ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_numpy() & (width != 0)
     height = pc.fill_null(table.column("height"), 0).to_numpy().astype(np.int64)
-    d = decide(ok, width, height, table.column("pixel_hash").to_pylist(), table.column("phash").to_pylist(),
+    d = decide(ok, width, height, table.column("pixel_hash").to_pylist(), table.column("phash"),
                table.column("plate_id").to_pylist(), profile)
     flags = table.column("quality_flags").combine_chunks()
     values = pc.list_flatten(flags)
@@ -134,16 +137,9 @@ def _near_pairs(candidates: list[int], phash: list, max_distance: int, big_bucke
     Pigeonhole: two 64-bit hashes within d bits agree exactly on at least one of d + 1 disjoint
     bit ranges, so only hashes sharing a range's value are compared (multi-index hashing): for
     10^5 plates a few million pairs, in NumPy, instead of 5 * 10^9."""
-    owners, hashes = [], []
-    for i in candidates:
-        if phash[i]:
-            for h in phash[i].split():
-                owners.append(i)
-                hashes.append(int(h, 16))
-    if len(set(owners)) < 2:
+    owner, values = _hash_values(phash, candidates)
+    if len(np.unique(owner)) < 2:
         return []
-    owner = np.array(owners)
-    values = np.array(hashes, np.uint64)
     bounds = np.linspace(0, 64, max_distance + 2).astype(int)
     pairs = [_bucket_pairs((values >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1), values, big_bucket,
                            max_distance) for lo, hi in zip(bounds, bounds[1:])]
@@ -156,6 +152,31 @@ def _near_pairs(candidates: list[int], phash: list, max_distance: int, big_bucke
     b_sorted = b[first]
     starts = first[np.r_[True, b_sorted[1:] != b_sorted[:-1]]] if len(first) else first
     return [(int(b[k]), int(a[k])) for k in starts]
+
+
+def _hash_values(phash: list | pa.Array | pa.ChunkedArray, candidates: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The 64-bit perceptual hashes of the ``candidates`` rows (space-separated hex in
+    ``phash``) with the row each belongs to, parsed in Arrow and NumPy."""
+    column = pa.array(phash, pa.string()) if isinstance(phash, list) else phash
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    rows = pa.array(candidates, pa.int64())
+    tokens = pc.split_pattern(pc.fill_null(column.take(rows), ""), " ")
+    owner = np.asarray(candidates, np.int64)[pc.list_parent_indices(tokens).to_numpy()]
+    flat = pc.list_flatten(tokens)
+    keep = pc.equal(pc.utf8_length(flat), 16).to_numpy(zero_copy_only=False)
+    flat = flat.filter(pa.array(keep))
+    owner = owner[keep]
+    if len(flat) == 0:
+        return owner, np.zeros(0, np.uint64)
+    text = flat.cast(pa.large_string())
+    offsets = np.frombuffer(text.buffers()[1], np.int64)[text.offset:text.offset + len(text) + 1]
+    chars = np.frombuffer(text.buffers()[2], np.uint8)[offsets[0]:offsets[-1]].reshape(-1, 16)
+    digits = _HEX[chars]
+    values = np.zeros(len(digits), np.uint64)
+    for k in range(16):
+        values = (values << np.uint64(4)) | digits[:, k]
+    return owner, values
 
 
 def _bucket_pairs(keys: np.ndarray, values: np.ndarray, big_bucket: int,

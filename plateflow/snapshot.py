@@ -91,6 +91,7 @@ class Snapshot:
         self.key, self.names = key, names
         self.entries: dict[str, Entry] = {}
         self.changed = False
+        self.problem: str | None = None  # why a snapshot on disk could not be used, when it was damaged
         self._token = self._table_token()  # the plates.parquet the loaded entries go with
         self._load()
 
@@ -106,8 +107,10 @@ class Snapshot:
             table = pq.read_table(self.corpus.snapshot)
         except FileNotFoundError:
             return
-        except (OSError, pa.ArrowException):
+        except (OSError, pa.ArrowException) as exc:
             self.changed = True  # a damaged snapshot is no snapshot: every plate is read, and it is rewritten
+            self.problem = (f"{self.corpus.snapshot} cannot be read ({type(exc).__name__}: {exc}); every plate "
+                            f"is read this time and the snapshot is written again")
             return
         meta = table.schema.metadata or {}
         if (meta.get(b"key", b"").decode() != self.key or self._token is None

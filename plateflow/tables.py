@@ -143,13 +143,21 @@ def write_corpus_table(root: Path, rows: list[dict[str, Any]], partial: bool = F
     refreshed, replaced = {r["plate_dir"] for r in rows}, set(new)
     kept = [i for i, f in enumerate(old_folders) if f not in replaced and (partial or f in keep or f in refreshed)]
     removed = len(old_folders) - len(kept) - len(replaced & at.keys())
-    table = pa.concat_tables(([base.take(_ix(kept))] if base is not None else []) + [fresh])
-    folders = table.column("plate_dir").to_pylist()
-    if all(f in at for f in new):  # the old order holds every plate: no sort
-        where = {f: i for i, f in enumerate(folders)}
-        table = table.take(_ix([where[f] for f in old_folders if f in where]))
+    if base is not None and not removed and all(f in at for f in new):
+        # Every plate has its old place: the old table's slices around the new rows (no copy).
+        pieces, prev = [], 0
+        for pos, i in sorted((at[f], i) for i, f in enumerate(new)):
+            pieces += [base.slice(prev, pos - prev), fresh.slice(i, 1)]
+            prev = pos + 1
+        table = pa.concat_tables(pieces + [base.slice(prev)])
     else:
-        table = table.take(_ix(sorted(range(len(folders)), key=lambda i: natural_key(folders[i]))))
+        table = pa.concat_tables(([base.take(_ix(kept))] if base is not None else []) + [fresh])
+        folders = table.column("plate_dir").to_pylist()
+        if all(f in at for f in new):  # the old order holds every plate: no sort
+            where = {f: i for i, f in enumerate(folders)}
+            table = table.take(_ix([where[f] for f in old_folders if f in where]))
+        else:
+            table = table.take(_ix(sorted(range(len(folders)), key=lambda i: natural_key(folders[i]))))
     unchanged = old is not None and not new and not removed and base is not None and _typed(old)
     decided = (old.schema.metadata or {}).get(FINALIZE_KEY, b"").decode() if old is not None else ""
     if unchanged and decided == finalize_version:

@@ -106,3 +106,15 @@ def test_verify_settings_and_a_replaced_table_read_every_plate(tmp_path, caplog)
     (root / "plates.parquet").unlink()  # the snapshot goes with the table it was written with
     state, table = run(root, caplog, characterize=CharacterizeParams(bins=64))
     assert settled(caplog) == 0 and set(table) == set(first)
+
+
+def test_a_damaged_snapshot_is_rebuilt_and_every_plate_read(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    root = tmp_path / "corpus"
+    trusted_corpus(root, caplog)
+    (root / ".plateflow" / "snapshot.parquet").write_bytes(b"PAR1 not a table")
+    state, _ = run(root, caplog)
+    assert state.is_completed() and settled(caplog) == 0 and "0 computed, 4 cached" in state.message
+    assert "snapshot.parquet cannot be read" in caplog.text and "written again" in caplog.text
+    state, _ = run(root, caplog)
+    assert settled(caplog) == 5  # written again: the next refresh settles every plate

@@ -79,3 +79,32 @@ def test_a_full_refresh_keeps_an_unreadable_table_aside_and_carries_columns_by_p
     write_corpus_table(tmp_path, list(reversed(rows)))
     after = {r["plate_dir"]: r["note"] for r in pq.read_table(tmp_path / "plates.parquet").to_pylist()}
     assert after == {"plate-001": "torn corner", "plate-002": "water stain"}
+
+
+def test_an_unchanged_table_is_not_written_nor_flagged_again(tmp_path):
+    from plateflow.tables import write_corpus_table
+
+    rows = [{"plate_dir": f"plate-{i:03d}", "plate_id": f"p{i}", "status": "ok", "width": 10 + i} for i in range(5)]
+    calls = []
+
+    def finalize(table):
+        calls.append(table.num_rows)
+        return table
+
+    assert write_corpus_table(tmp_path, rows, finalize=finalize, finalize_version="v1") is True
+    path = tmp_path / "plates.parquet"
+    before = (path.read_bytes(), path.stat().st_mtime_ns)
+    # The same rows (one of them made again: other statuses) keep the file; the flags are not decided again.
+    again = [dict(r, characterize_status="cached") for r in rows]
+    assert write_corpus_table(tmp_path, again, finalize=finalize, finalize_version="v1") is False
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before and calls == [5]
+    # Another version of what decides the flags: decided again, and written once to record it.
+    assert write_corpus_table(tmp_path, again, finalize=finalize, finalize_version="v2") is True
+    assert write_corpus_table(tmp_path, again, finalize=finalize, finalize_version="v2") is False
+    # One changed row: only it gets a new updated_at; a plate gone is dropped; the others stay.
+    first = {r["plate_dir"]: r for r in pq.read_table(path).to_pylist()}
+    changed = [dict(r, width=99) if r["plate_dir"] == "plate-002" else r for r in rows[:4]]
+    assert write_corpus_table(tmp_path, changed, finalize=finalize, finalize_version="v2") is True
+    after = {r["plate_dir"]: r for r in pq.read_table(path).to_pylist()}
+    assert list(after) == ["plate-000", "plate-001", "plate-002", "plate-003"]
+    assert after["plate-002"]["width"] == 99 and after["plate-000"] == first["plate-000"]
