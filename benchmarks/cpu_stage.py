@@ -125,11 +125,12 @@ def run_variant(variant: str, paths: list[Path], workers: int, repeats: int) -> 
     if variant.endswith("(no quality flags)"):
         import functools
 
-        import plateflow.characterize.histograms
-        import plateflow.characterize.quality
+        # Aliased: a plain `import plateflow...` here would make `plateflow` (the function above) the package.
+        from plateflow.characterize import histograms as histograms_module
+        from plateflow.characterize import quality as quality_module
 
-        plateflow.characterize.quality.plate_quality = lambda *args, **kw: ({"flags": []}, None)
-        plateflow.characterize.histograms.compute_histograms = functools.partial(plateflow.characterize.histograms.compute_histograms, pixel_hash=False)
+        quality_module.plate_quality = lambda *args, **kw: ({"flags": []}, None)
+        histograms_module.compute_histograms = functools.partial(histograms_module.compute_histograms, pixel_hash=False)
 
     fn = {
         "decode": decode,
