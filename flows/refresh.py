@@ -40,7 +40,7 @@ from plateflow.corpus_flags import corpus_flags_table, flags_version
 from plateflow.tables import (failure_signature, failure_signatures, read_corpus_table,
                               read_parquet, write_corpus_table)
 from plateflow.flags import PLATE_FLAGS
-from plateflow.hashindex import SourceIndex
+from plateflow.hashindex import index_key
 from plateflow.snapshot import Snapshot, outputs, snapshot_key
 from plateflow.characterize.step import step_key
 from plateflow.status import Status, Step
@@ -286,10 +286,10 @@ def _corpus_wide(root: Path, rows: list[dict]) -> None:
 def _record_snapshot(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem]) -> None:
     """The snapshot after the table: each read plate as it is now (a plate whose outcome may
     change by itself, a source that could not be read, is recorded to be read again)."""
-    snapshot, index = run.snapshot, SourceIndex(run.root)
-    for rec in records:
+    snapshot = run.snapshot
+    for rec in records:  # sources named as the source index names them (hash_sources keeps those entries)
         settleable = rec.ok or rec.row.get("failed_step") == Step.CHARACTERIZE
-        snapshot.record(rec.plate.folder, rec.plate.plate_id, index.key(rec.plate.source_path), settleable)
+        snapshot.record(rec.plate.folder, rec.plate.plate_id, index_key(run.root, rec.plate.source_path), settleable)
     if not run.partial:
         snapshot.forget(set(snapshot.entries) - run.settled - {r.plate.folder for r in records})
     snapshot.forget({p.folder for p in problems})

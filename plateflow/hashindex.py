@@ -27,6 +27,19 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+def index_key(root: Path, path: Path) -> str:
+    """How ``path`` is named in the source index (and the corpus snapshot): relative to the
+    resolved ``root`` where it lies inside it, else its resolved path."""
+    path_s, prefix = os.fspath(path), os.fspath(root) + os.sep
+    if path_s.startswith(prefix) and os.path.isabs(path_s):  # a resolved path (the usual case)
+        return path_s[len(prefix):].replace(os.sep, "/")
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def _signature(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
@@ -41,7 +54,6 @@ class SourceIndex:
 
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
-        self._prefix = os.fspath(self.root) + os.sep
         self.path = CorpusLayout(self.root).source_index
         self._entries: dict[str, tuple[int, int, int, int, int, str]] = {}
         self._changed = False
@@ -64,15 +76,8 @@ class SourceIndex:
         self._entries = {p: tuple(rest) for p, *rest in zip(*cols)}
 
     def key(self, path: Path) -> str:
-        """How ``path`` is named in the index: relative to the root where it lies inside it."""
-        path_s = os.fspath(path)
-        if path_s.startswith(self._prefix) and os.path.isabs(path_s):  # a resolved path (the usual case)
-            return path_s[len(self._prefix):].replace(os.sep, "/")
-        path = Path(path).resolve()
-        try:
-            return path.relative_to(self.root).as_posix()
-        except ValueError:
-            return str(path)
+        """How ``path`` is named in the index: ``index_key``."""
+        return index_key(self.root, path)
 
     def sha256(self, path: Path) -> str:
         """The file's sha256: from the index if its stat is unchanged, else by reading it."""
