@@ -25,7 +25,7 @@ from plateflow.embed.writer import ChunkLedger, vectors_problem
 @flow(name="embed-plates")
 def embed_plates(model: str, gpu_class: str, jobs: list[PlateJob] | None = None, jobs_file: str | None = None,
                  chunk_size: int | None = None, weights_root: str | None = None,
-                 report: str | None = None) -> dict[str, str | None]:
+                 report: str | None = None, root: str | None = None) -> dict[str, str | None]:
     """Embed the views of ``jobs`` (or of the plates listed in ``jobs_file``, a JSON file of
     PlateJob fields) with ``model``, ``chunk_size`` plates per embed-chunk task (default: the
     dispatch policy's, profiles/dispatch.toml); returns
@@ -46,6 +46,7 @@ def embed_plates(model: str, gpu_class: str, jobs: list[PlateJob] | None = None,
         chunk_size: Plates per embed-chunk task, the unit of retry (empty: profiles/dispatch.toml).
         weights_root: A folder with one folder of weights per model, named as the model (empty: the Hugging Face cache).
         report: A JSON file to write each plate's outcome to.
+        root: The corpus root, for a model of the corpus's own (a fine-tuned encoder).
     """
     logger = get_run_logger()
     if (jobs is None) == (jobs_file is None):
@@ -57,7 +58,7 @@ def embed_plates(model: str, gpu_class: str, jobs: list[PlateJob] | None = None,
                               f"sent the run (a shared filesystem)")
         jobs = [PlateJob(**{**j, "boxes": tuple(map(tuple, j["boxes"])), "original_size": tuple(j["original_size"])})
                 for j in json.loads(Path(jobs_file).read_text())]
-    profiles = load_profiles()
+    profiles = load_profiles(root=root)
     chunk_size = chunk_size or dispatch_policy().gpu.chunk_size
     spec = profiles.model(model)
     batch_size, dtype = profiles.plan(model, gpu_class)

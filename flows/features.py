@@ -44,7 +44,7 @@ def tile_features(root: str, model: str, tiles: str, credentials_block: str | No
 
     Args:
         root: The corpus root: the folder that holds plates_structured/.
-        model: The embedding model, a name from profiles/models.toml.
+        model: The embedding model, a name from profiles/models.toml or one of the corpus's fine-tuned encoders.
         tiles: Where make-tiles wrote its shards and tables: a folder or an fsspec URL.
         credentials_block: A Prefect block with the bucket's credentials (BLOCK-TYPE/NAME, e.g. s3-bucket/scans).
         gpu_class: The GPU class whose batch size and dtype to use (default: detected).
@@ -56,7 +56,7 @@ def tile_features(root: str, model: str, tiles: str, credentials_block: str | No
     logger = get_run_logger()
     root_path = corpus_root(root)
     corpus = CorpusLayout(root_path)
-    profiles = load_profiles()
+    profiles = load_profiles(root=root_path)
     spec = profiles.model(model)
     gpu_class = gpu_class or detect_class(profiles)
     source = Location(tiles if is_url(tiles) else Path(tiles).expanduser().resolve(), credentials_block)
@@ -82,7 +82,8 @@ def tile_features(root: str, model: str, tiles: str, credentials_block: str | No
             views.mkdir(parents=True, exist_ok=True)
             try:
                 jobs = _extract(source, todo, views, cache)
-                outcome = embed_plates(model, gpu_class, jobs=jobs, chunk_size=chunk_size, weights_root=weights_root)
+                outcome = embed_plates(model, gpu_class, jobs=jobs, chunk_size=chunk_size, weights_root=weights_root,
+                                       root=str(root_path))
             finally:
                 shutil.rmtree(views, ignore_errors=True)
             failed = {k: v for k, v in outcome.items() if v}

@@ -32,7 +32,7 @@ def gpu_stage(run: Refresh, records: list[PlateRecord], route: GpuRoute, runner:
             embed_model(run, [r for r in records if r.ok], model, route)
     with run.timed("smart crop"):
         smart_crop_stage(run, records, runner)
-    profiles = load_profiles()
+    profiles = load_profiles(root=run.root)
     for model in run.config.models:
         spec = profiles.model(model)
         ok = [r for r in records if r.ok]
@@ -68,7 +68,7 @@ def candidates_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunn
 def embed_model(run: Refresh, records: list[PlateRecord], model: str, route: GpuRoute) -> None:
     """``model``'s vectors for each plate: stored ones are kept (damaged ones removed and
     computed again), the others are computed by the embed-plates flow, here or on a work pool."""
-    spec = load_profiles().model(model)
+    spec = load_profiles(root=run.root).model(model)
     stage, jobs = embed_stage(model), {}
     run.progress.stage(stage, len(records))
     for rec in records:
@@ -103,21 +103,21 @@ def _embed(run: Refresh, model: str, route: GpuRoute, jobs: list[PlateJob]) -> d
     if not route.local:
         wait = None if cfg.worker_wait_minutes is None else 60 * cfg.worker_wait_minutes
         return run_on_pool(route, model, jobs, cfg.chunk_size, cfg.weights_root,
-                           run.corpus.dispatch(run.run_id), run.logger, worker_wait_s=wait)
+                           run.corpus.dispatch(run.run_id), run.logger, worker_wait_s=wait, root=run.root)
     state = embed_plates(model, route.gpu_class, jobs=jobs, chunk_size=cfg.chunk_size,
-                         weights_root=cfg.weights_root, return_state=True)
+                         weights_root=cfg.weights_root, root=str(run.root), return_state=True)
     if not state.is_completed():
         return {job.name: state.message for job in jobs}
     try:
         return state.result()
     except MissingResult:  # completed, but its outcome did not come back (a busy server): the files say
         run.logger.warning("%s: embed-plates' outcome was lost; reading the vectors it stored", model)
-        dim = load_profiles().model(model).embed_dim
+        dim = load_profiles(root=run.root).model(model).embed_dim
         return {job.name: vectors_problem(job.cache_file, len(job.boxes), dim) for job in jobs}
 
 
 def smart_crop_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunner) -> None:
-    cfg, profiles = run.config, load_profiles()
+    cfg, profiles = run.config, load_profiles(root=run.root)
     keys = [f"{m}:{embedding_key(profiles.model(m), cfg.crop)}" for m in cfg.models]
     for rec in records:
         if rec.row.get("embed_status") is None and rec.boxes is not None:

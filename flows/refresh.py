@@ -105,20 +105,21 @@ def check_config(root: Path, config: RefreshConfig, partial: bool, logger) -> Gp
             read_parquet(CorpusLayout(root).embeddings_table(m), f"embeddings table of {m}")
     if not config.models:
         return None
-    profiles = load_profiles()
-    check_models(config, config.gpu_class, in_process=False)  # a typo is said before the server is asked
+    profiles = load_profiles(root=root)
+    check_models(config, config.gpu_class, in_process=False, root=root)  # a typo is said before the server is asked
     route = choose_route(config.gpu_class, config.gpu_dispatch, profiles,
                          detected=config.gpu_class or detect_gpu_class(profiles))
     logger.info("GPU step: %s", route.describe())
-    check_models(config, route.gpu_class, in_process=route.local)
+    check_models(config, route.gpu_class, in_process=route.local, root=root)
     return route
 
 
-def check_models(config: RefreshConfig, gpu_class: str | None, in_process: bool) -> None:
-    """``ConfigError`` for a model the profiles do not know, one too big for ``gpu_class``, or,
-    when the GPU step runs in this process, one whose weights this machine cannot have (a pool's
-    workers load weights of their own). Touches no plate and writes nothing."""
-    profiles = load_profiles()
+def check_models(config: RefreshConfig, gpu_class: str | None, in_process: bool, root: Path) -> None:
+    """``ConfigError`` for a model neither the profiles nor the corpus (its fine-tuned encoders)
+    know, one too big for ``gpu_class``, or, when the GPU step runs in this process, one whose
+    weights this machine cannot have (a pool's workers load weights of their own). Touches no
+    plate and writes nothing."""
+    profiles = load_profiles(root=root)
     for m in config.models:
         spec = profiles.model(m)
         if gpu_class is not None:

@@ -134,7 +134,8 @@ def split_runs(n: int, slots: int, chunk_size: int, max_run_plates: int | None =
 
 def run_on_pool(route: GpuRoute, model: str, jobs: list, chunk_size: int, weights_root: str | None,
                 report_dir: Path, logger, poll_s: float | None = None,
-                worker_wait_s: float | None = None, max_run_plates: int | None = None) -> dict[str, str | None]:
+                worker_wait_s: float | None = None, max_run_plates: int | None = None,
+                root: Path | None = None) -> dict[str, str | None]:
     """Send ``jobs`` as runs of the route's deployment to its class's work queue, all at once,
     and gather every plate's outcome: None, or why it failed.
 
@@ -153,12 +154,13 @@ def run_on_pool(route: GpuRoute, model: str, jobs: list, chunk_size: int, weight
     worker for ``worker_wait_s`` seconds (None: wait for ever), the runs no worker has taken yet
     are cancelled and their plates fail saying so; retry-failed-plates redoes them. If this
     refresh stops (Ctrl-C, an error), the runs it sent that have not finished are cancelled.
+    ``root``: the corpus, where the workers find a model of the corpus's own.
     """
     from prefect import get_client
 
     report_dir.mkdir(parents=True, exist_ok=True)
     with get_client(sync_client=True) as client:
-        runs = PoolRuns(client, route, model, chunk_size, weights_root, report_dir, logger, worker_wait_s)
+        runs = PoolRuns(client, route, model, chunk_size, weights_root, report_dir, logger, worker_wait_s, root)
         try:
             runs.send(jobs, max_run_plates)
             runs.wait(dispatch_policy().gpu.poll_seconds if poll_s is None else poll_s)
@@ -174,10 +176,10 @@ class PoolRuns:
     """One model's runs on a work queue (``run_on_pool``): sent, watched, resent, collected."""
 
     def __init__(self, client, route: GpuRoute, model: str, chunk_size: int, weights_root: str | None,
-                 report_dir: Path, logger, worker_wait_s: float | None):
+                 report_dir: Path, logger, worker_wait_s: float | None, root: Path | None = None):
         self.client, self.route, self.model, self.logger = client, route, model, logger
         self.chunk_size, self.weights_root, self.report_dir = chunk_size, weights_root, report_dir
-        self.worker_wait_s = worker_wait_s
+        self.worker_wait_s, self.root = worker_wait_s, root
         self.queue = work_pool().queue(route.gpu_class)
         self.where = f"{route.pool}/{route.queue}"
         self.parts: list[list] = []
@@ -224,7 +226,8 @@ class PoolRuns:
                              flow_run_name=f"embed-{self.model}-run-{n}" + (f"-retry-{attempt}" if attempt else ""),
                              parameters={"model": self.model, "jobs_file": str(jobs_file),
                                          "gpu_class": self.route.gpu_class, "chunk_size": self.chunk_size,
-                                         "weights_root": self.weights_root, "report": str(report)})
+                                         "weights_root": self.weights_root, "report": str(report),
+                                         **({"root": str(self.root)} if self.root else {})})
         self.logger.info("%s run %d/%d (%d plate(s)): flow run %s on %s", self.model, n + 1, len(self.parts),
                          len(self.parts[n]), run.name, self.where)
         return run.id, report

@@ -51,7 +51,7 @@ def patch_features(root: str, model: str, params: PatchParams = PatchParams(),  
     logger = get_run_logger()
     try:
         root_path = corpus_root(root)
-        spec = load_profiles().model(model)
+        spec = load_profiles(root=root_path).model(model)
         from plateflow.embed.models import require_weights
 
         require_weights(spec, Path(weights_root) if weights_root else None)
@@ -115,7 +115,7 @@ def train_segmentation(root: str, model: str, masks: str, params: PatchParams = 
     logger = get_run_logger()
     try:
         root_path = corpus_root(root)
-        spec = load_profiles().model(model)
+        spec = load_profiles(root=root_path).model(model)
         index = _patch_index(root_path, model)
         version = step_key(spec, params).version
         plates = {}

@@ -41,12 +41,15 @@ STEP_CODE: dict[str, tuple[str, ...]] = {
 # the code behaves exactly as the code of that version did; it stops applying at the next edit
 # (the version moves on), and a test then asks for it to be removed.
 KEPT_VERSIONS: dict[str, dict[str, str]] = {
-    "embed": {"573c6cb26cde": "a96d9e0ddc82"},  # moved to plateflow/embed; PlateJob.plate_id -> name
+    # moved to plateflow/embed; PlateJob.plate_id -> name; a corpus's own models (their weights
+    # folder, left out of the keys of the others)
+    "embed": {"5f33c22e4d5b": "a96d9e0ddc82"},
     "tiles": {"9a633ec33c3d": "9ae7a008ef61"},  # moved to plateflow/tiles.py; keys made by cache_key
     # The corpus-wide flags left plateflow/characterize/quality.py for plateflow/corpus_flags.py
     # (decided when the table is written, not part of a plate's characterization); the step's
     # key made once per batch; input_color_histograms.json on one line (the same numbers).
     "characterize": {"cb27a89d2a09": "1cb5b3541b5a"},
+    "patches": {"bf0f35219231": "4e49928ad1f9"},  # a corpus's own models (as embed)
 }
 
 

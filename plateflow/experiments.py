@@ -36,6 +36,7 @@ COLUMNS = {
     "duration_s": "REAL NOT NULL",
     "checkpoint": "TEXT NOT NULL",    # relative to ROOT
     "confusion_png": "TEXT NOT NULL",
+    "registered_model": "TEXT",       # a fine-tune: the corpus's model its encoder is, by name
 }
 JSON_COLUMNS = {"hyperparameters", "classes", "class_balance", "per_class"}
 

@@ -40,7 +40,7 @@ from plateflow.caching import code_version, fingerprint
 from plateflow.errors import ConfigError
 from plateflow.heads import confusion_png, scores
 from plateflow.layout import PREVIEW, CorpusLayout
-from plateflow.profiles import ModelSpec
+from plateflow.profiles import ModelSpec, register_model
 from plateflow.split import split_of
 from plateflow.tables import read_corpus_table
 
@@ -310,8 +310,10 @@ def run_job(run: FinetuneRun, job: int, spec: ModelSpec, device: str = "cpu", we
 
 
 def finish(run: FinetuneRun, spec: ModelSpec, device: str = "cpu", weights_root: Path | None = None,
-           logger=None) -> dict:
-    """Score the fine-tuned encoder and head on the test plates and record the experiment; its row."""
+           logger=None, name: str | None = None) -> dict:
+    """Score the fine-tuned encoder and head on the test plates, record the experiment and
+    register the encoder as the corpus's model ``name`` (default ``<model>-ft-<experiment id>``)
+    for refreshes, features and heads; the experiment's row."""
     import torch
     from safetensors.torch import save_file
 
@@ -356,10 +358,13 @@ def finish(run: FinetuneRun, spec: ModelSpec, device: str = "cpu", weights_root:
                              "f1": float(result["f1"][k]), "support": int(result["support"][k])}
                          for k, c in enumerate(run.classes)},
            "best_epoch": config.epochs, "duration_s": round(sum(j.get("seconds", 0) for j in jobs), 3),
-           "checkpoint": str(checkpoint.relative_to(run.root)), "confusion_png": str(png.relative_to(run.root))}
+           "checkpoint": str(checkpoint.relative_to(run.root)), "confusion_png": str(png.relative_to(run.root)),
+           "registered_model": name or f"{run.model}-ft-{experiment_id}"}
+    register_model(run.root, row["registered_model"], run.model, folder / "encoder")
     ledger.record(run.root, row)
-    logger.info("experiment %s: fine-tuned %d blocks of %s, test accuracy %.3f (%d test plates)", experiment_id,
-                config.blocks, run.model, result["accuracy"], len(test))
+    logger.info("experiment %s: fine-tuned %d blocks of %s, test accuracy %.3f (%d test plates); its encoder is "
+                "the corpus's model %s (`plateflow refresh --models %s`)", experiment_id, config.blocks, run.model,
+                result["accuracy"], len(test), row["registered_model"], row["registered_model"])
     return row
 
 

@@ -155,6 +155,11 @@ class CorpusLayout:
         return self.experiments / "segmentation.json"
 
     @property
+    def models(self) -> Path:
+        """The corpus's own models (fine-tuned encoders), by name: models.json."""
+        return self.experiments / "models.json"
+
+    @property
     def predictors(self) -> Path:
         """The experiments whose predictions plates.parquet keeps, by label: refreshes predict new plates."""
         return self.experiments / "predictors.json"

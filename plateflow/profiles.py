@@ -29,6 +29,12 @@ class ModelSpec(BaseModel):
     min_vram_gb: float = Field(ge=0)
     batch: dict[str, int]
     model_kwargs: dict = Field(default_factory=dict)  # extra constructor arguments (tiny test models)
+    weights: str | None = None  # a corpus's own model (a fine-tuned encoder): its weights folder
+
+    def identity(self) -> str:
+        """The entry as cache keys name it. The weights folder is left out: where a corpus is
+        mounted changes no vector (a corpus model's ``hub_id`` names its folder in the corpus)."""
+        return self.model_dump_json(exclude={"weights"})
 
 
 class GpuClass(BaseModel):
@@ -87,9 +93,94 @@ def profiles_dir() -> Path:
     return Path(os.environ.get("PLATEFLOW_PROFILES", DEFAULT_PROFILES))
 
 
-def load_profiles(directory: Path | None = None) -> Profiles:
-    """Read models.toml and gpu_classes.toml (once per directory; PLATEFLOW_PROFILES overrides)."""
-    return _load(Path(directory or profiles_dir()).resolve())
+def load_profiles(directory: Path | None = None, root: Path | str | None = None) -> Profiles:
+    """Read models.toml and gpu_classes.toml (once per directory; PLATEFLOW_PROFILES overrides);
+    with a corpus ``root``, its own models too (``corpus_models``: the fine-tuned encoders)."""
+    directory = Path(directory or profiles_dir()).resolve()
+    profiles = _load(directory)
+    if root is None:
+        return profiles
+    own = corpus_models(Path(root), directory)
+    return profiles.model_copy(update={"models": {**profiles.models, **own}}) if own else profiles
+
+
+def corpus_models(root: Path, directory: Path) -> dict[str, ModelSpec]:
+    """A corpus's own models, from ROOT/experiments/models.json (``register_model`` writes it):
+    each is its base model's entry with another name and the weights of the corpus's folder.
+    Read again only when the file changed."""
+    from plateflow.layout import CorpusLayout
+
+    path = CorpusLayout(Path(root)).models
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read the corpus's models {path}: {exc}") from None
+    return _corpus_models(path.resolve(), (st.st_size, st.st_mtime_ns, st.st_ino), directory)
+
+
+@lru_cache(maxsize=16)
+def _corpus_models(path: Path, _stamp: tuple, directory: Path) -> dict[str, ModelSpec]:
+    import json
+
+    from plateflow.layout import safe_key
+
+    try:
+        entries = json.loads(path.read_text())
+        if not isinstance(entries, dict):
+            raise ValueError("not a JSON object of models")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the corpus's models {path}: {exc}; remove the broken entry "
+                          f"(or the file: its models' experiments stay)") from None
+    root, profiles = path.parent.parent, _load(directory)
+    models = {}
+    for name, entry in entries.items():
+        where = f"model {name!r} of {path}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("base"), str) or not isinstance(entry.get("weights"), str):
+            raise ConfigError(f"{where}: needs a base model and a weights folder")
+        if safe_key(name) != name or name in profiles.models:
+            raise ConfigError(f"{where}: a corpus's model needs a name of letters, digits, _ and - that "
+                              f"profiles/models.toml does not use")
+        folder = (root / entry["weights"]).resolve()
+        if not folder.is_relative_to(root.resolve()):
+            raise ConfigError(f"{where}: its weights folder {entry['weights']!r} is outside the corpus")
+        base = profiles.model(entry["base"])
+        models[name] = base.model_copy(update={"name": name, "hub_id": f"corpus:{entry['weights']}",
+                                               "weights": str(folder)})
+    return models
+
+
+def check_model_name(name: str) -> None:
+    """``ConfigError`` unless ``name`` can name a corpus's model: letters, digits, ``_`` and
+    ``-``, and not a model of profiles/models.toml."""
+    from plateflow.layout import safe_key
+
+    known = _load(profiles_dir().resolve()).models
+    if safe_key(name) != name or name in known:
+        raise ConfigError(f"cannot name a fine-tuned model {name!r}: use letters, digits, _ and - and a name "
+                          f"profiles/models.toml does not use ({', '.join(known)})")
+
+
+def register_model(root: Path, name: str, base: str, weights: Path) -> ModelSpec:
+    """Record ``weights`` (a folder in the corpus holding ``model.safetensors`` of ``base``'s
+    architecture) as the corpus's model ``name``, replacing one of that name; its spec. A
+    ``base`` that is itself a corpus model gives its own base."""
+    import json
+
+    from plateflow.atomic import write_json
+    from plateflow.layout import CorpusLayout
+
+    root = Path(root)
+    check_model_name(name)
+    own = corpus_models(root, profiles_dir().resolve())  # a broken file is said, not overwritten
+    path = CorpusLayout(root).models
+    entries = json.loads(path.read_text()) if own else {}
+    base = entries[base]["base"] if base in entries else base
+    load_profiles().model(base)
+    entries[name] = {"base": base, "weights": Path(weights).resolve().relative_to(root.resolve()).as_posix()}
+    write_json(path, entries)
+    return load_profiles(root=root).model(name)
 
 
 @lru_cache(maxsize=8)

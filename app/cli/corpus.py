@@ -76,7 +76,7 @@ def refresh(
     workers: Annotated[Optional[int], typer.Option(metavar="N", min=1, help=described(RefreshConfig, "workers", f"default: one per core, at most {POLICY.cpu.max_workers if POLICY else 'max_workers of profiles/dispatch.toml'}"))] = None,
     no_viz: Annotated[bool, typer.Option("--no-viz", help="Skip the viz/ PNG files.")] = False,
     max_megapixels: Annotated[float, typer.Option(metavar="MP", help="Plates above this size fail.")] = MAX_MEGAPIXELS,
-    models: Annotated[str, typer.Option(metavar="NAMES", help=f"Comma-separated embedding models: {MODEL_NAMES}. Default: none (characterization only).")] = "",
+    models: Annotated[str, typer.Option(metavar="NAMES", help=f"Comma-separated embedding models: {MODEL_NAMES}, or the corpus's fine-tuned encoders (experiments/models.json). Default: none (characterization only).")] = "",
     crop_model: Annotated[Optional[str], typer.Option(metavar="NAME", help=described(RefreshConfig, "crop_model"))] = None,
     crop_format: Annotated[CropFormat, typer.Option(help=described(CropParams, "crop_format"))] = "jpeg",
     min_crop_area: Annotated[float, typer.Option(metavar="FRACTION", help=described(CropParams, "min_area_fraction"))] = 0.0,
@@ -125,7 +125,8 @@ def refresh(
         # Said here, before a server starts or a plate is touched: a model typo, and the weights
         # when the GPU step will run here (always without PREFECT_API_URL: the local server has
         # no work pool).
-        check_models(cfg, cfg.gpu_class, in_process=cfg.gpu_dispatch == "local" or not os.environ.get("PREFECT_API_URL"))
+        check_models(cfg, cfg.gpu_class, in_process=cfg.gpu_dispatch == "local" or not os.environ.get("PREFECT_API_URL"),
+                     root=root)
         if failed_only:
             _read_tables(root, cfg.models)
         with local_api(), progress_bars():

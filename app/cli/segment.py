@@ -56,7 +56,7 @@ def patches(
     params = _patch_params(patch_size, overlap)
     try:
         root = corpus_root(root)
-        require_weights(load_profiles().model(model))
+        require_weights(load_profiles(root=root).model(model))
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
     _run(patch_features, str(root), model, params)

@@ -25,6 +25,8 @@ class LoadedModel:
 
 
 def weights_dir(spec: ModelSpec, weights_root: Path | None) -> Path | None:
+    if spec.weights is not None:  # a corpus's own model: its folder in the corpus, nothing else
+        return Path(spec.weights)
     root = weights_root or (Path(os.environ["PLATEFLOW_WEIGHTS"]) if os.environ.get("PLATEFLOW_WEIGHTS") else None)
     if root and (Path(root) / spec.name).is_dir():
         return Path(root) / spec.name
@@ -51,6 +53,11 @@ def load_model(spec: ModelSpec, weights_root: Path | None = None) -> LoadedModel
 
 
 def _unavailable(spec: ModelSpec, why: str) -> ModelUnavailableError:
+    if spec.weights is not None:
+        return ModelUnavailableError(
+            f"no weights for model {spec.name}, the corpus's fine-tuned {spec.architecture}: {why}. Its "
+            f"folder {spec.weights} is named in the corpus's experiments/models.json; fine-tune again, "
+            f"or remove the entry")
     return ModelUnavailableError(
         f"no weights for model {spec.name} ({spec.hub_id}): {why}. "
         f"Provide them by running `huggingface-cli download {spec.hub_id}` on a machine with "

@@ -24,7 +24,7 @@ from plateflow.profiles import ModelSpec
 def step_key(spec: ModelSpec, params: CropParams) -> StepKey:
     """The vectors' key: the model's entry in the capability table, the crop parameters (the
     candidates' boxes) and the code of the models, readers, mapper, writer and candidates."""
-    return cache_key("embed", spec.model_dump_json(), params.fingerprint())
+    return cache_key("embed", spec.identity(), params.fingerprint())
 
 
 def embedding_key(spec: ModelSpec, params: CropParams) -> str:

@@ -58,7 +58,7 @@ class PatchParams(BaseModel):
 def step_key(spec: ModelSpec, params: PatchParams) -> StepKey:
     """The patch tokens' key: the model's entry in the capability table, the patch parameters
     and the code of the patch and encoder modules."""
-    return cache_key("patches", spec.model_dump_json(), params.fingerprint())
+    return cache_key("patches", spec.identity(), params.fingerprint())
 
 
 def _starts(length: int, size: int, stride: int) -> list[int]:

@@ -14,9 +14,12 @@ from PIL import Image
 
 from flows.finetune import finetune
 from flows.refresh import refresh_corpus
-from plateflow.config import RefreshConfig
+from plateflow.config import HeadConfig, RefreshConfig
 from plateflow.experiments import experiments
+from plateflow.features import open_store
 from plateflow.finetune import FinetuneConfig, FinetuneRun, labelled_items
+from plateflow.heads import train_experiment
+from plateflow.layout import CorpusLayout
 
 from fixtures import REPO
 from fixtures.plates import make_plate
@@ -85,3 +88,25 @@ def test_fine_tuning_the_last_blocks_learns_what_the_frozen_encoder_cannot_and_s
     assert frozen_row["accuracy"] <= 0.7 and row["accuracy"] >= 0.9, (frozen_row["accuracy"], row["accuracy"])
     assert (root / row["checkpoint"]).is_file()
     assert (root / row["checkpoint"]).parent.parent.joinpath("encoder", "model.safetensors").is_file()
+
+    # The fine-tuned encoder is a model of the corpus: a refresh embeds with it, its features
+    # are cached like any model's, and a light head on them learns what the frozen one cannot.
+    name = row["registered_model"]
+    assert name == f"{MODEL}-ft-{row['id']}" and name in state.message
+    state = refresh_corpus(str(root), RefreshConfig(models=[MODEL, name], gpu_class="CPU"), return_state=True)
+    assert state.is_completed(), state.message
+    corpus = CorpusLayout(root)
+    stores = {m: open_store(corpus.features(m)) for m in (MODEL, name)}
+    assert all(s.rows == len(labels) for s in stores.values())
+    assert not np.allclose(np.asarray(stores[MODEL].vectors, np.float32), np.asarray(stores[name].vectors, np.float32),
+                           atol=1e-2)
+    heads = {m: train_experiment(root, m, "stripes", HeadConfig(epochs=60, test_fraction=0.25), labels)
+             for m in (MODEL, name)}
+    assert heads[MODEL]["accuracy"] <= 0.7 and heads[name]["accuracy"] >= 0.9, \
+        {m: h["accuracy"] for m, h in heads.items()}
+    vectors = sorted(corpus.vector_store(name).glob("*.npy"))
+    stamps = [v.stat().st_mtime_ns for v in vectors]
+    state = refresh_corpus(str(root), RefreshConfig(models=[MODEL, name], gpu_class="CPU"), return_state=True)
+    assert state.is_completed(), state.message
+    assert f"embeddings: 0 computed, {len(labels)} cached" in state.message
+    assert len(vectors) == len(labels) and [v.stat().st_mtime_ns for v in vectors] == stamps  # cached

@@ -426,3 +426,58 @@ def test_the_gelu_epilogue_mlp_computes_fc1_gelu_fc2_and_only_reduced_precision_
     assert torch.nn.functional.cosine_similarity(fused, exact).min() > 0.9999
     cpu = ViewEncoder(copy.deepcopy(model), "cpu", "bfloat16")  # the CPU runs float32, the published model
     assert sum(type(m) is Mlp for m in cpu.net.modules()) == len(cpu.net.blocks)
+
+
+def test_a_corpus_model_is_its_base_with_the_corpus_weights_and_its_own_cache_key(tiny_env, tmp_path):
+    """ROOT/experiments/models.json (a fine-tune registers its encoder there): the model loads
+    its folder's weights whatever PLATEFLOW_WEIGHTS says, keys its vectors apart from its base,
+    and a profiles model's key does not depend on the field corpus models add."""
+    from safetensors.torch import save_file
+
+    from plateflow.embed.writer import embedding_key
+    from plateflow.profiles import register_model
+
+    root = tmp_path / "corpus"
+    base = load_profiles().model("tiny_dinov2")
+    net = load_model(base).net
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05)  # other weights than the base's: what a fine-tune leaves
+    (root / "experiments" / "x" / "encoder").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, root / "experiments/x/encoder/model.safetensors")
+
+    spec = register_model(root, "tiny-ft", "tiny_dinov2", root / "experiments/x/encoder")
+    assert json.loads((root / "experiments/models.json").read_text()) == {
+        "tiny-ft": {"base": "tiny_dinov2", "weights": "experiments/x/encoder"}}
+    assert load_profiles().models.keys() == load_profiles(root=tmp_path).models.keys()  # another corpus: not there
+    assert load_profiles(root=root).model("tiny-ft") == spec
+    assert (spec.architecture, spec.embed_dim, spec.hub_id) == (base.architecture, base.embed_dim, "corpus:experiments/x/encoder")
+    require_weights(spec)
+    pixels = torch.rand(2, 3, base.input_size, base.input_size)
+    with torch.no_grad():
+        tuned = load_model(spec).net(pixels)
+        np.testing.assert_allclose(tuned, net(pixels), atol=1e-5)
+        assert not np.allclose(tuned, load_model(base).net(pixels), atol=1e-3)
+    assert embedding_key(spec, CropParams()) != embedding_key(base, CropParams())
+    assert '"weights"' not in base.identity() and json.loads(base.identity()) == base.model_dump(exclude={"weights"})
+    assert register_model(root, "tiny-ft2", "tiny-ft", root / "experiments/x/encoder").architecture == base.architecture
+    assert json.loads((root / "experiments/models.json").read_text())["tiny-ft2"]["base"] == "tiny_dinov2"
+
+    (root / "experiments/x/encoder/model.safetensors").unlink()
+    with pytest.raises(ModelUnavailableError, match=r"tiny-ft, the corpus's fine-tuned .*experiments/models.json"):
+        require_weights(spec)
+    for bad, problem in ((["a", "list"], "not a JSON object"),
+                         ({"tiny_dinov2": {"base": "tiny_dinov2", "weights": "w"}}, "profiles/models.toml does not use"),
+                         ({"../x": {"base": "tiny_dinov2", "weights": "w"}}, "letters, digits"),
+                         ({"out": {"base": "tiny_dinov2", "weights": "../../elsewhere"}}, "outside the corpus"),
+                         ({"nobase": {"base": "no_such_model", "weights": "w"}}, "unknown model 'no_such_model'"),
+                         ({"half": {"base": "tiny_dinov2"}}, "needs a base model and a weights folder")):
+        (root / "experiments/models.json").write_text(json.dumps(bad))
+        with pytest.raises(ConfigError, match=problem):
+            load_profiles(root=root)
+    (root / "experiments/models.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read the corpus's models"):
+        register_model(root, "tiny-ft3", "tiny_dinov2", root / "experiments/x/encoder")
+    assert (root / "experiments/models.json").read_text() == "{not json"  # said, not overwritten
+    with pytest.raises(ConfigError, match="cannot name a fine-tuned model 'a b'"):
+        register_model(root, "a b", "tiny_dinov2", root / "experiments/x/encoder")
