@@ -6,12 +6,13 @@ batch whose outcome was lost or whose worker died, for every stage alike. ``hash
 
 from __future__ import annotations
 
+import queue
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from prefect.exceptions import MissingResult
-from prefect.futures import as_completed
+from prefect.futures import _register_prefect_done_callback  # what as_completed uses: threads and Dask alike
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import TaskRunner
 
@@ -71,15 +72,28 @@ def run_batches(stage: BatchStage, records: list, runner: Callable[[], TaskRunne
     submit = runner().submit
     futures = {submit(stage.task, {stage.items_arg: [stage.item(r) for r in group], **stage.args, "name": name}):
                (name, group) for name, group in zip(names, groups)}
-    for done, future in enumerate(as_completed(list(futures)), start=1):
-        name, group = futures[future]
+    for done, future in enumerate(completed(list(futures)), start=1):
+        name, group = futures.pop(future)  # a batch's outcomes are let go once applied
         outcomes = _outcomes(stage, future, group, logger)
+        del future
         for record, outcome in zip(group, outcomes):
             stage.apply(record, outcome)
         failed = sum(o.failed for o in outcomes)
         logger.info("%s batch %s: %s, %d failed (%d of %d batches done)", stage.name, name,
                     plural(len(group), "plate"), failed, done, len(groups))
         batching.on_batch(len(group), failed)
+
+
+def completed(futures: list) -> Iterator:
+    """``futures`` as each completes, like Prefect's ``as_completed``, but keeping no reference
+    to one it has handed out: a stage of 10^5 plates does not hold every batch's outcomes."""
+    finished: queue.SimpleQueue = queue.SimpleQueue()
+    count = len(futures)
+    for future in futures:
+        _register_prefect_done_callback(future, finished.put)
+    futures.clear()
+    for _ in range(count):
+        yield finished.get()
 
 
 def _outcomes(stage: BatchStage, future, group: list, logger) -> list[PlateOutcome]:

@@ -222,7 +222,7 @@ def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem
     try:
         written = write_corpus_table(run.root, rows, partial=run.partial, keep=run.settled,
                                      flow_runs=(str(flow_run.id), str(flow_run.root_flow_run_id)),
-                                     finalize=lambda table: corpus_flags_table(table, profile),
+                                     finalize=lambda table, **changed: corpus_flags_table(table, profile, **changed),
                                      plate_flags=frozenset(PLATE_FLAGS), finalize_version=flags_version(profile))
     except OSError as exc:  # a full disk: say so, and what this run found, never the old table's counts
         message = (f"could not write the corpus table: {exc}; it still holds an earlier run's rows. "

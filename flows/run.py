@@ -57,7 +57,9 @@ class PlateRecord:
         return self.metadata["width"], self.metadata["height"]
 
     def settle(self, status: str, metadata: dict) -> None:
-        self.metadata = metadata
+        """The plate's characterization (input_image.json's fields) into its row; of the rest
+        only what the GPU stages read is kept (a refresh holds 10^5 records)."""
+        self.metadata = {k: metadata[k] for k in ("sha256", "width", "height")}
         quality = metadata.get("quality") or {}
         self.row.update({k: metadata[k] for k in CHARACTERIZATION_COLUMNS}, characterize_status=status,
                         quality_flags=quality.get("flags"), pixel_hash=quality.get("pixel_hash"),

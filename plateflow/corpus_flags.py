@@ -10,7 +10,9 @@ plate's own flags: plateflow/characterize/quality.py):
 Each duplicate names the plate it duplicates (``duplicate_of``). Thresholds:
 profiles/quality.toml. The decisions are made on columns (``decide``), so a corpus table of 10^5
 plates is flagged without a Python object per plate (``corpus_flags_table``); ``corpus_flags``
-applies them to rows as dicts.
+applies them to rows as dicts. When a few rows of a table whose flags were decided changed,
+only the near-duplicate decisions those rows can touch are made again (``decide_changed``):
+the same flags as deciding everything, at the cost of the changed rows.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from plateflow.flags import PLATE_FLAGS
 from plateflow.profiles import QualityProfile
 
 CORPUS_FLAGS = ("odd_size", "exact_duplicates", "near_duplicates")  # in this order after the plate's own
+MAX_CHANGED = 64  # beyond this many changed candidates, every near-duplicate is decided again
+MAX_TOUCHED = 512  # ... or this many rows within their reach
 _BLOCK_ELEMENTS = 2_000_000  # distances computed at once in a crowded bucket
 _HEX = np.zeros(256, np.uint64)  # a hex digit's value by its byte
 _HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10, dtype=np.uint64)
@@ -45,6 +49,66 @@ def decide(ok: np.ndarray, width: np.ndarray, height: np.ndarray, pixel_hash: li
            plate_id: list, profile: QualityProfile) -> Decision:
     """The corpus flags of every plate (``ok``: the plates that get flags), in row order: the
     first plate of a group is the original, the later ones duplicate it."""
+    odd, exact, dup_of = _odd_and_exact(ok, width, height, pixel_hash, plate_id, profile)
+    near = np.zeros(len(ok), bool)
+    for later, earlier in _near_pairs(np.flatnonzero(ok & ~exact).tolist(), phash, profile.near_duplicates.max_distance):
+        near[later], dup_of[later] = True, plate_id[earlier]
+    return Decision(odd, exact, near, dup_of)
+
+
+def decide_changed(ok: np.ndarray, width: np.ndarray, height: np.ndarray, pixel_hash: list, phash,
+                   plate_id: list, profile: QualityProfile, was: Decision, was_ok: np.ndarray, changed: np.ndarray,
+                   was_phash: dict[int, str | None]) -> Decision | None:
+    """``decide``'s result, given the decision ``was`` made before the rows at ``changed``
+    changed (``was_ok`` and ``was_phash``: those rows' status and perceptual hashes then; every
+    other row is as it was). A row's near duplicate is the closest, then earliest, earlier
+    candidate within the distance, so only rows near a candidate that changed (its hashes
+    before or now) can decide otherwise: those are decided again, the rest keep ``was``. Odd
+    sizes (a median) and exact duplicates (a pass over strings) are decided again whole.
+    None when too many candidates changed for that to pay."""
+    odd, exact, dup_of = _odd_and_exact(ok, width, height, pixel_hash, plate_id, profile)
+    d = profile.near_duplicates.max_distance
+    cand, was_cand = ok & ~exact, was_ok & ~was.exact_duplicates
+    moved = np.union1d(np.flatnonzero(cand != was_cand), changed).astype(np.int64)
+    if len(moved) > MAX_CHANGED:
+        return None
+    owner, values = _hash_values(phash, list(range(len(ok))))
+    touched = set(moved.tolist())
+    for x in moved.tolist():  # every row within reach of what a changed candidate is, or was
+        now = values[owner == x]
+        before = _hash_values([was_phash[x]], [0])[1] if x in was_phash else now
+        for probe in ([now] if cand[x] else []) + ([before] if was_cand[x] else []):
+            if len(probe):
+                near = (np.bitwise_count(values[None, :] ^ probe[:, None]) <= d).any(axis=0)
+                touched.update(owner[near & (owner > x)].tolist())
+        if len(touched) > MAX_TOUCHED:  # a crowded hash (blank pages): deciding everything is cheaper
+            return None
+    near = was.near_duplicates.copy()
+    for i in np.flatnonzero(was.near_duplicates).tolist():
+        if not exact[i]:
+            dup_of[i] = was.duplicate_of[i]
+    for b in sorted(touched):
+        near[b] = False
+        if exact[b] or not cand[b]:
+            if not exact[b]:
+                dup_of[b] = None
+            continue
+        dup_of[b] = None
+        mine = values[owner == b]
+        earlier = (owner < b) & cand[owner]
+        if not len(mine) or not earlier.any():
+            continue
+        dist = np.bitwise_count(values[earlier][None, :] ^ mine[:, None]).min(axis=0)
+        rows = owner[earlier]
+        within = dist <= d
+        if within.any():
+            best = np.lexsort((rows[within], dist[within]))[0]  # the closest, then the earliest
+            near[b], dup_of[b] = True, plate_id[int(rows[within][best])]
+    return Decision(odd, exact, near, dup_of)
+
+
+def _odd_and_exact(ok: np.ndarray, width: np.ndarray, height: np.ndarray, pixel_hash: list, plate_id: list,
+                   profile: QualityProfile) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
     n = len(ok)
     odd = np.zeros(n, bool)
     p = profile.odd_size
@@ -64,11 +128,7 @@ def decide(ok: np.ndarray, width: np.ndarray, height: np.ndarray, pixel_hash: li
             exact[i], dup_of[i] = True, plate_id[first[h]]
         else:
             first[h] = i
-    near = np.zeros(n, bool)
-    for later, earlier in _near_pairs([i for i in idx.tolist() if not exact[i]], phash,
-                                      profile.near_duplicates.max_distance):
-        near[later], dup_of[later] = True, plate_id[earlier]
-    return Decision(odd, exact, near, dup_of)
+    return odd, exact, dup_of
 
 
 def flags_version(profile: QualityProfile) -> str:
@@ -98,15 +158,26 @@ def corpus_flags(rows: list[dict], profile: QualityProfile) -> None:
             f for f in CORPUS_FLAGS if getattr(d, f)[i]]
 
 
-def corpus_flags_table(table: pa.Table, profile: QualityProfile) -> pa.Table:
+def corpus_flags_table(table: pa.Table, profile: QualityProfile, changed: np.ndarray | None = None,
+                       before: pa.Table | None = None) -> pa.Table:
     """``corpus_flags`` over a corpus table, in Arrow and NumPy: its ``quality_flags`` and
-    ``duplicate_of`` columns set from the columns they depend on."""
+    ``duplicate_of`` columns set from the columns they depend on. ``changed``: the only rows
+    that are new since the table's flags were decided (with this profile and code), ``before``
+    those rows as they were then; the decision is then ``decide_changed``'s."""
     n = table.num_rows
+    ok = _ok(table)
     width = pc.fill_null(table.column("width"), 0).to_numpy().astype(np.int64)
-    ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_numpy() & (width != 0)
     height = pc.fill_null(table.column("height"), 0).to_numpy().astype(np.int64)
-    d = decide(ok, width, height, table.column("pixel_hash").to_pylist(), table.column("phash"),
-               table.column("plate_id").to_pylist(), profile)
+    args = (ok, width, height, table.column("pixel_hash").to_pylist(), table.column("phash"),
+            table.column("plate_id").to_pylist(), profile)
+    d = None
+    if changed is not None and before is not None:
+        was = _decided(table, changed, before)
+        was_ok = ok.copy()
+        was_ok[changed] = _ok(before)
+        d = decide_changed(*args, was, was_ok, changed, dict(zip(changed.tolist(), before.column("phash").to_pylist())))
+    if d is None:
+        d = decide(*args)
     flags = table.column("quality_flags").combine_chunks()
     values = pc.list_flatten(flags)
     parents = pc.list_parent_indices(flags).to_numpy()
@@ -127,6 +198,30 @@ def corpus_flags_table(table: pa.Table, profile: QualityProfile) -> pa.Table:
     table = table.set_column(i, table.schema.field(i), column.cast(table.schema.field(i).type))
     i = table.schema.get_field_index("duplicate_of")
     return table.set_column(i, table.schema.field(i), pa.array(d.duplicate_of, pa.string()))
+
+
+def _ok(table: pa.Table) -> np.ndarray:
+    """The rows that get corpus flags: ok plates with a size."""
+    width = pc.fill_null(table.column("width"), 0).to_numpy()
+    return pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_numpy(zero_copy_only=False) & (width != 0)
+
+
+def _decided(table: pa.Table, changed: np.ndarray, before: pa.Table) -> Decision:
+    """The corpus flags a table records (its rows at ``changed`` as ``before`` records them)."""
+    def flags(t: pa.Table) -> dict[str, np.ndarray]:
+        column = t.column("quality_flags").combine_chunks()
+        values = pc.list_flatten(column)
+        parents = pc.list_parent_indices(column).to_numpy()
+        return {name: np.bincount(parents[pc.fill_null(pc.equal(values, name), False).to_numpy(zero_copy_only=False)],
+                                  minlength=t.num_rows) > 0 for name in CORPUS_FLAGS}
+
+    now, then = flags(table), flags(before)
+    for name in CORPUS_FLAGS:
+        now[name][changed] = then[name]
+    dup_of = table.column("duplicate_of").to_pylist()
+    for i, v in zip(changed.tolist(), before.column("duplicate_of").to_pylist()):
+        dup_of[i] = v
+    return Decision(now["odd_size"], now["exact_duplicates"], now["near_duplicates"], dup_of)
 
 
 def _near_pairs(candidates: list[int], phash: list, max_distance: int, big_bucket: int = 256) -> list[tuple[int, int]]:

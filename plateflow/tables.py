@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -92,7 +93,7 @@ _CORPUS_WIDE = ("quality_flags", "duplicate_of")
 
 
 def write_corpus_table(root: Path, rows: list[dict[str, Any]], partial: bool = False,
-                       flow_runs: tuple[str, ...] = (), finalize: Callable[[pa.Table], pa.Table] | None = None,
+                       flow_runs: tuple[str, ...] = (), finalize: Callable[..., pa.Table] | None = None,
                        keep: set[str] | frozenset[str] = frozenset(), plate_flags: frozenset[str] = frozenset(),
                        finalize_version: str = "") -> bool:
     """Merge ``rows`` into ROOT/plates.parquet and write it atomically if anything changed
@@ -107,7 +108,9 @@ def write_corpus_table(root: Path, rows: list[dict[str, Any]], partial: bool = F
     say) are kept, each value with its plate folder. ``finalize(table)`` returns the merged
     table with its corpus-wide columns (``quality_flags`` of which only ``plate_flags``
     compare between rows, and ``duplicate_of``) set; it is not called when no row changed and
-    the table records the same ``finalize_version`` (what decided them). ``flow_runs`` (the writing flow run's id
+    the table records the same ``finalize_version`` (what decided them). When it does, and only
+    some rows replaced theirs in place, it is told which (``changed``: their positions;
+    ``before``: the old rows there), so it can decide only what they touch. ``flow_runs`` (the writing flow run's id
     and its root run's) are recorded in the table's metadata. An old table that cannot be read
     is kept beside it as ``plates.parquet.unreadable`` (a full refresh replaces it; a partial
     one refuses).
@@ -143,6 +146,7 @@ def write_corpus_table(root: Path, rows: list[dict[str, Any]], partial: bool = F
     refreshed, replaced = {r["plate_dir"] for r in rows}, set(new)
     kept = [i for i, f in enumerate(old_folders) if f not in replaced and (partial or f in keep or f in refreshed)]
     removed = len(old_folders) - len(kept) - len(replaced & at.keys())
+    in_place = None  # the positions of the only rows that changed, each in its old place
     if base is not None and not removed and all(f in at for f in new):
         # Every plate has its old place: the old table's slices around the new rows (no copy).
         pieces, prev = [], 0
@@ -150,6 +154,7 @@ def write_corpus_table(root: Path, rows: list[dict[str, Any]], partial: bool = F
             pieces += [base.slice(prev, pos - prev), fresh.slice(i, 1)]
             prev = pos + 1
         table = pa.concat_tables(pieces + [base.slice(prev)])
+        in_place = sorted(at[f] for f in new)
     else:
         table = pa.concat_tables(([base.take(_ix(kept))] if base is not None else []) + [fresh])
         folders = table.column("plate_dir").to_pylist()
@@ -163,7 +168,10 @@ def write_corpus_table(root: Path, rows: list[dict[str, Any]], partial: bool = F
     if unchanged and decided == finalize_version:
         return False  # nothing changed: the file stays as it is, byte for byte
     if finalize is not None:
-        table = finalize(table)
+        if in_place and finalize_version and decided == finalize_version and _typed(old):
+            table = finalize(table, changed=np.array(in_place, np.int64), before=base.take(_ix(in_place)))
+        else:
+            table = finalize(table)
     if unchanged and not finalize_version and all(table.column(c).equals(base.column(c)) for c in _CORPUS_WIDE):
         return False  # (with a version, a table decided otherwise is written once, to record it)
     table = _carry_foreign_columns(old, table)

@@ -288,3 +288,68 @@ def test_the_corpus_tables_flags_are_the_rows_flags_decided_on_columns():
     assert flagged.column("quality_flags").to_pylist() == [r["quality_flags"] for r in rows]
     assert flagged.column("duplicate_of").to_pylist() == [r["duplicate_of"] for r in rows]
     assert {f for r in rows for f in r["quality_flags"] or ()} >= {"odd_size", "exact_duplicates", "near_duplicates"}
+
+
+def test_flags_decided_for_the_changed_rows_only_are_those_decided_for_every_row():
+    """A table whose flags were decided, a few rows changed (their hashes, status, ids; a
+    duplicate appearing, an original going): ``corpus_flags_table`` given the changed rows
+    decides only what they can reach, and gets what deciding every row gets."""
+    import random
+
+    import pyarrow as pa
+
+    import pyarrow.compute as pc
+
+    from plateflow import corpus_flags as cf
+    from plateflow.tables import PLATES_SCHEMA
+
+    rng = random.Random(11)
+    profile = quality_profile()
+    d = profile.near_duplicates.max_distance
+
+    def near(h: int) -> int:
+        for b in rng.sample(range(64), rng.randrange(d + 3)):  # within the distance, or just beyond it
+            h ^= 1 << b
+        return h
+
+    base = [rng.getrandbits(64) for _ in range(30)]
+
+    def row(i: int) -> dict:
+        ok = rng.random() > 0.08
+        h = near(rng.choice(base)) if rng.random() < 0.6 else rng.getrandbits(64)
+        return {"plate_dir": f"plate-{i}", "plate_id": f"p{i}-{rng.randrange(3)}", "status": "ok" if ok else "failed",
+                "width": rng.choice([8, 2000, 3000]) if ok else None, "height": 2500 if ok else None,
+                "pixel_hash": rng.choice(["a", "b", None] + [f"u{i}"] * 12) if ok else None,
+                "phash": f"{h:016x} {near(h):016x}" if ok and rng.random() > 0.05 else None,
+                "quality_flags": rng.sample(["dark", "blurry"], rng.randrange(2)) if ok else None}
+
+    def table(rows):
+        return pa.Table.from_pylist([{k: r.get(k) for k in PLATES_SCHEMA.names} for r in rows], schema=PLATES_SCHEMA)
+
+    rows = [row(i) for i in range(400)]
+    decided = cf.corpus_flags_table(table(rows), profile)
+    incremental = 0
+    for trial in range(60):
+        changed = sorted(rng.sample(range(len(rows)), rng.choice([1, 1, 2, 3, 8])))
+        new = list(rows)
+        for i in changed:
+            new[i] = row(i) if rng.random() < 0.7 else {**rows[(i * 7 + trial) % len(rows)], "plate_dir": f"plate-{i}"}
+        fresh = table(new)
+        merged = pa.concat_tables([decided.slice(i, 1) if i not in changed else fresh.slice(i, 1)
+                                   for i in range(len(new))])  # the unchanged rows as decided
+        expected = cf.corpus_flags_table(fresh, profile)
+        at = np.array(changed)
+        was, ok = cf._decided(merged, at, decided.take(at)), cf._ok(fresh)
+        was_ok = ok.copy()
+        was_ok[at] = cf._ok(decided.take(at))
+        step = cf.decide_changed(ok, *(pc.fill_null(fresh.column(c), 0).to_numpy() for c in ("width", "height")),
+                                 fresh.column("pixel_hash").to_pylist(), fresh.column("phash"),
+                                 fresh.column("plate_id").to_pylist(), profile, was, was_ok, at,
+                                 dict(zip(changed, decided.take(at).column("phash").to_pylist())))
+        incremental += step is not None
+        got = cf.corpus_flags_table(merged, profile, at, decided.take(at))
+        assert got.column("quality_flags").to_pylist() == expected.column("quality_flags").to_pylist(), trial
+        assert got.column("duplicate_of").to_pylist() == expected.column("duplicate_of").to_pylist(), trial
+        rows, decided = new, expected
+    assert incremental == 60  # every trial took the changed rows' path
+    assert sum("near_duplicates" in (f or []) for f in decided.column("quality_flags").to_pylist()) > 20

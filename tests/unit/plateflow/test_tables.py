@@ -87,8 +87,8 @@ def test_an_unchanged_table_is_not_written_nor_flagged_again(tmp_path):
     rows = [{"plate_dir": f"plate-{i:03d}", "plate_id": f"p{i}", "status": "ok", "width": 10 + i} for i in range(5)]
     calls = []
 
-    def finalize(table):
-        calls.append(table.num_rows)
+    def finalize(table, changed=None, before=None):
+        calls.append(table.num_rows if changed is None else (list(changed), before.column("width").to_pylist()))
         return table
 
     assert write_corpus_table(tmp_path, rows, finalize=finalize, finalize_version="v1") is True
@@ -108,3 +108,8 @@ def test_an_unchanged_table_is_not_written_nor_flagged_again(tmp_path):
     after = {r["plate_dir"]: r for r in pq.read_table(path).to_pylist()}
     assert list(after) == ["plate-000", "plate-001", "plate-002", "plate-003"]
     assert after["plate-002"]["width"] == 99 and after["plate-000"] == first["plate-000"]
+    # Rows changed in place (no plate added or gone): the flags are decided knowing which, and how they were.
+    changed = [dict(r, width=7) if r["plate_dir"] == "plate-001" else dict(r, width=99) if r["plate_dir"] == "plate-002"
+               else r for r in rows[:4]]
+    assert write_corpus_table(tmp_path, changed, finalize=finalize, finalize_version="v2") is True
+    assert calls[-2:] == [4, ([1], [11])]
