@@ -50,6 +50,7 @@ KEPT_VERSIONS: dict[str, dict[str, str]] = {
     # key made once per batch; input_color_histograms.json on one line (the same numbers).
     "characterize": {"cb27a89d2a09": "1cb5b3541b5a"},
     "patches": {"bf0f35219231": "4e49928ad1f9"},  # a corpus's own models (as embed)
+    "crop": {"293a567fd7b6": "8f22da1def10"},  # a crop found from an earlier run is counted cached in the logs
 }
 
 

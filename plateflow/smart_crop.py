@@ -245,7 +245,11 @@ def smart_crop_plates(items: list[CropJob], run_id: str, crop_model: str, params
                       logger=None) -> list[PlateOutcome]:
     """Each plate's best crop and runs/<run_id>/ outputs (or an earlier run's, for the same key)."""
     logger = logger or logging.getLogger(__name__)
-    return [isolated(j.plate.folder, "smart_crop", lambda j=j: smart_crop_plate(
+    outcomes = [isolated(j.plate.folder, "smart_crop", lambda j=j: smart_crop_plate(
         j.plate, run_id, j.key, j.vector_files, j.boxes, crop_model, params, j.original_size, j.sha256, j.mask,
         j.mask_index), logger)
         for j in items]
+    for o in outcomes:  # an earlier run's outputs for the key: said as cached, as the row says
+        if not o.failed and o.value["crop_status"] == "cached":
+            o.status = "cached"
+    return outcomes

@@ -233,8 +233,6 @@ def _print_status(root: Path) -> tuple[bool, int]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from collections import Counter
-
     from plateflow.artifacts import RunCounts, report_url
     from plateflow.layout import CorpusLayout
     from plateflow.tables import read_corpus_table
@@ -242,12 +240,11 @@ def _print_status(root: Path) -> tuple[bool, int]:
     table = read_corpus_table(root)
     if table is None:
         return False, 0
-    rows = table.to_pylist()
     unreadable = 0
-    failed = [r for r in rows if r["status"] == Status.FAILED]
-
-    counts = RunCounts.of(rows, set(), ["any"] if any(r.get("embed_status") for r in rows) else [])
-    console.print(f"{len(rows)} plates: {len(rows) - len(failed)} ok, {len(failed)} failed; "
+    failed = table.filter(pc.fill_null(pc.equal(table.column("status"), Status.FAILED), False)).select(
+        ["plate_dir", "failed_step", "error"]).to_pylist()
+    counts = RunCounts.of_table(table)
+    console.print(f"{table.num_rows} plates: {table.num_rows - len(failed)} ok, {len(failed)} failed; "
                   + "; ".join(counts.steps()))
     for path in CorpusLayout(root).embeddings_tables():
         try:
@@ -260,7 +257,8 @@ def _print_status(root: Path) -> tuple[bool, int]:
             continue
         console.print(f"{path.relative_to(root)}: {pc.count_distinct(ids).as_py()} plates, "
                       + (f"{len(ids)} vectors of {dim} floats" if len(ids) else "no vectors"))
-    flags = Counter(f for r in rows for f in (r.get("quality_flags") or ()))
+    counted = pc.value_counts(pc.list_flatten(table.column("quality_flags"))).to_pylist()
+    flags = {c["values"]: c["counts"] for c in counted if c["values"] is not None}
     console.print("quality flags: " + (", ".join(f"{f} {n}" for f, n in sorted(flags.items())) if flags else "none"))
     report = CorpusLayout(root).report
     if report.is_file():

@@ -8,6 +8,8 @@ import numpy as np
 
 from plateflow.report.plates import _esc, MAX_AREAS
 
+DENSE_POINTS = 20_000  # a scatter of more plates is drawn as densities
+
 
 def _figure(title: str, xlabel: str, ylabel: str):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -55,10 +57,23 @@ def bars_png(counts: dict[str, int], title: str) -> bytes:
 def scatter_png(x: list[float], y: list[float], flagged: list[bool], labels: list[str], links: list[str | None],
                 title: str, xlabel: str, ylabel: str) -> tuple[bytes, str]:
     """The scatter as PNG, and an HTML image map naming the plate behind each point (at most
-    ``MAX_AREAS``: flagged plates first, then an even sample)."""
+    ``MAX_AREAS``: flagged plates first, then an even sample). Past ``DENSE_POINTS`` points,
+    where markers only pile up, each group is drawn as its density (hexagons, log scale)."""
     fig, ax = _figure(title, xlabel, ylabel)
     xs, ys, fl = np.asarray(x, float), np.asarray(y, float), np.asarray(flagged, bool)
-    if len(xs):
+    if len(xs) > DENSE_POINTS:
+        from matplotlib.patches import Patch
+
+        finite = np.isfinite(xs) & np.isfinite(ys)
+        extent = (xs[finite].min(), xs[finite].max(), ys[finite].min(), ys[finite].max()) if finite.any() else None
+        handles = []
+        for group, cmap, colour, label in ((~fl, "Blues", "#3b6ea5", "plates"), (fl, "Reds", "#e4572e", "flagged")):
+            if (group & finite).any():
+                ax.hexbin(xs[group & finite], ys[group & finite], gridsize=80, extent=extent, mincnt=1, bins="log",
+                          cmap=cmap, alpha=0.75, linewidths=0)
+                handles.append(Patch(color=colour, label=f"{label} (density)"))
+        ax.legend(handles=handles, fontsize=8, loc="best")
+    elif len(xs):
         ax.scatter(xs[~fl], ys[~fl], s=8, alpha=0.6, color="#3b6ea5", label="plates", linewidths=0)
         if fl.any():
             ax.scatter(xs[fl], ys[fl], s=12, alpha=0.8, color="#e4572e", label="flagged", linewidths=0)

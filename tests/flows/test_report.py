@@ -327,3 +327,33 @@ def test_the_report_renders_again_only_what_shows_a_changed_plate_and_equals_a_f
     write_corpus_table(root, rows({700: 240.0}, {5: ["dark"]}))  # a flag: the sheets' order, the counts
     build_report(root)
     assert {k: v[1] for k, v in files(root).items()} == fresh(root)
+
+
+def test_a_scatter_of_more_plates_than_markers_can_show_draws_their_densities_and_names_a_sample():
+    """Past DENSE_POINTS plates the luminance/entropy scatter is two densities (plates blue,
+    flagged red), each where its plates are, and the image map still names MAX_AREAS plates at
+    their places (flagged first)."""
+    import io
+    import re
+
+    from plateflow.report.plates import MAX_AREAS
+    from plateflow.report.plots import DENSE_POINTS, scatter_png
+
+    rng = np.random.default_rng(5)
+    n = DENSE_POINTS + 5000
+    flagged = np.arange(n) < 1000
+    x = np.where(flagged, rng.normal(220, 3, n), rng.normal(120, 3, n))  # flagged on the right
+    y = rng.normal(5, 0.2, n)
+    png, areas = scatter_png(x, y, flagged, [f"p{i}" for i in range(n)], [None] * n, "t", "luminance", "entropy")
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    red = (rgb[..., 0] > rgb[..., 2] + 60) & (rgb[..., 1] < 200)
+    blue = (rgb[..., 2] > rgb[..., 0] + 60) & (rgb[..., 2] > 120)
+    _, xr = np.nonzero(red[40:-60])  # the plot area, not the legend's patches at the top
+    _, xb = np.nonzero(blue[40:-60])
+    assert len(xr) > 200 and len(xb) > 200 and np.median(xr) > np.median(xb) + 100
+    named = re.findall(r'coords="(\d+),(\d+),5" title="p(\d+):', areas)
+    assert len(named) == MAX_AREAS
+    order = [int(i) for _, _, i in named]
+    assert sorted(order[:1000]) == list(range(1000)) and min(order[1000:]) >= 1000  # the flagged first, then a sample
+    cx = {int(i): int(c) for c, _, i in named}
+    assert min(cx[i] for i in order[:1000]) > max(cx[i] for i in order[1000:])  # each where its plate is

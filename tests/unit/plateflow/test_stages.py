@@ -195,6 +195,9 @@ def test_a_stage_reruns_for_free_isolates_a_bad_plate_and_keys_on_params_and_cod
     assert files(tmp_path) == written  # an unchanged re-run changes no byte
     if name == "characterize":
         assert {o.status for o in again.values()} == {"cached"}  # and decodes nothing
+    if name == "smart crop":  # an earlier run's outputs: said as cached, in the task's log too
+        assert {o.status for o in again.values()} == {"cached"} and {o.status for f, o in first.items()
+                                                                    if f in GOOD} == {"computed"}
 
     digest = sha(plates[0])
     assert stage.key(stage.params, digest) != stage.key(stage.other_params, digest)

@@ -113,3 +113,29 @@ def test_an_unchanged_table_is_not_written_nor_flagged_again(tmp_path):
                else r for r in rows[:4]]
     assert write_corpus_table(tmp_path, changed, finalize=finalize, finalize_version="v2") is True
     assert calls[-2:] == [4, ([1], [11])]
+
+
+def test_a_tables_counts_on_its_columns_are_those_of_its_rows():
+    """``plateflow refresh`` and ``status`` count plates.parquet on its columns (RunCounts.of_table);
+    the counts are RunCounts.of over its rows as dicts, with and without embeddings."""
+    import random
+
+    import pyarrow as pa
+
+    from plateflow.artifacts import RunCounts
+    from plateflow.tables import PLATES_SCHEMA
+
+    rng = random.Random(3)
+    steps = [None, "manifest", "hash", "characterize", "candidates", "embed", "smart_crop"]
+    for embedded in (False, True):
+        rows = []
+        for i in range(300):
+            step = rng.choice(steps)
+            rows.append({"plate_dir": f"plate-{i}", "status": "failed" if step else "ok", "failed_step": step,
+                         "characterize_status": rng.choice(["computed", "cached", "failed", "not_run", None]),
+                         "embed_status": rng.choice(["computed", "cached", "failed", None]) if embedded else None})
+        table = pa.Table.from_pylist([{k: r.get(k) for k in PLATES_SCHEMA.names} for r in rows], schema=PLATES_SCHEMA)
+        expected = RunCounts.of(rows, set(), ["any"] if embedded else [])
+        assert RunCounts.of_table(table) == expected
+        assert expected.failed > 0 and expected.characterization["computed"] > 0
+        assert (expected.embeddings is not None) == embedded
