@@ -278,10 +278,12 @@ def _corpus_wide(root: Path, rows: list[dict]) -> None:
     folders = pa.array([r["plate_dir"] for r in rows], pa.string())
     table = pq.read_table(CorpusLayout(root).table, columns=["plate_dir", "quality_flags", "duplicate_of"])
     table = table.filter(pc.is_in(table.column("plate_dir"), value_set=folders))
-    written = {r["plate_dir"]: r for r in table.to_pylist()}
+    at = {f: i for i, f in enumerate(table.column("plate_dir").to_pylist())}  # columns, not a dict a row
+    flags, duplicates = table.column("quality_flags").to_pylist(), table.column("duplicate_of").to_pylist()
     for row in rows:
-        if row["plate_dir"] in written:
-            row.update(written[row["plate_dir"]])
+        i = at.get(row["plate_dir"])
+        if i is not None:
+            row["quality_flags"], row["duplicate_of"] = flags[i], duplicates[i]
 
 
 def _record_snapshot(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem]) -> None:

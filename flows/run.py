@@ -30,7 +30,7 @@ def embed_stage(model: str) -> str:
     return f"embed {model}"
 
 
-@dataclass
+@dataclass(slots=True)
 class PlateRecord:
     """One plate through a refresh: its source's hash, its corpus-table row and what each stage
     found (input_image.json fields, crop boxes, vector files)."""

@@ -25,7 +25,7 @@ PLATE_NAME = re.compile(r"^plate-(\d+)$")
 DEFAULT_MAX_PIXELS: int = CharacterizeParams.model_fields["max_pixels"].default
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PlateRef:
     """A plate whose manifest is valid and whose source lies inside its folder."""
 
