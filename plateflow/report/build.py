@@ -51,9 +51,17 @@ def _row_hashes(table: pa.Table) -> np.ndarray:
     """A hash per row of what the report shows of it: a row whose hash is unchanged renders
     the same cells and data."""
     shown = [c for c in COLUMNS if c in table.column_names] + sorted(c for c in table.column_names if c.startswith("seg_"))
-    if table.num_rows == 0:
-        return np.zeros(0, np.uint64)
-    return _hash_strings(pc.binary_join_element_wise(*(_as_text(table.column(c)) for c in shown), "\x1f"))
+    return _hash_rows(table, shown)
+
+
+_HASH_ROWS = 8192  # rows joined into text at once: the text of 10^5 rows is never held whole
+
+
+def _hash_rows(table: pa.Table, columns: list[str]) -> np.ndarray:
+    """``_hash_strings`` of each row's ``columns`` as text, a slice of rows at a time."""
+    parts = [_hash_strings(pc.binary_join_element_wise(*(_as_text(part.column(c)) for c in columns), "\x1f"))
+             for part in (table.slice(start, _HASH_ROWS) for start in range(0, table.num_rows, _HASH_ROWS))]
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint64)
 
 
 def _frame_fingerprint(root: Path, table: pa.Table, models: list[str]) -> str:
@@ -63,9 +71,8 @@ def _frame_fingerprint(root: Path, table: pa.Table, models: list[str]) -> str:
     digest = hashlib.sha256(CODE_VERSION.encode())
     digest.update(quality_profile().model_dump_json().encode())
     if table.num_rows:
-        frame = [_as_text(table.column(c)) for c in ("plate_dir", "status", "quality_flags", "duplicate_of")
-                 if c in table.column_names]
-        digest.update(_hash_strings(pc.binary_join_element_wise(*frame, "\x1f")).tobytes())
+        frame = [c for c in ("plate_dir", "status", "quality_flags", "duplicate_of") if c in table.column_names]
+        digest.update(_hash_rows(table, frame).tobytes())
     digest.update(",".join(c for c in table.column_names if c.startswith("seg_")).encode())
     corpus = CorpusLayout(Path(root))
     for model in models:
