@@ -79,6 +79,9 @@ def run_batches(stage: BatchStage, records: list, runner: Callable[[], TaskRunne
         for record, outcome in zip(group, outcomes):
             stage.apply(record, outcome)
         failed = sum(o.failed for o in outcomes)
+        # The list the task returned is also held by its transaction, which Prefect keeps until
+        # the flow run ends: emptied, it lets its plates' outcomes go.
+        outcomes.clear()
         logger.info("%s batch %s: %s, %d failed (%d of %d batches done)", stage.name, name,
                     plural(len(group), "plate"), failed, done, len(groups))
         batching.on_batch(len(group), failed)

@@ -65,3 +65,30 @@ def test_nothing_to_do_starts_no_runner():
         raise AssertionError("a runner was started for no plates")
 
     run_batches(BatchStage("x", "x", None, work, {}, None), [], runner, Batching(1, 1), None)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_batchs_outcomes_are_let_go_once_applied():
+    """A stage of 10^5 plates must not hold every batch's outcomes until its last batch ends:
+    when a batch is applied, the outcomes of the batches applied before it are gone."""
+    import gc
+    import weakref
+
+    records = [Record(Plate(f"plate-{i:03d}"), i) for i in range(12)]
+    applied: list[weakref.ref] = []
+    alive_before: list[int] = []
+
+    def apply(record, outcome):  # a batch is one plate here
+        gc.collect()
+        alive_before.append(sum(ref() is not None for ref in applied))
+        applied.append(weakref.ref(outcome))
+
+    @flow
+    def run():
+        stage = BatchStage("doubling", "double", double_batch, work, {"scale": 2}, apply,
+                           item=lambda r: (r.plate.folder, r.size))
+        with ThreadPoolTaskRunner(max_workers=2) as runner:
+            run_batches(stage, records, lambda: runner, Batching(1, 10**9, 1), logging.getLogger("test"))
+
+    run()
+    assert len(applied) == 12 and len(alive_before) == 12 and alive_before == [0] * 12
