@@ -124,8 +124,6 @@ def corpus_models(root: Path, directory: Path) -> dict[str, ModelSpec]:
 def _corpus_models(path: Path, _stamp: tuple, directory: Path) -> dict[str, ModelSpec]:
     import json
 
-    from plateflow.layout import safe_key
-
     try:
         entries = json.loads(path.read_text())
         if not isinstance(entries, dict):
@@ -139,7 +137,7 @@ def _corpus_models(path: Path, _stamp: tuple, directory: Path) -> dict[str, Mode
         where = f"model {name!r} of {path}"
         if not isinstance(entry, dict) or not isinstance(entry.get("base"), str) or not isinstance(entry.get("weights"), str):
             raise ConfigError(f"{where}: needs a base model and a weights folder")
-        if safe_key(name) != name or name in profiles.models:
+        if not _free_name(name, profiles.models):
             raise ConfigError(f"{where}: a corpus's model needs a name of letters, digits, _ and - that "
                               f"profiles/models.toml does not use")
         folder = (root / entry["weights"]).resolve()
@@ -151,13 +149,18 @@ def _corpus_models(path: Path, _stamp: tuple, directory: Path) -> dict[str, Mode
     return models
 
 
+def _free_name(name: str, known: dict) -> bool:
+    """``name`` is a safe key (the one sanitiser leaves it as it is) that no profiles model uses."""
+    from plateflow.layout import safe_key
+
+    return safe_key(name) == name and name not in known
+
+
 def check_model_name(name: str) -> None:
     """``ConfigError`` unless ``name`` can name a corpus's model: letters, digits, ``_`` and
     ``-``, and not a model of profiles/models.toml."""
-    from plateflow.layout import safe_key
-
     known = _load(profiles_dir().resolve()).models
-    if safe_key(name) != name or name in known:
+    if not _free_name(name, known):
         raise ConfigError(f"cannot name a fine-tuned model {name!r}: use letters, digits, _ and - and a name "
                           f"profiles/models.toml does not use ({', '.join(known)})")
 
