@@ -138,6 +138,7 @@ def custom_run(page, url: str, root: Path) -> str:
     deployments list pages its rows (ten a page: the embed-plates ones come first), so the
     deployment's page is opened by its id, as a link to it would."""
     import httpx
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     deployment = httpx.get(f"{url}/api/deployments/name/refresh-corpus/refresh-corpus", timeout=10).json()
     page.goto(f"{url}/deployments/deployment/{deployment['id']}", wait_until="networkidle")
@@ -146,15 +147,29 @@ def custom_run(page, url: str, root: Path) -> str:
     page.get_by_text("Custom run", exact=True).click()
     page.wait_for_url("**/run?**")
     page.get_by_text("root", exact=True).wait_for()
-    page.locator("textarea").first.fill(str(root))  # the form's first field: root (str)
+    page.wait_for_load_state("networkidle")  # the form is filled in once the deployment has loaded
+    field = page.locator("textarea").first  # the form's first field: root (str)
+    field.fill(str(root))
     shot(page, f"{root.name}-1-custom-run-form")
     name = page.locator("input").first.input_value()  # the form's first field: Run Name
     assert name, "the Run Name field is empty"
-    page.get_by_role("button", name="Submit").click()
-    # The server, not the toast (which a busy machine can miss), says the run was created.
-    runs = wait_until(lambda: flow_runs_named(url, name), 90, f"flow run {name} created from the UI", every=0.5)
+    assert field.input_value() == str(root), f"the root field says {field.input_value()!r}"
+    # The UI's own request says the run was created (not the toast, which a busy machine can miss,
+    # nor the Run Name, which the form may draw again before it submits).
+    try:
+        with page.expect_response(lambda r: r.request.method == "POST" and r.url.endswith("/create_flow_run"),
+                                  timeout=90_000) as created:
+            page.get_by_role("button", name="Submit").click()
+    except PlaywrightTimeout:
+        shot(page, f"{root.name}-1c-not-submitted")
+        raise AssertionError(f"Submit sent no create_flow_run request in 90 s (run name {name!r}); the page is in "
+                             f"{SHOTS}/{root.name}-1c-not-submitted.png") from None
+    reply = created.value
+    assert reply.ok, f"create_flow_run answered {reply.status}: {reply.text()}"
+    run = reply.json()
+    assert run["parameters"]["root"] == str(root), run["parameters"]
     shot(page, f"{root.name}-1b-submitted")
-    page.goto(f"{url}/runs/flow-run/{runs[0]['id']}", wait_until="networkidle")
+    page.goto(f"{url}/runs/flow-run/{run['id']}", wait_until="networkidle")
     return page.url
 
 
