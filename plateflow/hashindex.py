@@ -53,27 +53,27 @@ class SourceIndex:
     """sha256 of files under ``root``, read only where their stat changed. Thread-safe."""
 
     def __init__(self, root: Path):
+        from plateflow.keyedtable import KeyedTable
+        from plateflow.tables import SOURCE_INDEX_SCHEMA
+
         self.root = Path(root).resolve()
         self.path = CorpusLayout(self.root).source_index
         self._entries: dict[str, tuple[int, int, int, int, int, str]] = {}
-        self._changed = False
+        self._dirty: set[str] = set()  # keys recorded or dropped since the load
+        self._damaged = False  # the index on disk could not be read: it is written whole
         self._lock = threading.Lock()
+        self._table = KeyedTable(self.path, SOURCE_INDEX_SCHEMA)
         self._load()
 
     def _load(self) -> None:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         try:
-            table = pq.read_table(self.path)
-            cols = [table.column(c).to_pylist() for c in
-                    ("path", "size", "mtime_ns", "ino", "ctime_ns", "hashed_ns", "sha256")]
+            self._entries, _ = self._table.load()
         except FileNotFoundError:
             return
         except (OSError, KeyError, pa.ArrowException):
-            self._changed = True  # an unreadable index is a cold one: it is rebuilt
-            return
-        self._entries = {p: tuple(rest) for p, *rest in zip(*cols)}
+            self._entries, self._damaged = {}, True  # an unreadable index is a cold one: it is rebuilt
 
     def key(self, path: Path) -> str:
         """How ``path`` is named in the index: ``index_key``."""
@@ -122,8 +122,9 @@ class SourceIndex:
             old = self._entries.get(key)
             self._entries[key] = entry
             # Worth writing: a new file, new bytes or stat, or an entry that has stopped being racy.
-            self._changed |= (old is None or old[:4] != entry[:4] or old[5] != sha256
-                              or (not _trusted(old) and _trusted(entry)))
+            if (old is None or old[:4] != entry[:4] or old[5] != sha256
+                    or (not _trusted(old) and _trusted(entry))):
+                self._dirty.add(key)
 
     def forget_missing(self, keep: set[str]) -> None:
         """Drop entries whose paths are not in ``keep`` (relative paths, as stored)."""
@@ -131,23 +132,15 @@ class SourceIndex:
             gone = [k for k in self._entries if k not in keep]
             for k in gone:
                 del self._entries[k]
-            self._changed |= bool(gone)
+            self._dirty.update(gone)
 
     def save(self) -> None:
-        """Write the index atomically if anything changed."""
-        import pyarrow as pa
-
-        from plateflow.atomic import write_parquet
-        from plateflow.tables import SOURCE_INDEX_SCHEMA
-
+        """Write what changed since the load, atomically (a delta: ``KeyedTable``)."""
         with self._lock:
-            if not self._changed:
+            if not (self._dirty or self._damaged):
                 return
-            items = sorted(self._entries.items())
-            self._changed = False
-        columns = [[k for k, _ in items], *([v[i] for _, v in items] for i in range(6))]
-        table = pa.Table.from_arrays(columns, schema=SOURCE_INDEX_SCHEMA)
-        write_parquet(self.path, table)
+            self._table.save(self._entries, self._dirty, {})
+            self._dirty, self._damaged = set(), False
 
     def hash_all(self, paths: list[Path], workers: int, verify: bool = False,
                  progress: Callable[[int, int], None] = lambda done, failed: None) -> list[str | OSError]:

@@ -26,6 +26,7 @@ _TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 _BIT_DEPTH = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 32, "F": 32}
+_HIGH_BYTE = {"I;16": "L;16", "I;16L": "L;16", "I;16B": "L;16B", "I;16N": "L;16N"}  # 16-bit mode -> rawmode
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
 
@@ -133,8 +134,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
     mode = im.mode
     if mode == "RGB":
         return im
-    if mode.startswith("I;16"):  # unsigned 16 bits: the high byte, no clipping or widening needed
-        return Image.fromarray((np.asarray(im) >> 8).astype(np.uint8), "L").convert("RGB")
+    if mode in _HIGH_BYTE:  # unsigned 16 bits: Pillow's raw unpacker keeps each sample's high byte
+        return Image.frombytes("L", im.size, im.tobytes(), "raw", _HIGH_BYTE[mode]).convert("RGB")
     if mode == "I":  # signed 32 bits holding 16-bit samples, as Pillow opens some PNGs and TIFFs
         hi = np.clip(np.asarray(im), 0, 65535) >> 8
         return Image.fromarray(hi.astype(np.uint8), "L").convert("RGB")

@@ -20,14 +20,13 @@ from __future__ import annotations
 import os
 import time
 from array import array
-from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from plateflow.atomic import write_parquet
 from plateflow.caching import code_version, fingerprint
+from plateflow.keyedtable import KeyedTable
 from plateflow.layout import HISTOGRAMS, INPUT_IMAGE, MANIFEST, PLATES, VIZ, WORKING_COPY, CorpusLayout
 
 RACY_NS = 2_000_000_000
@@ -72,8 +71,7 @@ def signature(folder: str, source: str | None, root: str, names: tuple[str, ...]
     return sig.tobytes(), latest
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):  # a tuple: the snapshot's columns after the folder
     plate_id: str
     source: str | None
     signature: bytes
@@ -92,6 +90,8 @@ class Snapshot:
         self.entries: dict[str, Entry] = {}
         self.changed = False
         self.problem: str | None = None  # why a snapshot on disk could not be used, when it was damaged
+        self._dirty: set[str] = set()  # folders recorded or forgotten since the load
+        self._table = KeyedTable(self.corpus.snapshot, SCHEMA)
         self._token = self._table_token()  # the plates.parquet the loaded entries go with
         self._load()
 
@@ -104,21 +104,20 @@ class Snapshot:
 
     def _load(self) -> None:
         try:
-            table = pq.read_table(self.corpus.snapshot)
+            entries, meta = self._table.load()
         except FileNotFoundError:
             return
-        except (OSError, pa.ArrowException) as exc:
+        except (OSError, KeyError, pa.ArrowException) as exc:
             self.changed = True  # a damaged snapshot is no snapshot: every plate is read, and it is rewritten
             self.problem = (f"{self.corpus.snapshot} cannot be read ({type(exc).__name__}: {exc}); every plate "
                             f"is read this time and the snapshot is written again")
             return
-        meta = table.schema.metadata or {}
         if (meta.get(b"key", b"").decode() != self.key or self._token is None
-                or meta.get(b"table", b"").decode() != self._token or not table.schema.equals(SCHEMA, check_metadata=False)):
+                or meta.get(b"table", b"").decode() != self._token):
+            self._table.discard()  # made with other settings, or for another plates.parquet: written whole
             self.changed = True
             return
-        cols = [table.column(c).to_pylist() for c in SCHEMA.names]
-        self.entries = {f: Entry(p, s, sig, t) for f, p, s, sig, t in zip(*cols)}
+        self.entries = {f: Entry(*rest) for f, rest in entries.items()}
 
     def settle(self, folders: list[str]) -> set[str]:
         """The folders whose entry is trusted and whose signature is what it was."""
@@ -139,22 +138,20 @@ class Snapshot:
         entry = Entry(plate_id, source, sig, trusted)
         if self.entries.get(folder) != entry:
             self.entries[folder] = entry
+            self._dirty.add(folder)
             self.changed = True
 
     def forget(self, folders: set[str]) -> None:
         for folder in folders:
             if self.entries.pop(folder, None) is not None:
+                self._dirty.add(folder)
                 self.changed = True
 
     def save(self) -> None:
-        """Write the snapshot if it changed or plates.parquet did (after plates.parquet)."""
+        """Write the snapshot if it changed or plates.parquet did (after plates.parquet): the
+        folders recorded or forgotten since the load, as a delta (``KeyedTable``)."""
         token = self._table_token()
         if token is None or (not self.changed and token == self._token):
             return
-        items = sorted(self.entries.items())
-        table = pa.Table.from_arrays(
-            [[f for f, _ in items], [e.plate_id for _, e in items], [e.source for _, e in items],
-             [e.signature for _, e in items], [e.trusted for _, e in items]],
-            schema=SCHEMA.with_metadata({b"key": self.key.encode(), b"table": token.encode()}))
-        write_parquet(self.corpus.snapshot, table)
-        self.changed, self._token = False, token
+        self._table.save(self.entries, self._dirty, {b"key": self.key.encode(), b"table": token.encode()})
+        self.changed, self._token, self._dirty = False, token, set()

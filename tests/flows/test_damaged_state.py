@@ -34,7 +34,7 @@ def snapshot(root: Path) -> dict[Path, tuple[int, int]]:
     the corpus) and the corpus snapshot (written again while its entries are younger than
     plateflow.snapshot.RACY_NS: tests/flows/test_snapshot.py)."""
     return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in root.rglob("*")
-            if p.is_file() and p.name not in ("snapshot.parquet", "refresh.lock")}
+            if p.is_file() and p.name not in ("snapshot.parquet", "snapshot.delta.parquet", "refresh.lock")}
 
 
 @pytest.mark.usefixtures("prefect_harness")

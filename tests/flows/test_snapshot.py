@@ -75,6 +75,8 @@ def test_each_change_is_seen_and_only_its_plate_is_read(tmp_path, caplog):
     (plates / "plate-003" / "viz" / "histogram_rgb.png").unlink()  # an output removed
     make_plate(root, "plate-006", paper_plate(seed=6))  # a new plate
     shutil.rmtree(plates / "plate-004")  # a plate gone
+    state_dir = root / ".plateflow"
+    bases = {name: files(state_dir)[state_dir / name] for name in ("snapshot.parquet", "source-index.parquet")}
     state, table = run(root, caplog)
     assert settled(caplog) == 1  # plate-005 alone is unchanged
     assert "characterization: 2 computed, 2 cached, 1 failed" in state.message  # plate-001 and the new plate
@@ -83,6 +85,24 @@ def test_each_change_is_seen_and_only_its_plate_is_read(tmp_path, caplog):
     assert table["plate-002"]["original_path"] == "box 7/scan.jpg"
     assert (plates / "plate-003" / "viz" / "histogram_rgb.png").is_file()
     assert table["plate-003"] == first["plate-003"] and table["plate-005"] == first["plate-005"]
+    # The snapshot and the source index wrote what changed beside their bases, not the bases again.
+    assert {name: files(state_dir)[state_dir / name] for name in bases} == bases
+    snap = pq.read_table(state_dir / "snapshot.delta.parquet").to_pydict()
+    assert dict(zip(snap["folder"], snap["deleted"])).items() >= {  # with the earlier runs' changes
+        "plate-001": False, "plate-002": False, "plate-003": False, "plate-004": True, "plate-006": False}.items()
+    index = pq.read_table(state_dir / "source-index.delta.parquet").to_pydict()
+    assert set(index["path"]) >= {f"plates_structured/plate-00{i}/source/scan.jpg" for i in (1, 4, 6)}
+    from plateflow.snapshot import Snapshot
+    entries = Snapshot(root, *_snapshot_settings()).entries
+    assert sorted(entries) == ["plate-001", "plate-002", "plate-003", "plate-005", "plate-006"]
+
+
+def _snapshot_settings():
+    from plateflow.characterize.step import step_key
+    from plateflow.snapshot import outputs, snapshot_key
+
+    params = RefreshConfig().characterize
+    return snapshot_key(step_key(params).version, params.viz, params.working_copy), outputs(params.viz, params.working_copy)
 
 
 def test_a_new_plate_with_a_settled_plates_id_makes_both_duplicates(tmp_path, caplog):

@@ -41,6 +41,22 @@ def test_sixteen_bit_keeps_the_high_byte(tmp_path):
     assert meta["bit_depth"] == 16 and meta["mean_rgb"] == [0xAB] * 3
 
 
+@pytest.mark.parametrize("fmt,byteorder", [("PNG", None), ("TIFF", "<"), ("TIFF", ">")])
+def test_sixteen_bit_grey_keeps_each_pixels_high_byte_in_either_byte_order(tmp_path, fmt, byteorder):
+    import tifffile
+
+    a = np.random.default_rng(3).integers(0, 65536, (37, 53), dtype=np.uint16)
+    path = tmp_path / f"grey.{fmt.lower()}"
+    if fmt == "PNG":
+        Image.fromarray(a).save(path)
+    else:
+        tifffile.imwrite(path, a, byteorder=byteorder)
+    with Image.open(path) as im:
+        assert im.mode == {"PNG": "I;16", "<": "I;16", ">": "I;16B"}[byteorder or fmt]
+    rgb = np.asarray(decode_image(path, 10**6).image)
+    assert np.array_equal(rgb, np.repeat((a >> 8).astype(np.uint8)[..., None], 3, axis=2))
+
+
 def test_sixteen_bit_rgb_tiff_is_read_with_its_bit_depth(tmp_path):
     import tifffile
 
