@@ -213,9 +213,8 @@ def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem
     failed = [r for r in rows if r["status"] == Status.FAILED]
     known = {r["plate_dir"] for r in failed if before.get(r["plate_dir"]) == failure_signature(r)}
     known |= {r["plate_dir"] for r in settled_failed}
-    settled_ok = [{"plate_dir": f, "status": Status.OK, "characterize_status": Status.CACHED}
-                  for f in run.settled.difference(before)]
-    counts = RunCounts.of(rows + settled_failed + settled_ok, known, run.config.models)
+    settled_ok = len(run.settled) - sum(f in run.settled for f in before)  # counted, not made rows
+    counts = RunCounts.of(rows + settled_failed, known, run.config.models, settled_ok)
     failed += settled_failed
     t = time.perf_counter()
     profile = quality_profile()

@@ -108,7 +108,13 @@ class RunCounts:
     embeddings: dict[str, int] | None
 
     @classmethod
-    def of(cls, rows: list[dict], known: set[str], models: list[str]) -> "RunCounts":
+    def of(cls, rows: list[dict], known: set[str], models: list[str], settled_ok: int = 0) -> "RunCounts":
+        """The counts of ``rows``, and of ``settled_ok`` more plates found ok and current
+        without a row of this run (unchanged since the last refresh, no models)."""
+        if settled_ok:
+            counts = cls.of(rows, known, models)
+            counts.characterization["cached"] += settled_ok
+            return cls(counts.plates + settled_ok, counts.failed, counts.known, counts.characterization, counts.embeddings)
         failed = [r for r in rows if r["status"] == Status.FAILED]
         char_failed = {r["plate_dir"] for r in failed if r.get("failed_step") in CHARACTERIZE_STEPS}
         characterized = [r for r in rows if r["plate_dir"] not in char_failed]

@@ -44,13 +44,14 @@ KEPT_VERSIONS: dict[str, dict[str, str]] = {
     # moved to plateflow/embed; PlateJob.plate_id -> name; a corpus's own models (their weights
     # folder, left out of the keys of the others)
     "embed": {"5f33c22e4d5b": "a96d9e0ddc82"},
-    "tiles": {"9a633ec33c3d": "9ae7a008ef61"},  # moved to plateflow/tiles.py; keys made by cache_key
+    "tiles": {"76fc14ad1f73": "9ae7a008ef61"},  # moved to plateflow/tiles.py; keys made by cache_key; 16-bit by rawmode
     # The corpus-wide flags left plateflow/characterize/quality.py for plateflow/corpus_flags.py
     # (decided when the table is written, not part of a plate's characterization); the step's
-    # key made once per batch; input_color_histograms.json on one line (the same numbers).
-    "characterize": {"cb27a89d2a09": "1cb5b3541b5a"},
-    "patches": {"bf0f35219231": "4e49928ad1f9"},  # a corpus's own models (as embed)
-    "crop": {"293a567fd7b6": "8f22da1def10"},  # a crop found from an earlier run is counted cached in the logs
+    # key made once per batch; input_color_histograms.json on one line (the same numbers); 16-bit
+    # grey to 8 bits by Pillow's raw unpacker (the same high byte, tests/unit/plateflow/test_image.py).
+    "characterize": {"3245ba79f95e": "1cb5b3541b5a"},
+    "patches": {"93ea42305879": "4e49928ad1f9"},  # a corpus's own models (as embed); 16-bit as characterize
+    "crop": {"bebeecbb6ce5": "8f22da1def10"},  # a crop found from an earlier run is counted cached in the logs
 }
 
 

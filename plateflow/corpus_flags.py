@@ -30,9 +30,9 @@ CORPUS_FLAGS = ("odd_size", "exact_duplicates", "near_duplicates")  # in this or
 MAX_CHANGED = 64  # beyond this many changed candidates, every near-duplicate is decided again
 MAX_TOUCHED = 512  # ... or this many rows within their reach
 _BLOCK_ELEMENTS = 2_000_000  # distances computed at once in a crowded bucket
-_HEX = np.zeros(256, np.uint64)  # a hex digit's value by its byte
-_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10, dtype=np.uint64)
-_HEX[np.frombuffer(b"abcdef", np.uint8)] = _HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint64)
+_HEX = np.zeros(256, np.uint8)  # a hex digit's value by its byte
+_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10, dtype=np.uint8)
+_HEX[np.frombuffer(b"abcdef", np.uint8)] = _HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint8)
 
 
 @dataclass
@@ -267,11 +267,9 @@ def _hash_values(phash: list | pa.Array | pa.ChunkedArray, candidates: list[int]
     text = flat.cast(pa.large_string())
     offsets = np.frombuffer(text.buffers()[1], np.int64)[text.offset:text.offset + len(text) + 1]
     chars = np.frombuffer(text.buffers()[2], np.uint8)[offsets[0]:offsets[-1]].reshape(-1, 16)
-    digits = _HEX[chars]
-    values = np.zeros(len(digits), np.uint64)
-    for k in range(16):
-        values = (values << np.uint64(4)) | digits[:, k]
-    return owner, values
+    digits = _HEX[chars]  # a uint8 table: a uint64 one is ~30x slower to index from Arrow's memory
+    packed = np.ascontiguousarray((digits[:, 0::2] << 4) | digits[:, 1::2])  # two digits a byte
+    return owner, packed.view(">u8").ravel().astype(np.uint64)
 
 
 def _bucket_pairs(keys: np.ndarray, values: np.ndarray, big_bucket: int,

@@ -31,8 +31,9 @@ class KeyedTable:
     named ``dirty`` (changed or removed since the load) as a delta, or everything when the
     delta would be too big or there is no base."""
 
-    def __init__(self, path: Path, schema: pa.Schema):
+    def __init__(self, path: Path, schema: pa.Schema, row=tuple):
         self.path = Path(path)
+        self.row = row  # what an entry is made as from the other columns' values (a NamedTuple's _make)
         self.delta_path = self.path.with_name(self.path.name.removesuffix(".parquet") + ".delta.parquet")
         self.schema = schema
         self.delta_schema = schema.append(pa.field("deleted", pa.bool_()))
@@ -48,8 +49,8 @@ class KeyedTable:
             raise KeyError(f"{self.path.name} has columns {base.schema.names}, not {self.schema.names}")
         meta = dict(base.schema.metadata or {})
         base_id = meta.get(b"id", b"").decode() or None
-        entries = dict(zip(base.column(0).to_pylist(), zip(*(base.column(i).to_pylist()
-                                                              for i in range(1, base.num_columns)))))
+        values = zip(*(base.column(i).to_pylist() for i in range(1, base.num_columns)))
+        entries = dict(zip(base.column(0).to_pylist(), values if self.row is tuple else map(self.row, values)))
         in_delta: list[str] = []
         try:
             delta = pq.read_table(self.delta_path)
@@ -63,7 +64,7 @@ class KeyedTable:
                 if deleted:
                     entries.pop(key, None)
                 else:
-                    entries[key] = tuple(rest)
+                    entries[key] = self.row(rest)
             in_delta = cols[0]
             meta.update(delta.schema.metadata)
         # else a delta of another base (its writer stopped before removing it): the base is the table

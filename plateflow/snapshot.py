@@ -91,7 +91,7 @@ class Snapshot:
         self.changed = False
         self.problem: str | None = None  # why a snapshot on disk could not be used, when it was damaged
         self._dirty: set[str] = set()  # folders recorded or forgotten since the load
-        self._table = KeyedTable(self.corpus.snapshot, SCHEMA)
+        self._table = KeyedTable(self.corpus.snapshot, SCHEMA, Entry._make)
         self._token = self._table_token()  # the plates.parquet the loaded entries go with
         self._load()
 
@@ -117,7 +117,7 @@ class Snapshot:
             self._table.discard()  # made with other settings, or for another plates.parquet: written whole
             self.changed = True
             return
-        self.entries = {f: Entry(*rest) for f, rest in entries.items()}
+        self.entries = entries
 
     def settle(self, folders: list[str]) -> set[str]:
         """The folders whose entry is trusted and whose signature is what it was."""
