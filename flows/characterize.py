@@ -44,6 +44,8 @@ def hash_sources(run: Refresh, records: list[PlateRecord]) -> None:
     """Each source's sha256, from ROOT/.plateflow/source-index.parquet where its stat is unchanged
     (all read again with ``verify``); a source that cannot be read fails its plate. A refresh of
     the whole corpus drops the entries of sources that are gone."""
+    if not records and run.snapshot is not None and len(run.settled) == len(run.snapshot.entries):
+        return  # every plate the snapshot knows is settled: no source to hash, none gone
     index = SourceIndex(run.root)
     hashes = index.hash_all([r.plate.source_path for r in records], run.config.workers, run.config.verify,
                             lambda done, failed: run.progress.advance(HASH, done, failed))

@@ -56,6 +56,8 @@ class KeyedTable:
             delta = pq.read_table(self.delta_path)
         except FileNotFoundError:
             delta = None
+        except pa.ArrowException as exc:  # said with the file's name: the base's would mislead
+            raise pa.ArrowInvalid(f"{self.delta_path.name}: {exc}") from None
         if delta is not None and base_id is not None and (delta.schema.metadata or {}).get(b"base") == base_id.encode():
             if not delta.schema.equals(self.delta_schema, check_metadata=False):
                 raise KeyError(f"{self.delta_path.name} has columns {delta.schema.names}, not {self.delta_schema.names}")
