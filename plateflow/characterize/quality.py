@@ -76,24 +76,38 @@ def edge_width(full: Image.Image, gray: np.ndarray, profile: QualityProfile) -> 
     best = best[per_cell[best] > 0]
     sx, sy = full.width / g.shape[1], full.height / g.shape[0]
     second, first, pixels = np.zeros(2), np.zeros(2), 0
+    measured: dict[tuple[int, int], tuple | None] = {}  # a tile read once (on a small plate, cells share one)
     for k in best:
         r, c = divmod(int(k), cols)
         x0 = int(min(max((c + 0.5) * cell * sx - b.tile / 2, 0), max(full.width - b.tile, 0)))
         y0 = int(min(max((r + 0.5) * cell * sy - b.tile / 2, 0), max(full.height - b.tile, 0)))
-        t = np.asarray(full.crop((x0, y0, x0 + min(b.tile, full.width), y0 + min(b.tile, full.height))).convert("L"),
-                       np.float32)
-        if min(t.shape) < 5:
+        if (x0, y0) not in measured:
+            measured[(x0, y0)] = _tile_energies(full, x0, y0, b.tile)
+        energies = measured[(x0, y0)]
+        if energies is None:
             continue
-        t = (t[:, :-2] + 2 * t[:, 1:-1] + t[:, 2:]) / 4
-        t = (t[:-2] + 2 * t[1:-1] + t[2:]) / 4
-        for axis, a in enumerate((t, t.T)):
-            second[axis] += float(np.square(np.diff(a, n=2, axis=1)).sum())
-            first[axis] += float(np.square(np.diff(a, axis=1)).sum())
-        pixels += t.size
+        for axis in (0, 1):  # each tile counted as often as its cells rank, as when each was read
+            second[axis] += energies[axis][0]
+            first[axis] += energies[axis][1]
+        pixels += energies[2]
     if not pixels or first.sum() / pixels < b.min_gradient:
         return None
     ratio = second / np.maximum(first, 1e-9)
     return float(np.sqrt(1 / (2 * np.maximum(ratio, 1e-9))).max())
+
+
+def _tile_energies(full: Image.Image, x0: int, y0: int, tile: int) -> tuple | None:
+    """((second, first) difference energy along x, the same along y, pixels) of the smoothed
+    tile at (x0, y0) of ``full``; None when it is too small to measure."""
+    t = np.asarray(full.crop((x0, y0, x0 + min(tile, full.width), y0 + min(tile, full.height))).convert("L"),
+                   np.float32)
+    if min(t.shape) < 5:
+        return None
+    t = (t[:, :-2] + 2 * t[:, 1:-1] + t[:, 2:]) / 4
+    t = (t[:-2] + 2 * t[1:-1] + t[2:]) / 4
+    x, y = ((float(np.square(np.diff(a, n=2, axis=1)).sum()), float(np.square(np.diff(a, axis=1)).sum()))
+            for a in (t, t.T))
+    return x, y, t.size
 
 
 def tint_spread(small: Image.Image, profile: QualityProfile) -> float:

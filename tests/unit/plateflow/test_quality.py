@@ -17,6 +17,7 @@ from plateflow.characterize.step import characterize_image
 from plateflow.corpus_flags import corpus_flags
 
 from fixtures import REPO
+from fixtures.plates import paper_plate
 
 
 
@@ -353,3 +354,49 @@ def test_flags_decided_for_the_changed_rows_only_are_those_decided_for_every_row
         rows, decided = new, expected
     assert incremental == 60  # every trial took the changed rows' path
     assert sum("near_duplicates" in (f or []) for f in decided.column("quality_flags").to_pylist()) > 20
+
+
+def _edge_width_tile_by_tile(full, gray, profile):
+    """edge_width as first written: every ranked cell's tile cut and measured on its own."""
+    b = profile.blurry
+    g = gray.astype(np.float32)
+    energy = np.diff(g, axis=1)[:-1] ** 2 + np.diff(g, axis=0)[:, :-1] ** 2
+    cell = min(b.cell, *energy.shape)
+    rows, cols = energy.shape[0] // cell, energy.shape[1] // cell
+    per_cell = energy[:rows * cell, :cols * cell].reshape(rows, cell, cols, cell).sum(axis=(1, 3)).ravel()
+    best = np.argsort(per_cell)[::-1][:b.tiles]
+    best = best[per_cell[best] > 0]
+    sx, sy = full.width / g.shape[1], full.height / g.shape[0]
+    second, first, pixels = np.zeros(2), np.zeros(2), 0
+    for k in best:
+        r, c = divmod(int(k), cols)
+        x0 = int(min(max((c + 0.5) * cell * sx - b.tile / 2, 0), max(full.width - b.tile, 0)))
+        y0 = int(min(max((r + 0.5) * cell * sy - b.tile / 2, 0), max(full.height - b.tile, 0)))
+        t = np.asarray(full.crop((x0, y0, x0 + min(b.tile, full.width), y0 + min(b.tile, full.height))).convert("L"),
+                       np.float32)
+        if min(t.shape) < 5:
+            continue
+        t = (t[:, :-2] + 2 * t[:, 1:-1] + t[:, 2:]) / 4
+        t = (t[:-2] + 2 * t[1:-1] + t[2:]) / 4
+        for axis, a in enumerate((t, t.T)):
+            second[axis] += float(np.square(np.diff(a, n=2, axis=1)).sum())
+            first[axis] += float(np.square(np.diff(a, axis=1)).sum())
+        pixels += t.size
+    if not pixels or first.sum() / pixels < b.min_gradient:
+        return None
+    return float(np.sqrt(1 / (2 * np.maximum(second / np.maximum(first, 1e-9), 1e-9))).max())
+
+
+@pytest.mark.parametrize("size", [(64, 64), (150, 400), (700, 500), (2400, 300)])
+def test_a_tile_shared_by_several_cells_is_read_once_with_the_same_result(size):
+    """A small plate's cells all clamp to one tile: it is measured once and counted as often,
+    to the last bit of what measuring each cell's tile gave (the cache keys depend on it)."""
+    from plateflow.characterize.quality import edge_width
+    from plateflow.characterize.viz import make_preview
+
+    profile = quality_profile()
+    for seed in range(3):
+        im = paper_plate(*size, seed=seed)
+        for full in (im, im.filter(ImageFilter.GaussianBlur(1.5))):
+            gray = np.asarray(make_preview(full, profile.scale.long_side).convert("L"))
+            assert edge_width(full, gray, profile) == _edge_width_tile_by_tile(full, gray, profile)
