@@ -8,10 +8,12 @@ import sys
 
 from plateflow.memory import reuse_freed_memory
 
-# A command runs its job in this process and exits: freed memory is kept for the next plate,
-# asked before any import starts a thread (plateflow/memory.py). What keeps running (the
-# servers, `report --serve`, workers) returns memory as usual.
-if sys.argv[1:2] and sys.argv[1] not in ("server", "local-server", "worker", "report"):
+# The `plateflow` command runs its job in this process and exits: freed memory is kept for the
+# next plate, asked before any import starts a thread (plateflow/memory.py). What keeps running
+# (the servers, `report --serve`, workers) returns memory as usual, and so does a program that
+# imports this module.
+if (os.path.basename(sys.argv[0]) == "plateflow" and sys.argv[1:2]
+        and sys.argv[1] not in ("server", "local-server", "worker", "report")):
     reuse_freed_memory()
 
 from pathlib import Path
