@@ -4,18 +4,6 @@ live in corpus.py, serving.py, training.py, segment.py and finetuning.py; this m
 from __future__ import annotations
 
 import os
-import sys
-
-from plateflow.memory import reuse_freed_memory
-
-# The `plateflow` command runs its job in this process and exits: freed memory is kept for the
-# next plate, asked before any import starts a thread (plateflow/memory.py). What keeps running
-# (the servers, `report --serve`, workers) returns memory as usual, and so does a program that
-# imports this module.
-if (os.path.basename(sys.argv[0]) == "plateflow" and sys.argv[1:2]
-        and sys.argv[1] not in ("server", "local-server", "worker", "report")):
-    reuse_freed_memory()
-
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
