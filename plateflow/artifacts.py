@@ -111,14 +111,11 @@ class RunCounts:
     def of(cls, rows: list[dict], known: set[str], models: list[str], settled_ok: int = 0) -> "RunCounts":
         """The counts of ``rows``, and of ``settled_ok`` more plates found ok and current
         without a row of this run (unchanged since the last refresh, no models)."""
-        if settled_ok:
-            counts = cls.of(rows, known, models)
-            counts.characterization["cached"] += settled_ok
-            return cls(counts.plates + settled_ok, counts.failed, counts.known, counts.characterization, counts.embeddings)
         failed = [r for r in rows if r["status"] == Status.FAILED]
         char_failed = {r["plate_dir"] for r in failed if r.get("failed_step") in CHARACTERIZE_STEPS}
         characterized = [r for r in rows if r["plate_dir"] not in char_failed]
         char = {s: sum(r.get("characterize_status") == s for r in characterized) for s in ("computed", "cached")}
+        char["cached"] += settled_ok
         char["failed"] = len(char_failed)
         emb = None
         if models:
@@ -127,7 +124,7 @@ class RunCounts:
                    for s in ("computed", "cached")}
             emb["failed"] = len(emb_failed)
             emb["smart crop failed"] = sum(r.get("failed_step") == "smart_crop" for r in rows)
-        return cls(len(rows), len(failed), sum(r["plate_dir"] in known for r in failed), char, emb)
+        return cls(len(rows) + settled_ok, len(failed), sum(r["plate_dir"] in known for r in failed), char, emb)
 
     @classmethod
     def of_table(cls, table) -> "RunCounts":
