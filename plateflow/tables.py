@@ -90,6 +90,7 @@ FINALIZE_KEY = b"plateflow.corpus_flags"  # schema metadata: what decided the co
 _HOW_MADE = ("characterize_status", "embed_status", "crop_status", "updated_at")
 # Columns decided over the whole corpus (corpus_flags): compared after it has run.
 _CORPUS_WIDE = ("quality_flags", "duplicate_of")
+_COMPARE_ROWS = 4096  # new rows compared with their old ones this many at a time
 
 
 def write_corpus_table(root: Path, rows: list[dict[str, Any]], partial: bool = False,
@@ -137,9 +138,12 @@ def write_corpus_table(root: Path, rows: list[dict[str, Any]], partial: bool = F
     if base is not None and new:  # a row that holds nothing new (as stored: float32s are float32s) keeps the old one
         mine = [i for i, f in enumerate(new) if f in at]
         same = set()
-        for i, row, before in zip(mine, fresh.take(_ix(mine)).to_pylist(), base.take(_ix([at[new[i]] for i in mine])).to_pylist()):
-            if _same(row, before, plate_flags):
-                same.add(i)
+        for start in range(0, len(mine), _COMPARE_ROWS):  # rows as dicts a slice at a time, not 10^5 of each
+            part = mine[start:start + _COMPARE_ROWS]
+            for i, row, before in zip(part, fresh.take(_ix(part)).to_pylist(),
+                                      base.take(_ix([at[new[i]] for i in part])).to_pylist()):
+                if _same(row, before, plate_flags):
+                    same.add(i)
         if same:
             fresh = fresh.filter(pa.array([i not in same for i in range(len(new))]))
             new = fresh.column("plate_dir").to_pylist()
