@@ -37,10 +37,10 @@ def gpu_stage(run: Refresh, records: list[PlateRecord], route: GpuRoute, runner:
         spec = profiles.model(model)
         ok = [r for r in records if r.ok]
         vectors = [load_vectors(r.vector_files[model], len(r.boxes)) for r in ok]
-        rows = [(r.plate.plate_id, r.metadata["sha256"], r.boxes, v) for r, v in zip(ok, vectors)]
+        rows = [(r.plate.plate_id, r.characterized_sha256, r.boxes, v) for r, v in zip(ok, vectors)]
         run.logger.info("wrote %s", write_embeddings_table(run.root, model, rows, spec.embed_dim,
                                                              partial=run.partial))
-        items = [(r.plate.folder, r.plate.plate_id, r.metadata["sha256"], v) for r, v in zip(ok, vectors)]
+        items = [(r.plate.folder, r.plate.plate_id, r.characterized_sha256, v) for r, v in zip(ok, vectors)]
         version, written = update_plate_features(run.root, model, items, spec.embed_dim,
                                                  embedding_key(spec, run.config.crop), partial=run.partial)
         if written:
@@ -72,7 +72,7 @@ def embed_model(run: Refresh, records: list[PlateRecord], model: str, route: Gpu
     stage, jobs = embed_stage(model), {}
     run.progress.stage(stage, len(records))
     for rec in records:
-        path = store_path(run.root, spec, rec.metadata["sha256"], run.config.crop)
+        path = store_path(run.root, spec, rec.characterized_sha256, run.config.crop)
         rec.vector_files[model] = str(path)
         if path.is_file() and (problem := vectors_problem(path, len(rec.boxes), spec.embed_dim)):
             run.logger.warning("%s: %s; removed, its vectors are computed again", rec.plate.folder, problem)
@@ -130,7 +130,7 @@ def smart_crop_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunn
     for r in ok.values():
         mask = PlateLayout(r.plate.plate_dir).segmentation(experiment) if experiment else None
         mask = str(mask) if mask is not None and mask.is_file() else None
-        sha = r.metadata["sha256"]  # a plate whose mask appears or goes is cropped again
+        sha = r.characterized_sha256  # a plate whose mask appears or goes is cropped again
         jobs.append(CropJob(r.plate, key(sha) + ("-mask" if mask else ""), dict(r.vector_files), r.boxes, r.size, sha,
                             mask, mask_index if mask else None))
 

@@ -229,6 +229,7 @@ def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem
         run.logger.error(message)
         return Failed(message=message)
     table_path = run.corpus.table
+    _let_go(rows)
     _corpus_wide(run.root, rows)
     if run.snapshot is not None:
         _record_snapshot(run, records, problems)
@@ -263,6 +264,20 @@ def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem
     message = summary + (f". New failures: {_failures(new)}" if new else "") + (
         f". Known failures (failed the same way before): {_failures(old)}" if old else "")
     return Failed(message=message) if new else Completed(message=message)
+
+
+# What the end of a refresh reads of its rows once plates.parquet holds them: the summary, the
+# artifacts (plateflow.artifacts), the snapshot and the report's touched plates.
+AFTER_TABLE = frozenset({"plate_dir", "plate_id", "status", "failed_step", "error", "sha256", "characterize_status",
+                         "embed_status", "megapixels", "similarity", "quality_flags", "duplicate_of"})
+
+
+def _let_go(rows: list[dict]) -> None:
+    """Drop the rows' other columns (in place: the records hold the same dicts), so the report
+    is built in the memory they held (~1 KB a plate: 10^5 rows are a tenth of a gigabyte)."""
+    for row in rows:
+        for k in [k for k in row if k not in AFTER_TABLE]:
+            del row[k]
 
 
 def _corpus_wide(root: Path, rows: list[dict]) -> None:

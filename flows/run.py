@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,12 +32,15 @@ def embed_stage(model: str) -> str:
 
 @dataclass(slots=True)
 class PlateRecord:
-    """One plate through a refresh: its source's hash, its corpus-table row and what each stage
-    found (input_image.json fields, crop boxes, vector files)."""
+    """One plate through a refresh: its source's hash, its corpus-table row (which holds what the
+    characterization found: the bytes' sha256, the size) and what each later stage found (crop
+    boxes, vector files).
+
+    A refresh holds 10^5 of these: the plate's manifest is let go once the row has what it needs
+    of it (the tasks never read it), and nothing is kept twice."""
 
     plate: PlateRef
     sha256: str | None = None
-    metadata: dict | None = None
     boxes: list[list[int]] | None = None
     vector_files: dict[str, str] = field(default_factory=dict)
     embedded: bool = False  # some model's vectors were computed by this refresh
@@ -47,19 +50,24 @@ class PlateRecord:
         self.row = {"plate_dir": self.plate.folder, "plate_id": self.plate.plate_id,
                     "source_image": self.plate.source_image, "status": Status.OK,
                     "original_path": original_path(self.plate.manifest)}
+        if self.plate.manifest:
+            self.plate = replace(self.plate, manifest={})
 
     @property
     def ok(self) -> bool:
         return self.row["status"] == Status.OK
 
     @property
+    def characterized_sha256(self) -> str:
+        """The sha256 of the bytes the characterization read (the cache key of what follows)."""
+        return self.row["sha256"]
+
+    @property
     def size(self) -> tuple[int, int]:
-        return self.metadata["width"], self.metadata["height"]
+        return self.row["width"], self.row["height"]
 
     def settle(self, status: str, metadata: dict) -> None:
-        """The plate's characterization (input_image.json's fields) into its row; of the rest
-        only what the GPU stages read is kept (a refresh holds 10^5 records)."""
-        self.metadata = {k: metadata[k] for k in ("sha256", "width", "height")}
+        """The plate's characterization (input_image.json's fields) into its row."""
         quality = metadata.get("quality") or {}
         self.row.update({k: metadata[k] for k in CHARACTERIZATION_COLUMNS}, characterize_status=status,
                         quality_flags=quality.get("flags"), pixel_hash=quality.get("pixel_hash"),

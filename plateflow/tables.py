@@ -165,7 +165,7 @@ def write_corpus_table(root: Path, rows: list[dict[str, Any]], partial: bool = F
         if all(f in at for f in new):  # the old order holds every plate: no sort
             where = {f: i for i, f in enumerate(folders)}
             table = table.take(_ix([where[f] for f in old_folders if f in where]))
-        else:
+        elif not _in_natural_order(folders):  # (a refresh hands its rows sorted: no copy then)
             table = table.take(_ix(sorted(range(len(folders)), key=lambda i: natural_key(folders[i]))))
     unchanged = old is not None and not new and not removed and base is not None and _typed(old)
     decided = (old.schema.metadata or {}).get(FINALIZE_KEY, b"").decode() if old is not None else ""
@@ -183,6 +183,17 @@ def write_corpus_table(root: Path, rows: list[dict[str, Any]], partial: bool = F
     if finalize_version:
         meta[FINALIZE_KEY] = finalize_version.encode()
     write_parquet(path, table.replace_schema_metadata(meta))
+    return True
+
+
+def _in_natural_order(folders: list[str]) -> bool:
+    """Whether ``folders`` are sorted by ``natural_key`` (two keys alive at a time)."""
+    keys = map(natural_key, folders)
+    prev = next(keys, None)
+    for key in keys:
+        if key < prev:
+            return False
+        prev = key
     return True
 
 

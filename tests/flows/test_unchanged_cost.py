@@ -76,6 +76,20 @@ def test_hashing_many_sources_holds_a_window_of_reads_not_one_per_file(tmp_path)
     assert peak - answers < 4 * 2**20, (peak - answers) / 2**20
 
 
+def test_a_plates_record_keeps_what_it_needs_of_the_manifest_and_lets_it_go(tmp_path):
+    """A refresh holds a record per plate (10^5): the manifest is read once for the row."""
+    import json
+
+    d = make_plate(tmp_path, "plate-001", paper_plate())
+    manifest = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**manifest, "original_path": "scans/a b.tif", "notes": "x" * 500}))
+    plate = read_manifest(d)
+    rec = PlateRecord(plate)
+    assert plate.manifest["notes"] == "x" * 500  # the plate as discovered is unchanged
+    assert rec.plate.manifest == {} and rec.plate == plate  # same plate (the manifest is not its identity)
+    assert rec.row["original_path"] == "scans/a b.tif" and rec.row["plate_id"] == plate.plate_id
+
+
 def test_batches_are_bounded_by_plate_count_and_source_bytes(tmp_path):
     recs = []
     for i, size in enumerate([10, 10, 10, 50, 10, 10, 10, 10]):

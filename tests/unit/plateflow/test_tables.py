@@ -167,3 +167,15 @@ def test_many_refreshed_rows_are_compared_with_their_old_ones_a_slice_at_a_time(
     assert [r["height"] for r in after].count(8) == 1 and after[123]["height"] == 8
     # Both sides as dicts at once: ~60 MB here; a slice of each: ~12 MB.
     assert peak < 30 * 2**20, peak / 2**20
+
+
+def test_rows_in_any_order_are_written_in_natural_folder_order(tmp_path):
+    """A refresh hands its rows sorted (no copy of the table then); any other order is sorted."""
+    from plateflow.tables import write_corpus_table
+
+    order = ["plate-2", "plate-10", "plate-101", "plate-1000"]
+    for given in (order, ["plate-1000", "plate-101", "plate-2", "plate-10"]):
+        path = tmp_path / "plates.parquet"
+        path.unlink(missing_ok=True)
+        write_corpus_table(tmp_path, [{"plate_dir": f, "plate_id": f, "status": "ok"} for f in given])
+        assert pq.read_table(path).column("plate_dir").to_pylist() == order
