@@ -27,7 +27,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
-from plateflow.artifacts import Progress, RunCounts, plural, publish
+from plateflow.artifacts import TABLE_COLUMNS, Progress, RunCounts, plural, publish
 from plateflow.atomic import dumps_json, remove_stale_temps, write_bytes_if_changed
 from plateflow.config import RefreshConfig, corpus_root
 from plateflow.errors import ConfigError
@@ -251,7 +251,7 @@ def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem
     run.progress.publish()
     whole = len(rows) != counts.plates or run.partial
     publish(run.root, rows + settled_failed, counts, known, run.timings, report, run.config.models,
-            corpus=read_corpus_table(run.root) if whole else None)
+            corpus=read_corpus_table(run.root, TABLE_COLUMNS) if whole else None)
     for r in failed:  # one line per failed plate, and no more
         is_known = r["plate_dir"] in known
         (run.logger.info if is_known else run.logger.warning)(

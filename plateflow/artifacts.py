@@ -72,6 +72,11 @@ class Progress:
             listener(name, done, total, failed)
 
 
+# The corpus table's columns the table artifact shows (``plate_table``).
+TABLE_COLUMNS = ["plate_dir", "status", "megapixels", "quality_flags", "similarity", "characterize_status",
+                 "embed_status", "error"]
+
+
 def plate_table(rows: list[dict]) -> list[dict]:
     return [{
         "plate": r["plate_dir"],

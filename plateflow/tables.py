@@ -250,11 +250,15 @@ def _carry_foreign_columns(old: pa.Table | None, table: pa.Table) -> pa.Table:
     return table
 
 
-def read_parquet(path: Path, what: str) -> pa.Table | None:
-    """The table at ``path``, None if there is none; a file that is not a readable table
-    raises ``CorpusTableError`` saying which file and how to recover."""
+def read_parquet(path: Path, what: str, columns: list[str] | None = None) -> pa.Table | None:
+    """The table at ``path`` (of ``columns``, those of them it has), None if there is none; a
+    file that is not a readable table raises ``CorpusTableError`` saying which file and how to
+    recover."""
     try:
-        return pq.read_table(path)
+        if columns is not None:
+            names = set(pq.read_schema(path).names)
+            columns = [c for c in columns if c in names]
+        return pq.read_table(path, columns=columns)
     except FileNotFoundError:
         return None
     except (OSError, pa.ArrowException) as exc:
@@ -264,9 +268,10 @@ def read_parquet(path: Path, what: str) -> pa.Table | None:
             f"`plateflow refresh --root {root}` rebuilds it") from None
 
 
-def read_corpus_table(root: Path) -> pa.Table | None:
-    """ROOT/plates.parquet, None if there is none; raises ``CorpusTableError`` if unreadable."""
-    return read_parquet(CorpusLayout(Path(root)).table, "corpus table")
+def read_corpus_table(root: Path, columns: list[str] | None = None) -> pa.Table | None:
+    """ROOT/plates.parquet (of ``columns``, those of them it has), None if there is none;
+    raises ``CorpusTableError`` if unreadable."""
+    return read_parquet(CorpusLayout(Path(root)).table, "corpus table", columns)
 
 
 def failure_signatures(root: Path) -> dict[str, tuple]:

@@ -237,7 +237,8 @@ def _print_status(root: Path) -> tuple[bool, int]:
     from plateflow.layout import CorpusLayout
     from plateflow.tables import read_corpus_table
 
-    table = read_corpus_table(root)
+    table = read_corpus_table(root, ["plate_dir", "status", "failed_step", "error", "characterize_status",
+                                     "embed_status", "quality_flags"])  # what it counts (10^5 rows)
     if table is None:
         return False, 0
     unreadable = 0

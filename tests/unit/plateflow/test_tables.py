@@ -179,3 +179,25 @@ def test_rows_in_any_order_are_written_in_natural_folder_order(tmp_path):
         path.unlink(missing_ok=True)
         write_corpus_table(tmp_path, [{"plate_dir": f, "plate_id": f, "status": "ok"} for f in given])
         assert pq.read_table(path).column("plate_dir").to_pylist() == order
+
+
+def test_a_corpus_table_read_for_some_columns_has_those_it_holds(tmp_path):
+    """The end of a refresh and ``status`` read only the columns they show (10^5 rows); a table
+    without one of them (a notebook's) is read for those it has; a damaged one is named."""
+    import pyarrow as pa
+
+    from plateflow.artifacts import TABLE_COLUMNS, plate_table
+    from plateflow.errors import CorpusTableError
+    from plateflow.tables import read_corpus_table, write_corpus_table
+
+    assert read_corpus_table(tmp_path, ["status"]) is None
+    write_corpus_table(tmp_path, [{"plate_dir": "plate-1", "plate_id": "a", "status": "failed", "error": "bad",
+                                   "megapixels": 1.25, "quality_flags": ["blurry"], "width": 9}])
+    table = read_corpus_table(tmp_path, TABLE_COLUMNS)
+    assert table.column_names == TABLE_COLUMNS
+    assert plate_table(table.to_pylist()) == plate_table(read_corpus_table(tmp_path).to_pylist())
+    pq.write_table(pa.table({"plate_id": ["a"], "note": ["x"]}), tmp_path / "plates.parquet")
+    assert read_corpus_table(tmp_path, ["plate_dir", "note"]).column_names == ["note"]
+    (tmp_path / "plates.parquet").write_bytes(b"PAR1 garbage PAR1")
+    with pytest.raises(CorpusTableError, match="is not a readable corpus table"):
+        read_corpus_table(tmp_path, ["status"])
