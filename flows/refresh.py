@@ -266,10 +266,9 @@ def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem
     return Failed(message=message) if new else Completed(message=message)
 
 
-# What the end of a refresh reads of its rows once plates.parquet holds them: the summary, the
-# artifacts (plateflow.artifacts), the snapshot and the report's touched plates.
-AFTER_TABLE = frozenset({"plate_dir", "plate_id", "status", "failed_step", "error", "sha256", "characterize_status",
-                         "embed_status", "megapixels", "similarity", "quality_flags", "duplicate_of"})
+# What the end of a refresh reads of its rows once plates.parquet holds them: the table artifact's
+# columns, and what the summary, the failure lines and the snapshot read.
+AFTER_TABLE = frozenset(TABLE_COLUMNS) | {"plate_id", "failed_step", "sha256", "duplicate_of"}
 
 
 def _let_go(rows: list[dict]) -> None:

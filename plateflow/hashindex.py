@@ -164,8 +164,8 @@ class SourceIndex:
             except OSError as exc:
                 return exc
 
-        # A window of reads at a time: ``Executor.map`` makes every future up front (~2 KB each,
-        # 200 MB for a first refresh of 10^5 plates, memory the process keeps).
+        # A window of reads at a time: ``Executor.map`` makes every future up front (~1.4 KB each,
+        # 140 MB for a first refresh of 10^5 plates, memory the process keeps).
         window = max(1, workers) * 256
         with ThreadPoolExecutor(max(1, workers), thread_name_prefix="plateflow-hash") as pool:
             for start in range(0, len(to_read), window):

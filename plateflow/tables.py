@@ -4,6 +4,7 @@ embeddings tables (one row per crop candidate) and the source index. Written ato
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Callable
 
@@ -188,13 +189,7 @@ def write_corpus_table(root: Path, rows: list[dict[str, Any]], partial: bool = F
 
 def _in_natural_order(folders: list[str]) -> bool:
     """Whether ``folders`` are sorted by ``natural_key`` (two keys alive at a time)."""
-    keys = map(natural_key, folders)
-    prev = next(keys, None)
-    for key in keys:
-        if key < prev:
-            return False
-        prev = key
-    return True
+    return all(a <= b for a, b in pairwise(map(natural_key, folders)))
 
 
 def _ix(indices: list[int]) -> pa.Array:
