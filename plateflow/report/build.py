@@ -20,7 +20,8 @@ from plateflow.report.embeddings import _embeddings_section
 from plateflow.report.pages import _filters, _flag_section, _link, _page, _paged
 from plateflow.report.plate_pages import _candidates, _plate_pages
 from plateflow.report.plates import _esc, COLUMNS, FAILED_ROWS, Plates, read_plates
-from plateflow.report.plots import bars_png, histogram_png, scatter_png
+from plateflow.report.plots import (DECADES, Transform, bars_png, density, drawn, histogram, histogram_png,
+                                    scatter_areas, scatter_png)
 from plateflow.tables import read_corpus_table
 
 
@@ -207,7 +208,8 @@ def _failed_section(p: Plates, failed: list[int]) -> str:
 
 
 def _plots(reports: Path, p: Plates, ok: list[int], failed: list[int], members: dict[str, list[int]]) -> str:
-    """The four plots, each drawn again only when what it plots changed (``plots/.<name>.key``)."""
+    """The four plots, each drawn again only when what it shows changed (``plots/.<name>.key``:
+    plateflow/report/plots.py); the scatter's image map made from the plates as they are now."""
     counts = {f: len(members[f]) for f in FLAGS} | {"failed": len(failed)}
     table, okx = p.table, pa.array(ok, pa.int64())
 
@@ -218,8 +220,19 @@ def _plots(reports: Path, p: Plates, ok: list[int], failed: list[int], members: 
     lum, ent, mp, paper = floats("luminance_mean"), floats("entropy"), floats("megapixels"), floats("paper_share")
     flagged = (pc.fill_null(pc.list_value_length(pc.take(table.column("quality_flags"), okx)), 0).to_numpy(
         zero_copy_only=False) > 0) if ok else np.zeros(0, bool)
-    ids = hashlib.sha256("\x1f".join(map(str, p["plate_id"])).encode()).hexdigest()
-    ok_ids = hashlib.sha256(np.asarray(ok, np.int64).tobytes()).hexdigest()
+    sizes, shares = histogram(mp), histogram(paper[~np.isnan(paper)], value_range=(0.0, 1.0))
+    cells = density(lum, ent, flagged)
+    scatter = ("Luminance against entropy", "mean luminance (0-255)", "entropy (bits)")
+    plots = {
+        "megapixels.png": (sizes.key(), lambda: (histogram_png(sizes, "Plate size", "megapixels"), None)),
+        "luminance-entropy.png": (cells.key() if cells is not None else drawn("points", lum, ent, flagged),
+                                  lambda: scatter_png(lum, ent, flagged, *scatter, cells=cells)),
+        "background.png": (shares.key(), lambda: (histogram_png(
+            shares, "Paper share", "share at the detected paper level (0: no paper)"), None)),
+        "flags.png": (drawn("bars", repr(counts)), lambda: (bars_png(counts, "Quality flags"), None)),
+    }
+    drawn_with = {name: _cached_plot(reports / "plots", name, key, render) for name, (key, render) in plots.items()}
+    transform = drawn_with["luminance-entropy.png"]
 
     class _Of:  # the scatter's labels and links, looked up for the points it names
         def __init__(self, values):
@@ -228,46 +241,32 @@ def _plots(reports: Path, p: Plates, ok: list[int], failed: list[int], members: 
         def __getitem__(self, k):
             return self.values[ok[k]]
 
-    def scatter():
-        return scatter_png(lum, ent, flagged, _Of(p["plate_id"]), _Of(p.links), "Luminance against entropy",
-                           "mean luminance (0-255)", "entropy (bits)")
-
-    plots = {
-        "megapixels.png": (lambda: (histogram_png(mp, "Plate size", "megapixels"), ""), [mp]),
-        "luminance-entropy.png": (scatter, [lum, ent, flagged, ids, ok_ids]),
-        "background.png": (lambda: (histogram_png(paper[~np.isnan(paper)], "Paper share",
-                                                  "share at the detected paper level (0: no paper)",
-                                                  value_range=(0.0, 1.0)), ""), [paper]),
-        "flags.png": (lambda: (bars_png(counts, "Quality flags"), ""), [repr(counts)]),
-    }
-    areas = ""
-    for name, (render, inputs) in plots.items():
-        extra = _cached_plot(reports / "plots", name, inputs, render)
-        areas = areas or extra
+    areas = scatter_areas(lum, ent, flagged, _Of(p["plate_id"]), _Of(p.links), transform) if transform else ""
+    ranges = [str(a) if b - 1 == a else f"{a}–{b - 1}" for a, b in zip(DECADES, DECADES[1:])] + [f"{DECADES[-1]}+"]
+    legends = {"luminance-entropy.png": f"<figcaption>Plates a cell: {', '.join(ranges)} (lighter to darker)"
+               "</figcaption>" if cells is not None else ""}
     alt = {"megapixels.png": "plate size histogram", "luminance-entropy.png": "luminance against entropy",
            "background.png": "paper share histogram", "flags.png": "flag counts"}
-    return "".join(
-        f'<figure><img src="plots/{name}" alt="{alt[name]}" width="480" height="340"'
-        + (' usemap="#points"' if name == "luminance-entropy.png" else "") + "></figure>"
-        for name in plots) + f'<map name="points">{areas}</map>'
+    usemap = {"luminance-entropy.png": ' usemap="#points"'}
+    return "".join(f'<figure><img src="plots/{name}" alt="{alt[name]}" width="480" height="340"{usemap.get(name, "")}>'
+                   f'{legends.get(name, "")}</figure>' for name in plots) + f'<map name="points">{areas}</map>'
 
 
-def _cached_plot(folder: Path, name: str, inputs: list, render) -> str:
-    """Draw ``name`` with ``render()`` -> (PNG, image map) unless ``plots/.<name>.key`` says it
-    was drawn from the same inputs (arrays, strings) by this code; returns the image map."""
+def _cached_plot(folder: Path, name: str, key: bytes, render) -> Transform | None:
+    """Draw ``name`` with ``render()`` -> (PNG, its ``Transform`` or None) unless
+    ``plots/.<name>.key`` says it was drawn with the same ``key`` by this code; returns the
+    transform it was drawn with (``plots/.<name>.transform``), if it has one."""
     digest = hashlib.sha256(CODE_VERSION.encode())
-    for value in inputs:
-        digest.update(value.tobytes() if isinstance(value, np.ndarray) else str(value).encode())
-        digest.update(b"\x1f")
-    key, key_file, areas_file = digest.hexdigest(), folder / f".{name}.key", folder / f".{name}.map"
+    digest.update(key)
+    key, key_file, transform_file = digest.hexdigest(), folder / f".{name}.key", folder / f".{name}.transform"
     try:
         if key_file.read_text() == key and (folder / name).is_file():
-            return areas_file.read_text() if areas_file.is_file() else ""
-    except OSError:
+            return Transform.loads(transform_file.read_bytes()) if transform_file.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):  # a damaged transform: drawn again
         pass
-    png, areas = render()
+    png, transform = render()
     write_bytes_if_changed(folder / name, png)
-    if areas:
-        write_bytes_if_changed(areas_file, areas.encode())
+    if transform is not None:
+        write_bytes_if_changed(transform_file, transform.dumps())
     write_bytes_if_changed(key_file, key.encode())
-    return areas
+    return transform

@@ -33,12 +33,14 @@ def _esc(value) -> str:
 
 
 class Column:
-    """A column of the corpus table as Python values on demand: single values while few are
-    asked (a report that renders a few changed plates of 10^5 converts only those), the whole
-    column at once when many are."""
+    """A column of the corpus table as Python values on demand, a block of ``BLOCK`` rows at a
+    time: a report that renders a few changed plates' pages of 10^5 converts only their blocks;
+    iterating converts the whole column once."""
+
+    BLOCK = 1024
 
     def __init__(self, values: pa.ChunkedArray | pa.Array):
-        self._values, self._list, self._asked = values, None, 0
+        self._values, self._list, self._blocks = values, None, {}
 
     def __len__(self) -> int:
         return len(self._values)
@@ -57,10 +59,15 @@ class Column:
         if isinstance(key, slice):
             start, stop, step = key.indices(len(self._values))
             return self._values.slice(start, max(0, stop - start)).to_pylist()[::step]
-        self._asked += 1
-        if self._asked > 64 + len(self._values) // 64:
-            return self._all()[key]
-        return self._values[key].as_py()
+        if key < 0:
+            key += len(self._values)
+        b, i = divmod(key, self.BLOCK)
+        block = self._blocks.get(b)
+        if block is None:
+            if key >= len(self._values) or key < 0:
+                raise IndexError(key)
+            block = self._blocks[b] = self._values.slice(b * self.BLOCK, self.BLOCK).to_pylist()
+        return block[i]
 
 
 class _PerPlate:

@@ -1,21 +1,95 @@
-"""The report's plots: matplotlib on Agg (no display, no pyplot state), PNG bytes."""
+"""The report's plots: what each one draws, computed in NumPy (``histogram``, ``density``), and
+its PNG, drawn with matplotlib on Agg (no display, no pyplot state) only when that changed.
+
+A plot's key (``drawn``) is what its picture shows, not the values behind it: a histogram's bar
+heights to a thousandth of the tallest (a quarter of a pixel at the plots' size), a dense
+scatter's cells by their decade of plates. One plate of 10^5 that changes within its bar or
+its cell changes no picture, so matplotlib is not even imported. The scatter's image map is
+made from the plotted values and the transform the picture was drawn with (``Transform``), so
+it names the plates as they are now without drawing anything.
+"""
 
 from __future__ import annotations
 
 import io
+import json
+from dataclasses import dataclass
 
 import numpy as np
 
 from plateflow.report.plates import _esc, MAX_AREAS
 
 DENSE_POINTS = 20_000  # a scatter of more plates is drawn as densities
+DENSITY_CELLS = (96, 64)  # cells across and up: 4 x 4 pixels of the plot area
+DECADES = (1, 2, 10, 100, 1000)  # a cell's shade: 1, 2-9, 10-99, 100-999, 1000 or more plates
+SIZE = (4.8, 3.4)  # inches at 100 dpi: 480 x 340 pixels
+HEIGHT_STEPS = 1000  # a histogram's bar heights are drawn to this fraction of the tallest
+
+
+def drawn(*parts) -> bytes:
+    """The bytes of a key made of arrays and strings."""
+    digest = []
+    for part in parts:
+        digest.append(part.tobytes() if isinstance(part, np.ndarray) else str(part).encode())
+    return b"\x1f".join(digest)
+
+
+@dataclass
+class Histogram:
+    counts: np.ndarray
+    edges: np.ndarray
+
+    def key(self) -> bytes:
+        """The bars as drawn: exact counts while the tallest is at most ``HEIGHT_STEPS``, else
+        each to a thousandth of the tallest, and the tallest to three significant digits (the
+        axis it sets)."""
+        top = int(self.counts.max()) if self.counts.size else 0
+        heights = self.counts
+        if top > HEIGHT_STEPS:
+            heights = np.rint(self.counts * (HEIGHT_STEPS / top)).astype(np.int64)
+            top = float(f"{top:.3g}")
+        return drawn("histogram", self.edges, heights, top)
+
+
+def histogram(values: np.ndarray, bins: int = 30, value_range: tuple[float, float] | None = None) -> Histogram:
+    values = np.asarray(values, np.float64)
+    if not len(values):
+        return Histogram(np.zeros(0, np.int64), np.zeros(0))
+    counts, edges = np.histogram(values, bins=bins, range=value_range)
+    return Histogram(counts, edges)
+
+
+@dataclass
+class Density:
+    """Per group (plates, flagged): each cell's decade (0: empty) over the cells' edges."""
+
+    groups: list[np.ndarray]
+    xedges: np.ndarray
+    yedges: np.ndarray
+
+    def key(self) -> bytes:
+        return drawn("density", self.xedges, self.yedges, *self.groups)
+
+
+def density(xs: np.ndarray, ys: np.ndarray, flagged: np.ndarray) -> Density | None:
+    """The dense scatter's cells, or None for a scatter of at most ``DENSE_POINTS`` plates (each
+    drawn as a marker: its key is every value)."""
+    if len(xs) <= DENSE_POINTS:
+        return None
+    finite = np.isfinite(xs) & np.isfinite(ys)
+    extent = [[xs[finite].min(), xs[finite].max()], [ys[finite].min(), ys[finite].max()]] if finite.any() else None
+    groups, xedges, yedges = [], np.zeros(0), np.zeros(0)
+    for group in (~flagged & finite, flagged & finite):
+        counts, xedges, yedges = np.histogram2d(xs[group], ys[group], bins=DENSITY_CELLS, range=extent)
+        groups.append(np.digitize(counts, DECADES).astype(np.uint8))
+    return Density(groups, xedges, yedges)
 
 
 def _figure(title: str, xlabel: str, ylabel: str):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(4.8, 3.4), dpi=100)
+    fig = Figure(figsize=SIZE, dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.set_title(title, fontsize=10)
@@ -32,12 +106,10 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def histogram_png(values: list[float], title: str, xlabel: str, bins: int = 30,
-                  value_range: tuple[float, float] | None = None) -> bytes:
+def histogram_png(h: Histogram, title: str, xlabel: str) -> bytes:
     fig, ax = _figure(title, xlabel, "plates")
-    if len(values):
-        counts, edges = np.histogram(np.asarray(values, np.float64), bins=bins, range=value_range)
-        ax.stairs(counts, edges, fill=True, color="#3b6ea5")
+    if h.counts.size:
+        ax.stairs(h.counts, h.edges, fill=True, color="#3b6ea5")
     else:
         ax.text(0.5, 0.5, "no plates", transform=ax.transAxes, ha="center")
     return _png(fig)
@@ -54,24 +126,59 @@ def bars_png(counts: dict[str, int], title: str) -> bytes:
     return _png(fig)
 
 
-def scatter_png(x: list[float], y: list[float], flagged: list[bool], labels: list[str], links: list[str | None],
-                title: str, xlabel: str, ylabel: str) -> tuple[bytes, str]:
-    """The scatter as PNG, and an HTML image map naming the plate behind each point (at most
-    ``MAX_AREAS``: flagged plates first, then an even sample). Past ``DENSE_POINTS`` points,
-    where markers only pile up, each group is drawn as its density (hexagons, log scale)."""
+@dataclass
+class Transform:
+    """Data to image pixels as the picture was drawn (matplotlib's affine ``transData``, the
+    image's height), kept beside the PNG so the image map follows the data without a redraw."""
+
+    matrix: list[list[float]]
+    height: float
+
+    def pixels(self, xy: np.ndarray) -> np.ndarray:
+        """(n, 2) data points -> (n, 2) pixels, y down from the image's top."""
+        m = np.asarray(self.matrix, np.float64)
+        px = xy @ m[:2, :2].T + m[:2, 2]
+        px[:, 1] = self.height - px[:, 1]
+        return px
+
+    def dumps(self) -> bytes:
+        return json.dumps({"matrix": self.matrix, "height": self.height}).encode()
+
+    @classmethod
+    def loads(cls, data: bytes) -> Transform:
+        d = json.loads(data)
+        return cls([[float(v) for v in row] for row in d["matrix"]], float(d["height"]))
+
+
+def _shades(name: str, levels: int):
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+
+    return ListedColormap(colormaps[name](np.linspace(0.35, 1.0, levels)))
+
+
+def scatter_png(xs: np.ndarray, ys: np.ndarray, flagged: np.ndarray, title: str, xlabel: str, ylabel: str,
+                cells: Density | None = None) -> tuple[bytes, Transform]:
+    """The scatter as PNG and its ``Transform``: a marker a plate, or with ``cells`` (past
+    ``DENSE_POINTS`` plates, where markers only pile up) each group's cells shaded by their
+    decade of plates (plates blue, flagged red)."""
     fig, ax = _figure(title, xlabel, ylabel)
-    xs, ys, fl = np.asarray(x, float), np.asarray(y, float), np.asarray(flagged, bool)
-    if len(xs) > DENSE_POINTS:
+    fl = np.asarray(flagged, bool)
+    if cells is not None:
+        from matplotlib.colors import BoundaryNorm
         from matplotlib.patches import Patch
 
-        finite = np.isfinite(xs) & np.isfinite(ys)
-        extent = (xs[finite].min(), xs[finite].max(), ys[finite].min(), ys[finite].max()) if finite.any() else None
+        norm = BoundaryNorm(np.arange(0.5, len(DECADES) + 1), len(DECADES))
         handles = []
-        for group, cmap, colour, label in ((~fl, "Blues", "#3b6ea5", "plates"), (fl, "Reds", "#e4572e", "flagged")):
-            if (group & finite).any():
-                ax.hexbin(xs[group & finite], ys[group & finite], gridsize=80, extent=extent, mincnt=1, bins="log",
-                          cmap=cmap, alpha=0.75, linewidths=0)
+        for grid, cmap, colour, label in zip(cells.groups, ("Blues", "Reds"), ("#3b6ea5", "#e4572e"),
+                                             ("plates", "flagged")):
+            if grid.any():
+                ax.pcolormesh(cells.xedges, cells.yedges, np.ma.masked_equal(grid, 0).T, cmap=_shades(cmap, len(DECADES)),
+                              norm=norm, alpha=0.75, linewidth=0)
                 handles.append(Patch(color=colour, label=f"{label} (density)"))
+        if len(cells.xedges):
+            ax.set_xlim(cells.xedges[0], cells.xedges[-1])
+            ax.set_ylim(cells.yedges[0], cells.yedges[-1])
         ax.legend(handles=handles, fontsize=8, loc="best")
     elif len(xs):
         ax.scatter(xs[~fl], ys[~fl], s=8, alpha=0.6, color="#3b6ea5", label="plates", linewidths=0)
@@ -80,17 +187,25 @@ def scatter_png(x: list[float], y: list[float], flagged: list[bool], labels: lis
         ax.legend(fontsize=8, loc="best")
     fig.canvas.draw()
     png = _png(fig)
-    height = fig.bbox.height
+    return png, Transform(ax.transData.get_affine().get_matrix().tolist(), float(fig.bbox.height))
+
+
+def scatter_areas(xs: np.ndarray, ys: np.ndarray, flagged: np.ndarray, labels, links, transform: Transform) -> str:
+    """An HTML image map naming the plate behind each point (at most ``MAX_AREAS``: flagged
+    plates first, then an even sample); ``labels[k]``, ``links[k]``: point k's."""
+    fl = np.asarray(flagged, bool)
     order = list(np.flatnonzero(fl)) + list(np.flatnonzero(~fl))
     if len(order) > MAX_AREAS:
         flagged_first = order[:min(int(fl.sum()), MAX_AREAS)]
         rest, room = order[len(flagged_first):], MAX_AREAS - len(flagged_first)
         order = flagged_first + (rest[::max(1, -(-len(rest) // room))][:room] if room else [])
+    order = [k for k in order if np.isfinite(xs[k]) and np.isfinite(ys[k])]
+    if not order:
+        return ""
+    px = transform.pixels(np.column_stack([xs[order], ys[order]]))
     areas = []
-    if order:
-        px = ax.transData.transform(np.column_stack([xs[order], ys[order]]))
-        for k, (cx, cy) in zip(order, px):
-            href = f' href="{_esc(links[k])}"' if links[k] else ""
-            areas.append(f'<area shape="circle" coords="{cx:.0f},{height - cy:.0f},5"{href} '
-                         f'title="{_esc(labels[k])}: {xs[k]:.3g}, {ys[k]:.3g}" alt="{_esc(labels[k])}">')
-    return png, "".join(areas)
+    for k, (cx, cy) in zip(order, px):
+        href = f' href="{_esc(links[k])}"' if links[k] else ""
+        areas.append(f'<area shape="circle" coords="{cx:.0f},{cy:.0f},5"{href} '
+                     f'title="{_esc(labels[k])}: {xs[k]:.3g}, {ys[k]:.3g}" alt="{_esc(labels[k])}">')
+    return "".join(areas)

@@ -322,7 +322,7 @@ def test_the_report_renders_again_only_what_shows_a_changed_plate_and_equals_a_f
     rewritten = {str(k) for k in after if after[k][0] != before.get(k, (None,))[0]}
     assert rewritten == {"reports/index.html", "reports/data/plates-0001.js",
                          "reports/plots/luminance-entropy.png", "reports/plots/.luminance-entropy.png.key",
-                         "reports/plots/.luminance-entropy.png.map", "reports/.rows.npy"}
+                         "reports/plots/.luminance-entropy.png.transform", "reports/.rows.npy"}
     assert {k: v[1] for k, v in after.items()} == fresh(root)
     write_corpus_table(root, rows({700: 240.0}, {5: ["dark"]}))  # a flag: the sheets' order, the counts
     build_report(root)
@@ -337,14 +337,15 @@ def test_a_scatter_of_more_plates_than_markers_can_show_draws_their_densities_an
     import re
 
     from plateflow.report.plates import MAX_AREAS
-    from plateflow.report.plots import DENSE_POINTS, scatter_png
+    from plateflow.report.plots import DENSE_POINTS, density, scatter_areas, scatter_png
 
     rng = np.random.default_rng(5)
     n = DENSE_POINTS + 5000
     flagged = np.arange(n) < 1000
     x = np.where(flagged, rng.normal(220, 3, n), rng.normal(120, 3, n))  # flagged on the right
     y = rng.normal(5, 0.2, n)
-    png, areas = scatter_png(x, y, flagged, [f"p{i}" for i in range(n)], [None] * n, "t", "luminance", "entropy")
+    png, transform = scatter_png(x, y, flagged, "t", "luminance", "entropy", cells=density(x, y, flagged))
+    areas = scatter_areas(x, y, flagged, [f"p{i}" for i in range(n)], [None] * n, transform)
     rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
     red = (rgb[..., 0] > rgb[..., 2] + 60) & (rgb[..., 1] < 200)
     blue = (rgb[..., 2] > rgb[..., 0] + 60) & (rgb[..., 2] > 120)
@@ -357,3 +358,96 @@ def test_a_scatter_of_more_plates_than_markers_can_show_draws_their_densities_an
     assert sorted(order[:1000]) == list(range(1000)) and min(order[1000:]) >= 1000  # the flagged first, then a sample
     cx = {int(i): int(c) for c, _, i in named}
     assert min(cx[i] for i in order[:1000]) > max(cx[i] for i in order[1000:])  # each where its plate is
+    # The map is where matplotlib drew each point: the plot's own transform, applied by hand.
+    fig_px = {int(i): (int(c), int(r)) for c, r, i in named}
+    for i in order[:5] + order[-5:]:
+        assert fig_px[i] == (round(float(x[i]) * transform.matrix[0][0] + transform.matrix[0][2]),
+                             round(transform.height - float(y[i]) * transform.matrix[1][1] - transform.matrix[1][2]))
+
+
+def test_a_dense_scatter_is_drawn_again_only_when_its_cells_change_and_its_map_follows_the_plates(tmp_path):
+    """Past DENSE_POINTS plates: a plate that moves within its cell leaves the picture as it is
+    (not drawn again) while the image map names it with its new values; a plate that moves into
+    an empty cell is drawn again. Either way the report equals a build from scratch."""
+    import shutil
+
+    from plateflow.report import build_report
+    from plateflow.report.plots import DENSE_POINTS
+    from plateflow.tables import write_corpus_table
+
+    n = DENSE_POINTS + 100
+    lum = {i: 100.0 + (i * 7) % 90 for i in range(n)}  # lum in [100, 190), entropy in [4, 7.5]: the corner
+    ent = {i: 4.0 + (i * 13) % 35 / 10 for i in range(n)}  # above 190 and 7.5 is empty but for plate 0
+    lum[0], ent[0] = 200.0, 8.0
+
+    def write():
+        write_corpus_table(root, [{"plate_dir": f"plate-{i:05d}", "plate_id": f"p{i}", "status": "ok", "width": 640,
+                                   "height": 480, "megapixels": 0.3, "luminance_mean": lum[i], "entropy": ent[i],
+                                   "quality_flags": []} for i in range(n)])
+        build_report(root)
+        return (root / "reports/plots/luminance-entropy.png").stat().st_mtime_ns, (root / "reports/index.html").read_text()
+
+    def fresh() -> bytes:
+        other = tmp_path / "fresh" / root.name
+        shutil.rmtree(other, ignore_errors=True)
+        (other / "plates_structured").mkdir(parents=True)
+        shutil.copy(root / "plates.parquet", other / "plates.parquet")
+        build_report(other)
+        return (other / "reports/index.html").read_bytes()
+
+    root = tmp_path / "corpus"
+    (root / "plates_structured").mkdir(parents=True)
+    drawn, index = write()
+    named = re.findall(r'title="p(\d+): ([\d.]+), ([\d.]+)"', index)
+    k = int(next(i for i, _, e in named if i != "0" and ent[int(i)] == 5.5))  # a plate the map names
+    assert f'title="p{k}: {lum[k]:.3g}, 5.5"' in index
+    ent[k] = 5.52  # within its cell (entropy cells are 4/64 = 0.0625 high, from 5.5 on)
+    again, index = write()
+    assert again == drawn  # the picture shows the same cells: not drawn again
+    assert f'title="p{k}: {lum[k]:.3g}, 5.52"' in index  # but the map says where the plate is now
+    assert (root / "reports/index.html").read_bytes() == fresh()
+    lum[k], ent[k] = 195.0, 7.9  # into the empty corner
+    moved, index = write()
+    assert moved != drawn and 'title="p%d: 195, 7.9"' % k in index
+    assert (root / "reports/index.html").read_bytes() == fresh()
+    assert (root / "reports/plots/luminance-entropy.png").read_bytes() == (
+        tmp_path / "fresh/corpus/reports/plots/luminance-entropy.png").read_bytes()
+
+
+def test_a_histogram_is_keyed_on_its_bars_as_drawn():
+    """Bar heights to a thousandth of the tallest bar (a quarter of a pixel): one plate more in a
+    bar of 10 beside one of 50,000 draws the same picture; beside one of 500 it does not."""
+    from plateflow.report.plots import Histogram
+
+    edges = np.linspace(0, 1, 4)
+
+    def key(*counts):
+        return Histogram(np.array(counts), edges).key()
+
+    assert key(50_000, 10, 10) == key(50_000, 11, 9)
+    assert key(50_000, 10, 10) != key(50_000, 200, 10)
+    assert key(500, 10, 10) != key(500, 11, 9)
+
+def test_a_report_column_converts_the_blocks_of_rows_it_is_asked_for():
+    """The report's view of a column of 10^5 values: any row (negative too) as the list would
+    give it, an IndexError past the end, and only the asked rows' blocks made Python objects
+    (a report that renders one changed plate's page does not convert 10^5 values a column)."""
+    import tracemalloc
+
+    import pyarrow as pa
+
+    from plateflow.report.plates import Column
+
+    values = [f"plate-{i:06d}" for i in range(100_000)]
+    column = Column(pa.chunked_array([values[:40_000], values[40_000:]]))
+    tracemalloc.start()
+    page = [column[i] for i in range(2_000)]  # a sheet page's 500 plates ask a few columns each
+    picked = [column[i] for i in (0, 1, 1023, 1024, 39_999, 40_000, 99_999, -1, -100_000)]
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert page == values[:2_000]
+    assert picked == [values[i] for i in (0, 1, 1023, 1024, 39_999, 40_000, 99_999, -1, -100_000)]
+    assert held < 2_000_000  # a few blocks of 1,024 strings; the whole column is ~7 MB of str objects
+    with pytest.raises(IndexError):
+        column[100_000]
+    assert column[10:13] == values[10:13] and list(column) == values
