@@ -20,8 +20,8 @@ from plateflow.report.embeddings import _embeddings_section
 from plateflow.report.pages import _filters, _flag_section, _link, _page, _paged
 from plateflow.report.plate_pages import _candidates, _plate_pages
 from plateflow.report.plates import _esc, COLUMNS, FAILED_ROWS, Plates, read_plates
-from plateflow.report.plots import (DECADES, Transform, bars_png, density, drawn, histogram, histogram_png,
-                                    scatter_areas, scatter_png)
+from plateflow.report.plots import (DECADES, Transform, bars_png, density, histogram, histogram_png,
+                                    plot_key, scatter_areas, scatter_png)
 from plateflow.tables import read_corpus_table
 
 
@@ -225,14 +225,15 @@ def _plots(reports: Path, p: Plates, ok: list[int], failed: list[int], members: 
     scatter = ("Luminance against entropy", "mean luminance (0-255)", "entropy (bits)")
     plots = {
         "megapixels.png": (sizes.key(), lambda: (histogram_png(sizes, "Plate size", "megapixels"), None)),
-        "luminance-entropy.png": (cells.key() if cells is not None else drawn("points", lum, ent, flagged),
+        "luminance-entropy.png": (cells.key() if cells is not None else plot_key("points", lum, ent, flagged),
                                   lambda: scatter_png(lum, ent, flagged, *scatter, cells=cells)),
         "background.png": (shares.key(), lambda: (histogram_png(
             shares, "Paper share", "share at the detected paper level (0: no paper)"), None)),
-        "flags.png": (drawn("bars", repr(counts)), lambda: (bars_png(counts, "Quality flags"), None)),
+        "flags.png": (plot_key("bars", repr(counts)), lambda: (bars_png(counts, "Quality flags"), None)),
     }
-    drawn_with = {name: _cached_plot(reports / "plots", name, key, render) for name, (key, render) in plots.items()}
-    transform = drawn_with["luminance-entropy.png"]
+    drawn = {name: _cached_plot(reports / "plots", name, key, render, mapped=name == "luminance-entropy.png")
+             for name, (key, render) in plots.items()}
+    transform = drawn["luminance-entropy.png"]
 
     class _Of:  # the scatter's labels and links, looked up for the points it names
         def __init__(self, values):
@@ -252,17 +253,18 @@ def _plots(reports: Path, p: Plates, ok: list[int], failed: list[int], members: 
                    f'{legends.get(name, "")}</figure>' for name in plots) + f'<map name="points">{areas}</map>'
 
 
-def _cached_plot(folder: Path, name: str, key: bytes, render) -> Transform | None:
+def _cached_plot(folder: Path, name: str, key: bytes, render, mapped: bool = False) -> Transform | None:
     """Draw ``name`` with ``render()`` -> (PNG, its ``Transform`` or None) unless
-    ``plots/.<name>.key`` says it was drawn with the same ``key`` by this code; returns the
-    transform it was drawn with (``plots/.<name>.transform``), if it has one."""
+    ``plots/.<name>.key`` says it was drawn with the same ``key`` by this code (and, ``mapped``,
+    its transform is readable); returns the transform it was drawn with
+    (``plots/.<name>.transform``), if it has one."""
     digest = hashlib.sha256(CODE_VERSION.encode())
     digest.update(key)
     key, key_file, transform_file = digest.hexdigest(), folder / f".{name}.key", folder / f".{name}.transform"
     try:
         if key_file.read_text() == key and (folder / name).is_file():
-            return Transform.loads(transform_file.read_bytes()) if transform_file.is_file() else None
-    except (OSError, ValueError, KeyError, TypeError):  # a damaged transform: drawn again
+            return Transform.loads(transform_file.read_bytes()) if mapped else None
+    except (OSError, ValueError, KeyError, TypeError):  # a transform lost or damaged: drawn again
         pass
     png, transform = render()
     write_bytes_if_changed(folder / name, png)

@@ -1,7 +1,7 @@
 """The report's plots: what each one draws, computed in NumPy (``histogram``, ``density``), and
 its PNG, drawn with matplotlib on Agg (no display, no pyplot state) only when that changed.
 
-A plot's key (``drawn``) is what its picture shows, not the values behind it: a histogram's bar
+A plot's key (``plot_key``) is what its picture shows, not the values behind it: a histogram's bar
 heights to a thousandth of the tallest (a quarter of a pixel at the plots' size), a dense
 scatter's cells by their decade of plates. One plate of 10^5 that changes within its bar or
 its cell changes no picture, so matplotlib is not even imported. The scatter's image map is
@@ -26,8 +26,8 @@ SIZE = (4.8, 3.4)  # inches at 100 dpi: 480 x 340 pixels
 HEIGHT_STEPS = 1000  # a histogram's bar heights are drawn to this fraction of the tallest
 
 
-def drawn(*parts) -> bytes:
-    """The bytes of a key made of arrays and strings."""
+def plot_key(*parts) -> bytes:
+    """A key made of arrays and strings, as bytes."""
     digest = []
     for part in parts:
         digest.append(part.tobytes() if isinstance(part, np.ndarray) else str(part).encode())
@@ -48,7 +48,7 @@ class Histogram:
         if top > HEIGHT_STEPS:
             heights = np.rint(self.counts * (HEIGHT_STEPS / top)).astype(np.int64)
             top = float(f"{top:.3g}")
-        return drawn("histogram", self.edges, heights, top)
+        return plot_key("histogram", self.edges, heights, top)
 
 
 def histogram(values: np.ndarray, bins: int = 30, value_range: tuple[float, float] | None = None) -> Histogram:
@@ -68,7 +68,7 @@ class Density:
     yedges: np.ndarray
 
     def key(self) -> bytes:
-        return drawn("density", self.xedges, self.yedges, *self.groups)
+        return plot_key("density", self.xedges, self.yedges, *self.groups)
 
 
 def density(xs: np.ndarray, ys: np.ndarray, flagged: np.ndarray) -> Density | None:

@@ -406,6 +406,12 @@ def test_a_dense_scatter_is_drawn_again_only_when_its_cells_change_and_its_map_f
     assert again == drawn  # the picture shows the same cells: not drawn again
     assert f'title="p{k}: {lum[k]:.3g}, 5.52"' in index  # but the map says where the plate is now
     assert (root / "reports/index.html").read_bytes() == fresh()
+    (root / "reports/plots/.luminance-entropy.png.transform").unlink()  # lost: drawn again, for the map
+    ent[k] = 5.53
+    _, index = write()  # (the same picture: the same bytes, not written)
+    assert (root / "reports/plots/.luminance-entropy.png.transform").is_file()
+    assert f'title="p{k}: {lum[k]:.3g}, 5.53"' in index
+    assert (root / "reports/index.html").read_bytes() == fresh()
     lum[k], ent[k] = 195.0, 7.9  # into the empty corner
     moved, index = write()
     assert moved != drawn and 'title="p%d: 195, 7.9"' % k in index
