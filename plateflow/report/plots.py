@@ -106,8 +106,16 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _counts_axis(axis) -> None:
+    """Plate counts as 0, 500, 20k, 100k: six digits would run into the axis label."""
+    from matplotlib.ticker import EngFormatter
+
+    axis.set_major_formatter(EngFormatter(sep=""))
+
+
 def histogram_png(h: Histogram, title: str, xlabel: str) -> bytes:
     fig, ax = _figure(title, xlabel, "plates")
+    _counts_axis(ax.yaxis)
     if h.counts.size:
         ax.stairs(h.counts, h.edges, fill=True, color="#3b6ea5")
     else:
@@ -117,10 +125,12 @@ def histogram_png(h: Histogram, title: str, xlabel: str) -> bytes:
 
 def bars_png(counts: dict[str, int], title: str) -> bytes:
     fig, ax = _figure(title, "plates", "")
+    _counts_axis(ax.xaxis)
     names = list(counts)[::-1]
     ax.barh(names, [counts[n] for n in names], color="#3b6ea5")
     for i, n in enumerate(names):
         ax.text(counts[n], i, f" {counts[n]}", va="center", fontsize=8)
+    ax.set_xlim(0, max([1, *counts.values()]) * 1.18)  # room for the longest bar's count
     ax.tick_params(axis="y", labelsize=8)
     fig.subplots_adjust(left=0.3)
     return _png(fig)

@@ -457,3 +457,19 @@ def test_a_report_column_converts_the_blocks_of_rows_it_is_asked_for():
     with pytest.raises(IndexError):
         column[100_000]
     assert column[10:13] == values[10:13] and list(column) == values
+
+
+def test_count_plots_of_a_large_corpus_keep_their_numbers_inside_the_picture():
+    """At 10^5 plates the flag counts' longest bar keeps its number inside the image, and the
+    histograms' count axis reads 100k, not six digits that push its label out of the image."""
+    import io
+
+    from plateflow.report.plots import bars_png, histogram, histogram_png
+
+    def ink(png: bytes) -> np.ndarray:  # dark pixels (text, axes)
+        return np.asarray(Image.open(io.BytesIO(png)).convert("L")) < 128
+
+    bars = ink(bars_png({"dark": 3, "odd_size": 100_000, "failed": 0}, "Quality flags"))
+    assert not bars[:, -6:].any()  # nothing cut at the right edge
+    hist = ink(histogram_png(histogram(np.r_[np.full(100_000, 0.004), 0.5]), "Plate size", "megapixels"))
+    assert hist[:, :30].any() and not hist[:, :4].any()  # the "plates" label whole, not pushed past the left edge
