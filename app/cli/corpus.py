@@ -142,7 +142,7 @@ def refresh(
         console.print(f"[red]configuration error:[/] {failure}")
         raise typer.Exit(2)
     if _table_of_run(root, state):
-        _print_status(root)
+        _print_status(root, steps=False)  # the run's own counts are in its last line
     else:
         console.print(f"[red]{CorpusLayout(root).table} was not written by this run[/]: its counts are "
                       f"an earlier run's and are not shown")
@@ -226,9 +226,11 @@ def status(root: RootOpt) -> None:
         console.print(f"no plates.parquet in {root} yet: run `plateflow refresh --root {root}`")
         raise typer.Exit(1)
 
-def _print_status(root: Path) -> tuple[bool, int]:
+def _print_status(root: Path, steps: bool = True) -> tuple[bool, int]:
     """Print the corpus table's summary; (whether there is a table, how many embeddings tables
-    could not be read). An unreadable corpus table raises ``CorpusTableError``."""
+    could not be read). ``steps``: also how each plate's row was made when it last changed
+    (computed or cached per step: a table's, not a run's, counts). An unreadable corpus table
+    raises ``CorpusTableError``."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -244,9 +246,8 @@ def _print_status(root: Path) -> tuple[bool, int]:
     unreadable = 0
     failed = table.filter(pc.fill_null(pc.equal(table.column("status"), Status.FAILED), False)).select(
         ["plate_dir", "failed_step", "error"]).to_pylist()
-    counts = RunCounts.of_table(table)
-    console.print(f"{table.num_rows} plates: {table.num_rows - len(failed)} ok, {len(failed)} failed; "
-                  + "; ".join(counts.steps()))
+    made = "; as each row was made when it last changed: " + "; ".join(RunCounts.of_table(table).steps()) if steps else ""
+    console.print(f"{table.num_rows} plates: {table.num_rows - len(failed)} ok, {len(failed)} failed{made}")
     for path in CorpusLayout(root).embeddings_tables():
         try:
             ids = pq.read_table(path, columns=["plate_id"]).column("plate_id")

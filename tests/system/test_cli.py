@@ -63,7 +63,8 @@ def test_status_counts_embeddings_and_smart_crops_per_model(tmp_path):
     result = runner.invoke(app, ["status", "--root", str(tmp_path)], terminal_width=200)
     assert result.exit_code == 0, result.output
     # Each count is a partition of the plates that reached its step: they add up.
-    assert ("4 plates: 2 ok, 2 failed; characterization: 1 computed, 3 cached, 0 failed; "
+    assert ("4 plates: 2 ok, 2 failed; as each row was made when it last changed: characterization: 1 computed, "
+            "3 cached, 0 failed; "
             "embeddings: 1 computed, 2 cached, 1 failed; smart crop: 1 failed") in result.output
     assert "embeddings/tiny.parquet: 2 plates, 4 vectors of 5 floats" in result.output
 
