@@ -107,9 +107,11 @@ def _png(fig) -> bytes:
 
 
 def _counts_axis(axis) -> None:
-    """Plate counts as 0, 500, 20k, 100k: six digits would run into the axis label."""
-    from matplotlib.ticker import EngFormatter
+    """Plate counts in whole plates, as 0, 500, 20k, 100k: six digits would run into the axis
+    label, and 2.5 plates means nothing."""
+    from matplotlib.ticker import EngFormatter, MaxNLocator
 
+    axis.set_major_locator(MaxNLocator(integer=True))
     axis.set_major_formatter(EngFormatter(sep=""))
 
 

@@ -473,3 +473,21 @@ def test_count_plots_of_a_large_corpus_keep_their_numbers_inside_the_picture():
     assert not bars[:, -6:].any()  # nothing cut at the right edge
     hist = ink(histogram_png(histogram(np.r_[np.full(100_000, 0.004), 0.5]), "Plate size", "megapixels"))
     assert hist[:, :30].any() and not hist[:, :4].any()  # the "plates" label whole, not pushed past the left edge
+
+
+
+@pytest.mark.parametrize("counts", [[4, 3, 1], [100_000, 7, 0]])
+def test_count_axes_tick_whole_plates(counts):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from plateflow.report.plots import _counts_axis
+
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.bar(range(len(counts)), counts)
+    _counts_axis(ax.yaxis)
+    fig.canvas.draw()
+    ticks = [t for t in ax.get_yticks() if 0 <= t <= max(counts)]
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)
