@@ -27,11 +27,13 @@ HEIGHT_STEPS = 1000  # a histogram's bar heights are drawn to this fraction of t
 
 
 def plot_key(*parts) -> bytes:
-    """A key made of arrays and strings, as bytes."""
-    digest = []
+    """A key made of arrays and strings, as bytes: each part with its length, so no two lists
+    of parts give the same key."""
+    key = bytearray()
     for part in parts:
-        digest.append(part.tobytes() if isinstance(part, np.ndarray) else str(part).encode())
-    return b"\x1f".join(digest)
+        data = part.tobytes() if isinstance(part, np.ndarray) else str(part).encode()
+        key += len(data).to_bytes(8, "little") + data
+    return bytes(key)
 
 
 @dataclass
@@ -52,6 +54,7 @@ class Histogram:
 
 
 def histogram(values: np.ndarray, bins: int = 30, value_range: tuple[float, float] | None = None) -> Histogram:
+    """The plates' histogram as the report draws it (no bars for no plates)."""
     values = np.asarray(values, np.float64)
     if not len(values):
         return Histogram(np.zeros(0, np.int64), np.zeros(0))

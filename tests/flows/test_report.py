@@ -434,6 +434,13 @@ def test_a_histogram_is_keyed_on_its_bars_as_drawn():
     assert key(50_000, 10, 10) != key(50_000, 200, 10)
     assert key(500, 10, 10) != key(500, 11, 9)
 
+
+def test_a_plot_key_tells_its_parts_apart():
+    from plateflow.report.plots import plot_key
+
+    assert plot_key("ab\x1f", "c") != plot_key("ab", "\x1fc")
+    assert plot_key(np.array([1, 2]), np.array([3])) != plot_key(np.array([1]), np.array([2, 3]))
+
 def test_a_report_column_converts_the_blocks_of_rows_it_is_asked_for():
     """The report's view of a column of 10^5 values: any row (negative too) as the list would
     give it, an IndexError past the end, and only the asked rows' blocks made Python objects
