@@ -47,7 +47,7 @@ class Column:
 
     def _all(self) -> list:
         if self._list is None:
-            self._list = self._values.to_pylist()
+            self._list, self._blocks = self._values.to_pylist(), {}  # the blocks are in it: not held twice
         return self._list
 
     def __iter__(self):
