@@ -263,7 +263,11 @@ def end_to_end(args) -> None:
         root = base / name
         d = root / "plates_structured" / "plate-001"
         (d / "source").mkdir(parents=True)
-        Image.new("RGB", (64, 64), (240, 238, 230)).save(d / "source" / "tiny.png")
+        # A picture on paper, so that every step a plate takes runs (a blank page skips the
+        # perceptual hash, and with it the first-call import of scipy's DCT).
+        tiny = Image.new("RGB", (64, 64), (240, 238, 230))
+        tiny.paste(Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 40, 3), np.uint8)), (12, 16))
+        tiny.save(d / "source" / "tiny.png")
         (d / "manifest.json").write_text(json.dumps({"plate_id": "plate-001", "source_image": "source/tiny.png"}))
         return root
 

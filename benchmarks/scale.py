@@ -105,7 +105,7 @@ def work_alone(base: Path, n: int, workers: int, viz: bool) -> float:
 
     root = base / "work-alone"
     build(root, n)
-    items = [(p, sha256_file(p.source_path)) for p in discover_plates(root)]
+    items = [(p, sha256_file(p.source_path), None) for p in discover_plates(root)]
     chunks = [items[i:i + 64] for i in range(0, len(items), 64)]
     t = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:

@@ -44,15 +44,21 @@ KEPT_VERSIONS: dict[str, dict[str, str]] = {
     # moved to plateflow/embed; PlateJob.plate_id -> name; a corpus's own models (their weights
     # folder, left out of the keys of the others)
     "embed": {"5f33c22e4d5b": "a96d9e0ddc82"},
-    "tiles": {"76fc14ad1f73": "9ae7a008ef61"},  # moved to plateflow/tiles.py; keys made by cache_key; 16-bit by rawmode
+    # moved to plateflow/tiles.py; keys made by cache_key; 16-bit by rawmode; the 16-bit high byte read in place
+    "tiles": {"ac65696bdd0f": "9ae7a008ef61"},
     # The corpus-wide flags left plateflow/characterize/quality.py for plateflow/corpus_flags.py
     # (decided when the table is written, not part of a plate's characterization); the step's
     # key made once per batch; input_color_histograms.json on one line (the same numbers); 16-bit
     # grey to 8 bits by Pillow's raw unpacker (the same high byte, tests/unit/plateflow/test_image.py);
-    # a blur tile shared by several cells read once (the same sums, added as often).
-    "characterize": {"012405911633": "1cb5b3541b5a"},
-    "patches": {"93ea42305879": "4e49928ad1f9"},  # a corpus's own models (as embed); 16-bit as characterize
-    "crop": {"bebeecbb6ce5": "8f22da1def10"},  # a crop found from an earlier run is counted cached in the logs
+    # a blur tile shared by several cells read once (the same sums, added as often); a plate
+    # without colour decoded to one channel, everything made from it as of its RGB, and a source
+    # decoded from its open file, not from a copy (the same results, field for field:
+    # tests/unit/plateflow/test_image.py).
+    "characterize": {"9a56068f0528": "1cb5b3541b5a"},
+    # a corpus's own models (as embed); 16-bit as characterize; the 16-bit high byte read in place
+    "patches": {"e20ed2f69605": "4e49928ad1f9"},
+    # a crop found from an earlier run is counted cached in the logs; the 16-bit high byte read in place
+    "crop": {"d72f1c406e9e": "8f22da1def10"},
 }
 
 

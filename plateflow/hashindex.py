@@ -8,13 +8,14 @@ write in the same clock tick as the hash would leave the stat unchanged).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable, Iterator
 
 from plateflow.layout import CorpusLayout
 
@@ -40,8 +41,30 @@ def index_key(root: Path, path: Path) -> str:
         return str(path)
 
 
-def _signature(st: os.stat_result) -> tuple[int, int, int, int]:
+Signature = tuple[int, int, int, int]
+
+
+def _signature(st: os.stat_result) -> Signature:
     return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
+
+
+@contextlib.contextmanager
+def open_source(path: Path, sha256: str | None = None,
+                signature: Signature | None = None) -> Iterator[tuple[bytes | BinaryIO, str]]:
+    """The source to decode and its sha256. ``sha256`` and ``signature``: the hash the refresh
+    found for the file and the stat it found it at (``SourceIndex.signature``). While the file's
+    stat is still that, its bytes are those it hashed, by the index's own rule: the open file
+    itself is given, read as it is decoded and not hashed again (one hash per source per
+    refresh), and a stat that changes before it is closed is an ``OSError`` (retried). Else its
+    bytes, read whole and hashed: the hash is of the very bytes decoded."""
+    with open(path, "rb") as fh:
+        if sha256 is not None and signature is not None and _signature(os.fstat(fh.fileno())) == tuple(signature):
+            yield fh, sha256
+            if _signature(os.fstat(fh.fileno())) != tuple(signature):
+                raise OSError(f"{Path(path).name} changed while it was being read; retrying")
+        else:
+            data = fh.read()
+            yield data, hashlib.sha256(data).hexdigest()
 
 
 def _trusted(entry: tuple) -> bool:
@@ -89,6 +112,12 @@ class SourceIndex:
         sig = _signature(st or os.stat(path))
         entry = self._entries.get(self.key(path))
         return entry[5] if entry is not None and entry[:4] == sig and _trusted(entry) else None
+
+    def signature(self, path: Path) -> Signature | None:
+        """The stat at which the index's sha256 of ``path`` holds, when it is trusted (not
+        racily clean); None otherwise (no stat: the entry as recorded)."""
+        entry = self._entries.get(self.key(path))
+        return entry[:4] if entry is not None and _trusted(entry) else None
 
     def rehash(self, path: Path, st: os.stat_result | None = None) -> str:
         """The file's sha256 by reading it (and recorded, unless it changed while it was read)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -46,21 +47,30 @@ def check_pixels(width: int, height: int, max_pixels: int) -> None:
         )
 
 
-def open_pillow(data: bytes, name: str) -> Image.Image | None:
-    """The lazily opened Pillow image, or None for a TIFF that only tifffile reads.
+def open_pillow(data: bytes | BinaryIO, name: str) -> Image.Image | None:
+    """The lazily opened Pillow image, or None for a TIFF that only tifffile reads. ``data``:
+    the file's bytes, or the file open for reading (Pillow then reads it as it decodes).
 
     Raises ``ImageDecodeError`` for anything that is not an image."""
-    if not data:
+    fp = io.BytesIO(data) if isinstance(data, bytes) else data
+    if not fp.read(1):
         raise ImageDecodeError("empty file (0 bytes)")
+    fp.seek(0)
     try:
-        return Image.open(io.BytesIO(data))
+        return Image.open(fp)
     except UnidentifiedImageError:
-        if data[:4] in _TIFF_MAGIC and _tiff_header(data) is not None:
+        fp.seek(0)
+        if fp.read(4) in _TIFF_MAGIC and _tiff_header(data if isinstance(data, bytes) else _all(fp)) is not None:
             return None
         raise ImageDecodeError(
             f"not an image, or a corrupt one: no decoder recognises the contents of {name}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(f"corrupt or truncated image header: {exc}") from None
+
+
+def _all(fp: BinaryIO) -> bytes:
+    fp.seek(0)
+    return fp.read()
 
 
 def read_header(data: bytes, name: str, max_pixels: int) -> Header:

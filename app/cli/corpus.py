@@ -164,8 +164,11 @@ def progress_bars() -> Iterator[None]:
         def render(self, task) -> Text:
             return Text(f"{task.speed:,.0f} plates/s" if task.speed else "", style="progress.data.speed")
 
+    # Redrawn 4 times a second at a terminal; elsewhere (a nightly job's log) drawn once, at the
+    # end: a redraw holds the interpreter from the plates' work for as long as it takes.
     bars = Progress(TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(), Rate(),
-                    TimeRemainingColumn(), TextColumn("[red]{task.fields[failed]} failed"), console=console)
+                    TimeRemainingColumn(), TextColumn("[red]{task.fields[failed]} failed"), console=console,
+                    auto_refresh=console.is_terminal, refresh_per_second=4)
     tasks: dict[str, int] = {}
 
     def show(stage: str, done: int, total: int, failed: int) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from plateflow.image import pixel_words
+from plateflow.image import grey_bytes, pixel_words
 
 # Rec. 709 luma weights in 16-bit fixed point; they sum to exactly 65536 so grey stays grey.
 W709 = (13933, 46871, 4732)
@@ -59,6 +59,33 @@ def _fused_histograms(px, threshold, with_hash):  # pragma: no cover - compiled
     return rg, bh, lh, notgray == 0, h0, h1
 
 
+@njit(cache=True, nogil=True)
+def _grey_histograms(px, with_hash):  # pragma: no cover - compiled
+    """A grey image's histogram, and the pixel hash ``_fused_histograms`` makes of its RGB
+    (each level in all three channels): the same hash for the same pixels, grey or RGB."""
+    h = np.zeros(256, np.uint32)
+    h0 = np.uint64(0xCBF29CE484222325)
+    h1 = np.uint64(0x84222325CBF29CE4)
+    prime = np.uint64(0x100000001B3)
+    n = px.shape[0]
+    for i in range(n):
+        v = px[i]
+        h[v] += 1
+        if with_hash:
+            word = np.uint64(v) * np.uint64(0x010101)
+            if i & 1:
+                h1 = (h1 ^ word) * prime
+            else:
+                h0 = (h0 ^ word) * prime
+    return h, h0, h1
+
+
+# Both kernels loaded (from numba's cache) with the module, a cost paid once per process, not
+# at the first plate of each kind.
+_fused_histograms(np.zeros(1, np.uint32), 245, True)
+_grey_histograms(np.zeros(1, np.uint8), True)
+
+
 @dataclass
 class Histograms:
     rgb: np.ndarray  # (3, 256) int64
@@ -78,24 +105,33 @@ class Histograms:
         return int(self.background[0].sum())
 
 
-def compute_histograms(rgb_image, background_threshold: int = 245, pixel_hash: bool = True) -> Histograms:
-    """Exact histograms of every pixel of an RGB Pillow image (and, with ``pixel_hash``, the
-    pixels' hash; benchmarks/cpu_stage.py measures the stage without it)."""
-    if rgb_image.mode != "RGB":
-        raise ValueError(f"expected an RGB image, got mode {rgb_image.mode}")
-    rg, bh, lh, gray, h0, h1 = _fused_histograms(pixel_words(rgb_image), background_threshold, pixel_hash)
-    rg = rg.reshape(2, 256, 256).astype(np.int64)  # [foreground][g][r]
-    bh = bh.reshape(2, 256).astype(np.int64)
-    rgb = np.stack([rg.sum(axis=(0, 1)), rg.sum(axis=(0, 2)), bh.sum(axis=0)])
-    background = np.stack([rg[0].sum(axis=0), rg[0].sum(axis=1), bh[0]])
+def compute_histograms(image, background_threshold: int = 245, pixel_hash: bool = True) -> Histograms:
+    """Exact histograms of every pixel of an RGB Pillow image, or of an "L" one as of its RGB
+    (each level in all three channels; its luminance is that level, as Rec. 709's weights sum
+    to one), and, with ``pixel_hash``, the pixels' hash (benchmarks/cpu_stage.py measures the
+    stage without it)."""
+    if image.mode == "L":
+        h, h0, h1 = _grey_histograms(grey_bytes(image), pixel_hash)
+        lh = h.astype(np.int64)
+        paper = np.where(np.arange(256) >= background_threshold, lh, 0)
+        rgb, background, gray = np.stack([lh] * 3), np.stack([paper] * 3), True
+    elif image.mode == "RGB":
+        rg, bh, lh, gray, h0, h1 = _fused_histograms(pixel_words(image), background_threshold, pixel_hash)
+        rg = rg.reshape(2, 256, 256).astype(np.int64)  # [foreground][g][r]
+        bh = bh.reshape(2, 256).astype(np.int64)
+        rgb = np.stack([rg.sum(axis=(0, 1)), rg.sum(axis=(0, 2)), bh.sum(axis=0)])
+        background = np.stack([rg[0].sum(axis=0), rg[0].sum(axis=1), bh[0]])
+        lh = lh.astype(np.int64)
+    else:
+        raise ValueError(f"expected an RGB or L image, got mode {image.mode}")
     return Histograms(
         rgb=rgb,
         background=background,
-        luminance=lh.astype(np.int64),
+        luminance=lh,
         grayscale_like=bool(gray),
-        pixels=rgb_image.width * rgb_image.height,
+        pixels=image.width * image.height,
         threshold=background_threshold,
-        pixel_hash=f"{rgb_image.width}x{rgb_image.height}-{int(h0):016x}{int(h1):016x}" if pixel_hash else "",
+        pixel_hash=f"{image.width}x{image.height}-{int(h0):016x}{int(h1):016x}" if pixel_hash else "",
     )
 
 

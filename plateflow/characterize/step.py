@@ -19,6 +19,7 @@ from plateflow.caching import StepKey, cache_key
 from plateflow.config import CharacterizeParams
 from plateflow.corpus import PlateRef
 from plateflow.errors import ImageDecodeError, TooManyPixelsError
+from plateflow.hashindex import Signature, open_source
 from plateflow.layout import CorpusLayout
 from plateflow.profiles import quality_profile
 from plateflow.outcomes import PlateOutcome, isolated
@@ -47,19 +48,22 @@ def plate_key(sha256: str, params: CharacterizeParams) -> str:
     return step_key(params)(sha256)
 
 
-def characterize_image(
-    source: Path, params: CharacterizeParams, expected_sha256: str | None = None, key: StepKey | None = None
-) -> Characterization:
+def characterize_image(source: Path, params: CharacterizeParams, key: StepKey | None = None,
+                       hashed: tuple[str, Signature] | None = None) -> Characterization:
+    """``source`` characterized. ``hashed``: the refresh's sha256 of it and the stat it holds at
+    (``plateflow.hashindex.open_source``: not hashed again while the stat is that). A source
+    without colour is decoded to one channel; what is made from it is as of its RGB."""
     # Imported here: the flow process needs only cache keys, and numba alone costs a second to import.
     from plateflow.characterize.working_copy import jpeg_bytes, make_working_copy
     from plateflow.characterize.histograms import compute_histograms, histogram_record
-    from plateflow.image import decode_image
+    from plateflow.image import decode_bytes, recycle
     from plateflow.characterize.metadata import image_metadata
     from plateflow.characterize.quality import plate_quality
     from plateflow.characterize.viz import make_preview, png_bytes
 
     profile = quality_profile()
-    decoded = decode_image(source, params.max_pixels, expected_sha256)
+    with open_source(source, *(hashed or ())) as (data, sha256):
+        decoded = decode_bytes(data, Path(source).name, params.max_pixels, sha256, grey=True)
     hist = compute_histograms(decoded.image, params.background_threshold)
     working = make_working_copy(decoded.image, params.working_short_side) if params.working_copy else None
     metadata = image_metadata(decoded, hist, params)
@@ -69,6 +73,7 @@ def characterize_image(
     if params.viz:
         same = small is not None and params.preview_size == profile.scale.long_side
         preview = png_bytes(small if same else make_preview(working or decoded.image, params.preview_size))
+    recycle(decoded.image)  # its memory is the next plate's
     return Characterization(
         sha256=decoded.sha256,
         cache_key=(key or step_key(params))(decoded.sha256),
@@ -118,9 +123,10 @@ def load_result(results_dir: Path, key: str, logger=None) -> Characterization | 
 
 
 def characterize_plate(plate: PlateRef, sha256: str, params: CharacterizeParams, root: Path,
-                       logger=None, step: StepKey | None = None) -> PlateOutcome:
+                       logger=None, step: StepKey | None = None, signature: Signature | None = None) -> PlateOutcome:
     """One plate: its stored result (or a characterization of its source), then its files.
-    ``step``: the step's key, when the caller made it once for a batch."""
+    ``step``: the step's key, when the caller made it once for a batch; ``signature``: the stat
+    at which ``sha256`` holds (``SourceIndex.signature``), if known."""
     logger = logger or logging.getLogger(__name__)
     step = step or step_key(params)
     key = step(sha256)
@@ -128,7 +134,7 @@ def characterize_plate(plate: PlateRef, sha256: str, params: CharacterizeParams,
     result = load_result(results, key, logger)
     status = "cached"
     if result is None:
-        outcome = isolated(plate.folder, "characterize", lambda: characterize_image(plate.source_path, params, key=step),
+        outcome = isolated(plate.folder, "characterize", lambda: characterize_image(plate.source_path, params, step, (sha256, signature)),
                            logger, on_error=lambda exc: _record_bad_input(plate, root, key, exc, logger))
         if outcome.failed:
             return outcome
@@ -152,8 +158,14 @@ def _record_bad_input(plate: PlateRef, root: Path, key: str, exc: Exception, log
         logger.warning("%s: could not write its failure record: %s", plate.folder, exc)
 
 
-def characterize_plates(items: list[tuple[PlateRef, str]], params: CharacterizeParams, root: Path,
-                     logger=None) -> list[PlateOutcome]:
-    """``characterize_plate`` for each (plate, sha256) of a batch, one outcome per plate."""
+def characterize_plates(items: list[tuple[PlateRef, str, Signature | None]], params: CharacterizeParams,
+                        root: Path, logger=None) -> list[PlateOutcome]:
+    """``characterize_plate`` for each (plate, sha256, signature) of a batch, one outcome per plate."""
+    from plateflow.image import release_recycled
+
     step = step_key(params)
-    return [characterize_plate(plate, sha, params, Path(root), logger, step) for plate, sha in items]
+    try:
+        return [characterize_plate(plate, sha, params, Path(root), logger, step, signature)
+                for plate, sha, signature in items]
+    finally:
+        release_recycled()  # the last plate's image is not kept past the batch

@@ -21,12 +21,13 @@ from plateflow.layout import HISTOGRAM_PLOTS
 CHANNEL_COLOURS = {"r": "#d62728", "g": "#2ca02c", "b": "#1f77b4", "luminance": "#3c3c3c"}
 
 
-def make_preview(rgb: Image.Image, size: int) -> Image.Image:
-    """Longest side <= ``size``: a C box reduction to just above ``size``, then Lanczos."""
-    factor = max(1, max(rgb.size) // size)
-    small = rgb.reduce(factor) if factor > 1 else rgb.copy()
+def make_preview(image: Image.Image, size: int) -> Image.Image:
+    """Longest side <= ``size``: a C box reduction to just above ``size``, then Lanczos; RGB,
+    from an "L" image too (reduced in one channel, the same pixels in each)."""
+    factor = max(1, max(image.size) // size)
+    small = image.reduce(factor) if factor > 1 else image.copy()
     small.thumbnail((size, size), Image.Resampling.LANCZOS)
-    return small
+    return small if small.mode == "RGB" else small.convert("RGB")
 
 
 def png_bytes(im: Image.Image) -> bytes:

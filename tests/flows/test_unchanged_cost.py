@@ -1,6 +1,7 @@
 """A refresh costs what changed: unchanged sources are not read, current plates create no task
 run, and the plates with work go in batches, each plate isolated inside."""
 
+import json
 import os
 import time
 
@@ -44,6 +45,48 @@ def test_a_source_hashed_in_the_same_moment_it_was_written_is_read_again(tmp_pat
     index = SourceIndex(tmp_path)
     index.record(src, "f" * 64, hashed_ns=src.stat().st_mtime_ns + 1000)
     assert index.sha256(src) == sha256_file(src)
+
+
+def test_a_source_is_read_again_without_hashing_only_while_its_stat_is_the_one_its_hash_holds_at(tmp_path):
+    from plateflow.hashindex import open_source
+
+    src = tmp_path / "scan.png"
+    paper_plate().save(src)
+    age(src)
+    real = sha256_file(src)
+    index = SourceIndex(tmp_path)
+    index.record(src, "f" * 64)  # hashed an hour after the last write: trusted
+    signature = index.signature(src)
+    # The open file comes with the hash given for that stat: it is not hashed again.
+    with open_source(src, "f" * 64, signature) as (data, sha):
+        assert sha == "f" * 64 and data.read() == src.read_bytes()
+    with open_source(src, "f" * 64, None) as (data, sha):  # no stat given: read whole, hashed
+        assert (data, sha) == (src.read_bytes(), real)
+    with pytest.raises(OSError, match="changed while it was being read"):
+        with open_source(src, "f" * 64, signature):
+            os.utime(src)  # touched while it is read: retried
+    paper_plate(seed=1).save(src)  # changed since: its stat is another, so it is hashed
+    with open_source(src, "f" * 64, signature) as (data, sha):
+        assert sha == sha256_file(src) != real
+    fresh = SourceIndex(tmp_path)
+    fresh.record(src, "f" * 64)  # hashed in the moment it was written: no stat is trusted
+    assert fresh.signature(src) is None
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_refresh_hashes_each_source_once(tmp_path):
+    """The characterization reads a source at the stat its hash was found at without hashing it
+    again: here the index's (made-up) hash of the unchanged file is what the plate records."""
+    d = make_plate(tmp_path, "plate-001", paper_plate(), "scan.png")
+    src = d / "source" / "scan.png"
+    age(src)
+    index = SourceIndex(tmp_path)
+    index.record(src, "f" * 64)
+    index.save()
+    refresh_corpus(str(tmp_path), RefreshConfig(workers=1))
+    assert json.loads((d / "input_image.json").read_text())["sha256"] == "f" * 64
+    refresh_corpus(str(tmp_path), RefreshConfig(workers=1, verify=True))  # every source hashed: the real hash
+    assert json.loads((d / "input_image.json").read_text())["sha256"] == sha256_file(src)
 
 
 def test_an_unreadable_index_is_a_cold_one(tmp_path):

@@ -50,7 +50,7 @@ class Stage:
 def _characterize(root, plates, params):
     from plateflow.characterize.step import characterize_plates
 
-    return characterize_plates([(p, sha(p)) for p in plates], params, root)
+    return characterize_plates([(p, sha(p), None) for p in plates], params, root)
 
 
 def _candidates(root, plates, params):
