@@ -20,13 +20,9 @@ from plateflow.characterize.save import current_record
 
 def characterize_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunner) -> None:
     with run.timed("hashing"):
-        index = hash_sources(run, records)
+        stamps = hash_sources(run, records)
     with run.timed("characterization"):
         todo = settle_current(records, run.root, run.params)
-        # The stat each hash holds at: the task reads a source whose stat is still that without
-        # hashing it again. Taken for the plates with work only, then the index is let go.
-        signatures = {r.plate.folder: index.signature(r.plate.source_path) for r in todo} if index else {}
-        del index
         run.progress.advance(CHARACTERISE, len(records) - len(todo), sum(not r.ok for r in records))
         run.logger.info("%s current, %d to characterize", plural(len(records) - len(todo), "plate"), len(todo))
 
@@ -39,27 +35,32 @@ def characterize_stage(run: Refresh, records: list[PlateRecord], runner: PlateRu
 
         stage = BatchStage(CHARACTERISE, "characterize", characterize_batch, characterize_plates,
                            {"params": run.params, "root": str(run.root)}, apply,
-                           item=lambda r: (r.plate, r.sha256, signatures.get(r.plate.folder)),
+                           item=lambda r: (r.plate, r.sha256, stamps.get(r.plate.folder)),
                            cost=PlateRecord.source_bytes)
         if todo:
             run_batches(stage, todo, runner.get, batching(run, runner, CHARACTERISE), run.logger)
 
 
-def hash_sources(run: Refresh, records: list[PlateRecord]) -> SourceIndex | None:
+def hash_sources(run: Refresh, records: list[PlateRecord]) -> dict[str, bytes]:
     """Each source's sha256, from ROOT/.plateflow/source-index.parquet where its stat is unchanged
     (all read again with ``verify``); a source that cannot be read fails its plate. A refresh of
-    the whole corpus drops the entries of sources that are gone. The index, None when there was
-    nothing to hash."""
+    the whole corpus drops the entries of sources that are gone. Returns, by plate folder, the
+    stat each trusted hash holds at (``SourceIndex.stamp``): the characterization reads a source
+    whose stat is still that without hashing it again."""
     if not records and run.snapshot is not None and len(run.settled) == len(run.snapshot.entries):
-        return None  # every plate the snapshot knows is settled: no source to hash, none gone
+        return {}  # every plate the snapshot knows is settled: no source to hash, none gone
     index = SourceIndex(run.root)
     hashes = index.hash_all([r.plate.source_path for r in records], run.config.workers, run.config.verify,
                             lambda done, failed: run.progress.advance(HASH, done, failed))
+    stamps = {}
     for rec, value in zip(records, hashes):
         if isinstance(value, OSError):
             rec.fail("hash", f"{type(value).__name__}: {value}")
         else:
             rec.sha256 = value
+            stamp = index.stamp(rec.plate.source_path)
+            if stamp is not None:
+                stamps[rec.plate.folder] = stamp
     if not run.partial:
         settled = run.snapshot.entries if run.snapshot is not None else {}
         index.forget_missing({index.key(r.plate.source_path) for r in records}
@@ -68,7 +69,7 @@ def hash_sources(run: Refresh, records: list[PlateRecord]) -> SourceIndex | None
         index.save()
     except OSError as exc:  # a full disk: the next refresh hashes these sources again, nothing is lost
         run.logger.warning("could not write the source index: %s", exc)
-    return index
+    return stamps
 
 
 def settle_current(records: list[PlateRecord], root: Path, params: CharacterizeParams) -> list[PlateRecord]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -41,26 +42,29 @@ def index_key(root: Path, path: Path) -> str:
         return str(path)
 
 
-Signature = tuple[int, int, int, int]
-
-
-def _signature(st: os.stat_result) -> Signature:
+def _signature(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
+
+
+def _stamp(signature: tuple[int, int, int, int]) -> bytes:
+    """A stat signature in 32 bytes: what a refresh hands its tasks with each hash (10^5 of
+    them, so a third of the memory of the tuple)."""
+    return struct.pack("<QqQq", *signature)
 
 
 @contextlib.contextmanager
 def open_source(path: Path, sha256: str | None = None,
-                signature: Signature | None = None) -> Iterator[tuple[bytes | BinaryIO, str]]:
-    """The source to decode and its sha256. ``sha256`` and ``signature``: the hash the refresh
-    found for the file and the stat it found it at (``SourceIndex.signature``). While the file's
-    stat is still that, its bytes are those it hashed, by the index's own rule: the open file
-    itself is given, read as it is decoded and not hashed again (one hash per source per
-    refresh), and a stat that changes before it is closed is an ``OSError`` (retried). Else its
-    bytes, read whole and hashed: the hash is of the very bytes decoded."""
+                stamp: bytes | None = None) -> Iterator[tuple[bytes | BinaryIO, str]]:
+    """The source to decode and its sha256. ``sha256`` and ``stamp``: the hash the refresh found
+    for the file and the stat it found it at (``SourceIndex.stamp``). While the file's stat is
+    still that, its bytes are those it hashed, by the index's own rule: the open file itself is
+    given, read as it is decoded and not hashed again (one hash per source per refresh), and a
+    stat that changes before it is closed is an ``OSError`` (retried). Else its bytes, read whole
+    and hashed: the hash is of the very bytes decoded."""
     with open(path, "rb") as fh:
-        if sha256 is not None and signature is not None and _signature(os.fstat(fh.fileno())) == tuple(signature):
+        if sha256 is not None and stamp is not None and _stamp(_signature(os.fstat(fh.fileno()))) == stamp:
             yield fh, sha256
-            if _signature(os.fstat(fh.fileno())) != tuple(signature):
+            if _stamp(_signature(os.fstat(fh.fileno()))) != stamp:
                 raise OSError(f"{Path(path).name} changed while it was being read; retrying")
         else:
             data = fh.read()
@@ -113,11 +117,11 @@ class SourceIndex:
         entry = self._entries.get(self.key(path))
         return entry[5] if entry is not None and entry[:4] == sig and _trusted(entry) else None
 
-    def signature(self, path: Path) -> Signature | None:
-        """The stat at which the index's sha256 of ``path`` holds, when it is trusted (not
-        racily clean); None otherwise (no stat: the entry as recorded)."""
+    def stamp(self, path: Path) -> bytes | None:
+        """The stat at which the index's sha256 of ``path`` holds (``_stamp``), when it is
+        trusted (not racily clean); else None. The entry as recorded: no stat."""
         entry = self._entries.get(self.key(path))
-        return entry[:4] if entry is not None and _trusted(entry) else None
+        return _stamp(entry[:4]) if entry is not None and _trusted(entry) else None
 
     def rehash(self, path: Path, st: os.stat_result | None = None) -> str:
         """The file's sha256 by reading it (and recorded, unless it changed while it was read)."""

@@ -19,7 +19,7 @@ from plateflow.caching import StepKey, cache_key
 from plateflow.config import CharacterizeParams
 from plateflow.corpus import PlateRef
 from plateflow.errors import ImageDecodeError, TooManyPixelsError
-from plateflow.hashindex import Signature, open_source
+from plateflow.hashindex import open_source
 from plateflow.layout import CorpusLayout
 from plateflow.profiles import quality_profile
 from plateflow.outcomes import PlateOutcome, isolated
@@ -49,9 +49,9 @@ def plate_key(sha256: str, params: CharacterizeParams) -> str:
 
 
 def characterize_image(source: Path, params: CharacterizeParams, key: StepKey | None = None,
-                       hashed: tuple[str, Signature] | None = None) -> Characterization:
+                       hashed: tuple[str, bytes] | None = None) -> Characterization:
     """``source`` characterized. ``hashed``: the refresh's sha256 of it and the stat it holds at
-    (``plateflow.hashindex.open_source``: not hashed again while the stat is that). A source
+    (``plateflow.hashindex.open_source``: not hashed again while its stat is that). A source
     without colour is decoded to one channel; what is made from it is as of its RGB."""
     # Imported here: the flow process needs only cache keys, and numba alone costs a second to import.
     from plateflow.characterize.working_copy import jpeg_bytes, make_working_copy
@@ -123,10 +123,10 @@ def load_result(results_dir: Path, key: str, logger=None) -> Characterization | 
 
 
 def characterize_plate(plate: PlateRef, sha256: str, params: CharacterizeParams, root: Path,
-                       logger=None, step: StepKey | None = None, signature: Signature | None = None) -> PlateOutcome:
+                       logger=None, step: StepKey | None = None, stamp: bytes | None = None) -> PlateOutcome:
     """One plate: its stored result (or a characterization of its source), then its files.
-    ``step``: the step's key, when the caller made it once for a batch; ``signature``: the stat
-    at which ``sha256`` holds (``SourceIndex.signature``), if known."""
+    ``step``: the step's key, when the caller made it once for a batch; ``stamp``: the stat at
+    which ``sha256`` holds (``SourceIndex.stamp``), if known."""
     logger = logger or logging.getLogger(__name__)
     step = step or step_key(params)
     key = step(sha256)
@@ -134,7 +134,7 @@ def characterize_plate(plate: PlateRef, sha256: str, params: CharacterizeParams,
     result = load_result(results, key, logger)
     status = "cached"
     if result is None:
-        outcome = isolated(plate.folder, "characterize", lambda: characterize_image(plate.source_path, params, step, (sha256, signature)),
+        outcome = isolated(plate.folder, "characterize", lambda: characterize_image(plate.source_path, params, step, (sha256, stamp)),
                            logger, on_error=lambda exc: _record_bad_input(plate, root, key, exc, logger))
         if outcome.failed:
             return outcome
@@ -158,14 +158,14 @@ def _record_bad_input(plate: PlateRef, root: Path, key: str, exc: Exception, log
         logger.warning("%s: could not write its failure record: %s", plate.folder, exc)
 
 
-def characterize_plates(items: list[tuple[PlateRef, str, Signature | None]], params: CharacterizeParams,
+def characterize_plates(items: list[tuple[PlateRef, str, bytes | None]], params: CharacterizeParams,
                         root: Path, logger=None) -> list[PlateOutcome]:
-    """``characterize_plate`` for each (plate, sha256, signature) of a batch, one outcome per plate."""
+    """``characterize_plate`` for each (plate, sha256, stamp) of a batch, one outcome per plate."""
     from plateflow.image import release_recycled
 
     step = step_key(params)
     try:
-        return [characterize_plate(plate, sha, params, Path(root), logger, step, signature)
-                for plate, sha, signature in items]
+        return [characterize_plate(plate, sha, params, Path(root), logger, step, stamp)
+                for plate, sha, stamp in items]
     finally:
         release_recycled()  # the last plate's image is not kept past the batch

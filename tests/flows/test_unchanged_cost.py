@@ -56,21 +56,21 @@ def test_a_source_is_read_again_without_hashing_only_while_its_stat_is_the_one_i
     real = sha256_file(src)
     index = SourceIndex(tmp_path)
     index.record(src, "f" * 64)  # hashed an hour after the last write: trusted
-    signature = index.signature(src)
+    stamp = index.stamp(src)
     # The open file comes with the hash given for that stat: it is not hashed again.
-    with open_source(src, "f" * 64, signature) as (data, sha):
+    with open_source(src, "f" * 64, stamp) as (data, sha):
         assert sha == "f" * 64 and data.read() == src.read_bytes()
     with open_source(src, "f" * 64, None) as (data, sha):  # no stat given: read whole, hashed
         assert (data, sha) == (src.read_bytes(), real)
     with pytest.raises(OSError, match="changed while it was being read"):
-        with open_source(src, "f" * 64, signature):
+        with open_source(src, "f" * 64, stamp):
             os.utime(src)  # touched while it is read: retried
     paper_plate(seed=1).save(src)  # changed since: its stat is another, so it is hashed
-    with open_source(src, "f" * 64, signature) as (data, sha):
+    with open_source(src, "f" * 64, stamp) as (data, sha):
         assert sha == sha256_file(src) != real
     fresh = SourceIndex(tmp_path)
     fresh.record(src, "f" * 64)  # hashed in the moment it was written: no stat is trusted
-    assert fresh.signature(src) is None
+    assert fresh.stamp(src) is None
 
 
 @pytest.mark.usefixtures("prefect_harness")

@@ -297,7 +297,7 @@ def test_a_source_decoded_from_its_open_file_is_the_one_decoded_from_its_bytes(t
         os.utime(path, (time.time() - 3600,) * 2)
         index = SourceIndex(tmp_path)
         index.record(path, sha256_file(path))
-        hashed = (sha256_file(path), index.signature(path))
+        hashed = (sha256_file(path), index.stamp(path))
         assert hashed[1] is not None
         outcomes = []
         for how in (None, hashed):
