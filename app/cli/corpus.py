@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
@@ -129,6 +130,7 @@ def refresh(
                      root=root)
         if failed_only:
             _read_tables(root, cfg.models)
+        gc.freeze()  # what the imports made lives to the end: the run's collections skip it
         with local_api(), progress_bars():
             if failed_only:
                 state = retry_failed_plates(str(root), cfg, return_state=True)
