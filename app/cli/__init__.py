@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import gc
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -17,11 +18,20 @@ from rich.console import Console
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-# At exit the objects left are frozen, so the interpreter's last garbage collection does not
-# walk the millions that Prefect, numba and matplotlib made: a refresh ends half a second
-# sooner. Exit handlers still run (Prefect's flush its logs and events, logging closes its
-# files); plateflow closes every file it writes where it writes it.
-atexit.register(gc.freeze)
+def _last_collection() -> None:
+    """At exit the objects left are frozen, so the interpreter's last garbage collection does
+    not walk the millions that Prefect, numba and matplotlib made: a refresh ends half a second
+    sooner. Exit handlers still run (Prefect's flush its logs and events, logging closes its
+    files); plateflow closes every file it writes where it writes it. triton (loaded with torch)
+    reports the objects of its bindings still alive at exit as leaks, so with it loaded every
+    object is collected as usual."""
+    if "triton" in sys.modules:
+        gc.unfreeze()
+    else:
+        gc.freeze()
+
+
+atexit.register(_last_collection)
 
 app = typer.Typer(help="Characterize, embed and smart-crop collections of plates with Prefect.",
                   no_args_is_help=True, add_completion=False, rich_markup_mode=None)
