@@ -134,7 +134,8 @@ def characterize_plate(plate: PlateRef, sha256: str, params: CharacterizeParams,
     result = load_result(results, key, logger)
     status = "cached"
     if result is None:
-        outcome = isolated(plate.folder, "characterize", lambda: characterize_image(plate.source_path, params, step, (sha256, stamp)),
+        outcome = isolated(plate.folder, "characterize",
+                           lambda: characterize_image(plate.source_path, params, step, (sha256, stamp)),
                            logger, on_error=lambda exc: _record_bad_input(plate, root, key, exc, logger))
         if outcome.failed:
             return outcome
