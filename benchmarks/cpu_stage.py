@@ -18,9 +18,10 @@ LZW TIFF, a 24 MP 16-bit grayscale PNG and a 10:1 panorama JPEG of 40 MP, twice)
 run, plain decoding of those sources against `plateflow refresh` of a fresh copy of the corpus
 (its cost above a refresh of a corpus of one tiny plate: the fixed cost of a command that has
 work, imports of the CPU stage included), with and without the viz files, with the same
-number of workers. Two distinct images of each kind, so 8 plates:
+number of workers, and then what each part of the characterization costs, in a worker thread
+in process. Two distinct images of each kind, so 8 plates:
 
-    uv run python benchmarks/cpu_stage.py --end-to-end --workers 2
+    uv run python benchmarks/cpu_stage.py --end-to-end --workers 1
 """
 
 from __future__ import annotations
@@ -301,11 +302,106 @@ def end_to_end(args) -> None:
     print(f"| one tiny plate (fixed cost of a refresh with work) | {fixed:.2f} | | | |")
     for name in ("refresh --no-viz", "refresh"):
         print(f"| {name} | {best[name]:.2f} | {best[name] - fixed:.2f} | {(best[name] - fixed) / floor:.2f} | "
-              f"<= 1.5x |")
+              f"<= 2x, toward 1.5x |")
+    cmd = [sys.executable, __file__, "--parts", "--repeats", str(args.repeats), "--data", str(args.data)]
+    split = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    print(f"\nwhat each part costs, in one thread, in process (best of {args.repeats}):\n")
+    print("| part | seconds | x plain decode |\n|---|---|---|")
+    for part, seconds in split.items():
+        print(f"| {part} | {seconds:.2f} | {seconds / split['plain decode']:.2f} |")
     write_result("cpu_stage", {"plates": len(sources), "megapixels": round(mp), "workers": args.workers,
                                "repeats": args.repeats, "seconds": {k: round(v, 3) for k, v in best.items()},
-                               "x_decode": {n: round((best[n] - fixed) / floor, 2) for n in ("refresh --no-viz", "refresh")}},
+                               "x_decode": {n: round((best[n] - fixed) / floor, 2) for n in ("refresh --no-viz", "refresh")},
+                               "parts_seconds": split},
                  sys.argv[1:])
+
+
+def parts(sources: list[Path], repeats: int) -> dict[str, float]:
+    """Seconds of each part of the characterization over ``sources`` in one worker thread, as a
+    refresh runs its tasks (best of ``repeats``): the steps of ``characterize_image`` and
+    ``save_characterization`` timed one by one, against plain decoding in a worker thread too,
+    measured first (before plateflow sets Pillow's allocation)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(_parts, sources, repeats).result()
+
+
+def _parts(sources: list[Path], repeats: int) -> dict[str, float]:
+    import hashlib
+    import os
+
+    from PIL import Image
+
+    def plain(path: Path) -> None:
+        with Image.open(path) as im:
+            im.load()
+
+    best: dict[str, float] = {}
+
+    def timed(part: str, seconds: float) -> None:
+        totals[part] = totals.get(part, 0.0) + seconds
+
+    for p in sources:
+        p.read_bytes()
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for p in sources:
+            plain(p)
+        best["plain decode"] = min(best.get("plain decode", 1e9), time.perf_counter() - t)
+
+    from plateflow.characterize.histograms import compute_histograms, histogram_record
+    from plateflow.characterize.metadata import image_metadata
+    from plateflow.characterize.quality import plate_quality
+    from plateflow.characterize.save import save_characterization
+    from plateflow.characterize.step import Characterization
+    from plateflow.characterize.viz import png_bytes
+    from plateflow.config import CharacterizeParams
+    from plateflow.corpus import PlateRef
+    from plateflow.hashindex import SourceIndex, open_source
+    from plateflow.image import decode_bytes, recycle, release_recycled
+    from plateflow.profiles import quality_profile
+
+    params, profile = CharacterizeParams(), quality_profile()
+    out = Path(tempfile.mkdtemp(prefix="plateflow-parts-"))
+    index = SourceIndex(out)
+    stamps = {}
+    for p in sources:
+        os.utime(p, (time.time() - 3600,) * 2)  # hashed well after its last write: trusted, as a corpus's sources are
+        stamps[p] = (index.sha256(p), index.stamp(p))
+    warm = out / "warm.png"
+    Image.new("RGB", (64, 64), (200, 190, 180)).save(warm)
+    for r in range(repeats + 1):  # the first round warms up (imports, the plots' backgrounds)
+        totals: dict[str, float] = {}
+        for p in ([warm] if r == 0 else []) + sources:
+            t = time.perf_counter()
+            with open(p, "rb") as fh:
+                hashlib.file_digest(fh, "sha256")
+            timed("hash (the refresh's one)", time.perf_counter() - t)
+            sha, stamp = stamps.get(p, (None, None))
+            t = time.perf_counter()
+            with open_source(p, sha, stamp) as (data, sha256):
+                decoded = decode_bytes(data, p.name, params.max_pixels, sha256, grey=True)
+            timed("decode (read, 16-bit and alpha to 8-bit)", time.perf_counter() - t)
+            t = time.perf_counter()
+            hist = compute_histograms(decoded.image, params.background_threshold)
+            metadata = image_metadata(decoded, hist, params)
+            timed("histograms and pixel hash", time.perf_counter() - t)
+            t = time.perf_counter()
+            metadata["quality"], small = plate_quality(hist, decoded.image, decoded.image, profile)
+            timed("quality flags (with the preview-size image)", time.perf_counter() - t)
+            t = time.perf_counter()
+            preview = png_bytes(small)
+            timed("preview PNG", time.perf_counter() - t)
+            recycle(decoded.image)
+            del decoded
+            result = Characterization(sha256, "bench", metadata, histogram_record(hist, params.bins), preview)
+            t = time.perf_counter()
+            save_characterization(PlateRef(p.stem, out / f"round-{r}" / p.stem, p.stem, p, p.name), out, result)
+            timed("histogram plots and files written", time.perf_counter() - t)
+        release_recycled()
+        if r:
+            for part, seconds in totals.items():
+                best[part] = min(best.get(part, 1e9), seconds)
+    return {k: round(v, 3) for k, v in best.items()}
 
 
 def main() -> None:
@@ -317,7 +413,11 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=HERE / "out" / "cpu_plates")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--end-to-end", action="store_true", help="Through `plateflow refresh`, on a mixed corpus.")
+    ap.add_argument("--parts", action="store_true", help=argparse.SUPPRESS)  # child of --end-to-end
     args = ap.parse_args()
+    if args.parts:
+        print(json.dumps(parts(build_mixed(args.data / "mixed"), args.repeats)))
+        return
     if args.end_to_end:
         end_to_end(args)
         return
