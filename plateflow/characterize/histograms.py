@@ -20,6 +20,19 @@ from plateflow.image import grey_bytes, pixel_words
 W709 = (13933, 46871, 4732)
 
 
+# FNV-1a over each pixel's 24 bits, in two lanes (even and odd pixels), so each multiply waits
+# on the one two pixels back, not on the last: the hash rides on the scattered stores.
+H0, H1, FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x84222325CBF29CE4), np.uint64(0x100000001B3)
+
+
+@njit(inline="always", nogil=True)
+def _hash_step(h0, h1, i, word):  # pragma: no cover - compiled
+    """Pixel ``i``'s 24 bits (``word``) into its lane of the pixel hash."""
+    if i & 1:
+        return h0, (h1 ^ word) * FNV_PRIME
+    return (h0 ^ word) * FNV_PRIME, h1
+
+
 @njit(cache=True, nogil=True)
 def _fused_histograms(px, threshold, with_hash):  # pragma: no cover - compiled
     """Three increments per pixel: joint (foreground, G, R), (foreground, B) and luminance.
@@ -32,11 +45,7 @@ def _fused_histograms(px, threshold, with_hash):  # pragma: no cover - compiled
     lh = np.zeros(256, np.uint32)
     t = np.uint32(threshold)
     notgray = np.uint32(0)
-    # FNV-1a over each pixel's 24 bits, in two lanes (even and odd pixels), so each multiply
-    # waits on the one two pixels back, not on the last: the hash rides on the scattered stores.
-    h0 = np.uint64(0xCBF29CE484222325)
-    h1 = np.uint64(0x84222325CBF29CE4)
-    prime = np.uint64(0x100000001B3)
+    h0, h1 = H0, H1
     n = px.shape[0]
     for i in range(n):
         p = px[i]
@@ -51,11 +60,7 @@ def _fused_histograms(px, threshold, with_hash):  # pragma: no cover - compiled
         lh[lum] += 1
         notgray |= (r ^ g) | (g ^ b)
         if with_hash:  # loop-invariant: compiled as two loops
-            word = np.uint64(p & np.uint32(0xFFFFFF))
-            if i & 1:
-                h1 = (h1 ^ word) * prime
-            else:
-                h0 = (h0 ^ word) * prime
+            h0, h1 = _hash_step(h0, h1, i, np.uint64(p & np.uint32(0xFFFFFF)))
     return rg, bh, lh, notgray == 0, h0, h1
 
 
@@ -64,19 +69,13 @@ def _grey_histograms(px, with_hash):  # pragma: no cover - compiled
     """A grey image's histogram, and the pixel hash ``_fused_histograms`` makes of its RGB
     (each level in all three channels): the same hash for the same pixels, grey or RGB."""
     h = np.zeros(256, np.uint32)
-    h0 = np.uint64(0xCBF29CE484222325)
-    h1 = np.uint64(0x84222325CBF29CE4)
-    prime = np.uint64(0x100000001B3)
+    h0, h1 = H0, H1
     n = px.shape[0]
     for i in range(n):
         v = px[i]
         h[v] += 1
         if with_hash:
-            word = np.uint64(v) * np.uint64(0x010101)
-            if i & 1:
-                h1 = (h1 ^ word) * prime
-            else:
-                h0 = (h0 ^ word) * prime
+            h0, h1 = _hash_step(h0, h1, i, np.uint64(v) * np.uint64(0x010101))
     return h, h0, h1
 
 
