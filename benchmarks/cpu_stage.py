@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -156,6 +157,7 @@ def run_variant(variant: str, paths: list[Path], workers: int, repeats: int) -> 
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(fn, paths))
         times.append(time.perf_counter() - start)
+    shutil.rmtree(out_root, ignore_errors=True)
     return {"variant": variant, "seconds": min(times), "all_seconds": times,
             "peak_rss": peak_rss(),
             "rss_after_imports": rss_before}
@@ -229,7 +231,6 @@ def build_mixed(folder: Path, copies: int = 2) -> list[Path]:
 
 def end_to_end(args) -> None:
     import os
-    import shutil
 
     from PIL import Image
 
@@ -290,6 +291,7 @@ def end_to_end(args) -> None:
             results["refresh"].append(refresh(corpus(f"viz-{r}")))
     finally:
         subprocess.run([plateflow, "local-server", "--stop"], env=env, capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)  # a corpus a variant and repeat: gigabytes
     best = {k: min(v) for k, v in results.items()}
     floor, fixed = best["decode"], best["one tiny plate"]
     mp = sum(w * h for w, h in (Image.open(p).size for p in sources)) / 1e6
@@ -398,9 +400,11 @@ def _parts(sources: list[Path], repeats: int) -> dict[str, float]:
             save_characterization(PlateRef(p.stem, out / f"round-{r}" / p.stem, p.stem, p, p.name), out, result)
             timed("histogram plots and files written", time.perf_counter() - t)
         release_recycled()
+        shutil.rmtree(out / f"round-{r}", ignore_errors=True)
         if r:
             for part, seconds in totals.items():
                 best[part] = min(best.get(part, 1e9), seconds)
+    shutil.rmtree(out, ignore_errors=True)
     return {k: round(v, 3) for k, v in best.items()}
 
 

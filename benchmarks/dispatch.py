@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -104,6 +105,7 @@ def main() -> None:
         write_result("dispatch", report, sys.argv[1:])
     finally:
         stack.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -165,6 +165,7 @@ def main() -> None:
         write_result("scale", figures, sys.argv[1:], out=RESULTS / f"scale-{args.plates}.json")
     finally:
         subprocess.run([PLATEFLOW, "local-server", "--stop"], env=_env(home), capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)  # 10^5 plates are gigabytes
 
 
 if __name__ == "__main__":
