@@ -22,7 +22,9 @@ on a CPU-only machine it runs tiny models as a smoke test. Reported per model:
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -57,12 +59,12 @@ def random_model(spec):
         net = timm.create_model(spec.architecture, pretrained=False, num_classes=0, img_size=spec.input_size,
                                 **spec.model_kwargs)
         cfg = resolve_model_data_config(net)
-        return LoadedModel(spec, net.eval(), tuple(cfg["mean"]), tuple(cfg["std"]))
+        return LoadedModel(spec, net.eval().requires_grad_(False), tuple(cfg["mean"]), tuple(cfg["std"]))
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     cfg = CLIPVisionConfig(image_size=spec.input_size, **CLIP_CONFIGS[spec.name])
     proc = CLIPImageProcessor()
-    return LoadedModel(spec, CLIPVisionModelWithProjection(cfg).eval(), tuple(proc.image_mean),
+    return LoadedModel(spec, CLIPVisionModelWithProjection(cfg).eval().requires_grad_(False), tuple(proc.image_mean),
                        tuple(proc.image_std))
 
 
@@ -301,7 +303,9 @@ def main() -> None:
         sys.path.insert(0, str(HERE.parent / "tests"))
         from fixtures.tiny_models import build_tiny_models
 
-        profiles_dir, _ = build_tiny_models(Path(tempfile.mkdtemp()))
+        scratch = Path(tempfile.mkdtemp(prefix="plateflow-embed-"))
+        atexit.register(shutil.rmtree, scratch, True)  # the tiny models: gone when the benchmark ends
+        profiles_dir, _ = build_tiny_models(scratch)
         os.environ["PLATEFLOW_PROFILES"] = str(profiles_dir)
     profiles = load_profiles()
     cls = classify(device, profiles)

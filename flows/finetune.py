@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed
 
 from plateflow.config import corpus_root
+from plateflow.devices import compute_device
 from plateflow.errors import ConfigError
 from plateflow.experiments import check as ledger_check
 from plateflow.finetune import FinetuneConfig, FinetuneRun, check_model, finish, labelled_items
@@ -36,8 +37,6 @@ def finetune(root: str, model: str, label: str, labels_file: str | None = None,
         weights_root: A folder with one folder of weights per model, named as the model (empty: the Hugging Face cache).
         name: The fine-tuned encoder's model name (empty: MODEL-ft-EXPERIMENT, the experiment's id); an earlier model of that name is replaced.
     """
-    import torch
-
     quiet_returned_failures()
     logger = get_run_logger()
     try:
@@ -53,7 +52,7 @@ def finetune(root: str, model: str, label: str, labels_file: str | None = None,
         logger.error("configuration error: %s", exc)
         return Failed(message=str(exc), data=exc)
     run = FinetuneRun(root_path, model, label, items, classes, config)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = compute_device()
     done = run.done()
     logger.info("fine-tune %s on %s: %d plates, %d jobs (%d done before)", model, label, len(items), run.jobs, done)
     try:

@@ -19,6 +19,7 @@ from plateflow.artifacts import plural
 from plateflow.atomic import write_bytes_if_changed
 from plateflow.config import corpus_root
 from plateflow.corpus import corpus_lock
+from plateflow.devices import compute_device
 from plateflow.errors import ConfigError
 from plateflow.layout import CorpusLayout
 from plateflow.outcomes import file_size
@@ -132,7 +133,7 @@ def train_segmentation(root: str, model: str, masks: str, params: PatchParams = 
                 entries.append((folder, sha, load_tokens(tokens_file, record), record, mask_file))
         labelled = labelled_plates(entries, len(masks_found.classes))
         row = train(root_path, model, version, labelled, masks_found.classes, Path(masks).name or "masks", config,
-                    params.model_dump(), logger)
+                    params.model_dump(), logger, device=compute_device())
     except (ConfigError, KeyError) as exc:
         logger.error("configuration error: %s", exc)
         return Failed(message=str(exc), data=exc)

@@ -5,7 +5,8 @@ every plate's vectors are the same bytes whatever the number of devices; each pl
 are written by the process that made them (one file per plate), and the tables by the refresh.
 
 ``PLATEFLOW_DEVICES=N`` sets the number of devices (on a CPU machine: N processes, simulated
-devices, for tests and for hosts with many cores); otherwise it is the number of visible GPUs.
+devices, for tests and for hosts with many cores; past the number of GPUs, processes share them
+in turn); otherwise it is the number of visible GPUs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,13 @@ from pathlib import Path
 
 _ACTIVE: "DeviceProcesses | None" = None
 _MODELS: dict = {}  # in a device process: (model spec, weights) -> LoadedModel
+
+
+def compute_device() -> str:
+    """Where plateflow's model steps run: ``"cuda"`` when torch sees a GPU, else ``"cpu"``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def device_count() -> int:
@@ -36,9 +44,25 @@ def device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
 
 
-def _pin(index: int, cuda: bool) -> None:
-    if cuda:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
+def pin_values(count: int, visible: str | None) -> list[str]:
+    """The CUDA_VISIBLE_DEVICES value that pins a child process to each of the ``count`` GPUs a
+    process sees, in torch's order: the entries of its own CUDA_VISIBLE_DEVICES (``visible``:
+    indices or GPU UUIDs) where that is set, else 0 to count - 1."""
+    entries = [e.strip() for e in (visible or "").split(",") if e.strip()]
+    return entries[:count] if entries else [str(i) for i in range(count)]
+
+
+def visible_gpus() -> list[str]:
+    """``pin_values`` of this process: one value per GPU torch sees here (none on a CPU host)."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return pin_values(count, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def _pin(value: str | None) -> None:
+    if value is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = value
 
 
 def _embed(jobs, spec, batch_size: int, dtype: str, weights_root: str | None, readers: str) -> dict:
@@ -54,11 +78,14 @@ def _embed(jobs, spec, batch_size: int, dtype: str, weights_root: str | None, re
 
 
 class DeviceProcesses:
-    """``n`` worker processes, process i on device i; ``embed(slot, ...)`` runs a chunk on one."""
+    """``n`` worker processes, process i on GPU i (of this process's, in turn where there are
+    fewer); ``embed(slot, ...)`` runs a chunk on one."""
 
     def __init__(self, n: int, cuda: bool):
         context = multiprocessing.get_context("spawn")  # torch (and CUDA) start fresh in each
-        self.pools = [ProcessPoolExecutor(1, mp_context=context, initializer=_pin, initargs=(i, cuda))
+        gpus = visible_gpus() if cuda else []
+        self.pools = [ProcessPoolExecutor(1, mp_context=context, initializer=_pin,
+                                          initargs=(gpus[i % len(gpus)] if gpus else None,))
                       for i in range(n)]
         self.chunks: Counter = Counter()
         self._lock = threading.Lock()

@@ -174,13 +174,17 @@ class Tuner:
         self.head.load_state_dict(state["head"])
 
 
-def micro_batch(tuner: Tuner, config: FinetuneConfig, size: int) -> int:
+def micro_batch(tuner: Tuner, config: FinetuneConfig, size: int, optimizer) -> int:
     """The micro-batch: on a GPU the largest power of two (up to the batch) whose forward and
-    backward pass peaks within ``vram_gb``, measured; on the CPU the whole batch."""
+    backward pass peaks within ``vram_gb``, measured, with room kept for the optimizer's moments
+    where its first step has not made them yet; on the CPU the whole batch."""
     torch = tuner.torch
     if tuner.device.type != "cuda":
         return config.batch_size
-    budget = config.vram_gb * 2**30
+    # AdamW's two moments per trained value, made at the first step: counted before they exist.
+    moments = 0 if optimizer.state else 2 * sum(p.numel() * p.element_size()
+                                                for group in optimizer.param_groups for p in group["params"])
+    budget = config.vram_gb * 2**30 - moments
     b = 2 ** int(math.log2(config.batch_size))
     while b >= 1:
         torch.cuda.empty_cache()
@@ -275,7 +279,7 @@ def run_job(run: FinetuneRun, job: int, spec: ModelSpec, device: str = "cpu", we
         state = torch.load(state_file, map_location=device, weights_only=True)
         tuner.load(state)
         opt.load_state_dict(state["optimizer"])
-    micro = micro_batch(tuner, config, size)
+    micro = micro_batch(tuner, config, size, opt)
     if tuner.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(tuner.device)
     train = [i for i in run.items if i.split == "train"]

@@ -32,6 +32,7 @@ from plateflow import experiments as ledger
 from plateflow.atomic import temp_file, write_bytes, write_json
 from plateflow.caching import code_version
 from plateflow.config import HeadConfig
+from plateflow.devices import compute_device
 from plateflow.errors import ConfigError
 from plateflow.layout import CorpusLayout
 from plateflow.split import in_validation, split_of
@@ -100,12 +101,6 @@ def head_from_state(kind: str, inputs: int, classes: int, hidden: int, state: di
     head = make_head(kind, inputs, classes, hidden, np.zeros(inputs), np.ones(inputs))
     head.load_state_dict(state)
     return head
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def fit(data: Dataset, config: HeadConfig, device: str, logger) -> tuple[dict, int, list[dict]]:
@@ -272,7 +267,7 @@ def train_experiment(root: Path, model: str, label: str, config: HeadConfig, lab
     balance = data.balance()
     logger.info("%s on %s: %d classes; plates per class: %s", label, model, len(data.classes),
                 "; ".join(f"{s} " + ", ".join(f"{c} {n}" for c, n in b.items()) for s, b in balance.items()))
-    device = device or _device()
+    device = device or compute_device()
     state, best_epoch, history = fit(data, config, device, logger)
     head = head_from_state(config.head, data.inputs.shape[1], len(data.classes), config.hidden, state)
     test_rows, y_test = data.part("test")

@@ -3,11 +3,38 @@ from pathlib import Path
 
 import pytest
 
+from fixtures import DEVICE
 from fixtures.plates import make_plate, paper_plate  # noqa: E402
 from fixtures.processes import free_port, wait_until  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+if DEVICE == "cpu":
+    # The suite on the CPU, as CI runs it, also on a host with a GPU: plateflow's model steps
+    # use a GPU whenever torch sees one. PLATEFLOW_TEST_DEVICE=cuda runs them on the GPU.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def pytest_configure(config):
+    if os.environ.get("PLATEFLOW_TEST_DEVICE", "cpu") not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"PLATEFLOW_TEST_DEVICE={os.environ['PLATEFLOW_TEST_DEVICE']!r}: cpu or cuda")
+    if DEVICE == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise pytest.UsageError("PLATEFLOW_TEST_DEVICE=cuda, but torch sees no CUDA device "
+                                    f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
+                                    f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """A test marked gpu runs only where it can: selected (`-m gpu`) without a GPU, the session
+    stops with a message instead of skipping it."""
+    needs = [item.nodeid for item in items if item.get_closest_marker("gpu")]
+    if needs and DEVICE != "cuda":
+        raise pytest.UsageError(f"{len(needs)} selected test(s) need a CUDA device ({needs[0]}, ...): run them with "
+                                f"PLATEFLOW_TEST_DEVICE=cuda on a GPU host; the default run leaves them out (-m 'not gpu')")
 
 
 @pytest.fixture(scope="session", autouse=True)

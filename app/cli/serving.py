@@ -63,6 +63,7 @@ def worker(
     overrides detection): one per GPU, each pinned to its device and running at most the
     queue's worker_limit flow runs at once, so the GPU step's runs spread over every GPU.
     Ctrl-C (or SIGTERM) stops them all."""
+    from plateflow.devices import visible_gpus
     from plateflow.hardware import detect_devices, gpu_class
     from plateflow.pools import work_pool, worker_name
     from plateflow.profiles import load_profiles
@@ -82,10 +83,12 @@ def worker(
     queue = pool.queue(cls)
     prefect_cli = Path(sys.executable).with_name("prefect")
     commands = []
+    pins = visible_gpus()  # this process's GPU i is CUDA_VISIBLE_DEVICES=pins[i] in a child
     for k, device in enumerate(ids):
         name = worker_name(queue, os.getpid()) + (f"-gpu{device}" if device is not None else "")
-        commands.append((device, [str(prefect_cli), "worker", "start", "--pool", pool.name, "--work-queue", queue.name,
-                                  "--type", pool.type, "--limit", str(queue.worker_limit), "--name", name]))
+        commands.append((pins[int(device)] if device is not None and int(device) < len(pins) else device,
+                         [str(prefect_cli), "worker", "start", "--pool", pool.name, "--work-queue", queue.name,
+                          "--type", pool.type, "--limit", str(queue.worker_limit), "--name", name]))
     for device, cmd in commands:
         pin = f"CUDA_VISIBLE_DEVICES={device} " if device is not None else ""
         console.print(f"GPU class {cls}: {pin}{' '.join(cmd)}")

@@ -10,6 +10,7 @@ from typing import Iterator
 
 import numpy as np
 
+from plateflow.devices import compute_device
 from plateflow.profiles import ModelSpec
 from plateflow.embed.mapper import forward_with_backoff, encoder_for, to_host
 from plateflow.embed.models import LoadedModel
@@ -99,7 +100,7 @@ def embed_and_store(jobs: list[PlateJob], spec: ModelSpec, batch_size: int, dtyp
 
     if not jobs:
         return {}
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or compute_device()
     if readers is None:
         readers = "device" if torch.device(device).type == "cuda" else "threads"
     model, encoder = encoder_for(spec, device, dtype, weights_root, model)

@@ -23,6 +23,7 @@ from PIL import Image
 
 from plateflow import experiments as ledger
 from plateflow.atomic import temp_file, write_bytes, write_json, write_parquet
+from plateflow.devices import compute_device
 from plateflow.errors import ConfigError
 from plateflow.layout import PREVIEW, SEGMENTATION_OVERLAY, CorpusLayout, safe_key
 from plateflow.segment.patches import load_tokens, stored_record
@@ -74,7 +75,7 @@ def overlay(preview: Path, mask: np.ndarray, colours: list[tuple[int, int, int]]
 
 
 def predict_plate(head, tokens: np.ndarray, record: dict, mask_path: Path, preview: Path | None,
-                  classes: list[str]) -> tuple[np.ndarray, int]:
+                  classes: list[str], device: str = "cpu") -> tuple[np.ndarray, int]:
     """Write the plate's mask (and overlay); returns (area share per class, peak bytes while stitching)."""
     colours = palette(len(classes))
     counts = np.zeros(len(classes), np.int64)
@@ -89,7 +90,7 @@ def predict_plate(head, tokens: np.ndarray, record: dict, mask_path: Path, previ
                     counts[:] += np.bincount(rows.ravel(), minlength=len(classes))[:len(classes)]
                     png.write(rows)
 
-                stitch_plate(head, tokens, record, (width, height), emit)
+                stitch_plate(head, tokens, record, (width, height), emit, device)
                 png.close()
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -98,18 +99,21 @@ def predict_plate(head, tokens: np.ndarray, record: dict, mask_path: Path, previ
         with Image.open(preview) as im:
             size = im.size
         strips: list[np.ndarray] = []
-        stitch_plate(head, tokens, record, size, strips.append)
+        stitch_plate(head, tokens, record, size, strips.append, device)
         write_bytes(preview.parent / SEGMENTATION_OVERLAY, overlay(preview, np.concatenate(strips), colours))
     return counts / max(1, counts.sum()), peak
 
 
-def predict_segmentation(root: Path, experiment_id: str, logger=None) -> dict:
-    """Masks, overlays and area shares for every plate with the experiment's patch tokens;
-    returns {"plates", "failed", "peak_bytes", "columns"}."""
+def predict_segmentation(root: Path, experiment_id: str, logger=None, device: str | None = None) -> dict:
+    """Masks, overlays and area shares for every plate with the experiment's patch tokens, the
+    head on ``device`` (the GPU when torch sees one); returns {"plates", "failed", "peak_bytes",
+    "columns"}."""
     logger = logger or logging.getLogger(__name__)
     root = Path(root)
     corpus = CorpusLayout(root)
     head, ckpt = load_segmentation(root, experiment_id)
+    device = device or compute_device()
+    head = head.to(device)
     classes = ckpt["classes"]
     index_path = corpus.patch_index(ckpt["model"])
     if not index_path.is_file():
@@ -131,7 +135,7 @@ def predict_segmentation(root: Path, experiment_id: str, logger=None) -> dict:
             if record is None:
                 raise ConfigError(f"its patch tokens {tokens_file.name} are missing; run `plateflow patches` again")
             share, used = predict_plate(head, load_tokens(tokens_file, record), record,
-                                        plate.segmentation(experiment_id), plate.viz(PREVIEW), classes)
+                                        plate.segmentation(experiment_id), plate.viz(PREVIEW), classes, device)
             shares[folder], peak = share, max(peak, used)
         except (OSError, ValueError, ConfigError) as exc:
             failed[folder] = f"{type(exc).__name__}: {exc}"

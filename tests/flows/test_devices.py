@@ -45,3 +45,14 @@ def test_two_devices_share_the_chunks_and_make_the_same_bytes_as_one(tmp_path, t
     for a, b in zip(one, two):
         assert Path(a.cache_file).read_bytes() == Path(b.cache_file).read_bytes(), a.name
     assert not [p for p in os.listdir(tmp_path / "two") if p.endswith(".tmp")]
+
+
+def test_a_device_process_is_pinned_to_the_gpu_its_parent_calls_that():
+    """Process i gets this process's GPU i: the i-th entry of its own CUDA_VISIBLE_DEVICES where
+    that is set (a scheduler's "2,3" or GPU UUIDs)."""
+    from plateflow.devices import pin_values
+
+    assert pin_values(2, None) == pin_values(2, "") == ["0", "1"]
+    assert pin_values(2, "2,3") == ["2", "3"]
+    assert pin_values(1, "GPU-5c1f, GPU-77aa") == ["GPU-5c1f"]  # torch saw one of them
+    assert pin_values(0, None) == []

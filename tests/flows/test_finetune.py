@@ -21,7 +21,7 @@ from plateflow.finetune import FinetuneConfig, FinetuneRun, labelled_items
 from plateflow.heads import train_experiment
 from plateflow.layout import CorpusLayout
 
-from fixtures import REPO
+from fixtures import DEVICE, REPO
 from fixtures.plates import make_plate
 from fixtures.processes import wait_until
 
@@ -82,7 +82,8 @@ def test_fine_tuning_the_last_blocks_learns_what_the_frozen_encoder_cannot_and_s
     assert run.done() == run.jobs
     jobs = [r["job"] for r in run.records()]
     assert sorted(jobs) == list(range(run.jobs)) or len(set(range(run.jobs)) - set(jobs)) <= 1  # at most one lost
-    assert all(r["peak"] == "process peak RSS" and r["peak_bytes"] > 0 for r in run.records())
+    peak = "cuda allocated" if DEVICE == "cuda" else "process peak RSS"
+    assert all(r["peak"] == peak and r["peak_bytes"] > 0 for r in run.records())
     row = experiments(root, state.result())[0]
     assert row["feature_kind"] == "finetune" and row["test_size"] == frozen_row["test_size"] > 10
     assert frozen_row["accuracy"] <= 0.7 and row["accuracy"] >= 0.9, (frozen_row["accuracy"], row["accuracy"])
@@ -110,3 +111,44 @@ def test_fine_tuning_the_last_blocks_learns_what_the_frozen_encoder_cannot_and_s
     assert state.is_completed(), state.message
     assert f"embeddings: 0 computed, {len(labels)} cached" in state.message
     assert len(vectors) == len(labels) and [v.stat().st_mtime_ns for v in vectors] == stamps  # cached
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_vram_budget_holds_for_dinov2_base(tmp_path, monkeypatch):
+    """On a GPU: dinov2_base (its real architecture, random weights from its config) fine-tunes its
+    last 4 blocks within --vram-gb 4 and within 1.5: the micro-batch is chosen to fit, gradients
+    accumulate to the batch, and every job's peak of allocated memory (CUDA's counter, the
+    optimizer's moments included) stays within the budget."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "weights" / "dinov2_base"
+    weights.mkdir(parents=True)
+    net = timm.create_model("vit_base_patch14_dinov2.lvd142m", pretrained=False, num_classes=0, img_size=224)
+    save_file(net.state_dict(), weights / "model.safetensors")
+    del net
+    monkeypatch.delenv("PLATEFLOW_PROFILES", raising=False)  # the shipped capability table
+    monkeypatch.setenv("PLATEFLOW_WEIGHTS", str(weights.parent))
+    root = tmp_path / "corpus"
+    labels = {}
+    for i in range(24):
+        folder, kind = f"plate-{i + 1:03d}", "horizontal" if i % 2 else "vertical"
+        make_plate(root, folder, stripes(i, i % 2 == 1, size=224), filename="scan.png",
+                   manifest={"plate_id": folder, "source_image": "source/scan.png", "stripes": kind})
+        labels[folder] = kind
+    assert refresh_corpus(str(root), RefreshConfig(), return_state=True).is_completed()
+    for budget in (4.0, 1.5):
+        config = FinetuneConfig(blocks=4, vram_gb=budget, epochs=8, batch_size=64, steps_per_job=1, seed=int(budget))
+        state = finetune(str(root), "dinov2_base", "stripes", config=config, return_state=True)
+        assert state.is_completed(), state.message
+        items, classes = labelled_items(root, labels, config)
+        records = FinetuneRun(root, "dinov2_base", "stripes", items, classes, config).records()
+        assert len(records) >= 2 and {r["peak"] for r in records} == {"cuda allocated"}
+        assert all(0 < r["peak_bytes"] <= budget * 2**30 for r in records), [r["peak_bytes"] / 2**30 for r in records]
+        if budget < 2:  # 64 plates' activations do not fit: micro-batches, their gradients accumulated
+            assert all(1 <= r["micro_batch"] < config.batch_size for r in records), records
+        row = experiments(root, state.result())[0]
+        assert row["device"].startswith("cuda") and row["registered_model"]
+    torch.cuda.empty_cache()

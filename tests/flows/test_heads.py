@@ -22,7 +22,7 @@ from flows.refresh import refresh_corpus
 from plateflow.config import RefreshConfig
 from plateflow.features import open_store
 
-from fixtures import REPO
+from fixtures import DEVICE, REPO
 from fixtures.plates import make_plate, paper_plate
 from fixtures.processes import wait_until
 
@@ -88,6 +88,7 @@ def test_features_heads_experiments_and_predictions(tmp_path, tiny_env, caplog):
     assert [r["head"] for r in rows] == ["linear", "mlp"]
     for r in rows:
         assert r["model"] == MODEL and r["label"] == "kind" and r["code_version"] and r["duration_s"] > 0
+        assert r["device"] == DEVICE
         assert json.loads(r["hyperparameters"])["lr"] == 1e-2
         assert r["train_size"] + r["validation_size"] + r["test_size"] == 60 and r["test_size"] >= 10
         assert r["accuracy"] >= 0.9, r  # chance is 0.5

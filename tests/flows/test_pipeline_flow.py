@@ -8,9 +8,9 @@ from PIL import Image
 from flows.refresh import refresh_corpus
 from plateflow.config import CropParams, RefreshConfig
 
+from fixtures import DEVICE
 from fixtures.plates import paper_plate, read_image
 
-DEVICE = __import__("os").environ.get("PLATEFLOW_TEST_DEVICE", "cpu")
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 MODELS = ["tiny_dinov2", "tiny_clip"]

@@ -18,6 +18,7 @@ from plateflow.segment.patches import PatchParams
 from plateflow.segment.train import SegConfig, confusion, iou_scores
 from plateflow.split import split_of
 
+from fixtures import DEVICE
 from fixtures.plates import make_plate
 from fixtures.segmentation import CLASSES, save_mask, segmented_plate
 
@@ -39,51 +40,67 @@ def segmented_corpus(root: Path, masks: Path) -> dict[str, np.ndarray]:
     return truth
 
 
-@pytest.mark.usefixtures("prefect_harness")
-def test_patches_masks_from_a_few_labelled_plates_and_stitched_predictions(tmp_path, tiny_env):
-    root, masks = tmp_path / "corpus", tmp_path / "masks"
-    truth = segmented_corpus(root, masks)
-    assert np.asarray(Image.open(masks / "plate-001.png")).max() == 255  # unlabelled seams survive saving
-    state = refresh_corpus(str(root), RefreshConfig(), return_state=True)  # previews and plates.parquet
-    assert state.is_completed(), state.message
+@pytest.fixture(scope="module")
+def segmented(tmp_path_factory, tiny_models, prefect_harness):
+    """A corpus of plates whose parts are known, through patch-features (checked: an unchanged
+    corpus costs nothing, a changed plate redoes only its own patches) and train-segmentation:
+    and predict-segmentation: (root, the true masks, the experiment id, its ledger row)."""
+    profiles, weights = tiny_models
+    tmp_path = tmp_path_factory.mktemp("segmented")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PLATEFLOW_PROFILES", str(profiles))
+        env.setenv("PLATEFLOW_WEIGHTS", str(weights))
+        env.delenv("PLATEFLOW_GPU_CLASS", raising=False)
+        root, masks = tmp_path / "corpus", tmp_path / "masks"
+        truth = segmented_corpus(root, masks)
+        assert np.asarray(Image.open(masks / "plate-001.png")).max() == 255  # unlabelled seams survive saving
+        state = refresh_corpus(str(root), RefreshConfig(), return_state=True)  # previews and plates.parquet
+        assert state.is_completed(), state.message
 
-    state = patch_features(str(root), MODEL, PARAMS, return_state=True)
-    assert state.is_completed(), state.message
+        state = patch_features(str(root), MODEL, PARAMS, return_state=True)
+        assert state.is_completed(), state.message
+        corpus = CorpusLayout(root)
+        index = pq.read_table(corpus.patch_index(MODEL)).to_pylist()
+        assert len(index) == PLATES * 88  # 512 x 384 in windows of 64 every 48 pixels: 11 x 8
+        first = [r for r in index if r["plate_dir"] == "plate-001"]
+        assert [r["box"] for r in first[:2]] == [[0, 0, 64, 64], [48, 0, 112, 64]] and first[-1]["box"] == [448, 320, 512, 384]
+        tokens = np.load(root / first[0]["tokens_file"], mmap_mode="r")
+        assert tokens.dtype == np.float16 and tokens.shape == (88, 64, 32)
+
+        # An unchanged corpus costs nothing; a changed plate redoes only its own patches.
+        stored = {p: p.stat().st_mtime_ns for p in corpus.patch_store(MODEL).glob("*.npy")}
+        index_bytes = corpus.patch_index(MODEL).read_bytes()
+        state = patch_features(str(root), MODEL, PARAMS, return_state=True)
+        assert state.is_completed() and "(unchanged)" in state.message
+        assert {p: p.stat().st_mtime_ns for p in corpus.patch_store(MODEL).glob("*.npy")} == stored
+        assert corpus.patch_index(MODEL).read_bytes() == index_bytes
+        image, mask = segmented_plate(100)
+        make_plate(root, "plate-002", image, quality=92)
+        save_mask(masks / "plate-002.png", mask)
+        truth["plate-002"] = mask
+        assert patch_features(str(root), MODEL, PARAMS, return_state=True).is_completed()
+        now = {p: p.stat().st_mtime_ns for p in corpus.patch_store(MODEL).glob("*.npy")}
+        assert len(set(now) - set(stored)) == 1 and all(now[p] == t for p, t in stored.items() if p in now)
+
+        # A head trained on the labelled plates' tokens, scored on the held-out ones.
+        state = train_segmentation(str(root), MODEL, str(masks), PARAMS, SegConfig(head="conv", epochs=25),
+                                   return_state=True)
+        assert state.is_completed(), state.message
+        experiment = state.result()
+        row = experiments(root, experiment)[0]
+        assert row["feature_kind"] == "patches" and row["classes"] == CLASSES and row["test_size"] >= 3
+        assert row["device"] == DEVICE  # trained where the GPU step runs
+        assert row["miou"] >= 0.8, row["per_class"]
+        assert (root / row["checkpoint"]).is_file() and (root / row["confusion_png"]).is_file()
+
+        state = predict_segmentation(str(root), experiment, return_state=True)
+        assert state.is_completed(), state.message
+        yield root, truth, experiment, row
+
+
+def test_patches_masks_from_a_few_labelled_plates_and_stitched_predictions(segmented, tiny_env):
+    root, truth, experiment, row = segmented
     corpus = CorpusLayout(root)
-    index = pq.read_table(corpus.patch_index(MODEL)).to_pylist()
-    assert len(index) == PLATES * 88  # 512 x 384 in windows of 64 every 48 pixels: 11 x 8
-    first = [r for r in index if r["plate_dir"] == "plate-001"]
-    assert [r["box"] for r in first[:2]] == [[0, 0, 64, 64], [48, 0, 112, 64]] and first[-1]["box"] == [448, 320, 512, 384]
-    tokens = np.load(root / first[0]["tokens_file"], mmap_mode="r")
-    assert tokens.dtype == np.float16 and tokens.shape == (88, 64, 32)
-
-    # An unchanged corpus costs nothing; a changed plate redoes only its own patches.
-    stored = {p: p.stat().st_mtime_ns for p in corpus.patch_store(MODEL).glob("*.npy")}
-    index_bytes = corpus.patch_index(MODEL).read_bytes()
-    state = patch_features(str(root), MODEL, PARAMS, return_state=True)
-    assert state.is_completed() and "(unchanged)" in state.message
-    assert {p: p.stat().st_mtime_ns for p in corpus.patch_store(MODEL).glob("*.npy")} == stored
-    assert corpus.patch_index(MODEL).read_bytes() == index_bytes
-    image, mask = segmented_plate(100)
-    make_plate(root, "plate-002", image, quality=92)
-    save_mask(masks / "plate-002.png", mask)
-    truth["plate-002"] = mask
-    assert patch_features(str(root), MODEL, PARAMS, return_state=True).is_completed()
-    now = {p: p.stat().st_mtime_ns for p in corpus.patch_store(MODEL).glob("*.npy")}
-    assert len(set(now) - set(stored)) == 1 and all(now[p] == t for p, t in stored.items() if p in now)
-
-    # A head trained on the labelled plates' tokens, scored on the held-out ones.
-    state = train_segmentation(str(root), MODEL, str(masks), PARAMS, SegConfig(head="conv", epochs=25),
-                               return_state=True)
-    assert state.is_completed(), state.message
-    experiment = state.result()
-    row = experiments(root, experiment)[0]
-    assert row["feature_kind"] == "patches" and row["classes"] == CLASSES and row["test_size"] >= 3
-    assert row["miou"] >= 0.8, row["per_class"]
-    assert (root / row["checkpoint"]).is_file() and (root / row["confusion_png"]).is_file()
-
-    state = predict_segmentation(str(root), experiment, return_state=True)
-    assert state.is_completed(), state.message
     table = {r["plate_dir"]: r for r in pq.read_table(corpus.table).to_pylist()}
     sha = {r["plate_dir"]: r["sha256"] for r in pq.read_table(corpus.patch_index(MODEL)).to_pylist()}
     matrix = np.zeros((len(CLASSES), len(CLASSES)), np.int64)
@@ -105,7 +122,11 @@ def test_patches_masks_from_a_few_labelled_plates_and_stitched_predictions(tmp_p
     scores = iou_scores(matrix)
     assert scores["miou"] >= 0.8 and abs(scores["miou"] - row["miou"]) < 1e-6
 
-    # The masks on the plates' report pages, as a browser shows them.
+
+@pytest.mark.browser
+def test_the_masks_are_on_the_plates_report_pages(segmented, tiny_env):
+    root, truth, experiment, row = segmented
+    corpus = CorpusLayout(root)
     import shutil
 
     from playwright.sync_api import sync_playwright
@@ -125,6 +146,10 @@ def test_patches_masks_from_a_few_labelled_plates_and_stitched_predictions(tmp_p
     assert overlay[0] and overlay[1] > 0 and mask_link.endswith(f"/segmentation/{experiment}.png")
     assert errors == []
 
+
+def test_the_smart_crop_follows_a_plates_mask(segmented, tiny_env):
+    root, truth, experiment, row = segmented
+    corpus = CorpusLayout(root)
     # The smart crop follows the mask: a refresh asked to crop to the picture crops every plate
     # to its picture; a plate without a mask keeps the similarity crop.
     import json

@@ -18,9 +18,9 @@ from plateflow.embed.models import ModelUnavailableError, load_model, require_we
 from plateflow.embed.reader import PlateJob
 from plateflow.embed.runner import embed_and_store, encode_plates
 
+from fixtures import DEVICE
 from fixtures.plates import paper_plate, read_image
 
-DEVICE = __import__("os").environ.get("PLATEFLOW_TEST_DEVICE", "cpu")
 
 
 def make_jobs(tmp_path, n, params=CropParams(), colours=None):
