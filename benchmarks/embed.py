@@ -227,9 +227,10 @@ def launch_latency(jobs, size: int, workers: int, readers: str | None, ops: int 
 
 
 def pipeline(jobs, boxes, spec, model, batch: int, dtype: str, device: str, workers: int, chunk: int,
-             readers: str | None = None) -> float:
+             readers: str | None = None, compile: str = "") -> float:
     """embed-plates as the refresh flow runs it in-process: ``embed_and_store`` per chunk of plates
-    (the model kept between chunks), then each plate's crop chosen from its stored vectors: plates/s."""
+    (the model kept between chunks; compiled in the ``compile`` mode, as a GPU class may set),
+    then each plate's crop chosen from its stored vectors: plates/s."""
     import numpy as np
 
     from plateflow.embed.runner import embed_and_store
@@ -241,7 +242,7 @@ def pipeline(jobs, boxes, spec, model, batch: int, dtype: str, device: str, work
     start = time.perf_counter()
     for i in range(0, len(jobs), chunk):
         embed_and_store(jobs[i:i + chunk], spec, batch, dtype, device=device, num_workers=workers,
-                          model=model, readers=readers)
+                          model=model, readers=readers, compile=compile)
     for job in jobs:
         best, sim = choose_best_crop(np.load(job.cache_file), boxes, params)
         write_json(Path(job.cache_file).with_suffix(".json"), {"best_crop_idx": best, "similarity": sim})
@@ -378,6 +379,17 @@ def main() -> None:
             stages[f"embed_and_store in chunks of {args.chunk}"] = {"plates_per_s": round(pps, 1)}
             print(f"{name:14s} embed-plates as the flow runs it (embed_and_store per {args.chunk} plates, then the "
                   f"crop choice): {pps:.1f} plates/s", flush=True)
+            for mode in compile_modes:  # a GPU class's `compile`: its cost is the warm-up's, once per worker
+                torch._dynamo.reset()  # compiled from scratch, as in a new worker
+                t = time.perf_counter()
+                pipeline(jobs[: min(2 * workers, len(jobs))], boxes, spec, model, batch_cls, dtype_cls, dev, workers,
+                         args.chunk, compile=mode)
+                warm = time.perf_counter() - t
+                pps = pipeline(jobs, boxes, spec, model, batch_cls, dtype_cls, dev, workers, args.chunk, compile=mode)
+                stages[f"embed_and_store in chunks of {args.chunk}, compiled ({mode})"] = {
+                    "plates_per_s": round(pps, 1), "warm_up_s": round(warm, 1)}
+                print(f"{name:14s} embed-plates, the encoder compiled ({mode}; warm-up {warm:.1f} s): "
+                      f"{pps:.1f} plates/s", flush=True)
         report["models"][name] = {"gflops_per_image": round(flops / 1e9, 3), "model_only": rows, "stage": stages}
     sources = sorted(args.sources.glob("*.jpg"))[:4]
     if sources:

@@ -147,10 +147,10 @@ def gpu_classes_table() -> str:
     import tomllib
 
     classes = tomllib.loads((REPO / "profiles" / "gpu_classes.toml").read_text())["classes"]
-    out = ["| class | queue | what it is | dtype | readers |", "|---|---|---|---|---|"]
+    out = ["| class | queue | what it is | dtype | readers | compiled |", "|---|---|---|---|---|---|"]
     for name, c in classes.items():
         out.append(f"| `{name}` | `{name.lower().replace('_', '-')}` | {c.get('description', '')} | "
-                   f"{c.get('dtype', '')} | {c.get('readers', 'device')} |")
+                   f"{c.get('dtype', '')} | {c.get('readers', 'device')} | {c.get('compile') or 'no'} |")
     return "\n".join(out)
 
 

@@ -62,7 +62,7 @@ def embed_plates(model: str, gpu_class: str, jobs: list[PlateJob] | None = None,
     chunk_size = chunk_size or dispatch_policy().gpu.chunk_size
     spec = profiles.model(model)
     batch_size, dtype = profiles.plan(model, gpu_class)
-    readers = profiles.gpu_class(gpu_class).readers
+    readers, compile_mode = profiles.gpu_class(gpu_class).readers, profiles.gpu_class(gpu_class).compile
     ledger = ChunkLedger(chunk_ledger(jobs[0].cache_file)) if jobs else None
     chunks = [jobs[i:i + chunk_size] for i in range(0, len(jobs), chunk_size)]  # over all jobs: stable on a re-run
     outcome: dict[str, str | None] = {}
@@ -87,7 +87,8 @@ def embed_plates(model: str, gpu_class: str, jobs: list[PlateJob] | None = None,
     if devices == 1:
         for n, chunk, key, todo in pending:
             finish(n, chunk, key, embed_chunk(todo, spec, batch_size, dtype, chunk_name=str(n),
-                                              weights_root=weights_root, readers=readers) if todo else {})
+                                              weights_root=weights_root, readers=readers,
+                                              compile=compile_mode) if todo else {})
     else:  # every device of the host: a process each, the chunks dealt out in turn
         import torch
 
@@ -95,14 +96,16 @@ def embed_plates(model: str, gpu_class: str, jobs: list[PlateJob] | None = None,
                 ThreadPoolTaskRunner(max_workers=devices) as runner:
             futures = [(n, chunk, key, runner.submit(embed_chunk, {
                 "jobs": todo, "spec": spec, "batch_size": batch_size, "dtype": dtype, "chunk_name": str(n),
-                "weights_root": weights_root, "readers": readers, "device_slot": k % devices}) if todo else None)
+                "weights_root": weights_root, "readers": readers, "device_slot": k % devices,
+                "compile": compile_mode}) if todo else None)
                 for k, (n, chunk, key, todo) in enumerate(pending)]
             for n, chunk, key, future in futures:
                 finish(n, chunk, key, future.result() if future is not None else {})
         logger.info("%s: %d chunks on %d devices (%s)", model, sum(pool.chunks.values()), devices,
                     ", ".join(f"device {d}: {c}" for d, c in sorted(pool.chunks.items())))
-    logger.info("%s on %s: %d plates in %d chunks (%d recorded finished before), batch %d images, %s, reader %s",
-                model, gpu_class, len(jobs), len(chunks), finished, batch_size, dtype, readers)
+    logger.info("%s on %s: %d plates in %d chunks (%d recorded finished before), batch %d images, %s, reader %s%s",
+                model, gpu_class, len(jobs), len(chunks), finished, batch_size, dtype, readers,
+                f", compiled ({compile_mode})" if compile_mode else "")
     if report:
         write_json(Path(report), outcome)
     return outcome

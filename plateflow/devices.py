@@ -65,7 +65,8 @@ def _pin(value: str | None) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = value
 
 
-def _embed(jobs, spec, batch_size: int, dtype: str, weights_root: str | None, readers: str) -> dict:
+def _embed(jobs, spec, batch_size: int, dtype: str, weights_root: str | None, readers: str,
+           compile: str = "") -> dict:
     """In a device process: the chunk through the model this process keeps loaded."""
     from plateflow.embed.models import load_model
     from plateflow.embed.runner import embed_and_store
@@ -74,7 +75,7 @@ def _embed(jobs, spec, batch_size: int, dtype: str, weights_root: str | None, re
     if key not in _MODELS:
         _MODELS[key] = load_model(spec, Path(weights_root) if weights_root else None)
     return embed_and_store(jobs, spec, batch_size, dtype, weights_root=Path(weights_root) if weights_root else None,
-                           model=_MODELS[key], readers=readers)
+                           model=_MODELS[key], readers=readers, compile=compile)
 
 
 class DeviceProcesses:

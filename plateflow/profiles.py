@@ -46,6 +46,7 @@ class GpuClass(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16"]
     peak_tflops: float | None = None
     readers: Literal["threads", "device"] = "device"  # what decodes the working copies
+    compile: Literal["", "default", "max-autotune-no-cudagraphs"] = ""  # torch.compile the encoder: a mode, or off
 
 
 class DetectionRule(BaseModel):

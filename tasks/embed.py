@@ -17,12 +17,14 @@ from plateflow.profiles import ModelSpec
       retry_delay_seconds=[5, 30], retry_jitter_factor=0.5, retry_condition_fn=retry_transient)
 def embed_chunk(jobs: list[PlateJob], spec: ModelSpec, batch_size: int, dtype: str,
                 chunk_name: str = "0", weights_root: str | None = None,
-                readers: str = "device", device_slot: int | None = None) -> dict[str, str | None]:
+                readers: str = "device", device_slot: int | None = None,
+                compile: str = "") -> dict[str, str | None]:
     """A chunk of plates through one model; only GpuOutOfMemoryError/I/O failures are retried.
-    ``readers``: the GPU class's reader kind (see ``encode_plates``). ``device_slot``: the
+    ``readers`` and ``compile``: the GPU class's reader kind (see ``encode_plates``) and
+    torch.compile mode (empty: none). ``device_slot``: the
     device process that runs it, when the flow uses every device of the host
     (plateflow/devices.py); else it runs in this process."""
     if device_slot is not None and (pool := active()) is not None:
-        return pool.embed(device_slot, jobs, spec, batch_size, dtype, weights_root, readers)
+        return pool.embed(device_slot, jobs, spec, batch_size, dtype, weights_root, readers, compile)
     return embed_and_store(jobs, spec, batch_size, dtype, weights_root=Path(weights_root) if weights_root else None,
-                           readers=readers)
+                           readers=readers, compile=compile)

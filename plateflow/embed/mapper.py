@@ -44,7 +44,8 @@ class ViewEncoder:
     pass spends time casting them (autocast recasts every weight on every call), and each MLP's
     first matmul applies its GELU (``fuse_gelu_epilogue``); on the CPU the model runs in float32
     as published. LayerScale is folded into the weights on every device (``fold_layer_scale``).
-    ``compile`` (True or a mode) wraps the forward pass in ``torch.compile``.
+    ``compile`` (True or a mode) wraps the forward pass in ``torch.compile`` for one batch shape:
+    a batch shorter than the longest so far is padded to it, so the model compiles once.
     """
 
     def __init__(self, model: LoadedModel, device: str, dtype: str, compile: bool | str = False):
@@ -68,7 +69,9 @@ class ViewEncoder:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         mode = compile if isinstance(compile, str) and compile != "default" else None
-        self._forward = torch.compile(self._net_forward, mode=mode) if compile else self._net_forward
+        self.compiled = bool(compile)
+        self._forward = torch.compile(self._net_forward, mode=mode, dynamic=False) if compile else self._net_forward
+        self._rows = 0  # compiled: the batch shape every batch is padded to
 
     def decode(self, plates: list) -> list:
         """``plates`` with each EncodedPlate decoded on this device (nvJPEG on a GPU), all in
@@ -155,7 +158,12 @@ class ViewEncoder:
         torch = self.torch
         with torch.inference_mode():
             x = ((views.to(self.device) - self.mean) / self.std).to(self.compute_dtype)
-            return torch.nn.functional.normalize(self._forward(x).float(), dim=-1)
+            n = len(x)
+            if self.compiled:
+                self._rows = max(self._rows, n)
+                if n < self._rows:  # one batch shape: the graph compiled for it serves
+                    x = torch.cat([x, x.new_zeros((self._rows - n, *x.shape[1:]))])
+            return torch.nn.functional.normalize(self._forward(x)[:n].float(), dim=-1)
 
     def __call__(self, views):
         """``launch``, then wait for the vectors on the CPU."""
@@ -205,8 +213,9 @@ _encoder_lock = threading.Lock()
 
 
 def encoder_for(spec: ModelSpec, device: str, dtype: str, weights_root: Path | None = None,
-             model: LoadedModel | None = None) -> tuple[LoadedModel, ViewEncoder]:
-    """The model (loaded unless given) and its ViewEncoder on ``device`` in ``dtype``.
+                model: LoadedModel | None = None, compile: str = "") -> tuple[LoadedModel, ViewEncoder]:
+    """The model (loaded unless given) and its ViewEncoder on ``device`` in ``dtype``, its forward
+    pass compiled in the ``compile`` mode (empty: not compiled).
 
     The last one is kept for the process: a flow embeds a model's plates chunk by chunk, and
     loading the weights for every chunk (seconds) would cost more than embedding the chunk.
@@ -216,7 +225,7 @@ def encoder_for(spec: ModelSpec, device: str, dtype: str, weights_root: Path | N
     local = weights_dir(spec, weights_root)
     stamp = None if local is None else sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
                                               for f in local.iterdir() if f.is_file())
-    key = (spec.model_dump_json(), device, dtype, str(local), stamp)
+    key = (spec.model_dump_json(), device, dtype, str(local), stamp, compile)
     with _encoder_lock:
         if _last_encoder and _last_encoder[0][0] == key and _last_encoder[0][1] is model:
             return _last_encoder[0][2], _last_encoder[0][3]
@@ -224,7 +233,7 @@ def encoder_for(spec: ModelSpec, device: str, dtype: str, weights_root: Path | N
             _last_encoder.clear()
             _release_device_memory(device)
         loaded = model or load_model(spec, weights_root)
-        embed = ViewEncoder(loaded, device, dtype)
+        embed = ViewEncoder(loaded, device, dtype, compile=compile or False)
         _last_encoder.append((key, model, loaded, embed))
         return loaded, embed
 

@@ -90,7 +90,7 @@ def encode_plates(encoder, jobs: list[PlateJob], model: LoadedModel, batch_size:
 def embed_and_store(jobs: list[PlateJob], spec: ModelSpec, batch_size: int, dtype: str,
                   device: str | None = None, num_workers: int | None = None,
                   weights_root: Path | None = None, model: LoadedModel | None = None,
-                  readers: str | None = None) -> dict[str, str | None]:
+                  readers: str | None = None, compile: str = "") -> dict[str, str | None]:
     """Embed ``jobs``; write each plate's vectors to its cache file. ``readers``: see
     ``encode_plates`` (None: "device" on a GPU, "threads" on the CPU).
 
@@ -103,7 +103,7 @@ def embed_and_store(jobs: list[PlateJob], spec: ModelSpec, batch_size: int, dtyp
     device = device or compute_device()
     if readers is None:
         readers = "device" if torch.device(device).type == "cuda" else "threads"
-    model, encoder = encoder_for(spec, device, dtype, weights_root, model)
+    model, encoder = encoder_for(spec, device, dtype, weights_root, model, compile)
     workers = num_workers if num_workers is not None else reader_threads()
     outcome: dict[str, str | None] = {}
     with VectorWriter() as writer:  # stores vectors while the device works on the next batch

@@ -504,3 +504,25 @@ def test_the_gpu_gives_the_cpus_vectors(tiny_env, tmp_path, name):
         cosine = (bf16 * cpu).sum(1) / np.linalg.norm(bf16, axis=1) / np.linalg.norm(cpu, axis=1)
         assert cosine.min() >= 0.99, (name, i, cosine.min())
     assert torch.cuda.max_memory_allocated() > 0
+
+
+def test_a_compiled_encoder_gives_the_same_vectors_and_compiles_once(tiny_env, tmp_path, monkeypatch):
+    """A GPU class with ``compile`` set: the encoder's forward pass compiled for one batch shape,
+    the short last batch padded to it (so no second compilation), the same vectors as eager."""
+    import plateflow.embed.mapper as mapper
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(mapper, "_last_encoder", [])  # the compiled encoder is not kept for other tests
+    spec = load_profiles().model("tiny_dinov2")
+    jobs = {k: make_jobs(tmp_path / k, 5) for k in ("eager", "compiled")}
+    assert embed_and_store(jobs["eager"], spec, 48, "float32", device=DEVICE, model=load_model(spec)) \
+        == {j.name: None for j in jobs["eager"]}
+    torch._dynamo.reset()
+    counters.clear()
+    outcome = embed_and_store(jobs["compiled"], spec, 48, "float32", device=DEVICE, model=load_model(spec),
+                              compile="default")  # 48 views a batch: 3 plates, then 2 (32 views)
+    assert outcome == {j.name: None for j in jobs["compiled"]}
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    for a, b in zip(jobs["eager"], jobs["compiled"]):
+        np.testing.assert_allclose(np.load(b.cache_file), np.load(a.cache_file), atol=1e-4 if DEVICE == "cpu" else 2e-3)
+    torch._dynamo.reset()
