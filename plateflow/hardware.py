@@ -69,4 +69,6 @@ def hardware_report(profiles: Profiles) -> dict:
             plans[name] = {"refused": str(exc)}
     return {"device": asdict(device), "gpu_class": cls,
             "devices": [{"index": i, **asdict(d), "gpu_class": classify(d, profiles)} for i, d in enumerate(devices)],
-            "overridden": bool(os.environ.get("PLATEFLOW_GPU_CLASS")), "models": plans}
+            "overridden": bool(os.environ.get("PLATEFLOW_GPU_CLASS")),
+            "embedding": {"readers": profiles.gpu_class(cls).readers, "compile": profiles.gpu_class(cls).compile or None},
+            "models": plans}

@@ -15,7 +15,8 @@ from app.cli import app, console, RootOpt, CLASS_NAMES
 
 @app.command()
 def hardware() -> None:
-    """Print the detected device, its GPU class and each model's batch size and dtype as JSON."""
+    """Print the detected device, its GPU class, how the class embeds (readers, compile) and
+    each model's batch size and dtype as JSON."""
     import json
 
     from plateflow.hardware import hardware_report

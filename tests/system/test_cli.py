@@ -74,6 +74,7 @@ def test_hardware_prints_class_batch_sizes_and_dtypes(monkeypatch):
     result = runner.invoke(app, ["hardware"])
     report = json.loads(result.output)
     assert report["gpu_class"] == "T4_16GB" and report["overridden"] is True
+    assert report["embedding"] == {"readers": "device", "compile": None}
     assert report["models"]["dinov2_base"] == {"batch_size": 256, "dtype": "float16"}
     assert "use dinov2_large" in report["models"]["dinov2_giant"]["refused"]
 
