@@ -7,7 +7,8 @@
 #        segmentation, fine-tuning, several devices) on the GPU: PLATEFLOW_TEST_DEVICE=cuda, the
 #        tests marked gpu included (the VRAM budget of dinov2_base); OUT/gpu-tests.{log,xml}
 # bench  benchmarks/embed.py for dinov2_base, dinov3_base and siglip_base (224 px, the GPU
-#        class's dtype and batch, compiled too); OUT/embed.{log,json}
+#        class's dtype and batch; eager and compiled); OUT/embed.{log,json}. EMBED_MODELS and
+#        EMBED_COMPILE (torch.compile modes, space-separated; empty: eager only) change them.
 #
 # OUT/device.txt: the card, the driver, the versions, plateflow's hardware report. The packages
 # come from `uv sync`, or on a host without a package index from the wheels of
@@ -44,8 +45,9 @@ if [[ $parts == *" tests "* ]]; then
     tests/flows/test_segmentation.py tests/flows/test_finetune.py 2>&1 | tee "$out/gpu-tests.log" || status=1
 fi
 if [[ $parts == *" bench "* ]]; then
-  "$py" benchmarks/embed.py --models "${EMBED_MODELS:-dinov2_base,dinov3_base,siglip_base}" \
-    ${EMBED_COMPILE-"--compile default"} 2>&1 \
+  modes=${EMBED_COMPILE-default}  # the torch.compile modes timed besides eager, space-separated (empty: none)
+  # shellcheck disable=SC2086 # the modes are words: --compile default max-autotune-no-cudagraphs
+  "$py" benchmarks/embed.py --models "${EMBED_MODELS:-dinov2_base,dinov3_base,siglip_base}" ${modes:+--compile $modes} 2>&1 \
     | tee "$out/embed.log" || status=1
   cp benchmarks/results/embed.json "$out/embed.json" || status=1
 fi
