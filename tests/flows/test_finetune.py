@@ -140,6 +140,7 @@ def test_the_vram_budget_holds_for_dinov2_base(tmp_path, monkeypatch):
         labels[folder] = kind
     assert refresh_corpus(str(root), RefreshConfig(), return_state=True).is_completed()
     for budget in (4.0, 1.5):
+        # a seed of its own: vram_gb does not name a run, so the same settings would resume the first
         config = FinetuneConfig(blocks=4, vram_gb=budget, epochs=8, batch_size=64, steps_per_job=1, seed=int(budget))
         state = finetune(str(root), "dinov2_base", "stripes", config=config, return_state=True)
         assert state.is_completed(), state.message
