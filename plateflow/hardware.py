@@ -60,6 +60,7 @@ def hardware_report(profiles: Profiles) -> dict:
     devices = detect_devices()
     device = devices[0]
     cls = gpu_class(profiles, device)
+    embedding = profiles.gpu_class(cls)
     plans = {}
     for name in profiles.models:
         try:
@@ -70,5 +71,5 @@ def hardware_report(profiles: Profiles) -> dict:
     return {"device": asdict(device), "gpu_class": cls,
             "devices": [{"index": i, **asdict(d), "gpu_class": classify(d, profiles)} for i, d in enumerate(devices)],
             "overridden": bool(os.environ.get("PLATEFLOW_GPU_CLASS")),
-            "embedding": {"readers": profiles.gpu_class(cls).readers, "compile": profiles.gpu_class(cls).compile or None},
+            "embedding": {"readers": embedding.readers, "compile": embedding.compile or None},
             "models": plans}

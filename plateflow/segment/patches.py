@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from plateflow.atomic import temp_file, write_json
 from plateflow.caching import StepKey, cache_key
 from plateflow.corpus import PlateRef
+from plateflow.devices import compute_device
 from plateflow.embed.models import LoadedModel
 from plateflow.image import decode_image
 from plateflow.layout import CorpusLayout
@@ -193,8 +194,6 @@ def patches_of_plates(jobs: list[PatchJob], spec: ModelSpec, params: PatchParams
     plate fails alone."""
     import logging
 
-    import torch
-
     from plateflow.embed.models import load_model
 
     logger = logger or logging.getLogger(__name__)
@@ -202,7 +201,7 @@ def patches_of_plates(jobs: list[PatchJob], spec: ModelSpec, params: PatchParams
     todo = [j for j in jobs if stored[j.plate.folder] is None]
     encoder = None
     if todo:  # the model is loaded only when a plate needs it (a batch run again after it was lost: none)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or compute_device()
         encoder = PatchEncoder(load_model(spec, Path(weights_root) if weights_root else None), device)
     return [isolated(j.plate.folder, "patches", lambda j=j: stored[j.plate.folder], logger, status=Status.CACHED)
             if stored[j.plate.folder] is not None else
