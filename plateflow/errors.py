@@ -6,6 +6,16 @@ lost worker) is treated as transient and retried by the Prefect task.
 """
 
 
+def problem(exc: Exception) -> str:
+    """An invalid configuration's message in one line: pydantic's errors without their URLs."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}" if e["loc"]
+                         else e["msg"].removeprefix("Value error, ") for e in exc.errors())
+    return str(exc)
+
+
 class PlateflowError(Exception):
     """Root of every error plateflow raises on purpose."""
 

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from plateflow.errors import ConfigError
+from plateflow.errors import ConfigError, problem
 
 DEFAULT_PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 
@@ -194,10 +194,21 @@ def _load(directory: Path) -> Profiles:
         gpus = tomllib.loads((directory / "gpu_classes.toml").read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read the capability tables in {directory}: {exc}") from None
+    if not isinstance(gpus.get("classes"), dict):
+        raise ConfigError(f"{directory / 'gpu_classes.toml'} has no [classes] table")
+
+    def entry(kind: type[BaseModel], where: str, **values) -> BaseModel:
+        try:
+            return kind(**values)
+        except (TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+            raise ConfigError(f"{where}: {problem(exc)}") from None
+
     return Profiles(
-        models={k: ModelSpec(name=k, **v) for k, v in models.items()},
-        classes={k: GpuClass(name=k, **v) for k, v in gpus["classes"].items()},
-        rules=[DetectionRule(**r) for r in gpus.get("rules", [])],
+        models={k: entry(ModelSpec, f"{directory / 'models.toml'} [{k}]", name=k, **v) for k, v in models.items()},
+        classes={k: entry(GpuClass, f"{directory / 'gpu_classes.toml'} [classes.{k}]", name=k, **v)
+                 for k, v in gpus["classes"].items()},
+        rules=[entry(DetectionRule, f"{directory / 'gpu_classes.toml'} [[rules]] {i + 1}", **r)
+               for i, r in enumerate(gpus.get("rules", []))],
     )
 
 
@@ -241,7 +252,7 @@ def _load_table(directory: Path, name: str, model: type[BaseModel], what: str) -
     try:
         return model(**tomllib.loads(path.read_text()))
     except (OSError, tomllib.TOMLDecodeError, ValueError) as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
+        raise ConfigError(f"cannot read {what} {path}: {problem(exc)}") from None
 
 
 class _Section(BaseModel):

@@ -75,16 +75,6 @@ def described(model: type, field: str, extra: str = "") -> str:
     return f"{text[:-1]}; {extra})." if text.endswith(")") else f"{text} ({extra})."
 
 
-def problem(exc: Exception) -> str:
-    """An invalid configuration's message in one line: pydantic's errors without their URLs."""
-    from pydantic import ValidationError
-
-    if isinstance(exc, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}" if e["loc"]
-                         else e["msg"].removeprefix("Value error, ") for e in exc.errors())
-    return str(exc)
-
-
 CredentialsOpt = Annotated[Optional[str], typer.Option(
     help="Prefect block with the bucket's credentials, as <block-type>/<name> (s3-bucket/scans, aws-credentials/lab, "
          "gcs-bucket/scans, gcp-credentials/lab); without it, the environment's credentials.")]
@@ -95,4 +85,14 @@ from app.cli import corpus, finetuning, segment, serving, training  # noqa: E402
 
 
 def main() -> None:  # pragma: no cover - console entry point
-    app()
+    """The console command: a configuration error no command reported itself (a broken
+    capability table, say) ends it with its message, exit status 2, not a traceback."""
+    from rich.markup import escape
+
+    from plateflow.errors import ConfigError
+
+    try:
+        app()
+    except ConfigError as exc:
+        console.print(f"[red]{escape(str(exc))}[/]")
+        raise SystemExit(2) from None

@@ -7,7 +7,8 @@ from typing import Annotated, Literal
 
 import typer
 
-from app.cli import MODEL_NAMES, RootOpt, app, console, described, problem
+from app.cli import MODEL_NAMES, RootOpt, app, console, described
+from plateflow.errors import problem
 from plateflow.segment.patches import PatchParams
 from plateflow.segment.train import SegConfig
 

@@ -232,3 +232,25 @@ def test_ingest_without_a_server_says_that_nothing_will_refresh_the_new_plates(t
                            terminal_width=300)
     assert result.exit_code == 0, result.output
     assert "PREFECT_API_URL is unset, so no deployment was told: run `plateflow refresh --root" in result.output
+
+
+def test_a_broken_capability_table_is_one_line_naming_its_file_entry_and_field(tmp_path):
+    """The console command itself: a wrong value in profiles/gpu_classes.toml ends any command
+    with what is wrong and where (exit 2), never a traceback."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from plateflow.profiles import DEFAULT_PROFILES
+
+    for table in DEFAULT_PROFILES.glob("*.toml"):
+        shutil.copy(table, tmp_path)
+    gpus = tmp_path / "gpu_classes.toml"
+    gpus.write_text(gpus.read_text().replace('readers = "threads"', 'readers = "threads"\ncompile = "fast"', 1))
+    exe = Path(sys.executable).with_name("plateflow")
+    done = subprocess.run([str(exe), "hardware"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PLATEFLOW_PROFILES": str(tmp_path), "COLUMNS": "200"})
+    assert done.returncode == 2 and "Traceback" not in done.stdout + done.stderr
+    assert f"{gpus} [classes.CPU]: compile: Input should be" in done.stdout, done.stdout
