@@ -40,9 +40,10 @@ def embed_plates(model: str, gpu_class: str, jobs: list[PlateJob] | None = None,
     Args:
         model: The embedding model, a name from profiles/models.toml (dinov2_base, ...).
         gpu_class: The GPU class whose batch size and dtype to use (profiles/gpu_classes.toml).
-        jobs: The plates to embed (a refresh in the same process passes them).
-        jobs_file: A JSON file listing the plates instead, in the corpus (a refresh sending a run
-            to a work pool writes it).
+        jobs: The plates to embed (a caller in the same process may pass them; flow-run
+            parameters are stored by the server, which refuses more than 512 KiB of them).
+        jobs_file: A JSON file listing the plates instead, in the corpus (what a refresh writes,
+            for a run in its own process or on a work pool).
         chunk_size: Plates per embed-chunk task, the unit of retry (empty: profiles/dispatch.toml).
         weights_root: A folder with one folder of weights per model, named as the model (empty: the Hugging Face cache).
         report: A JSON file to write each plate's outcome to.

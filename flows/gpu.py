@@ -3,12 +3,17 @@ in-process or on a work pool), the smart crop, and the embeddings tables and fea
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import asdict
+
+import httpx
 from prefect.exceptions import MissingResult
 
 from flows.batches import BatchStage, run_batches
 from flows.routing import GpuRoute, run_on_pool
 from flows.run import CANDIDATES, SMART_CROP, PlateRecord, PlateRunner, Refresh, batching, embed_stage
 from plateflow.artifacts import plural
+from plateflow.atomic import write_json
 from plateflow.embed.candidates import candidates_of_plates
 from plateflow.embed.reader import PlateJob
 from plateflow.embed.writer import embedding_key, load_vectors, store_path, vectors_problem
@@ -104,8 +109,21 @@ def _embed(run: Refresh, model: str, route: GpuRoute, jobs: list[PlateJob]) -> d
         wait = None if cfg.worker_wait_minutes is None else 60 * cfg.worker_wait_minutes
         return run_on_pool(route, model, jobs, cfg.chunk_size, cfg.weights_root,
                            run.corpus.dispatch(run.run_id), run.logger, worker_wait_s=wait, root=run.root)
-    state = embed_plates(model, route.gpu_class, jobs=jobs, chunk_size=cfg.chunk_size,
-                         weights_root=cfg.weights_root, root=str(run.root), return_state=True)
+    # The plates go as a file, as to a pool: flow-run parameters are stored by the server, which
+    # refuses more than 512 KiB of them (about a thousand plates' boxes).
+    folder = run.corpus.dispatch(run.run_id)
+    jobs_file = folder / f"{model}-jobs.json"
+    try:
+        write_json(jobs_file, [asdict(j) for j in jobs])
+        state = embed_plates(model, route.gpu_class, jobs_file=str(jobs_file), chunk_size=cfg.chunk_size,
+                             weights_root=cfg.weights_root, root=str(run.root), return_state=True)
+    except (OSError, httpx.HTTPError) as exc:  # a full disk, or the server refused the run: these plates fail, not the refresh
+        first = (str(exc).splitlines() or [""])[0][:300]  # the server's answer may quote every parameter
+        return {job.name: f"embed-plates did not run: {type(exc).__name__}: {first}" for job in jobs}
+    finally:
+        jobs_file.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # only when empty
+            folder.rmdir()
     if not state.is_completed():
         return {job.name: state.message for job in jobs}
     try:
