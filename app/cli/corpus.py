@@ -63,7 +63,9 @@ def ingest(
 
         event = emit_plates_ingested(root, [plate_id for _, plate_id in report.added])
         console.print(f"emitted {event.event} ({event.id}): the refresh-corpus deployment's trigger "
-                      f"refreshes the new plates")
+                      + ("refreshes the new plates" if event.payload["plates"] is not None else
+                         f"refreshes the corpus ({len(report.added)} new plates are more than an event lists; "
+                         f"its unchanged plates cost a few stats each)"))
     else:
         console.print(f"PREFECT_API_URL is unset, so no deployment was told: run `plateflow refresh --root "
                       f"{Path(root).expanduser().resolve()}` (or set PREFECT_API_URL to the server of "

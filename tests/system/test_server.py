@@ -289,6 +289,18 @@ def test_ingest_emits_an_event_that_starts_a_refresh_of_the_new_plates(live, cli
     assert (root / "plates_structured" / "plate-002" / "input_image.json").is_file()
     assert set(table(root)) == {"plate-002"}  # only the new plate was refreshed
 
+    # An ingest of more plates than a flow-run parameter holds (the server refuses past 512 KiB):
+    # the event lists none, and the triggered refresh takes the whole corpus.
+    from plateflow.events import emit_plates_ingested
+
+    many = [f"plate-{i:07d}-{'x' * 20}" for i in range(20_000)]
+    assert emit_plates_ingested(root, many).payload["plates"] is None
+    second = wait_until(lambda: [r for r in triggered() if r.id != run.id], 120, "the second triggered refresh")[0]
+    assert second.parameters["plates"] is None
+    second = wait_for_run(client, second.id)
+    assert second.state.is_completed(), second.state.message
+    assert set(table(root)) == {"plate-001", "plate-002"}
+
 
 def test_a_crashed_gpu_run_is_sent_again_then_its_plates_fail_with_the_reason(live, client, tmp_path, caplog):
     """No worker serves the H100 pool here; each run it gets is marked Crashed (what a lost

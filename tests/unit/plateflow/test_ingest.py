@@ -126,3 +126,17 @@ def test_ingest_deduplicates_on_the_current_sources_not_on_the_manifests_record(
     report = ingest([a, b], root)
     assert report.added == [(a, "plate-002")]
     assert report.skipped == [(b, "same bytes already ingested as plate-001")]
+
+
+def test_the_ingest_event_lists_the_new_plates_unless_a_flow_run_parameter_cannot_hold_them(tmp_path):
+    import json
+
+    from plateflow.events import MAX_LISTED_BYTES, plates_ingested
+
+    few = plates_ingested(tmp_path, ["plate-001", "plate-002"])
+    assert few.payload == {"root": str(tmp_path.resolve()), "plates": ["plate-001", "plate-002"], "added": 2}
+    many = [f"plate-{i:06d}" for i in range(MAX_LISTED_BYTES // 10)]
+    assert len(json.dumps(many)) > MAX_LISTED_BYTES
+    event = plates_ingested(tmp_path, many)
+    assert event.payload["plates"] is None and event.payload["added"] == len(many)
+    assert len(event.model_dump_json()) < 1024  # the server takes events up to 1.5 MB
