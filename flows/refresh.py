@@ -37,7 +37,7 @@ from plateflow.layout import SOURCE, CorpusLayout, natural_key
 from plateflow.profiles import load_profiles, quality_profile
 from plateflow.runlog import quiet_returned_failures
 from plateflow.corpus_flags import corpus_flags_table, flags_version
-from plateflow.tables import (failure_signature, failure_signatures, read_corpus_table,
+from plateflow.tables import (failed_plate_folders, failure_signature, failure_signatures, read_corpus_table,
                               read_parquet, write_corpus_table)
 from plateflow.flags import PLATE_FLAGS
 from plateflow.hashindex import index_key
@@ -54,7 +54,8 @@ from plateflow.report import build_report
 
 
 @flow(name="refresh-corpus", validate_parameters=True)
-def refresh_corpus(root: str, config: RefreshConfig = RefreshConfig(), plates: list[str] | None = None):
+def refresh_corpus(root: str, config: RefreshConfig = RefreshConfig(), plates: list[str] | None = None,
+                   failed_only: bool = False):
     """Characterize every plate under ROOT/plates_structured; with ``config.models``, also build
     crop candidates, embed them with each model, choose and save the smart crop. Writes
     ROOT/plates.parquet (and ROOT/embeddings/<model>.parquet). ``config``: RefreshConfig
@@ -71,11 +72,15 @@ def refresh_corpus(root: str, config: RefreshConfig = RefreshConfig(), plates: l
         config: What to compute and how: CPU parameters, models, crop, GPU dispatch, workers,
             batching and Dask (each setting described below).
         plates: Plate folder names to refresh (plate-001, ...); empty for every plate.
+        failed_only: Only the plates (of those above, when given) whose last status in
+            plates.parquet is failed.
     """
     quiet_returned_failures()
     logger = get_run_logger()
     try:
         root_path = corpus_root(root)
+        if failed_only:
+            plates = [p for p in failed_plate_folders(root_path) if plates is None or p in plates]
         route = check_config(root_path, config, plates is not None, logger)
     except ConfigError as exc:  # said once, in one line: nothing was touched, there is no traceback to read
         logger.error("configuration error: %s", exc)

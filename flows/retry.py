@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed
 
 from flows.refresh import refresh_corpus
 from plateflow.config import RefreshConfig, corpus_root
-from plateflow.layout import natural_key
 from plateflow.errors import ConfigError
 from plateflow.artifacts import plural
 from plateflow.runlog import quiet_returned_failures
-from plateflow.tables import read_corpus_table
-from plateflow.status import Status
-
-
-def failed_plates(root: Path) -> list[str]:
-    """Folder names of the plates whose last status is failed."""
-    table = read_corpus_table(root)
-    if table is None:
-        raise ConfigError(f"{root} has no plates.parquet yet: run `plateflow refresh --root {root}` first")
-    return sorted((r["plate_dir"] for r in table.to_pylist() if r["status"] == Status.FAILED), key=natural_key)
+from plateflow.tables import failed_plate_folders
 
 
 @flow(name="retry-failed-plates", validate_parameters=True)
@@ -37,7 +25,7 @@ def retry_failed_plates(root: str, config: RefreshConfig = RefreshConfig()):
     quiet_returned_failures()
     logger = get_run_logger()
     try:
-        failed = failed_plates(corpus_root(root))
+        failed = failed_plate_folders(corpus_root(root))
     except ConfigError as exc:
         logger.error("configuration error: %s", exc)
         return Failed(message=str(exc), data=exc)
@@ -45,7 +33,8 @@ def retry_failed_plates(root: str, config: RefreshConfig = RefreshConfig()):
         return Completed(message="no failed plates")
     shown = ", ".join(failed[:20]) + (f" and {len(failed) - 20} more" if len(failed) > 20 else "")
     logger.info("retrying %s that failed: %s", plural(len(failed), "plate"), shown)
-    state = refresh_corpus(root, config, plates=failed, return_state=True)
+    # The refresh lists them again itself: as a parameter, 10^4 names pass the server's 512 KiB limit.
+    state = refresh_corpus(root, config, failed_only=True, return_state=True)
     failure = state.result(raise_on_failure=False) if state.is_failed() else None
     if isinstance(failure, ConfigError):  # stopped before any work: fail as that error, not as plates
         return Failed(message=state.message, data=failure)

@@ -269,6 +269,22 @@ def read_corpus_table(root: Path, columns: list[str] | None = None) -> pa.Table 
     return read_parquet(CorpusLayout(Path(root)).table, "corpus table", columns)
 
 
+def failed_plate_folders(root: Path) -> list[str]:
+    """Folder names of the plates whose last status in the corpus table is failed, in folder
+    order; ``ConfigError`` when there is no table yet."""
+    import pyarrow.compute as pc
+
+    from plateflow.errors import ConfigError
+    from plateflow.layout import natural_key
+    from plateflow.status import Status
+
+    table = read_corpus_table(root, ["plate_dir", "status"])
+    if table is None:
+        raise ConfigError(f"{root} has no plates.parquet yet: run `plateflow refresh --root {root}` first")
+    failed = table.filter(pc.equal(table.column("status"), Status.FAILED)).column("plate_dir").to_pylist()
+    return sorted(failed, key=natural_key)
+
+
 def failure_signatures(root: Path) -> dict[str, tuple]:
     """plate folder -> (failed step, error, sha256) of each plate the corpus table lists as
     failed; empty when there is no table or it cannot be read (then no failure is known)."""

@@ -8,7 +8,7 @@ from PIL import Image
 from flows.refresh import refresh_corpus
 from plateflow.config import CropParams, RefreshConfig
 
-from fixtures import DEVICE
+from fixtures import DEVICE, subflow_runs
 from fixtures.plates import paper_plate, read_image
 
 
@@ -50,23 +50,12 @@ def test_full_pipeline_with_both_backends(corpus, tiny_env):
     np.testing.assert_allclose(np.linalg.norm(vec, axis=1), 1.0, atol=1e-5)
     # The GPU subflow got its plates as a file, not as parameters (the server refuses more than
     # 512 KiB of those: about a thousand plates); the file is gone once read.
-    runs = subflow_parameters(state)
+    runs = {r.parameters["model"]: r.parameters for r in subflow_runs(state)}
     assert sorted(runs) == sorted(MODELS)
     for parameters in runs.values():
         assert parameters.get("jobs") is None and parameters["jobs_file"].startswith(str(corpus / ".plateflow"))
         assert len(json.dumps(parameters)) < 1024
     assert not (corpus / ".plateflow" / "dispatch").exists() or not any((corpus / ".plateflow" / "dispatch").iterdir())
-
-
-def subflow_parameters(state) -> dict[str, dict]:
-    """model -> the parameters of the embed-plates runs of the refresh whose final state is ``state``."""
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
-    return {r.parameters["model"]: r.parameters for r in runs if r.parameters.get("model")}
 
 
 def test_a_gpu_class_decodes_on_the_device_in_the_flow_and_gets_the_thread_readers_vectors(corpus, tiny_env, tmp_path,

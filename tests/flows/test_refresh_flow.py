@@ -11,6 +11,7 @@ from PIL import Image
 from flows.refresh import refresh_corpus
 from plateflow.config import CharacterizeParams, RefreshConfig
 
+from fixtures import subflow_runs
 from fixtures.plates import copy_corpus, make_plate, paper_plate, read_image
 from fixtures.processes import wait_until
 
@@ -179,6 +180,9 @@ def test_retry_failed_plates_reruns_only_the_failed_ones(corpus):
     state = retry_failed_plates(str(corpus), return_state=True)
     assert state.is_completed(), state.message
     assert "1 of 1 plate ok" in state.message  # only the failed plate was in the run
+    # The refresh found them itself: a list of 10^4 names passes the server's limit on parameters.
+    [refresh] = subflow_runs(state)
+    assert refresh.parameters["failed_only"] is True and refresh.parameters.get("plates") is None
     after = {r["plate_dir"]: r for r in pq.read_table(corpus / "plates.parquet").to_pylist()}
     assert set(after) == {"plate-001", "plate-002", "plate-003"}
     assert after["plate-002"]["status"] == "ok" and after["plate-002"]["characterize_status"] == "computed"
