@@ -75,11 +75,13 @@ def hash_sources(run: Refresh, records: list[PlateRecord]) -> dict[str, bytes]:
 def settle_current(records: list[PlateRecord], root: Path, params: CharacterizeParams) -> list[PlateRecord]:
     """Settle, without a task, every plate whose outputs (or failure record) are in place for
     its cache key; return the plates that have work to do."""
-    todo, key = [], step_key(params)
+    todo, keys = [], [step_key(params)]
+    if not params.working_copy:  # what a refresh with models made (the same and a working copy) will do
+        keys.append(step_key(params.model_copy(update={"working_copy": True})))
     for rec in records:
         if not rec.ok:
             continue
-        record = current_record(rec.plate, root, key(rec.sha256), params.viz, params.working_copy)
+        record = current_record(rec.plate, root, tuple(k(rec.sha256) for k in keys), params.viz, params.working_copy)
         if record is None:
             todo.append(rec)
         elif record.get("loadable") is False:  # bad input, already found bad with these bytes and code

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict
+from pathlib import Path
 
 import httpx
 from prefect.exceptions import MissingResult
@@ -17,7 +18,9 @@ from plateflow.atomic import write_json
 from plateflow.embed.candidates import candidates_of_plates
 from plateflow.embed.reader import PlateJob
 from plateflow.embed.writer import embedding_key, load_vectors, store_path, vectors_problem
-from plateflow.features import update_plate_features
+from plateflow.caching import fingerprint
+from plateflow.config import RefreshConfig
+from plateflow.features import STORE_META, update_plate_features
 from plateflow.layout import CorpusLayout, PlateLayout
 from plateflow.outcomes import PlateOutcome, file_size
 from plateflow.profiles import load_profiles
@@ -38,19 +41,34 @@ def gpu_stage(run: Refresh, records: list[PlateRecord], route: GpuRoute, runner:
     with run.timed("smart crop"):
         smart_crop_stage(run, records, runner)
     profiles = load_profiles(root=run.root)
+    # The plates the snapshot settled keep their rows; those of plates gone are dropped.
+    keep = run.settled
+    keep_ids = {run.snapshot.entries[f].plate_id for f in keep} if keep else set()
     for model in run.config.models:
         spec = profiles.model(model)
         ok = [r for r in records if r.ok]
         vectors = [load_vectors(r.vector_files[model], len(r.boxes)) for r in ok]
         rows = [(r.plate.plate_id, r.characterized_sha256, r.boxes, v) for r, v in zip(ok, vectors)]
-        run.logger.info("wrote %s", write_embeddings_table(run.root, model, rows, spec.embed_dim,
-                                                             partial=run.partial))
+        table = write_embeddings_table(run.root, model, rows, spec.embed_dim, partial=run.partial, keep=keep_ids)
+        if table is not None:
+            run.logger.info("wrote %s", table)
         items = [(r.plate.folder, r.plate.plate_id, r.characterized_sha256, v) for r, v in zip(ok, vectors)]
         version, written = update_plate_features(run.root, model, items, spec.embed_dim,
-                                                 embedding_key(spec, run.config.crop), partial=run.partial)
+                                                 embedding_key(spec, run.config.crop), partial=run.partial, keep=keep)
         if written:
             run.logger.info("%s features: version %s, %s (float16, %s)", model, version, plural(len(items), "plate"),
                             run.corpus.features(model))
+
+
+def snapshot_settings(root: Path, config: RefreshConfig) -> tuple[str, tuple[Path, ...]]:
+    """For the snapshot of a refresh with models: the version of its model steps' keys (each
+    model's embeddings, the smart crop) and the files its settled plates' rows are kept in (the
+    embeddings tables, the feature stores, and the registered segmentation of a mask-guided crop)."""
+    profiles, corpus = load_profiles(root=root), CorpusLayout(root)
+    keys = [f"{m}:{embedding_key(profiles.model(m), config.crop)}" for m in config.models]
+    tables = tuple(p for m in config.models for p in (corpus.embeddings_table(m), corpus.features(m) / STORE_META))
+    return (fingerprint(*keys, crop_key(config.best_crop_model, config.crop, keys).version),
+            tables + ((corpus.segmenter,) if config.crop.mask_class else ()))
 
 
 def candidates_stage(run: Refresh, records: list[PlateRecord], runner: PlateRunner) -> None:

@@ -30,22 +30,22 @@ from prefect.states import Completed, Failed, State
 from plateflow.artifacts import TABLE_COLUMNS, Progress, RunCounts, plural, publish
 from plateflow.atomic import dumps_json, remove_stale_temps, write_bytes_if_changed
 from plateflow.config import RefreshConfig, corpus_root
-from plateflow.errors import ConfigError
+from plateflow.errors import ConfigError, CorpusTableError
 from plateflow.corpus import PlateProblem, PlateRef, corpus_lock, discover_plates, plate_folder_names
 from plateflow.hardware import gpu_class as detect_gpu_class
 from plateflow.layout import SOURCE, CorpusLayout, natural_key
 from plateflow.profiles import load_profiles, quality_profile
 from plateflow.runlog import quiet_returned_failures
 from plateflow.corpus_flags import corpus_flags_table, flags_version
-from plateflow.tables import (failed_plate_folders, failure_signature, failure_signatures, read_corpus_table,
-                              read_parquet, write_corpus_table)
+from plateflow.tables import (carry_model_columns, failed_plate_folders, failure_signature, failure_signatures,
+                              read_corpus_table, read_parquet, write_corpus_table)
 from plateflow.flags import PLATE_FLAGS
 from plateflow.hashindex import index_key
 from plateflow.snapshot import Snapshot, outputs, snapshot_key
 from plateflow.characterize.step import step_key
 from plateflow.status import Status, Step
 from flows.characterize import characterize_stage
-from flows.gpu import gpu_stage
+from flows.gpu import gpu_stage, snapshot_settings
 from flows.run import CANDIDATES, CHARACTERISE, HASH, SMART_CROP, PlateRecord, PlateRunner, Refresh, embed_stage
 from flows.routing import GpuRoute, choose_route
 from plateflow.predictions import apply_predictors
@@ -154,10 +154,17 @@ def start(root: Path, config: RefreshConfig, partial: bool, logger, waited: floa
         logger.warning("could not write the effective configuration: %s", exc)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     run = Refresh(root, corpus, config, partial, logger, Progress(root), run_id)
-    if not (config.models or config.verify):  # a refresh with models reads every plate's vectors (the tables)
-        params = run.params
-        run.snapshot = Snapshot(root, snapshot_key(step_key(params).version, params.viz, params.working_copy),
-                                outputs(params.viz, params.working_copy))
+    if not config.verify:
+        params, models = run.params, bool(config.models)
+        version, tables = snapshot_settings(root, config) if models else ("", ())
+        run.snapshot = Snapshot(root, snapshot_key(step_key(params).version, params.viz, params.working_copy, version),
+                                outputs(params.viz, params.working_copy, models, bool(config.crop.mask_class)),
+                                tables, models=models)
+        try:  # a settled plate's embeddings rows are kept from these: unreadable, every plate is read
+            for m in config.models:
+                read_parquet(corpus.embeddings_table(m), f"embeddings table of {m}", ["plate_id"])
+        except CorpusTableError as exc:
+            run.snapshot.drop(f"{exc}; every plate is read this time")
     if waited >= 1:
         run.timings["waiting for the corpus"] = waited
     return run
@@ -220,6 +227,8 @@ def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem
     known |= {r["plate_dir"] for r in settled_failed}
     settled_ok = len(run.settled) - sum(f in run.settled for f in before)  # counted, not made rows
     counts = RunCounts.of(rows + settled_failed, known, run.config.models, settled_ok)
+    if not run.config.models:
+        carry_model_columns(run.root, rows)
     failed += settled_failed
     t = time.perf_counter()
     profile = quality_profile()
@@ -236,8 +245,6 @@ def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem
     table_path = run.corpus.table
     _let_go(rows)
     _corpus_wide(run.root, rows)
-    if run.snapshot is not None:
-        _record_snapshot(run, records, problems)
     if run.config.models and run.corpus.predictors.is_file():
         try:  # new and changed plates predicted by the registered heads, from their cached features
             apply_predictors(run.root, run.logger)
@@ -245,6 +252,8 @@ def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem
             run.logger.warning("the registered heads did not predict: %s", exc)
         except Exception:  # noqa: BLE001 - the plates' outputs stand; a bug there must not fail the refresh
             run.logger.exception("could not predict with the registered heads")
+    if run.snapshot is not None:  # after the last write to the tables it goes with
+        _record_snapshot(run, records, problems)
     try:
         # only the pages of changed plates (or plates whose files were written again: a preview)
         computed = {r.plate.folder for r in records if r.row.get("characterize_status") == Status.COMPUTED}
@@ -273,7 +282,7 @@ def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem
 
 # What the end of a refresh reads of its rows once plates.parquet holds them: the table artifact's
 # columns, and what the summary, the failure lines and the snapshot read.
-AFTER_TABLE = frozenset(TABLE_COLUMNS) | {"plate_id", "failed_step", "sha256", "duplicate_of"}
+AFTER_TABLE = frozenset(TABLE_COLUMNS) | {"plate_id", "failed_step", "sha256", "duplicate_of", "run_id"}
 
 
 def _let_go(rows: list[dict]) -> None:
@@ -310,7 +319,8 @@ def _record_snapshot(run: Refresh, records: list[PlateRecord], problems: list[Pl
     snapshot = run.snapshot
     for rec in records:  # sources named as the source index names them (hash_sources keeps those entries)
         settleable = rec.ok or rec.row.get("failed_step") == Step.CHARACTERIZE
-        snapshot.record(rec.plate.folder, rec.plate.plate_id, index_key(run.root, rec.plate.source_path), settleable)
+        snapshot.record(rec.plate.folder, rec.plate.plate_id, index_key(run.root, rec.plate.source_path), settleable,
+                        rec.row.get("run_id") if rec.ok else None)
     if not run.partial:
         snapshot.forget(set(snapshot.entries) - run.settled - {r.plate.folder for r in records})
     snapshot.forget({p.folder for p in problems})

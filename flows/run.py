@@ -99,7 +99,7 @@ class Refresh:
     run_id: str
     started: float = field(default_factory=time.perf_counter)
     timings: dict[str, float] = field(default_factory=dict)
-    snapshot: Snapshot | None = None  # None: every plate is read (--verify, models)
+    snapshot: Snapshot | None = None  # None: every plate is read (--verify)
     settled: set[str] = field(default_factory=set)  # folders the snapshot found unchanged
 
     @property

@@ -115,7 +115,8 @@ class RunCounts:
     @classmethod
     def of(cls, rows: list[dict], known: set[str], models: list[str], settled_ok: int = 0) -> "RunCounts":
         """The counts of ``rows``, and of ``settled_ok`` more plates found ok and current
-        without a row of this run (unchanged since the last refresh, no models)."""
+        without a row of this run (unchanged since the last refresh: characterization and, with
+        models, embeddings cached)."""
         failed = [r for r in rows if r["status"] == Status.FAILED]
         char_failed = {r["plate_dir"] for r in failed if r.get("failed_step") in CHARACTERIZE_STEPS}
         characterized = [r for r in rows if r["plate_dir"] not in char_failed]
@@ -127,6 +128,7 @@ class RunCounts:
             emb_failed = {r["plate_dir"] for r in characterized if r.get("failed_step") in EMBED_STEPS}
             emb = {s: sum(r.get("embed_status") == s for r in characterized if r["plate_dir"] not in emb_failed)
                    for s in ("computed", "cached")}
+            emb["cached"] += settled_ok
             emb["failed"] = len(emb_failed)
             emb["smart crop failed"] = sum(r.get("failed_step") == "smart_crop" for r in rows)
         return cls(len(rows) + settled_ok, len(failed), sum(r["plate_dir"] in known for r in failed), char, emb)

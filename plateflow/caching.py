@@ -43,8 +43,8 @@ STEP_CODE: dict[str, tuple[str, ...]] = {
 KEPT_VERSIONS: dict[str, dict[str, str]] = {
     # moved to plateflow/embed; PlateJob.plate_id -> name; a corpus's own models (their weights
     # folder, left out of the keys of the others); a GPU class may compile the encoder (off, the
-    # forward pass is the one it was)
-    "embed": {"6097165c7a37": "a96d9e0ddc82"},
+    # forward pass is the one it was); crop_candidates.json written only when its boxes change
+    "embed": {"171b26f221f6": "a96d9e0ddc82"},
     # moved to plateflow/tiles.py; keys made by cache_key; 16-bit by rawmode; the 16-bit high byte read in place
     "tiles": {"ac65696bdd0f": "9ae7a008ef61"},
     # The corpus-wide flags left plateflow/characterize/quality.py for plateflow/corpus_flags.py
@@ -54,8 +54,9 @@ KEPT_VERSIONS: dict[str, dict[str, str]] = {
     # a blur tile shared by several cells read once (the same sums, added as often); a plate
     # without colour decoded to one channel, everything made from it as of its RGB, and a source
     # decoded from its open file, not from a copy (the same results, field for field:
-    # tests/unit/plateflow/test_image.py).
-    "characterize": {"5eacb9a0672b": "1cb5b3541b5a"},
+    # tests/unit/plateflow/test_image.py); a refresh without models takes as current a record made
+    # with a working copy (by one with models).
+    "characterize": {"807ac831cb2e": "1cb5b3541b5a"},
     # a corpus's own models (as embed); 16-bit as characterize; the 16-bit high byte read in place;
     # the device chosen by plateflow.devices.compute_device (the same rule)
     "patches": {"eb6eb3a0872d": "4e49928ad1f9"},

@@ -35,6 +35,7 @@ from plateflow.tables import FEATURES_INDEX_SCHEMA
 
 DTYPE = np.float16
 WRITE_ROWS = 1024  # rows of vectors per write
+STORE_META = "meta.json"  # replaced last: a store's files are those it names
 
 
 @dataclass
@@ -64,7 +65,7 @@ def open_store(folder: Path) -> FeatureStore | None:
     if its files cannot be read or do not agree with meta.json."""
     folder = Path(folder)
     try:
-        meta = json.loads((folder / "meta.json").read_bytes())
+        meta = json.loads((folder / STORE_META).read_bytes())
     except FileNotFoundError:
         return None
     except (OSError, ValueError, RecursionError) as exc:
@@ -134,7 +135,7 @@ def write_store(folder: Path, index_rows: list[dict], vectors: list[np.ndarray],
                     block[i, :len(v)] = v
                 fh.write(block.tobytes())
     write_parquet(folder / f"index-{version}.parquet", index)
-    write_json(folder / "meta.json", {**meta, "version": version})
+    write_json(folder / STORE_META, {**meta, "version": version})
     for stale in [*folder.glob("vectors-*.npy"), *folder.glob("index-*.parquet")]:
         if version not in stale.name:
             with contextlib.suppress(OSError):
@@ -143,26 +144,31 @@ def write_store(folder: Path, index_rows: list[dict], vectors: list[np.ndarray],
 
 
 def update_plate_features(root: Path, model: str, items: list[tuple[str, str, str, np.ndarray]], dim: int,
-                          embedding_key: str, partial: bool = False) -> tuple[str, bool]:
+                          embedding_key: str, partial: bool = False,
+                          keep: set[str] | frozenset[str] = frozenset()) -> tuple[str, bool]:
     """Keep ROOT/features/<model>/ in step with the refresh: ``items`` are (plate_dir, plate_id,
     sha256, vectors) of the plates with vectors. The whole corpus replaces the store (new and
-    changed plates in, removed ones out); ``partial`` (a retry) replaces only its plates' rows."""
+    changed plates in, removed ones out), but for the plates in ``keep`` (folders a refresh
+    found unchanged), whose rows stay; ``partial`` (a retry) replaces only its plates' rows.
+    Returns (version, whether anything was written)."""
     folder = CorpusLayout(Path(root)).features(model)
     try:
         old = open_store(folder)
     except DamagedStoreError:
-        if partial:  # its other plates' rows are lost with it: the whole store, from the embeddings table
+        if partial or keep:  # its other plates' rows are lost with it: the whole store, from the embeddings table
             version, written, _ = build_from_embeddings_table(root, model)
             return version, written
         old = None  # the whole corpus is here: the store is written anew
     rows = [{"plate_dir": d, "plate_id": p, "sha256": s} for d, p, s, _ in items]
     vectors = [v for *_, v in items]
-    if partial and old is not None and old.meta.get("embedding_key") == embedding_key:
+    if (partial or keep) and old is not None and old.meta.get("embedding_key") == embedding_key:
         mine = {d for d, *_ in items}
-        for r in old.index.to_pylist():
-            if r["plate_dir"] not in mine:
-                rows.append({"plate_dir": r["plate_dir"], "plate_id": r["plate_id"], "sha256": r["sha256"]})
-                vectors.append(old.vectors[r["row"], :r["views"]])
+        kept = [r for r in old.index.to_pylist() if r["plate_dir"] not in mine and (partial or r["plate_dir"] in keep)]
+        if not items and len(kept) == old.rows:  # nothing new, nothing gone
+            return old.meta["version"], False
+        for r in kept:
+            rows.append({"plate_dir": r["plate_dir"], "plate_id": r["plate_id"], "sha256": r["sha256"]})
+            vectors.append(old.vectors[r["row"], :r["views"]])
         order = sorted(range(len(rows)), key=lambda i: rows[i]["plate_dir"])
         rows, vectors = [rows[i] for i in order], [vectors[i] for i in order]
     meta = {"model": model, "dim": dim, "kind": "plates", "embedding_key": embedding_key}

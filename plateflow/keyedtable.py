@@ -24,10 +24,16 @@ DELTA_ROWS = 2048
 DELTA_SHARE = 16
 
 
+class OtherColumns(KeyError):
+    """A base or delta with other columns than the schema: written by another version of its
+    owner, not damaged."""
+
+
 class KeyedTable:
     """Entries ``key -> tuple of the other columns`` of ``schema`` (its first column is the key,
     a string), loaded from ``path`` and its delta. ``load`` raises what reading a damaged file
-    raises (``OSError``, ``pyarrow.ArrowException``, ``KeyError``); ``save`` writes the entries
+    raises (``OSError``, ``pyarrow.ArrowException``, ``KeyError``; ``OtherColumns``, a
+    ``KeyError``, for a file of other columns); ``save`` writes the entries
     named ``dirty`` (changed or removed since the load) as a delta, or everything when the
     delta would be too big or there is no base."""
 
@@ -46,7 +52,7 @@ class KeyedTable:
         self.discard()
         base = pq.read_table(self.path)
         if not base.schema.equals(self.schema, check_metadata=False):
-            raise KeyError(f"{self.path.name} has columns {base.schema.names}, not {self.schema.names}")
+            raise OtherColumns(f"{self.path.name} has columns {base.schema.names}, not {self.schema.names}")
         meta = dict(base.schema.metadata or {})
         base_id = meta.get(b"id", b"").decode() or None
         values = zip(*(base.column(i).to_pylist() for i in range(1, base.num_columns)))
@@ -60,7 +66,8 @@ class KeyedTable:
             raise pa.ArrowInvalid(f"{self.delta_path.name}: {exc}") from None
         if delta is not None and base_id is not None and (delta.schema.metadata or {}).get(b"base") == base_id.encode():
             if not delta.schema.equals(self.delta_schema, check_metadata=False):
-                raise KeyError(f"{self.delta_path.name} has columns {delta.schema.names}, not {self.delta_schema.names}")
+                raise OtherColumns(f"{self.delta_path.name} has columns {delta.schema.names}, not "
+                                   f"{self.delta_schema.names}")
             cols = [delta.column(i).to_pylist() for i in range(delta.num_columns)]
             for key, *rest, deleted in zip(*cols):
                 if deleted:

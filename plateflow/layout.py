@@ -195,6 +195,11 @@ class CorpusLayout:
         return self.state / "snapshot.parquet"
 
     @property
+    def models_snapshot(self) -> Path:
+        """The snapshot of refreshes with models (a nightly refresh without them keeps its own)."""
+        return self.state / "snapshot-models.parquet"
+
+    @property
     def tile_store(self) -> Path:
         """Each plate's stored tile archive (the tar members of its shard), by tile key."""
         return self.state / "tiles"

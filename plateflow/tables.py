@@ -86,6 +86,34 @@ RUN_KEYS = (b"plateflow.flow_run_id", b"plateflow.root_flow_run_id")  # schema m
 FINALIZE_KEY = b"plateflow.corpus_flags"  # schema metadata: what decided the corpus-wide columns
 
 
+# Columns of plates.parquet made by a refresh with models (the embeddings, the smart crop).
+MODEL_COLUMNS = ("embed_status", "crop_status", "run_id", "best_crop_idx", "crop_box", "similarity", "original_size")
+
+
+def carry_model_columns(root: Path, rows: list[dict[str, Any]]) -> None:
+    """For a refresh without models: each ok plate of ``rows`` whose bytes are those its old row
+    was made from keeps the old row's ``MODEL_COLUMNS`` (its smart crop stands), so a nightly
+    characterization does not erase what a refresh with models found. A changed plate's are
+    dropped: they were of other bytes."""
+    import pyarrow.compute as pc
+
+    wanted = {r["plate_dir"]: r for r in rows if r.get("status") == "ok" and r.get("sha256")}
+    if not wanted:
+        return
+    try:
+        old = read_corpus_table(root, ["plate_dir", "sha256", *MODEL_COLUMNS])
+    except CorpusTableError:  # written anew by this refresh: nothing to carry
+        return
+    if old is None or not {"plate_dir", "sha256", "run_id"} <= set(old.column_names):
+        return
+    old = old.filter(pc.and_(pc.is_in(old.column("plate_dir"), value_set=pa.array(sorted(wanted), pa.string())),
+                             pc.is_valid(old.column("run_id"))))
+    for before in old.to_pylist():
+        row = wanted[before.pop("plate_dir")]
+        if before.pop("sha256") == row["sha256"]:
+            row.update(before)
+
+
 # Columns that say how a row was made, not what it holds: a refreshed plate whose other columns
 # come out as they were keeps its row (and its updated_at), so an unchanged corpus writes nothing.
 _HOW_MADE = ("characterize_status", "embed_status", "crop_status", "updated_at")
@@ -332,13 +360,17 @@ SOURCE_INDEX_SCHEMA = pa.schema([
 
 
 def write_embeddings_table(root: Path, model: str, rows: list[tuple[str, str, list[list[int]], "object"]],
-                           dim: int, partial: bool = False) -> Path:
+                           dim: int, partial: bool = False, keep: set[str] | frozenset[str] = frozenset()) -> Path | None:
     """ROOT/embeddings/<model>.parquet: plate_id, sha256, candidate_index, box, vector (``dim``
-    float32s; the column keeps its type with no rows, say when every plate failed).
+    float32s; the column keeps its type with no rows, say when every plate failed). Returns its
+    path, or None when it was left as it was.
 
-    ``partial``: ``rows`` cover only some plates; the other plates' rows are kept.
+    ``partial``: ``rows`` cover only some plates; the other plates' rows are kept. ``keep``: the
+    plate ids (of plates a refresh found unchanged) whose rows are kept besides ``rows``; the
+    other plates' rows go (plates gone from the corpus).
     """
     import numpy as np
+    import pyarrow.compute as pc
 
     plate_ids, shas, idx, boxes, vecs = [], [], [], [], []
     for plate_id, sha, plate_boxes, vectors in rows:
@@ -362,13 +394,17 @@ def write_embeddings_table(root: Path, model: str, rows: list[tuple[str, str, li
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim),
     }, schema=schema)
     path = CorpusLayout(Path(root)).embeddings_table(model)
-    old = read_parquet(path, f"embeddings table of {model}") if partial else None
-    if old is not None:
-        import pyarrow.compute as pc
-
-        if old.schema.equals(table.schema):
-            keep = pc.invert(pc.is_in(old.column("plate_id"), value_set=pa.array(sorted(set(plate_ids)), pa.string())))
-            table = pa.concat_tables([old.filter(keep), table])
+    if partial or keep:
+        ids = read_parquet(path, f"embeddings table of {model}", ["plate_id"])
+        if ids is not None:
+            kept = pc.invert(pc.is_in(ids.column("plate_id"), value_set=pa.array(sorted(set(plate_ids)), pa.string())))
+            if not partial:
+                kept = pc.and_(kept, pc.is_in(ids.column("plate_id"), value_set=pa.array(sorted(keep), pa.string())))
+            if not rows and pc.all(kept).as_py() is not False:  # nothing new, nothing gone
+                return None
+            old = read_parquet(path, f"embeddings table of {model}")
+            if old.schema.equals(table.schema):
+                table = pa.concat_tables([old.filter(kept), table])
     write_parquet(path, table)
     return path
 

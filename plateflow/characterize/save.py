@@ -48,9 +48,9 @@ def _expected_outputs(plate_dir: Path, viz: bool, working_copy: bool) -> list[Pa
             + ([files.working_copy] if working_copy else []))
 
 
-def current_record(plate: PlateRef, root: Path, key: str, viz: bool, working_copy: bool) -> dict | None:
-    """The plate's input_image.json record if every output of the characterization ``key`` is in
-    place (the record carries the key and names this plate and source), else None. This is how
+def current_record(plate: PlateRef, root: Path, keys: tuple[str, ...], viz: bool, working_copy: bool) -> dict | None:
+    """The plate's input_image.json record if every output of the characterization is in place
+    (the record carries one of its ``keys`` and names this plate and source), else None. This is how
     a refresh knows, without a task or a decode, that a plate has nothing to do. A failure
     record (``loadable: false``) made with ``key`` is returned as it is. It runs for every plate
     of every refresh: strings and one listing of viz/, not a Path and a stat per file."""
@@ -60,7 +60,7 @@ def current_record(plate: PlateRef, root: Path, key: str, viz: bool, working_cop
             record = json.loads(fh.read())
     except (OSError, ValueError):
         return None
-    if not (isinstance(record, dict) and record.get("plateflow_cache_key") == key
+    if not (isinstance(record, dict) and record.get("plateflow_cache_key") in keys
             and record.get("plate_id") == plate.plate_id and record.get("filename") == plate.source_path.name
             and record.get("path") == _relative(plate.source_path, root)):
         return None

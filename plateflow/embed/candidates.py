@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 
-from plateflow.atomic import write_json
+from plateflow.atomic import dumps_json, write_bytes_if_changed
 from plateflow.config import CropParams
 from plateflow.corpus import PlateRef
 from plateflow.layout import WORKING_COPY, PlateLayout
@@ -44,11 +44,13 @@ def candidate_boxes(width: int, height: int, params: CropParams) -> list[list[in
 
 
 def write_candidates(plate_dir: Path, plate_id: str, size: tuple[int, int], params: CropParams) -> list[list[int]]:
+    """The plate's candidate boxes, written to crop_candidates.json unless it holds them already
+    (an unchanged plate's folder keeps its stat, which the corpus snapshot goes by)."""
     boxes = candidate_boxes(*size, params)
-    write_json(PlateLayout(plate_dir).candidates, {
+    write_bytes_if_changed(PlateLayout(plate_dir).candidates, dumps_json({
         "plate_id": plate_id, "original_size": list(size), "whole_index": 0,
         "working_copy": WORKING_COPY, "boxes": boxes,
-    })
+    }))
     return boxes
 
 

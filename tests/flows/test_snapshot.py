@@ -14,6 +14,7 @@ from flows.refresh import refresh_corpus
 from plateflow.config import CharacterizeParams, RefreshConfig
 from plateflow.snapshot import RACY_NS
 
+from fixtures import subflow_runs
 from fixtures.plates import make_plate, paper_plate
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -37,16 +38,16 @@ def settled(caplog) -> int:
     return int(line.split(": ")[1].split(" unchanged")[0])
 
 
-def trusted_corpus(root, caplog):
+def trusted_corpus(root, caplog, **kw):
     """A corpus refreshed, then refreshed again once its files are older than the racy window,
     so that every entry of its snapshot is trusted."""
     for i in range(1, 5):
         make_plate(root, f"plate-{i:03d}", paper_plate(seed=i))
     make_plate(root, "plate-005", b"\xff\xd8\xff\xe0garbage", filename="bad.jpg")
-    run(root, caplog)
+    run(root, caplog, **kw)
     time.sleep(RACY_NS / 1e9 + 0.2)
-    run(root, caplog)  # reads every plate (its entries were racy) and trusts them now
-    return run(root, caplog)
+    run(root, caplog, **kw)  # reads every plate (its entries were racy) and trusts them now
+    return run(root, caplog, **kw)
 
 
 def test_an_unchanged_corpus_is_settled_by_stat_and_nothing_is_written(tmp_path, caplog):
@@ -138,3 +139,70 @@ def test_a_damaged_snapshot_is_rebuilt_and_every_plate_read(tmp_path, caplog):
     assert "snapshot.parquet cannot be read" in caplog.text and "written again" in caplog.text
     state, _ = run(root, caplog)
     assert settled(caplog) == 5  # written again: the next refresh settles every plate
+
+
+MODELS = {"models": ["tiny_dinov2"], "gpu_class": "CPU"}
+
+
+def embeddings(root) -> list[dict]:
+    rows = pq.read_table(root / "embeddings" / "tiny_dinov2.parquet").to_pylist()
+    return sorted(rows, key=lambda r: (r["plate_id"], r["candidate_index"]))
+
+
+def test_a_refresh_with_models_settles_unchanged_plates_and_keeps_their_rows_in_every_table(tmp_path, caplog,
+                                                                                          tiny_env):
+    import numpy as np
+
+    from plateflow.features import open_store
+
+    caplog.set_level(logging.INFO)
+    root = tmp_path / "corpus"
+    _, first = trusted_corpus(root, caplog, **MODELS)
+    before = files(root)
+    state, table = run(root, caplog, **MODELS)
+    assert settled(caplog) == 5 and "embeddings: 0 computed, 4 cached" in state.message
+    assert files(root) == before  # plates.parquet, the embeddings table, the feature store, every plate's files
+    assert table == first and subflow_runs(state) == []  # no GPU flow started
+
+    plates = root / "plates_structured"
+    paper_plate(seed=99, photo_colour=(200, 10, 10)).save(plates / "plate-001" / "source" / "scan.jpg")  # new bytes
+    (plates / "plate-003" / "runs" / first["plate-003"]["run_id"] / "best_crop.jpg").unlink()  # a crop removed
+    shutil.rmtree(plates / "plate-004")  # a plate gone
+    state, table = run(root, caplog, **MODELS)
+    assert settled(caplog) == 2  # plate-002 and plate-005
+    assert "characterization: 1 computed, 2 cached, 1 failed; embeddings: 1 computed, 2 cached" in state.message
+    assert (plates / "plate-003" / "runs" / table["plate-003"]["run_id"] / "best_crop.jpg").is_file()
+    assert table["plate-002"] == first["plate-002"] and set(table) == {"plate-001", "plate-002", "plate-003",
+                                                                        "plate-005"}
+    merged = embeddings(root)
+    assert {r["plate_id"] for r in merged} == {"plate-001", "plate-002", "plate-003"} and len(merged) == 3 * 16
+    store = open_store(root / "features" / "tiny_dinov2")
+    assert store.column("plate_dir") == ["plate-001", "plate-002", "plate-003"]
+    # What was kept and merged is what a refresh that reads every plate writes.
+    run(root, caplog, verify=True, **MODELS)
+    assert embeddings(root) == merged
+    again = open_store(root / "features" / "tiny_dinov2")
+    assert again.meta["version"] == store.meta["version"]
+    np.testing.assert_array_equal(np.asarray(again.vectors), np.asarray(store.vectors))
+
+
+def test_a_refresh_without_models_keeps_what_one_with_models_found_and_rewrites_no_plate(tmp_path, caplog, tiny_env):
+    caplog.set_level(logging.INFO)
+    root = tmp_path / "corpus"
+    _, first = trusted_corpus(root, caplog, **MODELS)
+    plate_files = {p: v for p, v in files(root).items() if "plates_structured" in p.parts}
+    state, table = run(root, caplog)  # the nightly refresh, after a custom run with models
+    assert "characterization: 0 computed, 4 cached, 1 failed" in state.message
+    assert {p: v for p, v in files(root).items() if "plates_structured" in p.parts} == plate_files
+    assert table == first  # the smart crops and how the vectors were got stand
+    assert table["plate-002"]["run_id"] is not None and table["plate-002"]["crop_box"]
+    # Each kind of refresh keeps its own snapshot: going back and forth reads no plate.
+    time.sleep(RACY_NS / 1e9 + 0.2)
+    run(root, caplog)
+    for kw in (MODELS, {}):
+        state, table = run(root, caplog, **kw)
+        assert settled(caplog) == 5 and table == first
+    paper_plate(seed=98).save(root / "plates_structured" / "plate-002" / "source" / "scan.jpg")
+    _, table = run(root, caplog)
+    assert table["plate-002"]["run_id"] is None and table["plate-002"]["crop_box"] is None  # of other bytes
+    assert table["plate-001"] == first["plate-001"]
