@@ -15,6 +15,12 @@ process's peak RSS and how much Prefect's database grew; then the same with `--d
 (on a copy of the corpus as it was before its first refresh).
 
     uv run python benchmarks/scale.py --plates 20000
+
+With ``--models``, the variants are refreshes with a model (a tiny random-weight ViT built from
+its config, embedded on this machine's CPU: what is measured is what a refresh with models
+costs around the model), written to ``scale-models-<plates>.json``:
+
+    uv run python benchmarks/scale.py --plates 5000 --models --no-dask
 """
 
 from __future__ import annotations
@@ -140,8 +146,17 @@ def main() -> None:
     ap.add_argument("--plates", type=int, default=20_000)
     ap.add_argument("--no-dask", action="store_true", help="Skip the --dask local:2 variants.")
     ap.add_argument("--viz", action="store_true", help="Write the viz/ PNGs too (the targets are without them).")
+    ap.add_argument("--models", action="store_true",
+                    help="Refreshes with a tiny random-weight model (tiny_dinov2, on the CPU).")
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="plateflow-scale-"))
+    models = ()
+    if args.models:
+        from fixtures.tiny_models import build_tiny_models
+
+        profiles, weights = build_tiny_models(base / "tiny-models")
+        os.environ.update(PLATEFLOW_PROFILES=str(profiles), PLATEFLOW_WEIGHTS=str(weights), HF_HUB_OFFLINE="1")
+        models = ("--models", "tiny_dinov2", "--gpu-class", "CPU")
     home = base / "prefect-home"
     empty = base / "empty"
     (empty / "plates_structured").mkdir(parents=True)
@@ -153,16 +168,19 @@ def main() -> None:
         shutil.copytree(root, base / "corpus-dask", copy_function=shutil.copy2)
     try:
         refresh(empty, home)  # the local server's start and the database's creation are no variant's cost
-        viz = () if args.viz else ("--no-viz",)
+        viz = (() if args.viz else ("--no-viz",)) + models
         in_process = variants(root, empty, home, viz)
         from plateflow.config import default_workers
 
-        figures = {"plates": args.plates, "refresh": table(in_process, args.plates, "refresh",
-                                                           work_alone(base, min(args.plates, 2000), default_workers(), args.viz))}
+        title = "refresh --models tiny_dinov2" if models else "refresh"
+        alone = None if models else work_alone(base, min(args.plates, 2000), default_workers(), args.viz)
+        figures = {"plates": args.plates, title: table(in_process, args.plates, title, alone)}
         if not args.no_dask:
-            figures["refresh --dask local:2"] = table(variants(base / "corpus-dask", empty, home, ("--dask", "local:2", *viz)),
-                                                      args.plates, "refresh --dask local:2")
-        write_result("scale", figures, sys.argv[1:], out=RESULTS / f"scale-{args.plates}.json")
+            figures[f"{title} --dask local:2"] = table(variants(base / "corpus-dask", empty, home,
+                                                                ("--dask", "local:2", *viz)),
+                                                       args.plates, f"{title} --dask local:2")
+        write_result("scale", figures, sys.argv[1:],
+                     out=RESULTS / f"scale-{'models-' if models else ''}{args.plates}.json")
     finally:
         subprocess.run([PLATEFLOW, "local-server", "--stop"], env=_env(home), capture_output=True)
         shutil.rmtree(base, ignore_errors=True)  # 10^5 plates are gigabytes

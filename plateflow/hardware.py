@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass
 
 from plateflow.profiles import Profiles
@@ -17,9 +18,24 @@ class Device:
     cuda: bool
 
 
+# What a GPU driver torch can reach leaves on Linux: NVIDIA's, WSL's, ROCm's.
+DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+
+
+def no_gpu_driver() -> bool:
+    """True when no GPU can be there: CUDA_VISIBLE_DEVICES hides every one, or a Linux machine
+    has no GPU driver. Then the CPU is known without importing torch (half a gigabyte and a
+    second or two, which a refresh that only sends GPU work to a pool would pay for nothing)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return True
+    return sys.platform == "linux" and not any(os.path.exists(p) for p in DRIVER_PATHS)
+
+
 def detect_devices() -> list[Device]:
     """Every CUDA device this process sees (CUDA_VISIBLE_DEVICES applies), in index order; the
     CPU alone when there is none."""
+    if no_gpu_driver():
+        return [Device("cpu", 0.0, 0.0, False)]
     import torch
 
     if not torch.cuda.is_available():

@@ -52,7 +52,7 @@ def current_record(plate: PlateRef, root: Path, keys: tuple[str, ...], viz: bool
     """The plate's input_image.json record if every output of the characterization is in place
     (the record carries one of its ``keys`` and names this plate and source), else None. This is how
     a refresh knows, without a task or a decode, that a plate has nothing to do. A failure
-    record (``loadable: false``) made with ``key`` is returned as it is. It runs for every plate
+    record (``loadable: false``) made with one of them is returned as it is. It runs for every plate
     of every refresh: strings and one listing of viz/, not a Path and a stat per file."""
     folder = os.fspath(plate.plate_dir)
     try:

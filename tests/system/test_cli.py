@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -77,6 +78,30 @@ def test_hardware_prints_class_batch_sizes_and_dtypes(monkeypatch):
     assert report["embedding"] == {"readers": "device", "compile": None}
     assert report["models"]["dinov2_base"] == {"batch_size": 256, "dtype": "float16"}
     assert "use dinov2_large" in report["models"]["dinov2_giant"]["refused"]
+
+
+@pytest.mark.parametrize("hidden, driver, imports_torch", [
+    ("", True, False),  # CUDA_VISIBLE_DEVICES hides every GPU
+    (None, False, False),  # no GPU driver on this Linux machine
+    (None, True, True),  # a driver: torch says what it sees
+])
+def test_the_device_is_known_without_torch_where_no_gpu_can_be(tmp_path, hidden, driver, imports_torch):
+    import subprocess
+    import sys
+
+    marker = tmp_path / "driver"
+    if driver:
+        marker.write_text("")
+    code = ("import sys, plateflow.hardware as h; h.DRIVER_PATHS = (sys.argv[1],); "
+            "print(h.detect_devices()[0].name, 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    if hidden is not None:
+        env["CUDA_VISIBLE_DEVICES"] = hidden
+    out = subprocess.run([sys.executable, "-c", code, str(marker)], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    assert out[1] == str(imports_torch)
+    if not imports_torch:
+        assert out[0] == "cpu"
 
 
 def test_refresh_rejects_a_root_that_is_not_a_corpus(tmp_path):
