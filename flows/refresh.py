@@ -23,6 +23,8 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
@@ -30,7 +32,7 @@ from prefect.states import Completed, Failed, State
 from plateflow.artifacts import TABLE_COLUMNS, Progress, RunCounts, plural, publish
 from plateflow.atomic import dumps_json, remove_stale_temps, write_bytes_if_changed
 from plateflow.config import RefreshConfig, corpus_root
-from plateflow.errors import ConfigError, CorpusTableError
+from plateflow.errors import ConfigError
 from plateflow.corpus import PlateProblem, PlateRef, corpus_lock, discover_plates, plate_folder_names
 from plateflow.hardware import gpu_class as detect_gpu_class
 from plateflow.layout import SOURCE, CorpusLayout, natural_key
@@ -160,11 +162,14 @@ def start(root: Path, config: RefreshConfig, partial: bool, logger, waited: floa
         run.snapshot = Snapshot(root, snapshot_key(step_key(params).version, params.viz, params.working_copy, version),
                                 outputs(params.viz, params.working_copy, models, bool(config.crop.mask_class)),
                                 tables, models=models)
-        try:  # a settled plate's embeddings rows are kept from these: unreadable, every plate is read
-            for m in config.models:
-                read_parquet(corpus.embeddings_table(m), f"embeddings table of {m}", ["plate_id"])
-        except CorpusTableError as exc:
-            run.snapshot.drop(f"{exc}; every plate is read this time")
+        for m in config.models:  # a settled plate's rows are kept from these: unreadable, every plate is read
+            try:
+                pq.read_table(corpus.embeddings_table(m), columns=["plate_id"])
+            except FileNotFoundError:
+                pass
+            except (OSError, KeyError, pa.ArrowException) as exc:
+                run.snapshot.drop(f"{corpus.embeddings_table(m)} cannot be read ({type(exc).__name__}: {exc}); "
+                                  f"every plate is read this time and it is written anew")
     if waited >= 1:
         run.timings["waiting for the corpus"] = waited
     return run
@@ -296,9 +301,7 @@ def _let_go(rows: list[dict]) -> None:
 def _corpus_wide(root: Path, rows: list[dict]) -> None:
     """This run's rows get their corpus-wide columns (flags, duplicate_of) as written, for the
     summary: they are decided over the whole table."""
-    import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     if not rows:
         return

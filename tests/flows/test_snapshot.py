@@ -4,6 +4,7 @@ sends its plate, and only it, through the reading path."""
 
 import json
 import logging
+import os
 import shutil
 import time
 
@@ -184,6 +185,18 @@ def test_a_refresh_with_models_settles_unchanged_plates_and_keeps_their_rows_in_
     again = open_store(root / "features" / "tiny_dinov2")
     assert again.meta["version"] == store.meta["version"]
     np.testing.assert_array_equal(np.asarray(again.vectors), np.asarray(store.vectors))
+
+    # An embeddings table damaged under an unchanged stat: no settled plate's rows can be kept from
+    # it, so every plate is read and the table written anew.
+    run(root, caplog, **MODELS)
+    path = root / "embeddings" / "tiny_dinov2.parquet"
+    st = path.stat()
+    path.write_bytes(b"\0" * st.st_size)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    state, _ = run(root, caplog, **MODELS)
+    assert state.is_completed(), state.message
+    assert settled(caplog) == 0 and "tiny_dinov2.parquet cannot be read" in caplog.text
+    assert embeddings(root) == merged
 
 
 def test_a_refresh_without_models_keeps_what_one_with_models_found_and_rewrites_no_plate(tmp_path, caplog, tiny_env):
