@@ -94,6 +94,8 @@ def embed_model(run: Refresh, records: list[PlateRecord], model: str, route: Gpu
     spec = load_profiles(root=run.root).model(model)
     stage, jobs = embed_stage(model), {}
     run.progress.stage(stage, len(records))
+    if not records:  # every plate settled by the snapshot (or none ok): nothing to look at
+        return
     for rec in records:
         path = store_path(run.root, spec, rec.characterized_sha256, run.config.crop)
         rec.vector_files[model] = str(path)
