@@ -25,9 +25,28 @@ def test_near_duplicates_and_outliers_from_whole_plate_vectors():
     vecs[6] = -base                   # unlike every other plate
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     ids = [f"p{i}" for i in range(8)]
-    pairs = near_duplicates(ids, vecs, 0.999)
-    assert [(a, b) for a, b, _ in pairs] == [("p1", "p3")] and pairs[0][2] > 0.999
+    pairs, total = near_duplicates(ids, vecs, 0.999)
+    assert [(a, b) for a, b, _ in pairs] == [("p1", "p3")] and pairs[0][2] > 0.999 and total == 1
     assert [p for p, _ in outliers(ids, vecs, 2.0)] == ["p6"]
+
+
+def test_near_duplicate_pairs_of_a_corpus_of_lookalikes_are_counted_and_the_best_kept_in_bounded_memory():
+    import tracemalloc
+
+    rng = np.random.default_rng(1)
+    n = 3000  # 4.5 million pairs above the threshold: as tuples, gigabytes
+    vecs = np.ones((n, 8), np.float32) + rng.normal(scale=1e-3, size=(n, 8)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ids = [f"p{i}" for i in range(n)]
+    tracemalloc.start()
+    pairs, total = near_duplicates(ids, vecs, 0.99, limit=50, cells=1 << 16)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert total == n * (n - 1) // 2 and len(pairs) == 50
+    assert peak < 8 * 2**20, peak  # the blocks, not the pairs
+    every = (vecs @ vecs.T)[np.triu_indices(n, 1)]  # each pair once
+    assert [s for _, _, s in pairs] == pytest.approx(np.sort(every)[::-1][:50].tolist(), abs=1e-6)
+    assert all(a != b for a, b, _ in pairs) and [s for *_, s in pairs] == sorted([s for *_, s in pairs], reverse=True)
 
 
 @pytest.mark.usefixtures("prefect_harness")
