@@ -257,8 +257,6 @@ def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem
             run.logger.warning("the registered heads did not predict: %s", exc)
         except Exception:  # noqa: BLE001 - the plates' outputs stand; a bug there must not fail the refresh
             run.logger.exception("could not predict with the registered heads")
-    if run.snapshot is not None:  # after the last write to the tables it goes with
-        _record_snapshot(run, records, problems)
     try:
         # only the pages of changed plates (or plates whose files were written again: a preview)
         computed = {r.plate.folder for r in records if r.row.get("characterize_status") == Status.COMPUTED}
@@ -266,6 +264,8 @@ def finish(run: Refresh, records: list[PlateRecord], problems: list[PlateProblem
     except Exception:  # noqa: BLE001 - the plates' outputs stand; a report bug must not fail the refresh
         run.logger.exception("could not write the corpus report")
         report = None
+    if run.snapshot is not None:  # after the last write to the tables it goes with, as late as can be:
+        _record_snapshot(run, records, problems)  # an entry taken within 2 s of a write is not trusted
     run.timings["tables and report"] = time.perf_counter() - t
     run.progress.publish()
     whole = len(rows) != counts.plates or run.partial
