@@ -60,8 +60,9 @@ KEPT_VERSIONS: dict[str, dict[str, str]] = {
     # a corpus's own models (as embed); 16-bit as characterize; the 16-bit high byte read in place;
     # the device chosen by plateflow.devices.compute_device (the same rule)
     "patches": {"eb6eb3a0872d": "4e49928ad1f9"},
-    # a crop found from an earlier run is counted cached in the logs; the 16-bit high byte read in place
-    "crop": {"d72f1c406e9e": "8f22da1def10"},
+    # a crop found from an earlier run is counted cached in the logs; the 16-bit high byte read in place;
+    # an earlier run named by its folder, its outputs inside it (what plateflow writes)
+    "crop": {"c6ea99f83b20": "8f22da1def10"},
 }
 
 

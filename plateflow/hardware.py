@@ -26,7 +26,7 @@ def no_gpu_driver() -> bool:
     """True when no GPU can be there: CUDA_VISIBLE_DEVICES hides every one, or a Linux machine
     has no GPU driver. Then the CPU is known without importing torch (half a gigabyte and a
     second or two, which a refresh that only sends GPU work to a pool would pay for nothing)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
         return True
     return sys.platform == "linux" and not any(os.path.exists(p) for p in DRIVER_PATHS)
 

@@ -19,7 +19,7 @@ import numpy as np
 from plateflow.atomic import dumps_json, write_bytes
 from plateflow.caching import StepKey, cache_key
 from plateflow.config import CropParams
-from plateflow.corpus import PlateRef
+from plateflow.corpus import PlateRef, resolve_inside
 from plateflow.errors import SourceChangedError
 from plateflow.layout import METRICS, RUN_VECTORS, SMART_CROP, PlateLayout
 from plateflow.outcomes import PlateOutcome, isolated
@@ -127,15 +127,16 @@ def crop_key(crop_model: str, params: CropParams, embedding_keys: list[str]) -> 
 
 
 def find_run(plate_dir: Path, key: str) -> str | None:
-    """The run id of an earlier run whose outputs for this plate were made with ``key``."""
+    """The run id (its folder's name: the file's words are data) of an earlier run whose outputs
+    for this plate, all inside its folder, were made with ``key``."""
     for metrics in sorted(PlateLayout(plate_dir).runs.glob(f"*/{METRICS}"), reverse=True):
         try:
             data = json.loads(metrics.read_text())
-        except (OSError, ValueError):
+            if data.get("plateflow_key") == key and all(
+                    resolve_inside(metrics.parent, str(o)).is_file() for o in data.get("outputs", [])):
+                return metrics.parent.name
+        except (OSError, ValueError, AttributeError, TypeError):  # unreadable, or an output outside the run
             continue
-        outputs = [metrics.parent / o for o in data.get("outputs", [])]
-        if data.get("plateflow_key") == key and all(p.is_file() for p in outputs):
-            return data.get("run_id")
     return None
 
 

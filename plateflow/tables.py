@@ -97,7 +97,9 @@ def carry_model_columns(root: Path, rows: list[dict[str, Any]]) -> None:
     dropped: they were of other bytes."""
     import pyarrow.compute as pc
 
-    wanted = {r["plate_dir"]: r for r in rows if r.get("status") == "ok" and r.get("sha256")}
+    from plateflow.status import Status
+
+    wanted = {r["plate_dir"]: r for r in rows if r.get("status") == Status.OK and r.get("sha256")}
     if not wanted:
         return
     try:
@@ -400,7 +402,7 @@ def write_embeddings_table(root: Path, model: str, rows: list[tuple[str, str, li
             kept = pc.invert(pc.is_in(ids.column("plate_id"), value_set=pa.array(sorted(set(plate_ids)), pa.string())))
             if not partial:
                 kept = pc.and_(kept, pc.is_in(ids.column("plate_id"), value_set=pa.array(sorted(keep), pa.string())))
-            if not rows and pc.all(kept).as_py() is not False:  # nothing new, nothing gone
+            if not rows and pc.all(kept).as_py():  # nothing new, nothing gone
                 return None
             old = read_parquet(path, f"embeddings table of {model}")
             if old.schema.equals(table.schema):
